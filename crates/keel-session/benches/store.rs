@@ -1,0 +1,2 @@
+//! Benchmarks: written in the next commit.
+fn main() {}

@@ -1,0 +1,68 @@
+//! Store configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+
+/// How hard a commit tries to survive failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: the WAL is fsynced on every commit, so an acknowledged
+    /// write survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: an acknowledged write survives a process crash
+    /// (`kill -9`) but the last commits may be lost on power loss. The default.
+    #[default]
+    Normal,
+}
+
+/// Options for [`Store::open`](crate::Store::open). Every field has a default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Commit durability. Default [`Durability::Normal`].
+    pub durability: Durability,
+    /// Most writes committed in one transaction. Default 1024.
+    pub max_batch: usize,
+    /// How long the writer waits for more writes after the first one of a batch
+    /// when the queue runs dry before `max_batch`. Zero commits as soon as the
+    /// queue is empty; writes that arrive during a commit form the next batch
+    /// either way. Default 0.
+    pub max_batch_delay: Duration,
+    /// Writes that may wait for the writer before callers are held back. Default 65 536.
+    pub write_queue: usize,
+    /// Read-only connections in the read pool. Default 4.
+    pub readers: usize,
+    /// Activity rows kept per session (newest first). Default 10.
+    pub activity_limit: usize,
+    /// When the WAL file grows past this size after a commit, the writer runs a
+    /// `TRUNCATE` checkpoint, which waits for readers of old snapshots and resets
+    /// the WAL. Default 16 MiB, which keeps the WAL well under 64 MiB.
+    pub wal_checkpoint_bytes: u64,
+    /// How long a connection waits on SQLite's internal locks (only checkpoints
+    /// and the open sequence ever wait). Default 5 s.
+    pub busy_timeout: Duration,
+    /// Caps the database file size (SQLite's `max_page_count`); writes past it
+    /// fail with [`StoreError::DiskFull`](crate::StoreError::DiskFull) exactly as on
+    /// a full disk. Default `None` (no cap).
+    pub max_db_bytes: Option<u64>,
+    /// Source of timestamps. Default [`SystemClock`].
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            max_batch: 1024,
+            max_batch_delay: Duration::ZERO,
+            write_queue: 65_536,
+            readers: 4,
+            activity_limit: 10,
+            wal_checkpoint_bytes: 16 * 1024 * 1024,
+            busy_timeout: Duration::from_secs(5),
+            max_db_bytes: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}

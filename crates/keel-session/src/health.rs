@@ -1,0 +1,79 @@
+//! The health transition log: every change of the service's health state, with a unique id.
+
+use rusqlite::params;
+
+use crate::clock::UnixMillis;
+use crate::error::StoreError;
+use crate::store::Store;
+
+/// One recorded health transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthTransition {
+    /// Unique and increasing; never reused, even after rows are deleted.
+    pub id: i64,
+    /// When it was recorded.
+    pub at: UnixMillis,
+    /// The state before.
+    pub from: String,
+    /// The state after.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Store {
+    /// Appends a health transition. The states are opaque text here; their
+    /// machine lives in keel-recovery.
+    pub async fn record_health_transition(
+        &self,
+        from: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<HealthTransition, StoreError> {
+        let (from, to, reason) = (from.to_owned(), to.to_owned(), reason.to_owned());
+        self.write(move |ctx| {
+            let id: i64 = ctx
+                .conn
+                .prepare_cached(
+                    "INSERT INTO transitions(at, from_state, to_state, reason)
+                     VALUES(?1, ?2, ?3, ?4) RETURNING id",
+                )?
+                .query_row(params![ctx.now, from, to, reason], |r| r.get(0))?;
+            Ok(HealthTransition {
+                id,
+                at: ctx.now,
+                from,
+                to,
+                reason,
+            })
+        })
+        .await
+    }
+
+    /// The newest `limit` health transitions, oldest first.
+    pub async fn health_transitions(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<HealthTransition>, StoreError> {
+        self.read(move |conn| {
+            let mut rows = conn
+                .prepare_cached(
+                    "SELECT id, at, from_state, to_state, reason FROM transitions
+                     ORDER BY id DESC LIMIT ?1",
+                )?
+                .query_map([limit as i64], |r| {
+                    Ok(HealthTransition {
+                        id: r.get(0)?,
+                        at: r.get(1)?,
+                        from: r.get(2)?,
+                        to: r.get(3)?,
+                        reason: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.reverse();
+            Ok(rows)
+        })
+        .await
+    }
+}

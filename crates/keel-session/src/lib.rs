@@ -1,0 +1,67 @@
+//! A durable session store on SQLite (WAL) with group-committed writes.
+//!
+//! keel-session keeps what a session-oriented service must not lose across a
+//! `kill -9`: sessions and their state machine, a bounded activity log per
+//! session, append-only per-channel message logs with idempotent appends,
+//! subscription cursors, an outbox of sends with leased claims and dead
+//! letters, and a health transition log.
+//!
+//! All writes go through one writer thread that owns the write connection and
+//! commits whatever is queued in one transaction (group commit); each caller's
+//! future resolves only after the transaction holding its write committed.
+//! Reads run on a pool of read-only connections. Callers never see
+//! `SQLITE_BUSY`; a full disk and a corrupt file surface as
+//! [`StoreError::DiskFull`] and [`StoreError::Corrupt`].
+//!
+//! # Example
+//!
+//! ```
+//! use keel_session::{Config, NewSession, SessionState, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(&dir.path().join("keel.db"), Config::default()).await?;
+//!
+//! let session = store.create_session(NewSession::default()).await?;
+//! store.transition(&session.id, SessionState::Active).await?;
+//!
+//! // Appends are idempotent by message id.
+//! let first = store.append("room:1", "msg-1", b"hello").await?;
+//! let again = store.append("room:1", "msg-1", b"hello").await?;
+//! assert_eq!(first.offset, again.offset);
+//! assert!(again.duplicate);
+//!
+//! // Invalid transitions are errors and write nothing.
+//! let err = store.transition(&session.id, SessionState::Created).await;
+//! assert!(err.is_err());
+//!
+//! store.close().await?; // records a clean shutdown
+//! # Ok(())
+//! # }
+//! ```
+
+mod clock;
+mod config;
+mod error;
+mod health;
+mod messages;
+mod outbox;
+mod schema;
+mod sessions;
+mod store;
+mod writer;
+
+pub use crate::clock::{Clock, ManualClock, SystemClock, UnixMillis};
+pub use crate::config::{Config, Durability};
+pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};
+pub use crate::health::HealthTransition;
+pub use crate::messages::{Appended, ChannelBounds, Message, Offset, Retention, Subscription};
+pub use crate::outbox::{
+    Enqueued, NewSend, OutboxCounts, OutboxId, OutboxItem, OutboxState, Retry,
+};
+pub use crate::sessions::{Activity, CrashMarked, NewSession, Session, SessionId, SessionState};
+pub use crate::store::{StartupInfo, Store, WriterStats};
+
+/// The schema version this build of keel-session writes.
+pub const SCHEMA_VERSION: u32 = schema::LATEST;

@@ -1,0 +1,306 @@
+//! Per-channel append-only message logs, retention, and subscription cursors.
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::clock::{UnixMillis, millis};
+use crate::error::{SessionError, StoreError};
+use crate::sessions::SessionId;
+use crate::store::Store;
+
+/// A position in a channel's log. The first message of a channel has offset 1;
+/// offsets are never reused, even after retention removes messages.
+pub type Offset = u64;
+
+/// A message read back from a channel log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The channel.
+    pub channel: String,
+    /// Its offset in the channel.
+    pub offset: Offset,
+    /// The publisher's id for it (unique per channel).
+    pub msg_id: String,
+    /// When it was appended.
+    pub at: UnixMillis,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The message's offset.
+    pub offset: Offset,
+    /// When it was first appended.
+    pub at: UnixMillis,
+    /// True when the `msg_id` was already in the channel: nothing new was written
+    /// and `offset` is the original one.
+    pub duplicate: bool,
+}
+
+/// Which offsets a channel holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChannelBounds {
+    /// The oldest retained offset, if any message is retained.
+    pub first: Option<Offset>,
+    /// The offset the next append will get.
+    pub next: Offset,
+}
+
+/// How much of each channel log to keep. `None` keeps everything on that axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Keep at most this many newest messages per channel.
+    pub max_count: Option<u64>,
+    /// Drop messages older than this.
+    pub max_age: Option<Duration>,
+}
+
+/// A session's subscription to a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The channel.
+    pub channel: String,
+    /// The last offset delivered and acknowledged (0 for none).
+    pub cursor: Offset,
+}
+
+fn to_sql(o: Offset) -> i64 {
+    i64::try_from(o).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Appends a message to `channel`. If `msg_id` is already in the channel
+    /// (and still retained) this writes nothing and returns the original offset
+    /// with `duplicate: true`.
+    pub async fn append(
+        &self,
+        channel: &str,
+        msg_id: &str,
+        payload: &[u8],
+    ) -> Result<Appended, StoreError> {
+        let (channel, msg_id, payload) = (channel.to_owned(), msg_id.to_owned(), payload.to_vec());
+        self.write(move |ctx| {
+            let existing = ctx
+                .conn
+                .prepare_cached(
+                    "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?2",
+                )?
+                .query_row([&channel, &msg_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if let Some((offset, at)) = existing {
+                return Ok(Appended {
+                    offset: offset as Offset,
+                    at,
+                    duplicate: true,
+                });
+            }
+            let offset: i64 = ctx
+                .conn
+                .prepare_cached(
+                    "INSERT INTO channels(name, next_offset) VALUES(?1, 2)
+                     ON CONFLICT(name) DO UPDATE SET next_offset = next_offset + 1
+                     RETURNING next_offset - 1",
+                )?
+                .query_row([&channel], |r| r.get(0))?;
+            ctx.conn
+                .prepare_cached(
+                    "INSERT INTO messages(channel, offset, msg_id, at, payload)
+                     VALUES(?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![channel, offset, msg_id, ctx.now, payload])?;
+            Ok(Appended {
+                offset: offset as Offset,
+                at: ctx.now,
+                duplicate: false,
+            })
+        })
+        .await
+    }
+
+    /// Reads up to `limit` messages of `channel` with offset ≥ `from`, in order.
+    pub async fn read_channel(
+        &self,
+        channel: &str,
+        from: Offset,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let channel = channel.to_owned();
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT offset, msg_id, at, payload FROM messages
+                     WHERE channel = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+                )?
+                .query_map(params![channel, to_sql(from), limit as i64], |r| {
+                    Ok(Message {
+                        channel: channel.clone(),
+                        offset: r.get::<_, i64>(0)? as Offset,
+                        msg_id: r.get(1)?,
+                        at: r.get(2)?,
+                        payload: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// The retained range of `channel` and its next offset.
+    pub async fn channel_bounds(&self, channel: &str) -> Result<ChannelBounds, StoreError> {
+        let channel = channel.to_owned();
+        self.read(move |conn| {
+            let next: Option<i64> = conn
+                .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")?
+                .query_row([&channel], |r| r.get(0))
+                .optional()?;
+            let first: Option<i64> = conn
+                .prepare_cached("SELECT MIN(offset) FROM messages WHERE channel = ?1")?
+                .query_row([&channel], |r| r.get(0))?;
+            Ok(ChannelBounds {
+                first: first.map(|f| f as Offset),
+                next: next.unwrap_or(1) as Offset,
+            })
+        })
+        .await
+    }
+
+    /// Applies `policy` to every channel; returns how many messages were removed.
+    ///
+    /// Retention always removes a prefix of a log: by count, everything but the
+    /// newest `max_count`; by age, everything up to the newest message older than
+    /// the cutoff. Offsets are never reused afterwards.
+    pub async fn apply_retention(&self, policy: Retention) -> Result<u64, StoreError> {
+        self.write(move |ctx| {
+            let mut removed = 0;
+            if let Some(max) = policy.max_count {
+                removed += ctx
+                    .conn
+                    .prepare_cached(
+                        "DELETE FROM messages WHERE offset <= (
+                           SELECT c.next_offset - 1 - ?1 FROM channels c
+                           WHERE c.name = messages.channel)",
+                    )?
+                    .execute([to_sql(max)])? as u64;
+            }
+            if let Some(age) = policy.max_age {
+                let cutoff = ctx.now.saturating_sub(millis(age));
+                removed += ctx
+                    .conn
+                    .prepare_cached(
+                        "DELETE FROM messages WHERE offset <= (
+                           SELECT MAX(m.offset) FROM messages m
+                           WHERE m.channel = messages.channel AND m.at < ?1)",
+                    )?
+                    .execute([cutoff])? as u64;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// Subscribes a session to a channel with its cursor at `cursor` (the last
+    /// offset it has seen; 0 for none). Re-subscribing keeps the larger cursor.
+    pub async fn subscribe(
+        &self,
+        session: &SessionId,
+        channel: &str,
+        cursor: Offset,
+    ) -> Result<Subscription, SessionError> {
+        let (session, channel) = (session.clone(), channel.to_owned());
+        self.write(move |ctx| {
+            let exists = ctx
+                .conn
+                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+                .exists([session.as_str()])?;
+            if !exists {
+                return Err(SessionError::NotFound(session));
+            }
+            let cursor: i64 = ctx
+                .conn
+                .prepare_cached(
+                    "INSERT INTO subscriptions(session_id, channel, cursor) VALUES(?1, ?2, ?3)
+                     ON CONFLICT(session_id, channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)
+                     RETURNING cursor",
+                )?
+                .query_row(params![session.as_str(), channel, to_sql(cursor)], |r| r.get(0))?;
+            Ok(Subscription {
+                channel,
+                cursor: cursor as Offset,
+            })
+        })
+        .await
+    }
+
+    /// Moves a subscription's cursor forward to `offset` (never backward);
+    /// returns the cursor now stored.
+    pub async fn ack(
+        &self,
+        session: &SessionId,
+        channel: &str,
+        offset: Offset,
+    ) -> Result<Offset, SessionError> {
+        let (session, channel) = (session.clone(), channel.to_owned());
+        self.write(move |ctx| {
+            let cursor: Option<i64> = ctx
+                .conn
+                .prepare_cached(
+                    "UPDATE subscriptions SET cursor = MAX(cursor, ?3)
+                     WHERE session_id = ?1 AND channel = ?2 RETURNING cursor",
+                )?
+                .query_row(params![session.as_str(), channel, to_sql(offset)], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            cursor
+                .map(|c| c as Offset)
+                .ok_or(SessionError::NotSubscribed { session, channel })
+        })
+        .await
+    }
+
+    /// Removes a subscription; returns whether there was one.
+    pub async fn unsubscribe(
+        &self,
+        session: &SessionId,
+        channel: &str,
+    ) -> Result<bool, StoreError> {
+        let (session, channel) = (session.clone(), channel.to_owned());
+        self.write(move |ctx| {
+            let n = ctx
+                .conn
+                .prepare_cached("DELETE FROM subscriptions WHERE session_id = ?1 AND channel = ?2")?
+                .execute(params![session.as_str(), channel])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// A session's subscriptions, ordered by channel.
+    pub async fn subscriptions(
+        &self,
+        session: &SessionId,
+    ) -> Result<Vec<Subscription>, StoreError> {
+        let session = session.clone();
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT channel, cursor FROM subscriptions WHERE session_id = ?1 ORDER BY channel",
+                )?
+                .query_map([session.as_str()], |r| {
+                    Ok(Subscription {
+                        channel: r.get(0)?,
+                        cursor: r.get::<_, i64>(1)? as Offset,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+}

@@ -1,0 +1,438 @@
+//! The `Store` handle: opening, the write path, the read pool, meta and shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::clock::UnixMillis;
+use crate::config::{Config, Durability};
+use crate::error::{OpError, OpenError, StoreError};
+use crate::schema;
+use crate::writer::{Counters, Ctx, Msg, Op, Writer};
+
+/// What [`Store::open`] found in the database before it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupInfo {
+    /// The database file did not exist (or was empty) and was created.
+    pub created: bool,
+    /// The previous process that opened this database closed it with
+    /// [`Store::close`]. When false, crash recovery should run.
+    pub previous_clean_shutdown: bool,
+    /// The schema version found before migrating (0 for a new file).
+    pub migrated_from: u32,
+    /// The schema version now in the file.
+    pub schema_version: u32,
+    /// A random id fixed when the database was created.
+    pub instance_id: String,
+}
+
+/// Counters from the writer thread, for observing group commit at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub batches: u64,
+    /// Writes committed in them.
+    pub writes: u64,
+    /// Batches rolled back as a whole (disk full, corruption, I/O).
+    pub failed_batches: u64,
+    /// WAL checkpoints run to keep the WAL bounded.
+    pub checkpoints: u64,
+    /// The largest batch committed so far.
+    pub max_batch: u64,
+}
+
+/// A durable session store over one SQLite database in WAL mode.
+///
+/// Cheap to clone: every clone shares one writer thread and one read pool.
+/// Writes resolve only after the transaction holding them has committed.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    readers: Arc<ReadPool>,
+    config: Config,
+    path: PathBuf,
+    startup: StartupInfo,
+    closed: AtomicBool,
+    counters: Arc<Counters>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("startup", &self.startup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, migrates it forward and
+    /// starts the writer thread.
+    ///
+    /// Must be called inside a tokio runtime. Marks the database as "not cleanly
+    /// shut down" until [`Store::close`] runs, so that a crash is detectable on
+    /// the next open through [`StartupInfo::previous_clean_shutdown`].
+    pub async fn open(path: &Path, config: Config) -> Result<Store, OpenError> {
+        let owned = path.to_path_buf();
+        let cfg = config.clone();
+        tokio::task::spawn_blocking(move || Store::open_blocking(&owned, cfg))
+            .await
+            .map_err(|e| {
+                OpenError::from_store(
+                    path,
+                    StoreError::Sqlite {
+                        code: -1,
+                        message: format!("open task failed: {e}"),
+                    },
+                )
+            })?
+    }
+
+    fn open_blocking(path: &Path, config: Config) -> Result<Store, OpenError> {
+        let fail = |e: StoreError| OpenError::from_store(path, e);
+        let existed = std::fs::metadata(path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| fail(e.into()))?;
+        configure_writer(&conn, &config).map_err(fail)?;
+
+        let found = schema::version(&conn).map_err(fail)?;
+        if found > schema::LATEST {
+            return Err(OpenError::NewerSchema {
+                found,
+                supported: schema::LATEST,
+            });
+        }
+        schema::migrate(&mut conn, found).map_err(fail)?;
+
+        let (previous_clean_shutdown, instance_id) = mark_running(&conn).map_err(fail)?;
+        let startup = StartupInfo {
+            created: !existed,
+            previous_clean_shutdown,
+            migrated_from: found,
+            schema_version: schema::LATEST,
+            instance_id,
+        };
+
+        let readers = ReadPool::open(path, &config).map_err(fail)?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let wal_path = wal_path(path);
+        let writer = Writer::new(conn, rx, config.clone(), wal_path, counters.clone());
+        let handle = std::thread::Builder::new()
+            .name("keel-session-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| {
+                fail(StoreError::Io {
+                    detail: format!("cannot start writer thread: {e}"),
+                })
+            })?;
+
+        Ok(Store {
+            inner: Arc::new(Inner {
+                tx,
+                readers: Arc::new(readers),
+                config,
+                path: path.to_path_buf(),
+                startup,
+                closed: AtomicBool::new(false),
+                counters,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The database file this store writes.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// What the store found when it opened the database.
+    pub fn startup(&self) -> &StartupInfo {
+        &self.inner.startup
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Group-commit counters so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        let c = &self.inner.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        WriterStats {
+            batches: get(&c.batches),
+            writes: get(&c.writes),
+            failed_batches: get(&c.failed_batches),
+            checkpoints: get(&c.checkpoints),
+            max_batch: get(&c.max_batch),
+        }
+    }
+
+    /// The current time according to the store's clock.
+    pub fn now(&self) -> UnixMillis {
+        self.inner.config.clock.now_millis()
+    }
+
+    /// Finishes every queued write, records a clean shutdown, checkpoints the WAL
+    /// and stops the writer. Later writes on any clone fail with
+    /// [`StoreError::Closed`]; reads keep working.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Close(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let result = rx.await.map_err(|_| StoreError::Closed)?;
+        let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+
+    /// Queues `f` for the writer and waits until its transaction commits.
+    pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: OpError,
+        F: FnOnce(&Ctx<'_>) -> Result<T, E> + Send + 'static,
+    {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Job(Box::new(Op::new(f, tx))))
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        rx.await.map_err(|_| E::from(StoreError::Closed))?
+    }
+
+    /// Runs `f` on a pooled read-only connection.
+    pub(crate) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        self.inner.readers.run(f).await
+    }
+
+    /// Reads a `meta` value.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            let v = conn
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([&key], |r| r.get(0))
+                .optional()?;
+            Ok(v)
+        })
+        .await
+    }
+
+    /// Writes a `meta` value.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.write(move |ctx| {
+            set_meta(ctx.conn, &key, &value)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the database is currently marked as cleanly shut down. While a
+    /// store is open this is false unless something set it explicitly.
+    pub async fn clean_shutdown(&self) -> Result<bool, StoreError> {
+        Ok(self.meta("clean_shutdown").await?.as_deref() == Some("1"))
+    }
+
+    /// Sets the `clean_shutdown` flag without closing (for shutdown helpers that
+    /// flush in stages). [`Store::close`] sets it as its last write.
+    pub async fn set_clean_shutdown(&self, clean: bool) -> Result<(), StoreError> {
+        self.set_meta("clean_shutdown", if clean { "1" } else { "0" })
+            .await
+    }
+
+    /// Runs `PRAGMA quick_check`; an empty list means the database is intact.
+    pub async fn quick_check(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| check(conn, "PRAGMA quick_check")).await
+    }
+
+    /// Runs `PRAGMA integrity_check`; an empty list means the database is intact.
+    pub async fn integrity_check(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| check(conn, "PRAGMA integrity_check"))
+            .await
+    }
+}
+
+fn check(conn: &Connection, sql: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows.into_iter().filter(|r| r != "ok").collect())
+}
+
+/// The `-wal` file beside a database.
+pub(crate) fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError> {
+    conn.busy_timeout(config.busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Sqlite {
+            code: -1,
+            message: format!("cannot enable WAL mode (journal_mode is {mode})"),
+        });
+    }
+    let sync = match config.durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // After a checkpoint resets the WAL, shrink the file back to this size.
+    conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    if let Some(bytes) = config.max_db_bytes {
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (bytes / page.max(512) as u64).max(1);
+        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+            r.get(0)
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads the previous `clean_shutdown` flag, then clears it for this run.
+fn mark_running(conn: &Connection) -> Result<(bool, String), StoreError> {
+    let get = |key: &str| -> Result<Option<String>, StoreError> {
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    };
+    let clean = get("clean_shutdown")?.is_none_or(|v| v == "1");
+    let instance_id = match get("instance_id")? {
+        Some(id) => id,
+        None => {
+            let id = crate::sessions::random_hex(16);
+            set_meta(conn, "instance_id", &id)?;
+            id
+        }
+    };
+    set_meta(conn, "clean_shutdown", "0")?;
+    Ok((clean, instance_id))
+}
+
+fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES(?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([key, value])?;
+    Ok(())
+}
+
+/// A fixed set of read-only connections handed out to blocking tasks.
+pub(crate) struct ReadPool {
+    conns: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReadPool {
+    fn open(path: &Path, config: &Config) -> Result<ReadPool, StoreError> {
+        let n = config.readers.max(1);
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(config.busy_timeout)?;
+            conn.set_prepared_statement_cache_capacity(64);
+            conns.push(conn);
+        }
+        Ok(ReadPool {
+            conns: Mutex::new(conns),
+            permits: Arc::new(Semaphore::new(n)),
+        })
+    }
+
+    async fn run<T, E, F>(self: &Arc<Self>, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        let pool = self.clone();
+        // The connection goes back to the pool inside the blocking task, so a
+        // caller that stops waiting cannot leak it.
+        let task = tokio::task::spawn_blocking(move || {
+            let conn = pool.conns.lock().ok().and_then(|mut c| c.pop());
+            let Some(conn) = conn else {
+                return Err(E::from(StoreError::Closed));
+            };
+            let guard = Returned {
+                pool: &pool,
+                conn: Some(conn),
+            };
+            let out = f(guard.conn.as_ref().expect("connection present"));
+            drop(guard);
+            drop(permit);
+            out
+        });
+        task.await.map_err(|e| {
+            E::from(StoreError::Sqlite {
+                code: -1,
+                message: format!("read task failed: {e}"),
+            })
+        })?
+    }
+}
+
+/// Puts a connection back even if the read closure panics.
+struct Returned<'a> {
+    pool: &'a ReadPool,
+    conn: Option<Connection>,
+}
+
+impl Drop for Returned<'_> {
+    fn drop(&mut self) {
+        if let (Some(conn), Ok(mut conns)) = (self.conn.take(), self.pool.conns.lock()) {
+            conns.push(conn);
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Opening, reopening, shutdown flags, schema versions, bad files, full disks, the WAL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::join_all;
+use keel_session::{
+    Config, Durability, NewSession, OpenError, SCHEMA_VERSION, SessionError, SessionId, Store,
+    StoreError,
+};
+
+use crate::support;
+
+#[tokio::test]
+async fn clean_shutdown_flag_tracks_close_and_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    assert!(store.startup().created);
+    assert!(
+        store.startup().previous_clean_shutdown,
+        "a new database needs no recovery"
+    );
+    assert!(
+        !store.clean_shutdown().await.unwrap(),
+        "marked running while open"
+    );
+    let id = store
+        .create_session(NewSession::default())
+        .await
+        .unwrap()
+        .id;
+    let instance = store.startup().instance_id.clone();
+    store.close().await.unwrap();
+    assert_eq!(
+        store.create_session(NewSession::default()).await,
+        Err(SessionError::Store(StoreError::Closed))
+    );
+
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    assert!(!store.startup().created);
+    assert!(store.startup().previous_clean_shutdown);
+    assert_eq!(store.startup().instance_id, instance);
+    store.session(&id).await.unwrap();
+    // Dropped without close: the next open must see an unclean shutdown.
+    drop(store);
+
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    assert!(!store.startup().previous_clean_shutdown);
+    store
+        .session(&id)
+        .await
+        .expect("acknowledged writes survive");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn newer_schema_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    Store::open(&path, Config::default())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 7)
+            .unwrap();
+    }
+    let err = Store::open(&path, Config::default()).await.unwrap_err();
+    assert_eq!(
+        err,
+        OpenError::NewerSchema {
+            found: SCHEMA_VERSION + 7,
+            supported: SCHEMA_VERSION
+        }
+    );
+    assert!(err.to_string().contains("newer than this build supports"));
+}
+
+#[tokio::test]
+async fn garbage_file_is_a_corruption_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    std::fs::write(&path, vec![0xA5u8; 64 * 1024]).unwrap();
+    let err = Store::open(&path, Config::default()).await.unwrap_err();
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("corrupt"));
+}
+
+#[tokio::test]
+async fn full_database_is_a_disk_full_error_and_loses_nothing() {
+    let t = support::open_with(Config {
+        max_db_bytes: Some(512 * 1024),
+        ..Default::default()
+    })
+    .await;
+    let payload = vec![7u8; 8 * 1024];
+    let mut acked = Vec::new();
+    let err = loop {
+        let id = format!("m{}", acked.len());
+        match t.store.append("big", &id, &payload).await {
+            Ok(a) => acked.push(a.offset),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 1_000, "the cap never triggered");
+    };
+    assert!(matches!(err, StoreError::DiskFull { .. }), "{err:?}");
+    assert!(!acked.is_empty());
+
+    // Everything acknowledged is still there; reads keep working.
+    let log = t.store.read_channel("big", 0, 10_000).await.unwrap();
+    assert_eq!(log.iter().map(|m| m.offset).collect::<Vec<_>>(), acked);
+    assert!(t.store.integrity_check().await.unwrap().is_empty());
+
+    // Freeing space lets writes succeed again.
+    t.store
+        .apply_retention(keel_session::Retention {
+            max_count: Some(2),
+            max_age: None,
+        })
+        .await
+        .unwrap();
+    t.store
+        .append("big", "after", &payload)
+        .await
+        .expect("writes resume once space returns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_does_not_fail_its_batch() {
+    let t = support::open().await;
+    let creates = (0..400).map(|i| {
+        let store = t.store.clone();
+        tokio::spawn(async move {
+            store
+                .create_session(NewSession {
+                    id: Some(SessionId(format!("s{}", i % 200))),
+                    ..Default::default()
+                })
+                .await
+        })
+    });
+    let results: Vec<_> = join_all(creates)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let dup = results
+        .iter()
+        .filter(|r| matches!(r, Err(SessionError::AlreadyExists(_))))
+        .count();
+    assert_eq!((ok, dup), (200, 200));
+    assert_eq!(t.store.sessions(None).await.unwrap().len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_durability_round_trip() {
+    let mut t = support::open_with(Config {
+        durability: Durability::Full,
+        ..Default::default()
+    })
+    .await;
+    let s = t.store.create_session(NewSession::default()).await.unwrap();
+    t.store.append("c", "m", b"p").await.unwrap();
+    t.reopen().await;
+    assert_eq!(t.store.session(&s.id).await.unwrap(), s);
+    assert_eq!(
+        t.store.read_channel("c", 1, 1).await.unwrap()[0].payload,
+        b"p"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_stays_bounded_under_constant_reads() {
+    let t = support::open_with(Config {
+        wal_checkpoint_bytes: 4 * 1024 * 1024,
+        readers: 2,
+        ..Default::default()
+    })
+    .await;
+    let wal = {
+        let mut p = t.path().into_os_string();
+        p.push("-wal");
+        std::path::PathBuf::from(p)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_wal = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+
+    // Readers that never stop: there is always a read transaction somewhere.
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (store, stop, reads) = (t.store.clone(), stop.clone(), reads.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    store.read_channel("c", 1, 50).await.unwrap();
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let watcher = {
+        let (stop, max_wal, wal) = (stop.clone(), max_wal.clone(), wal.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+                max_wal.fetch_max(size, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    // 48 MiB of payload through the log.
+    let payload = vec![1u8; 16 * 1024];
+    for chunk in 0..48 {
+        let writes = (0..64).map(|i| {
+            let (store, payload) = (t.store.clone(), payload.clone());
+            async move {
+                store
+                    .append("c", &format!("m{chunk}-{i}"), &payload)
+                    .await
+                    .unwrap()
+            }
+        });
+        join_all(writes).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    watcher.await.unwrap();
+
+    let max = max_wal.load(Ordering::Relaxed);
+    let stats = t.store.writer_stats();
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert!(stats.checkpoints > 0, "{stats:?}");
+    assert!(
+        max < 16 * 1024 * 1024,
+        "WAL grew to {max} bytes under constant reads"
+    );
+}

@@ -1,0 +1,9 @@
+//! keel-session integration tests: real SQLite files in temp directories.
+
+mod durability;
+mod health;
+mod messages;
+mod model;
+mod outbox;
+mod sessions;
+mod support;
