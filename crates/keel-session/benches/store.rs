@@ -1,2 +1,274 @@
-//! Benchmarks: written in the next commit.
-fn main() {}
+//! keel-session benchmarks (`cargo bench -p keel-session`).
+//!
+//! - `ack_writes_64`: acknowledged appends per second with 64 concurrent writers
+//!   through group commit (Normal and Full), against the same rows written
+//!   (a) one transaction per write and (b) as raw batches of 1,000.
+//! - `crash_scan`: 100,000 ACTIVE sessions moved to CRASHED by `mark_crashed`.
+//!
+//! After criterion's own report, a summary pass measures each variant once more
+//! and prints writes/s and the ratios, so the figures in the README come from
+//! one run on one machine. `KEEL_BENCH_SUMMARY_ONLY=1` runs only that pass.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::future::join_all;
+use keel_session::{Config, Durability, Store};
+use rusqlite::{Connection, params};
+use tokio::runtime::Runtime;
+
+const WRITERS: usize = 64;
+const PAYLOAD: [u8; 100] = [0x5a; 100];
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn sync_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    }
+}
+
+/// `total` appends spread over 64 concurrent writers; returns elapsed time.
+fn group_commit(rt: &Runtime, store: &Store, total: u64, tag: &mut u64) -> Duration {
+    *tag += 1;
+    let round = *tag;
+    rt.block_on(async {
+        let per = total.div_ceil(WRITERS as u64);
+        let start = Instant::now();
+        let tasks = (0..WRITERS).map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per {
+                    store
+                        .append("bench", &format!("{round}-{w}-{i}"), &PAYLOAD)
+                        .await
+                        .expect("append");
+                }
+            })
+        });
+        join_all(tasks).await;
+        start.elapsed()
+    })
+}
+
+/// A raw connection on a keel schema, for the baselines.
+fn raw_connection(path: &Path, durability: Durability, rt: &Runtime) -> Connection {
+    rt.block_on(async {
+        Store::open(path, Config::default())
+            .await
+            .expect("create schema")
+            .close()
+            .await
+            .expect("close")
+    });
+    let conn = Connection::open(path).expect("open raw");
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", sync_name(durability))
+        .expect("sync");
+    conn
+}
+
+/// Inserts the row that group commit would write for the `offset`-th append:
+/// the same channel, payload and message ids (writer `offset % 64` sending its
+/// `offset / 64`-th message), so the baselines touch the same index pages.
+fn raw_insert(conn: &Connection, offset: &mut i64) {
+    *offset += 1;
+    let w = *offset % WRITERS as i64;
+    let i = *offset / WRITERS as i64;
+    conn.prepare_cached(
+        "INSERT INTO messages(channel, offset, msg_id, at, payload) VALUES('bench', ?1, ?2, 0, ?3)",
+    )
+    .expect("prepare")
+    .execute(params![*offset, format!("0-{w}-{i}"), &PAYLOAD[..]])
+    .expect("insert");
+}
+
+/// `total` inserts, one transaction each.
+fn one_tx_per_write(conn: &Connection, total: u64, offset: &mut i64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..total {
+        raw_insert(conn, offset);
+    }
+    start.elapsed()
+}
+
+/// `total` inserts in transactions of 1,000.
+fn raw_batched(conn: &Connection, total: u64, offset: &mut i64) -> Duration {
+    let start = Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(1_000);
+        conn.execute_batch("BEGIN").expect("begin");
+        for _ in 0..n {
+            raw_insert(conn, offset);
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+        left -= n;
+    }
+    start.elapsed()
+}
+
+/// Fills a database with `n` ACTIVE sessions (through raw batches: setup only).
+fn crash_scan_fixture(path: &Path, n: usize, rt: &Runtime) -> Store {
+    let conn = raw_connection(path, Durability::Normal, rt);
+    conn.execute_batch("BEGIN").expect("begin");
+    {
+        let mut stmt = conn
+            .prepare(
+                "INSERT INTO sessions(id, token_hash, state, created_at, updated_at)
+                 VALUES(?1, x'00', 'ACTIVE', 0, 0)",
+            )
+            .expect("prepare");
+        for i in 0..n {
+            stmt.execute([format!("{i:032x}")]).expect("insert session");
+        }
+    }
+    conn.execute_batch("COMMIT").expect("commit");
+    drop(conn);
+    rt.block_on(Store::open(path, Config::default()))
+        .expect("open fixture")
+}
+
+fn reset_to_active(path: &Path) {
+    let conn = Connection::open(path).expect("open");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy");
+    conn.execute("UPDATE sessions SET state = 'ACTIVE'", [])
+        .expect("reset");
+}
+
+fn timed_scan(rt: &Runtime, store: &Store, path: &Path, n: usize) -> Duration {
+    reset_to_active(path);
+    let start = Instant::now();
+    let marked = rt.block_on(store.mark_crashed()).expect("mark_crashed");
+    let took = start.elapsed();
+    assert_eq!(marked.crashed.len(), n);
+    took
+}
+
+fn benches(c: &mut Criterion, rt: &Runtime) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut group = c.benchmark_group("ack_writes_64");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(4));
+    group.warm_up_time(Duration::from_secs(1));
+    for durability in [Durability::Normal, Durability::Full] {
+        let name = sync_name(durability);
+        let path = dir.path().join(format!("gc-{name}.db"));
+        let store = rt
+            .block_on(Store::open(
+                &path,
+                Config {
+                    durability,
+                    ..Config::default()
+                },
+            ))
+            .expect("open");
+        let mut tag = 0;
+        group.bench_function(BenchmarkId::new("group_commit", name), |b| {
+            b.iter_custom(|iters| group_commit(rt, &store, iters, &mut tag))
+        });
+
+        let conn = raw_connection(&dir.path().join(format!("tx-{name}.db")), durability, rt);
+        let mut offset = 0;
+        group.bench_function(BenchmarkId::new("one_tx_per_write", name), |b| {
+            b.iter_custom(|iters| one_tx_per_write(&conn, iters, &mut offset))
+        });
+
+        let conn = raw_connection(&dir.path().join(format!("raw-{name}.db")), durability, rt);
+        let mut offset = 0;
+        group.bench_function(BenchmarkId::new("raw_batched_1000", name), |b| {
+            b.iter_custom(|iters| raw_batched(&conn, iters, &mut offset))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("crash_scan");
+    group.sample_size(10);
+    let n = 100_000;
+    let path = dir.path().join("scan.db");
+    let store = crash_scan_fixture(&path, n, rt);
+    group.bench_function("mark_crashed_100k_active", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| timed_scan(rt, &store, &path, n)).sum())
+    });
+    group.finish();
+}
+
+/// Measures every variant once more in one pass and prints the figures and ratios.
+fn summary(rt: &Runtime) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let total = 60_000;
+    let best = |f: &mut dyn FnMut() -> Duration| (0..3).map(|_| f()).min().expect("runs");
+    let rate = |d: Duration| total as f64 / d.as_secs_f64();
+    println!(
+        "\nkeel-session summary: {total} acknowledged 100-byte appends, 64 writers, best of 3"
+    );
+    println!(
+        "{:<8} {:>14} {:>14} {:>14} {:>10} {:>10}",
+        "sync", "group commit", "1 tx/write", "raw batched", "vs 1tx", "vs raw"
+    );
+    for durability in [Durability::Normal, Durability::Full] {
+        let name = sync_name(durability);
+        let store = rt
+            .block_on(Store::open(
+                &dir.path().join(format!("s-gc-{name}.db")),
+                Config {
+                    durability,
+                    ..Config::default()
+                },
+            ))
+            .expect("open");
+        let mut tag = 0;
+        let gc = rate(best(&mut || group_commit(rt, &store, total, &mut tag)));
+        let conn = raw_connection(&dir.path().join(format!("s-tx-{name}.db")), durability, rt);
+        let mut offset = 0;
+        let tx = rate(best(&mut || {
+            one_tx_per_write(&conn, total / 4, &mut offset) * 4
+        }));
+        let conn = raw_connection(&dir.path().join(format!("s-raw-{name}.db")), durability, rt);
+        let mut offset = 0;
+        let raw = rate(best(&mut || raw_batched(&conn, total, &mut offset)));
+        println!(
+            "{name:<8} {gc:>12.0}/s {tx:>12.0}/s {raw:>12.0}/s {:>9.2}x {:>9.2}x",
+            gc / tx,
+            gc / raw
+        );
+        let stats = store.writer_stats();
+        println!(
+            "         ({} writes in {} batches, largest batch {})",
+            stats.writes, stats.batches, stats.max_batch
+        );
+    }
+    let n = 100_000;
+    let path = dir.path().join("s-scan.db");
+    let store = crash_scan_fixture(&path, n, rt);
+    let scan = (0..3)
+        .map(|_| timed_scan(rt, &store, &path, n))
+        .min()
+        .expect("runs");
+    println!(
+        "crash scan: {n} ACTIVE -> CRASHED in {:.1} ms (target <= 300 ms)",
+        scan.as_secs_f64() * 1e3
+    );
+}
+
+fn main() {
+    let rt = runtime();
+    if std::env::var_os("KEEL_BENCH_SUMMARY_ONLY").is_none() {
+        let mut c = Criterion::default().configure_from_args();
+        benches(&mut c, &rt);
+        c.final_summary();
+    }
+    if !std::env::args().any(|a| a == "--list") {
+        summary(&rt);
+    }
+}

@@ -42,9 +42,9 @@ impl Store {
             Ok(HealthTransition {
                 id,
                 at: ctx.now,
-                from,
-                to,
-                reason,
+                from: from.clone(),
+                to: to.clone(),
+                reason: reason.clone(),
             })
         })
         .await

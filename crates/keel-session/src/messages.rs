@@ -71,6 +71,18 @@ fn to_sql(o: Offset) -> i64 {
     i64::try_from(o).unwrap_or(i64::MAX)
 }
 
+/// The offset the next append to `channel` gets.
+fn next_offset(conn: &rusqlite::Connection, channel: &str) -> Result<i64, StoreError> {
+    let newest: Option<i64> = conn
+        .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")?
+        .query_row([channel], |r| r.get(0))?;
+    let floor: Option<i64> = conn
+        .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")?
+        .query_row([channel], |r| r.get(0))
+        .optional()?;
+    Ok(newest.map_or(1, |n| n + 1).max(floor.unwrap_or(1)))
+}
+
 impl Store {
     /// Appends a message to `channel`. If `msg_id` is already in the channel
     /// (and still retained) this writes nothing and returns the original offset
@@ -99,17 +111,16 @@ impl Store {
                     duplicate: true,
                 });
             }
-            let offset: i64 = ctx
-                .conn
-                .prepare_cached(
-                    "INSERT INTO channels(name, next_offset) VALUES(?1, 2)
-                     ON CONFLICT(name) DO UPDATE SET next_offset = next_offset + 1
-                     RETURNING next_offset - 1",
-                )?
-                .query_row([&channel], |r| r.get(0))?;
+            // The next offset is one past the newest message, or past the
+            // floor that retention leaves in `channels` when it empties a log.
+            // Reads only: no upsert and no RETURNING, because a statement that
+            // may abort half-way needs a statement journal, whose 64 KiB buffer
+            // is allocated and freed per statement and dominated the write path.
+            let offset = next_offset(ctx.conn, &channel)?;
+            // The id was checked above and the offset is fresh, so IGNORE never fires.
             ctx.conn
                 .prepare_cached(
-                    "INSERT INTO messages(channel, offset, msg_id, at, payload)
+                    "INSERT OR IGNORE INTO messages(channel, offset, msg_id, at, payload)
                      VALUES(?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![channel, offset, msg_id, ctx.now, payload])?;
@@ -155,16 +166,12 @@ impl Store {
     pub async fn channel_bounds(&self, channel: &str) -> Result<ChannelBounds, StoreError> {
         let channel = channel.to_owned();
         self.read(move |conn| {
-            let next: Option<i64> = conn
-                .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")?
-                .query_row([&channel], |r| r.get(0))
-                .optional()?;
             let first: Option<i64> = conn
                 .prepare_cached("SELECT MIN(offset) FROM messages WHERE channel = ?1")?
                 .query_row([&channel], |r| r.get(0))?;
             Ok(ChannelBounds {
                 first: first.map(|f| f as Offset),
-                next: next.unwrap_or(1) as Offset,
+                next: next_offset(conn, &channel)? as Offset,
             })
         })
         .await
@@ -177,6 +184,14 @@ impl Store {
     /// the cutoff. Offsets are never reused afterwards.
     pub async fn apply_retention(&self, policy: Retention) -> Result<u64, StoreError> {
         self.write(move |ctx| {
+            // Remember where every log ends, so that offsets are never reused
+            // even if this empties a log.
+            ctx.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO channels(name, next_offset)
+                     SELECT m.channel, MAX(m.offset) + 1 FROM messages m GROUP BY m.channel",
+                )?
+                .execute([])?;
             let mut removed = 0;
             if let Some(max) = policy.max_count {
                 removed += ctx
@@ -219,7 +234,7 @@ impl Store {
                 .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
                 .exists([session.as_str()])?;
             if !exists {
-                return Err(SessionError::NotFound(session));
+                return Err(SessionError::NotFound(session.clone()));
             }
             let cursor: i64 = ctx
                 .conn
@@ -230,7 +245,7 @@ impl Store {
                 )?
                 .query_row(params![session.as_str(), channel, to_sql(cursor)], |r| r.get(0))?;
             Ok(Subscription {
-                channel,
+                channel: channel.clone(),
                 cursor: cursor as Offset,
             })
         })
@@ -259,7 +274,10 @@ impl Store {
                 .optional()?;
             cursor
                 .map(|c| c as Offset)
-                .ok_or(SessionError::NotSubscribed { session, channel })
+                .ok_or_else(|| SessionError::NotSubscribed {
+                    session: session.clone(),
+                    channel: channel.clone(),
+                })
         })
         .await
     }

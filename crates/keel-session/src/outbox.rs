@@ -285,7 +285,7 @@ impl Store {
         self.write(move |ctx| {
             let mut item = load_claimed(ctx.conn, id, &worker)?;
             item.attempts += 1;
-            item.last_error = Some(error);
+            item.last_error = Some(error.clone());
             item.claimed_by = None;
             item.claim_until = None;
             match retry {
@@ -332,7 +332,7 @@ impl Store {
                 )?
                 .execute(params![id.0, reason])?;
             item.state = OutboxState::Dead;
-            item.last_error = Some(reason);
+            item.last_error = Some(reason.clone());
             item.claimed_by = None;
             item.claim_until = None;
             Ok(item)

@@ -216,8 +216,8 @@ pub(crate) fn load_session(conn: &Connection, id: &SessionId) -> Result<Session,
 impl Store {
     /// Creates a session in state CREATED.
     pub async fn create_session(&self, new: NewSession) -> Result<Session, SessionError> {
+        let id = new.id.clone().unwrap_or_else(|| SessionId(random_hex(16)));
         self.write(move |ctx| {
-            let id = new.id.unwrap_or_else(|| SessionId(random_hex(16)));
             let inserted = ctx
                 .conn
                 .prepare_cached(
@@ -226,18 +226,18 @@ impl Store {
                 )?
                 .execute(params![id.as_str(), new.token_hash, ctx.now, new.meta])?;
             if inserted == 0 {
-                return Err(SessionError::AlreadyExists(id));
+                return Err(SessionError::AlreadyExists(id.clone()));
             }
             Ok(Session {
-                id,
-                token_hash: new.token_hash,
+                id: id.clone(),
+                token_hash: new.token_hash.clone(),
                 state: SessionState::Created,
                 created_at: ctx.now,
                 updated_at: ctx.now,
                 last_seen_at: None,
                 recovered_at: None,
                 crash_count: 0,
-                meta: new.meta,
+                meta: new.meta.clone(),
             })
         })
         .await
@@ -351,7 +351,7 @@ impl Store {
                 .prepare_cached("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")?
                 .execute(params![id.as_str(), ctx.now])?;
             if n == 0 {
-                return Err(SessionError::NotFound(id));
+                return Err(SessionError::NotFound(id.clone()));
             }
             Ok(())
         })
@@ -367,7 +367,7 @@ impl Store {
                 .prepare_cached("UPDATE sessions SET meta = ?2, updated_at = ?3 WHERE id = ?1")?
                 .execute(params![id.as_str(), meta, ctx.now])?;
             if n == 0 {
-                return Err(SessionError::NotFound(id));
+                return Err(SessionError::NotFound(id.clone()));
             }
             Ok(())
         })
@@ -430,7 +430,7 @@ impl Store {
                 .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
                 .exists([id.as_str()])?;
             if !exists {
-                return Err(SessionError::NotFound(id));
+                return Err(SessionError::NotFound(id.clone()));
             }
             ctx.conn
                 .prepare_cached(

@@ -212,11 +212,14 @@ impl Store {
     }
 
     /// Queues `f` for the writer and waits until its transaction commits.
+    ///
+    /// `f` must check before it changes anything where it can fail, and may run
+    /// more than once (see the writer's batch rollback).
     pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: OpError,
-        F: FnOnce(&Ctx<'_>) -> Result<T, E> + Send + 'static,
+        F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
     {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed.into());

@@ -3,8 +3,8 @@
 //! Every write is a closure queued on a bounded channel. The writer takes the
 //! first waiting write, then everything else already queued (up to
 //! `max_batch`, optionally waiting up to `max_batch_delay` for more), and runs
-//! them in one `BEGIN IMMEDIATE` transaction, each inside its own savepoint so
-//! that one failing write rolls back alone. Callers are answered only after
+//! them in one `BEGIN IMMEDIATE` transaction; a write that fails rolls back
+//! alone (see [`Writer::commit`]). Callers are answered only after
 //! `COMMIT` returned. A fatal error (disk full, corruption, I/O) rolls back the
 //! whole batch and fails every write that ran in it; the writes that had not
 //! run yet go into the next batch.
@@ -36,13 +36,16 @@ pub(crate) enum Outcome {
     Fatal(StoreError),
 }
 
+/// A queued write. `run` may be called more than once: when another write in
+/// the same batch fails after it had already changed rows, the batch is rolled
+/// back and every other write runs again in a fresh transaction.
 pub(crate) trait Job: Send {
     fn run(&mut self, ctx: &Ctx<'_>) -> Outcome;
     fn finish(self: Box<Self>, commit: Result<(), &StoreError>);
 }
 
 pub(crate) struct Op<T, E, F> {
-    f: Option<F>,
+    f: F,
     out: Option<Result<T, E>>,
     tx: Option<oneshot::Sender<Result<T, E>>>,
 }
@@ -50,7 +53,7 @@ pub(crate) struct Op<T, E, F> {
 impl<T, E, F> Op<T, E, F> {
     pub(crate) fn new(f: F, tx: oneshot::Sender<Result<T, E>>) -> Self {
         Self {
-            f: Some(f),
+            f,
             out: None,
             tx: Some(tx),
         }
@@ -61,13 +64,10 @@ impl<T, E, F> Job for Op<T, E, F>
 where
     T: Send + 'static,
     E: OpError,
-    F: FnOnce(&Ctx<'_>) -> Result<T, E> + Send + 'static,
+    F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
 {
     fn run(&mut self, ctx: &Ctx<'_>) -> Outcome {
-        let Some(f) = self.f.take() else {
-            return Outcome::Failed;
-        };
-        let out = f(ctx);
+        let out = (self.f)(ctx);
         let outcome = match &out {
             Ok(_) => Outcome::Done,
             Err(e) => match e.fatal() {
@@ -141,12 +141,8 @@ impl Writer {
 
     /// Runs until every `Store` handle is gone or `close` is requested.
     pub(crate) fn run(mut self) {
-        let timer = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .ok();
         loop {
-            let (batch, close) = self.collect(timer.as_ref());
+            let (batch, close) = self.collect();
             if batch.is_empty() && close.is_none() && self.backlog.is_empty() {
                 // Every sender is gone: the store was dropped without `close`,
                 // which leaves `clean_shutdown` false on purpose.
@@ -169,10 +165,7 @@ impl Writer {
     }
 
     /// Takes the backlog or the next queued write, then whatever else is queued.
-    fn collect(
-        &mut self,
-        timer: Option<&tokio::runtime::Runtime>,
-    ) -> (Vec<Box<dyn Job>>, Option<CloseReply>) {
+    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<CloseReply>) {
         let max = self.config.max_batch.max(1);
         let mut batch: Vec<Box<dyn Job>> = Vec::new();
         while batch.len() < max {
@@ -188,22 +181,20 @@ impl Writer {
                 None => return (batch, None),
             }
         }
-        let deadline = tokio::time::Instant::now() + self.config.max_batch_delay;
+        // With a delay configured, a batch that runs dry early sleeps once
+        // (a thread sleep, precise to tens of microseconds) and takes whatever
+        // arrived meanwhile: the writers answered by the previous commit are
+        // usually about to send their next write.
+        let mut slept = self.config.max_batch_delay.is_zero();
         while batch.len() < max {
             match self.rx.try_recv() {
                 Ok(Msg::Job(job)) => batch.push(job),
                 Ok(Msg::Close(reply)) => return (batch, Some(reply)),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if slept => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    let Some(rt) = timer.filter(|_| !self.config.max_batch_delay.is_zero()) else {
-                        break;
-                    };
-                    let next = rt.block_on(tokio::time::timeout_at(deadline, self.rx.recv()));
-                    match next {
-                        Ok(Some(Msg::Job(job))) => batch.push(job),
-                        Ok(Some(Msg::Close(reply))) => return (batch, Some(reply)),
-                        Ok(None) | Err(_) => break,
-                    }
+                    std::thread::sleep(self.config.max_batch_delay);
+                    slept = true;
                 }
             }
         }
@@ -211,72 +202,75 @@ impl Writer {
     }
 
     /// Runs one batch in one transaction and answers every caller in it.
-    fn commit(&mut self, batch: Vec<Box<dyn Job>>) {
-        let count = batch.len();
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            let e = StoreError::from(e);
-            self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
-            for job in batch {
-                job.finish(Err(&e));
+    ///
+    /// Writes are built to check before they change anything, so a write that
+    /// fails has usually changed nothing and the batch goes on without a
+    /// savepoint (savepoints cost a statement journal per write). If a failed
+    /// write did change rows, the batch is rolled back and re-run without it.
+    fn commit(&mut self, mut jobs: Vec<Box<dyn Job>>) {
+        // Writes that failed on their own; they hold their error and wrote nothing.
+        let mut failed: Vec<Box<dyn Job>> = Vec::new();
+        let result = loop {
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                break Err(StoreError::from(e));
             }
-            return;
-        }
-        let mut ran: Vec<Box<dyn Job>> = Vec::with_capacity(count);
-        let mut jobs = batch.into_iter();
-        let mut fatal = None;
-        for mut job in jobs.by_ref() {
-            let ctx = Ctx {
-                conn: &self.conn,
-                now: self.clock.now_millis(),
-                activity_limit: self.config.activity_limit,
-            };
-            if let Err(e) = savepoint(&self.conn, "SAVEPOINT op") {
-                fatal = Some(e);
-                ran.push(job);
-                break;
+            match self.run_all(&mut jobs) {
+                Step::Ran => break self.conn.execute_batch("COMMIT").map_err(StoreError::from),
+                Step::Poisoned(i) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    failed.push(jobs.remove(i));
+                }
+                Step::Fatal(i, e) => {
+                    // Writes that never ran in a failed batch get their own chance next time.
+                    self.backlog.extend(jobs.split_off(i + 1));
+                    break Err(e);
+                }
             }
-            let outcome = job.run(&ctx);
-            ran.push(job);
-            let step = match outcome {
-                Outcome::Done => savepoint(&self.conn, "RELEASE op"),
-                Outcome::Failed => savepoint(&self.conn, "ROLLBACK TO op")
-                    .and_then(|()| savepoint(&self.conn, "RELEASE op")),
-                Outcome::Fatal(e) => Err(e),
-            };
-            if let Err(e) = step {
-                fatal = Some(e);
-                break;
-            }
-        }
-        // Writes that never ran in a failed batch get their own chance next time.
-        self.backlog.extend(jobs);
-
-        let result = match fatal {
-            Some(e) => Err(e),
-            None => self.conn.execute_batch("COMMIT").map_err(StoreError::from),
         };
         match &result {
             Ok(()) => {
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .writes
-                    .fetch_add(ran.len() as u64, Ordering::Relaxed);
+                    .fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 self.counters
                     .max_batch
-                    .fetch_max(ran.len() as u64, Ordering::Relaxed);
+                    .fetch_max(jobs.len() as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 // SQLite may already have rolled back on its own (SQLITE_FULL can);
                 // then ROLLBACK reports "no transaction is active", which is fine.
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, writes = ran.len(), "batch rolled back");
+                tracing::warn!(error = %e, writes = jobs.len(), "batch rolled back");
             }
         }
         let commit = result.as_ref().map(|_| ());
-        for job in ran {
+        for job in jobs {
             job.finish(commit);
         }
+        for job in failed {
+            job.finish(Ok(()));
+        }
+    }
+
+    /// Runs every write of the batch inside the open transaction.
+    fn run_all(&self, jobs: &mut [Box<dyn Job>]) -> Step {
+        for (i, job) in jobs.iter_mut().enumerate() {
+            let ctx = Ctx {
+                conn: &self.conn,
+                now: self.clock.now_millis(),
+                activity_limit: self.config.activity_limit,
+            };
+            let before = self.conn.total_changes();
+            match job.run(&ctx) {
+                Outcome::Done => {}
+                Outcome::Failed if self.conn.total_changes() == before => {}
+                Outcome::Failed => return Step::Poisoned(i),
+                Outcome::Fatal(e) => return Step::Fatal(i, e),
+            }
+        }
+        Step::Ran
     }
 
     /// Keeps the WAL bounded: a `TRUNCATE` checkpoint once it passes the limit.
@@ -314,13 +308,93 @@ impl Writer {
     }
 }
 
-fn savepoint(conn: &Connection, sql: &str) -> Result<(), StoreError> {
-    conn.prepare_cached(sql)?.execute([])?;
-    Ok(())
+enum Step {
+    /// Every write ran; commit.
+    Ran,
+    /// Write `i` failed after changing rows: roll back and run the rest again.
+    Poisoned(usize),
+    /// Write `i` hit a fatal error: the batch cannot commit.
+    Fatal(usize, StoreError),
 }
 
 /// Runs a `TRUNCATE` checkpoint; returns whether it was blocked by a reader.
 fn checkpoint(conn: &Connection) -> Result<bool, StoreError> {
     let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
     Ok(busy != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::future::join_all;
+
+    use crate::{Config, StoreError};
+
+    async fn open(config: Config) -> (crate::Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::Store::open(&dir.path().join("w.db"), config)
+            .await
+            .expect("open");
+        (store, dir)
+    }
+
+    /// A write that changed rows and then failed is rolled back alone; the
+    /// writes batched with it commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_write_after_changes_rolls_back_alone() {
+        let (store, _dir) = open(Config::default()).await;
+        let writes = (0..200).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |ctx| {
+                        ctx.conn.execute(
+                            "INSERT INTO meta(key, value) VALUES(?1, 'x')",
+                            [format!("k{i}")],
+                        )?;
+                        if i % 7 == 3 {
+                            return Err(StoreError::Sqlite {
+                                code: -1,
+                                message: format!("refused {i}"),
+                            });
+                        }
+                        Ok(i)
+                    })
+                    .await
+            }
+        });
+        let results = join_all(writes).await;
+        for (i, r) in results.iter().enumerate() {
+            let stored = store.meta(&format!("k{i}")).await.expect("read");
+            if i % 7 == 3 {
+                assert!(r.is_err(), "write {i} must fail");
+                assert_eq!(stored, None, "write {i} must leave nothing behind");
+            } else {
+                assert_eq!(r.as_ref().ok(), Some(&i));
+                assert_eq!(stored.as_deref(), Some("x"), "write {i} must commit");
+            }
+        }
+        assert!(store.writer_stats().max_batch > 1, "the writes were batched");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_delay_collects_and_commits() {
+        let (store, _dir) = open(Config {
+            max_batch_delay: Duration::from_micros(300),
+            ..Config::default()
+        })
+        .await;
+        let writes = (0..300).map(|i| {
+            let store = store.clone();
+            async move { store.set_meta(&format!("d{i}"), "v").await }
+        });
+        for r in join_all(writes).await {
+            r.expect("write");
+        }
+        let stats = store.writer_stats();
+        assert_eq!(stats.writes, 300);
+        assert!(stats.batches < 300, "{stats:?}");
+        store.close().await.expect("close");
+    }
 }
