@@ -21,6 +21,42 @@ use tokio::runtime::Runtime;
 const WRITERS: usize = 64;
 const PAYLOAD: [u8; 100] = [0x5a; 100];
 
+/// How message ids are spelled. The unique `(channel, msg_id)` index is the
+/// one B-tree a write touches at a place chosen by the id: time-ordered ids
+/// (ULID-like, what keel's client generates) land at its right edge, random
+/// ids (UUIDv4-like) on a different page each.
+#[derive(Clone, Copy)]
+enum Ids {
+    TimeOrdered,
+    Random,
+}
+
+impl Ids {
+    fn name(self) -> &'static str {
+        match self {
+            Ids::TimeOrdered => "time_ordered_ids",
+            Ids::Random => "random_ids",
+        }
+    }
+
+    /// The id of the `seq`-th message overall, sent by writer `w`.
+    fn id(self, seq: u64, w: u64) -> String {
+        match self {
+            Ids::TimeOrdered => format!("{seq:016x}-{w:02}"),
+            Ids::Random => format!("{:016x}-{w:02}", splitmix64(seq)),
+        }
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -37,18 +73,17 @@ fn sync_name(d: Durability) -> &'static str {
 }
 
 /// `total` appends spread over 64 concurrent writers; returns elapsed time.
-fn group_commit(rt: &Runtime, store: &Store, total: u64, tag: &mut u64) -> Duration {
-    *tag += 1;
-    let round = *tag;
+fn group_commit(rt: &Runtime, store: &Store, total: u64, ids: Ids) -> Duration {
     rt.block_on(async {
         let per = total.div_ceil(WRITERS as u64);
         let start = Instant::now();
-        let tasks = (0..WRITERS).map(|w| {
+        let tasks = (0..WRITERS as u64).map(|w| {
             let store = store.clone();
             tokio::spawn(async move {
-                for i in 0..per {
+                for _ in 0..per {
+                    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     store
-                        .append("bench", &format!("{round}-{w}-{i}"), &PAYLOAD)
+                        .append("bench", &ids.id(seq, w), &PAYLOAD)
                         .await
                         .expect("append");
                 }
@@ -78,38 +113,37 @@ fn raw_connection(path: &Path, durability: Durability, rt: &Runtime) -> Connecti
 }
 
 /// Inserts the row that group commit would write for the `offset`-th append:
-/// the same channel, payload and message ids (writer `offset % 64` sending its
-/// `offset / 64`-th message), so the baselines touch the same index pages.
-fn raw_insert(conn: &Connection, offset: &mut i64) {
+/// the same channel, payload and message ids (writer `offset % 64`), so the
+/// baselines touch the same index pages.
+fn raw_insert(conn: &Connection, offset: &mut i64, ids: Ids) {
     *offset += 1;
-    let w = *offset % WRITERS as i64;
-    let i = *offset / WRITERS as i64;
+    let id = ids.id(*offset as u64, *offset as u64 % WRITERS as u64);
     conn.prepare_cached(
         "INSERT INTO messages(channel, offset, msg_id, at, payload) VALUES('bench', ?1, ?2, 0, ?3)",
     )
     .expect("prepare")
-    .execute(params![*offset, format!("0-{w}-{i}"), &PAYLOAD[..]])
+    .execute(params![*offset, id, &PAYLOAD[..]])
     .expect("insert");
 }
 
 /// `total` inserts, one transaction each.
-fn one_tx_per_write(conn: &Connection, total: u64, offset: &mut i64) -> Duration {
+fn one_tx_per_write(conn: &Connection, total: u64, offset: &mut i64, ids: Ids) -> Duration {
     let start = Instant::now();
     for _ in 0..total {
-        raw_insert(conn, offset);
+        raw_insert(conn, offset, ids);
     }
     start.elapsed()
 }
 
 /// `total` inserts in transactions of 1,000.
-fn raw_batched(conn: &Connection, total: u64, offset: &mut i64) -> Duration {
+fn raw_batched(conn: &Connection, total: u64, offset: &mut i64, ids: Ids) -> Duration {
     let start = Instant::now();
     let mut left = total;
     while left > 0 {
         let n = left.min(1_000);
         conn.execute_batch("BEGIN").expect("begin");
         for _ in 0..n {
-            raw_insert(conn, offset);
+            raw_insert(conn, offset, ids);
         }
         conn.execute_batch("COMMIT").expect("commit");
         left -= n;
@@ -156,41 +190,42 @@ fn timed_scan(rt: &Runtime, store: &Store, path: &Path, n: usize) -> Duration {
 
 fn benches(c: &mut Criterion, rt: &Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut group = c.benchmark_group("ack_writes_64");
-    group.throughput(Throughput::Elements(1));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(4));
-    group.warm_up_time(Duration::from_secs(1));
-    for durability in [Durability::Normal, Durability::Full] {
-        let name = sync_name(durability);
-        let path = dir.path().join(format!("gc-{name}.db"));
-        let store = rt
-            .block_on(Store::open(
-                &path,
-                Config {
-                    durability,
-                    ..Config::default()
-                },
-            ))
-            .expect("open");
-        let mut tag = 0;
-        group.bench_function(BenchmarkId::new("group_commit", name), |b| {
-            b.iter_custom(|iters| group_commit(rt, &store, iters, &mut tag))
-        });
+    for ids in [Ids::TimeOrdered, Ids::Random] {
+        let mut group = c.benchmark_group(format!("ack_writes_64/{}", ids.name()));
+        group.throughput(Throughput::Elements(1));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(4));
+        group.warm_up_time(Duration::from_secs(1));
+        for durability in [Durability::Normal, Durability::Full] {
+            let name = sync_name(durability);
+            let file = |kind: &str| dir.path().join(format!("{kind}-{name}-{}.db", ids.name()));
+            let store = rt
+                .block_on(Store::open(
+                    &file("gc"),
+                    Config {
+                        durability,
+                        ..Config::default()
+                    },
+                ))
+                .expect("open");
+            group.bench_function(BenchmarkId::new("group_commit", name), |b| {
+                b.iter_custom(|iters| group_commit(rt, &store, iters, ids))
+            });
 
-        let conn = raw_connection(&dir.path().join(format!("tx-{name}.db")), durability, rt);
-        let mut offset = 0;
-        group.bench_function(BenchmarkId::new("one_tx_per_write", name), |b| {
-            b.iter_custom(|iters| one_tx_per_write(&conn, iters, &mut offset))
-        });
+            let conn = raw_connection(&file("tx"), durability, rt);
+            let mut offset = 0;
+            group.bench_function(BenchmarkId::new("one_tx_per_write", name), |b| {
+                b.iter_custom(|iters| one_tx_per_write(&conn, iters, &mut offset, ids))
+            });
 
-        let conn = raw_connection(&dir.path().join(format!("raw-{name}.db")), durability, rt);
-        let mut offset = 0;
-        group.bench_function(BenchmarkId::new("raw_batched_1000", name), |b| {
-            b.iter_custom(|iters| raw_batched(&conn, iters, &mut offset))
-        });
+            let conn = raw_connection(&file("raw"), durability, rt);
+            let mut offset = 0;
+            group.bench_function(BenchmarkId::new("raw_batched_1000", name), |b| {
+                b.iter_custom(|iters| raw_batched(&conn, iters, &mut offset, ids))
+            });
+        }
+        group.finish();
     }
-    group.finish();
 
     let mut group = c.benchmark_group("crash_scan");
     group.sample_size(10);
@@ -213,40 +248,40 @@ fn summary(rt: &Runtime) {
         "\nkeel-session summary: {total} acknowledged 100-byte appends, 64 writers, best of 3"
     );
     println!(
-        "{:<8} {:>14} {:>14} {:>14} {:>10} {:>10}",
-        "sync", "group commit", "1 tx/write", "raw batched", "vs 1tx", "vs raw"
+        "{:<17} {:<7} {:>13} {:>13} {:>13} {:>7} {:>7} {:>9}",
+        "ids", "sync", "group commit", "1 tx/write", "raw batched", "vs 1tx", "vs raw", "avg batch"
     );
-    for durability in [Durability::Normal, Durability::Full] {
-        let name = sync_name(durability);
-        let store = rt
-            .block_on(Store::open(
-                &dir.path().join(format!("s-gc-{name}.db")),
-                Config {
-                    durability,
-                    ..Config::default()
-                },
-            ))
-            .expect("open");
-        let mut tag = 0;
-        let gc = rate(best(&mut || group_commit(rt, &store, total, &mut tag)));
-        let conn = raw_connection(&dir.path().join(format!("s-tx-{name}.db")), durability, rt);
-        let mut offset = 0;
-        let tx = rate(best(&mut || {
-            one_tx_per_write(&conn, total / 4, &mut offset) * 4
-        }));
-        let conn = raw_connection(&dir.path().join(format!("s-raw-{name}.db")), durability, rt);
-        let mut offset = 0;
-        let raw = rate(best(&mut || raw_batched(&conn, total, &mut offset)));
-        println!(
-            "{name:<8} {gc:>12.0}/s {tx:>12.0}/s {raw:>12.0}/s {:>9.2}x {:>9.2}x",
-            gc / tx,
-            gc / raw
-        );
-        let stats = store.writer_stats();
-        println!(
-            "         ({} writes in {} batches, largest batch {})",
-            stats.writes, stats.batches, stats.max_batch
-        );
+    for ids in [Ids::TimeOrdered, Ids::Random] {
+        for durability in [Durability::Normal, Durability::Full] {
+            let name = sync_name(durability);
+            let file = |kind: &str| dir.path().join(format!("{kind}-{name}-{}.db", ids.name()));
+            let store = rt
+                .block_on(Store::open(
+                    &file("gc"),
+                    Config {
+                        durability,
+                        ..Config::default()
+                    },
+                ))
+                .expect("open");
+            let gc = rate(best(&mut || group_commit(rt, &store, total, ids)));
+            let conn = raw_connection(&file("tx"), durability, rt);
+            let mut offset = 0;
+            let tx = rate(best(&mut || {
+                one_tx_per_write(&conn, total / 4, &mut offset, ids) * 4
+            }));
+            let conn = raw_connection(&file("raw"), durability, rt);
+            let mut offset = 0;
+            let raw = rate(best(&mut || raw_batched(&conn, total, &mut offset, ids)));
+            let stats = store.writer_stats();
+            println!(
+                "{:<17} {name:<7} {gc:>11.0}/s {tx:>11.0}/s {raw:>11.0}/s {:>6.2}x {:>6.2}x {:>9.1}",
+                ids.name(),
+                gc / tx,
+                gc / raw,
+                stats.writes as f64 / stats.batches.max(1) as f64
+            );
+        }
     }
     let n = 100_000;
     let path = dir.path().join("s-scan.db");

@@ -375,7 +375,10 @@ mod tests {
                 assert_eq!(stored.as_deref(), Some("x"), "write {i} must commit");
             }
         }
-        assert!(store.writer_stats().max_batch > 1, "the writes were batched");
+        assert!(
+            store.writer_stats().max_batch > 1,
+            "the writes were batched"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
