@@ -11,13 +11,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use governor::clock::Clock as _;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
-use crate::clock::{TokioClock, TokioInstant};
+use crate::clock::TokioInstant;
 
 const EMPTY: u64 = u64::MAX;
 
@@ -48,7 +49,40 @@ impl StateStore for PreviewState {
     }
 }
 
-type Limiter = RateLimiter<NotKeyed, PreviewState, TokioClock, NoOpMiddleware<TokioInstant>>;
+thread_local! {
+    static PINNED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The clock buckets decide on: tokio time, or the instant pinned by
+/// [`pin_now`] so that one pass of the dispatcher reads the clock once and
+/// every bucket of a decision sees the same instant.
+#[derive(Debug, Clone, Copy, Default)]
+struct DecisionClock;
+
+impl governor::clock::Clock for DecisionClock {
+    type Instant = TokioInstant;
+
+    fn now(&self) -> TokioInstant {
+        TokioInstant(PINNED.with(|p| p.get()).unwrap_or_else(Instant::now))
+    }
+}
+
+/// Pins "now" for bucket decisions on this thread until the guard drops.
+pub(crate) fn pin_now(now: Instant) -> Pinned {
+    PINNED.with(|p| p.set(Some(now)));
+    Pinned
+}
+
+/// Unpins on drop.
+pub(crate) struct Pinned;
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        PINNED.with(|p| p.set(None));
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, PreviewState, DecisionClock, NoOpMiddleware<TokioInstant>>;
 
 /// A token bucket for one quota. Only the dispatcher uses it, one call at a time.
 #[derive(Debug)]
@@ -64,7 +98,7 @@ impl Bucket {
             tat: AtomicU64::new(EMPTY),
             dry: AtomicBool::new(false),
         });
-        let limiter = RateLimiter::new(quota, PreviewState(cell.clone()), TokioClock);
+        let limiter = RateLimiter::new(quota, PreviewState(cell.clone()), DecisionClock);
         Bucket {
             limiter,
             cell,
@@ -96,7 +130,7 @@ impl Bucket {
         self.cell.dry.store(false, Ordering::Release);
         match decision {
             Ok(Err(not_until)) => not_until.earliest_possible().0,
-            Ok(Ok(())) | Err(_) => Instant::now(),
+            Ok(Ok(())) | Err(_) => DecisionClock.now().0,
         }
     }
 }

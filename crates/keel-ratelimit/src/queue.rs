@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backoff;
-use crate::bucket::{Bucket, preview_all, take_all};
+use crate::bucket::{Bucket, pin_now, preview_all, take_all};
 use crate::config::{Config, Overflow};
 use crate::sink::{Scope, SendOutcome, Sink};
 
@@ -583,8 +583,14 @@ where
     }
 
     /// Records the outcome of a send and files the key where it belongs.
-    fn complete(&mut self, key: K, mut entry: Entry<M>, outcome: SendOutcome, config: &Config) {
-        let now = Instant::now();
+    fn complete(
+        &mut self,
+        key: K,
+        mut entry: Entry<M>,
+        outcome: SendOutcome,
+        config: &Config,
+        now: Instant,
+    ) {
         self.in_flight -= 1;
         entry.attempts += 1;
         let Some(ks) = self.keys.get_mut(&key) else {
@@ -753,7 +759,9 @@ where
             if state.done() {
                 return;
             }
-            let wake = state.pick(Instant::now(), max_in_flight, &mut picked);
+            let now = Instant::now();
+            let _pinned = pin_now(now);
+            let wake = state.pick(now, max_in_flight, &mut picked);
             // Parked until a send finishes, the next due instant, or a submit.
             state.parked = true;
             wake
@@ -775,8 +783,10 @@ where
                     finished.push(next);
                 }
                 let mut state = shared.lock();
+                let now = Instant::now();
+                let _pinned = pin_now(now);
                 for (key, entry, outcome) in finished.drain(..) {
-                    state.complete(key, entry, outcome, &shared.config);
+                    state.complete(key, entry, outcome, &shared.config, now);
                 }
             }
             _ = shared.wake.notified() => {}
