@@ -1,0 +1,2 @@
+//! Proxy benchmark: written next.
+fn main() {}

@@ -1,0 +1,70 @@
+//! Fault injection a user can aim at any service.
+//!
+//! - In-process: [`LatencySimulator`] and [`FailureInjector`] (seeded), and a
+//!   [`ResourceMonitor`] that samples RSS, peak RSS, open fds and CPU time
+//!   from /proc.
+//! - A Toxiproxy-style chaos [`Proxy`] between any TCP client and server,
+//!   byte-exact until told otherwise: toxics (latency, bandwidth, timeout,
+//!   reset_peer, slow_close, slicer, limit_data) per direction with a
+//!   toxicity probability, `cut` and `partition`, controlled from Rust or over
+//!   an HTTP JSON API ([`api`], binary `keel-chaos-proxy`).
+//! - A [`MockUpstream`]: a WebSocket messaging API that enforces a rate limit
+//!   with 429 answers, can go down, answer garbage, stall or slow down, and
+//!   records every accepted message, duplicates and early sends.
+//! - Process faults ([`process`]), disk faults ([`disk`]), file corruption
+//!   ([`corrupt`]).
+//!
+//! Every random decision comes from a seeded RNG, so a run can be replayed.
+//!
+//! # Example
+//!
+//! ```
+//! use keel_faults::{Proxy, ProxyConfig, Stream, Toxic, ToxicKind};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // An echo server, and a proxy in front of it.
+//! let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let upstream = server.local_addr()?;
+//! tokio::spawn(async move {
+//!     let (mut s, _) = server.accept().await.unwrap();
+//!     let mut buf = [0u8; 5];
+//!     s.read_exact(&mut buf).await.unwrap();
+//!     s.write_all(&buf).await.unwrap();
+//! });
+//! let proxy = Proxy::start(ProxyConfig {
+//!     name: "echo".into(),
+//!     listen: "127.0.0.1:0".parse()?,
+//!     upstream,
+//!     seed: 7,
+//! })
+//! .await?;
+//! proxy.add_toxic(Toxic::new("slow", Stream::Downstream, ToxicKind::Latency { latency: 20, jitter: 0 }))?;
+//!
+//! let started = std::time::Instant::now();
+//! let mut client = tokio::net::TcpStream::connect(proxy.listen_addr()).await?;
+//! client.write_all(b"hello").await?;
+//! let mut echo = [0u8; 5];
+//! client.read_exact(&mut echo).await?;
+//! assert_eq!(&echo, b"hello");
+//! assert!(started.elapsed() >= std::time::Duration::from_millis(20));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod api;
+pub mod corrupt;
+pub mod disk;
+mod inject;
+mod monitor;
+pub mod process;
+mod proxy;
+mod upstream;
+
+pub use crate::inject::{FailureInjector, LatencySimulator};
+pub use crate::monitor::{MonitorError, Report, ResourceMonitor, Sample, sample};
+pub use crate::proxy::{
+    Partition, PartitionMode, Proxy, ProxyConfig, ProxyError, ProxyStats, Stream, Toxic, ToxicKind,
+};
+pub use crate::upstream::{Accepted, EarlySend, MockUpstream, UpstreamConfig, UpstreamMode};

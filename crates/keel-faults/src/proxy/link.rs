@@ -1,0 +1,339 @@
+//! One proxied connection: two pumps and the timers of close/reset toxics.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::{Shared, Stream, Toxic, ToxicKind};
+
+/// How a link is being ended from outside its pumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Close both sockets (FIN).
+    Close,
+    /// Reset both sockets (RST).
+    Reset,
+}
+
+struct Link<'a> {
+    shared: &'a Shared,
+    id: u64,
+    /// Whether each toxic (by name) applies to this link, decided once.
+    applies: Mutex<HashMap<String, bool>>,
+    end: watch::Sender<Option<End>>,
+}
+
+impl Link<'_> {
+    /// The toxics of `stream` that apply to this link now.
+    fn active(&self, stream: Option<Stream>) -> Vec<Toxic> {
+        let toxics = self.shared.toxics.borrow().clone();
+        toxics
+            .iter()
+            .filter(|t| stream.is_none_or(|s| t.stream == s))
+            .filter(|t| self.decide(t))
+            .cloned()
+            .collect()
+    }
+
+    fn decide(&self, toxic: &Toxic) -> bool {
+        if toxic.toxicity <= 0.0 {
+            return false;
+        }
+        if toxic.toxicity >= 1.0 {
+            return true;
+        }
+        let mut applies = self.applies.lock().unwrap_or_else(|p| p.into_inner());
+        *applies.entry(toxic.name.clone()).or_insert_with(|| {
+            let mut h = DefaultHasher::new();
+            (self.shared.seed, self.id, &toxic.name).hash(&mut h);
+            StdRng::seed_from_u64(h.finish()).random_bool(toxic.toxicity)
+        })
+    }
+
+    /// Whether data on `stream` must be held now (blackhole or partition).
+    fn held(&self, stream: Stream) -> Option<Option<Instant>> {
+        if let Some(p) = *self.shared.partition.borrow() {
+            if p.until > Instant::now() {
+                return Some(Some(p.until));
+            }
+        }
+        self.active(Some(stream))
+            .iter()
+            .any(|t| matches!(t.kind, ToxicKind::Timeout { .. }))
+            .then_some(None)
+    }
+
+    fn rng(&self, stream: Stream) -> StdRng {
+        let mut h = DefaultHasher::new();
+        (self.shared.seed, self.id, stream).hash(&mut h);
+        StdRng::seed_from_u64(h.finish())
+    }
+}
+
+/// Runs a connection until both directions end, it is cut, or a toxic ends it.
+pub(crate) async fn run(shared: &Arc<Shared>, id: u64, client: TcpStream, stop: Arc<Notify>) {
+    let link = Link {
+        shared,
+        id,
+        applies: Mutex::new(HashMap::new()),
+        end: watch::Sender::new(None),
+    };
+    // A partition that hangs new connections holds this one before it reaches
+    // the upstream.
+    let mut partition = shared.partition.subscribe();
+    loop {
+        let until = match *partition.borrow_and_update() {
+            Some(p) if p.until > Instant::now() => p.until,
+            _ => break,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = partition.changed() => {}
+            _ = stop.notified() => return,
+        }
+    }
+    let server = match TcpStream::connect(shared.upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(proxy = %shared.name, error = %e, "upstream refused; dropping the client");
+            reset(&client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+
+    let up = pump(&link, Stream::Upstream, client_read, server_write);
+    let down = pump(&link, Stream::Downstream, server_read, client_write);
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        _ = async {
+            tokio::select! {
+                _ = stop.notified() => { link.end.send_replace(Some(End::Close)); }
+                _ = close_timers(&link) => {}
+            }
+            // Let the pumps see the end and drop their sockets.
+            std::future::pending::<()>().await
+        } => {}
+    }
+}
+
+/// Ends the link when a `timeout` (with a close time) or `reset_peer` toxic
+/// has applied for its time.
+async fn close_timers(link: &Link<'_>) {
+    let mut toxics = link.shared.toxics.subscribe();
+    let mut since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let now = Instant::now();
+        let active = link.active(None);
+        since.retain(|name, _| active.iter().any(|t| &t.name == name));
+        let mut next: Option<(Instant, End)> = None;
+        for t in &active {
+            let (after, end) = match t.kind {
+                ToxicKind::Timeout { timeout } if timeout > 0 => (timeout, End::Close),
+                ToxicKind::ResetPeer { timeout } => (timeout, End::Reset),
+                _ => continue,
+            };
+            let start = *since.entry(t.name.clone()).or_insert(now);
+            let at = start + Duration::from_millis(after);
+            if next.is_none_or(|(n, _)| at < n) {
+                next = Some((at, end));
+            }
+        }
+        let sleep = async {
+            match next {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {
+                if let Some((_, end)) = next {
+                    link.end.send_replace(Some(end));
+                    return;
+                }
+            }
+            changed = toxics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn reset(stream: &TcpStream) {
+    // SO_LINGER 0 makes close send RST. Tokio deprecates set_linger because
+    // a non-zero linger blocks the thread on drop; zero does not block.
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
+}
+
+/// Forwards one direction, applying the toxics of that stream chunk by chunk.
+async fn pump(link: &Link<'_>, stream: Stream, mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
+    if forward(link, stream, &mut from, &mut to).await == Some(End::Reset) {
+        reset(from.as_ref());
+        reset(to.as_ref());
+        // Dropping a write half sends FIN, which would reach the peer before
+        // the RST; forgetting it leaves the close to the read half.
+        to.forget();
+    }
+}
+
+/// The pump's loop; returns how the link was ended from outside, if it was.
+async fn forward(
+    link: &Link<'_>,
+    stream: Stream,
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+) -> Option<End> {
+    let mut end = link.end.subscribe();
+    let mut toxics = link.shared.toxics.subscribe();
+    let mut partition = link.shared.partition.subscribe();
+    let mut rng = link.rng(stream);
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut passed: u64 = 0;
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => r.unwrap_or(0),
+            _ = end.changed() => {
+                return *end.borrow();
+            }
+        };
+        if n == 0 {
+            // The source closed: pass the close on, late if a slow_close says so.
+            let delay: u64 = link
+                .active(Some(stream))
+                .iter()
+                .filter_map(|t| match t.kind {
+                    ToxicKind::SlowClose { delay } => Some(delay),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let _ = to.shutdown().await;
+            return None;
+        }
+        let read_at = Instant::now();
+
+        // Blackholes and partitions hold the data until they are lifted.
+        while let Some(until) = link.held(stream) {
+            let sleep = async {
+                match until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = toxics.changed() => {}
+                _ = partition.changed() => {}
+                _ = end.changed() => {
+                    return *end.borrow();
+                }
+            }
+        }
+
+        let active = link.active(Some(stream));
+        let mut delay = Duration::ZERO;
+        let mut limit: Option<u64> = None;
+        let mut slicer = None;
+        let mut rate: Option<u64> = None;
+        for t in &active {
+            match t.kind {
+                ToxicKind::Latency { latency, jitter } => {
+                    let j = if jitter > 0 {
+                        rng.random_range(0..=2 * jitter)
+                    } else {
+                        jitter
+                    };
+                    delay += Duration::from_millis((latency + j).saturating_sub(jitter));
+                }
+                ToxicKind::LimitData { bytes } => {
+                    limit = Some(limit.map_or(bytes, |l| l.min(bytes)))
+                }
+                ToxicKind::Slicer {
+                    average_size,
+                    size_variation,
+                    delay,
+                } => {
+                    slicer = Some((average_size, size_variation, delay));
+                }
+                ToxicKind::Bandwidth { rate: r } => rate = Some(rate.map_or(r, |x| x.min(r))),
+                _ => {}
+            }
+        }
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(read_at + delay) => {}
+                _ = end.changed() => {
+                    return *end.borrow();
+                }
+            }
+        }
+        let allowed = limit.map_or(n, |l| (l.saturating_sub(passed)).min(n as u64) as usize);
+        let chunk = &buf[..allowed];
+        let written = match (slicer, rate) {
+            (Some((avg, var, gap)), _) => write_sliced(to, chunk, avg, var, gap, &mut rng).await,
+            (None, Some(kib)) => write_paced(to, chunk, kib).await,
+            (None, None) => to.write_all(chunk).await,
+        };
+        if written.is_err() {
+            return None;
+        }
+        passed += allowed as u64;
+        link.shared.count(stream, allowed);
+        if limit.is_some_and(|l| passed >= l) {
+            // Enough bytes went through: close the whole connection.
+            link.end.send_replace(Some(End::Close));
+            return None;
+        }
+    }
+}
+
+/// Writes at `kib` KiB/s: a tenth of a second's worth at a time, each slice
+/// after the time the previous one took at that rate.
+async fn write_paced(to: &mut OwnedWriteHalf, mut chunk: &[u8], kib: u64) -> std::io::Result<()> {
+    let per_second = (kib * 1024) as f64;
+    let slice = ((per_second / 10.0) as usize).max(1);
+    while !chunk.is_empty() {
+        let n = slice.min(chunk.len());
+        tokio::time::sleep(Duration::from_secs_f64(n as f64 / per_second)).await;
+        to.write_all(&chunk[..n]).await?;
+        chunk = &chunk[n..];
+    }
+    Ok(())
+}
+
+async fn write_sliced(
+    to: &mut OwnedWriteHalf,
+    mut chunk: &[u8],
+    average: usize,
+    variation: usize,
+    gap_us: u64,
+    rng: &mut StdRng,
+) -> std::io::Result<()> {
+    while !chunk.is_empty() {
+        let lo = average.saturating_sub(variation).max(1);
+        let size = rng.random_range(lo..=average + variation).min(chunk.len());
+        to.write_all(&chunk[..size]).await?;
+        to.flush().await?;
+        chunk = &chunk[size..];
+        if !chunk.is_empty() && gap_us > 0 {
+            tokio::time::sleep(Duration::from_micros(gap_us)).await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The HTTP JSON API, over a real socket.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keel_faults::api::{Proxies, router};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{echo_server, round_trip};
+
+async fn api() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(Proxies::new())).await.unwrap() });
+    addr
+}
+
+/// One HTTP/1.1 request; returns the status and the JSON body (Null if empty).
+async fn call(api: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(api).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let status: u16 = response[9..12].parse().unwrap();
+    let json = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .filter(|b| !b.is_empty())
+        .map(|b| serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {response:?}")))
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manage_proxies_and_toxics_over_http() {
+    let api = api().await;
+    let echo = echo_server().await;
+    let (status, created) = call(
+        api,
+        "POST",
+        "/proxies",
+        Some(json!({"name": "db", "listen": "127.0.0.1:0", "upstream": echo.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let listen: SocketAddr = created["listen"].as_str().unwrap().parse().unwrap();
+    let (status, dup) = call(
+        api,
+        "POST",
+        "/proxies",
+        Some(json!({"name": "db", "listen": "127.0.0.1:0", "upstream": echo.to_string()})),
+    )
+    .await;
+    assert_eq!((status, dup["code"].as_str()), (409, Some("exists")));
+
+    let lag = json!({"name": "lag", "type": "latency", "stream": "downstream", "toxicity": 1.0, "attributes": {"latency": 120, "jitter": 0}});
+    assert_eq!(
+        call(api, "POST", "/proxies/db/toxics", Some(lag.clone()))
+            .await
+            .0,
+        201
+    );
+    let (status, toxics) = call(api, "GET", "/proxies/db/toxics", None).await;
+    assert_eq!((status, toxics), (200, json!([lag])));
+
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let start = std::time::Instant::now();
+    round_trip(&mut c, b"hi", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(110));
+
+    let faster = json!({"type": "latency", "stream": "downstream", "attributes": {"latency": 0}});
+    let (status, updated) = call(api, "POST", "/proxies/db/toxics/lag", Some(faster)).await;
+    assert_eq!((status, updated["name"].as_str()), (200, Some("lag")));
+    let start = std::time::Instant::now();
+    round_trip(&mut c, b"hi", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_millis(100));
+
+    let bad = json!({"name": "bw", "type": "bandwidth", "attributes": {"rate": 0}});
+    let (status, err) = call(api, "POST", "/proxies/db/toxics", Some(bad)).await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid")));
+    assert_eq!(
+        call(api, "DELETE", "/proxies/db/toxics/lag", None).await.0,
+        204
+    );
+    assert_eq!(
+        call(api, "DELETE", "/proxies/db/toxics/lag", None).await.0,
+        404
+    );
+
+    let (status, cut) = call(api, "POST", "/proxies/db/cut", None).await;
+    assert_eq!((status, cut["cut"].as_u64()), (200, Some(1)));
+    let (status, view) = call(
+        api,
+        "POST",
+        "/proxies/db/partition",
+        Some(json!({"duration_ms": 5000, "mode": "hang"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(view["partition_ms_left"].as_u64().unwrap() > 4000);
+    assert_eq!(call(api, "POST", "/reset", None).await.0, 204);
+    let (_, view) = call(api, "GET", "/proxies/db", None).await;
+    assert_eq!(view["partition_ms_left"], Value::Null);
+    assert_eq!(
+        call(api, "POST", "/proxies/db", Some(json!({"enabled": false})))
+            .await
+            .1["enabled"],
+        false
+    );
+    let (status, all) = call(api, "GET", "/proxies", None).await;
+    assert_eq!((status, all.as_object().unwrap().len()), (200, 1));
+    assert_eq!(call(api, "DELETE", "/proxies/db", None).await.0, 204);
+    assert_eq!(call(api, "GET", "/proxies/db", None).await.0, 404);
+}
