@@ -367,6 +367,10 @@ async fn splice_while_clean(
             _ = partition.changed() => continue,
             _ = end.changed() => return Spliced::Ended(*end.borrow()),
         }
+        // A toxic added while we waited must see these bytes.
+        if !clean(link) {
+            return Spliced::Dirty;
+        }
         let moved = src.try_io(Interest::READABLE, || {
             splice(src, None, pipe_in, None, 1 << 20, flags).map_err(std::io::Error::from)
         });
