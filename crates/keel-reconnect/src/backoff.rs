@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rand::Rng;
-use rand::rngs::StdRng;
+use rand::rngs::SmallRng;
 
 /// Reconnect backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The delay before attempt `attempt` (1 for the first retry).
-    pub fn delay(&self, attempt: u32, rng: &mut StdRng) -> Duration {
+    pub fn delay(&self, attempt: u32, rng: &mut SmallRng) -> Duration {
         let exponential = ExponentialBuilder::default()
             .with_min_delay(self.base)
             .with_max_delay(self.cap)

@@ -88,6 +88,7 @@ impl SendHandle {
 }
 
 struct Pending {
+    seq: u64,
     msg: Message,
     ack_key: Option<String>,
     size: usize,
@@ -112,6 +113,7 @@ impl Pending {
 struct Inner {
     queue: VecDeque<Pending>,
     bytes: usize,
+    seq: u64,
     closed: Option<String>,
 }
 
@@ -200,7 +202,10 @@ impl Buffer {
         let (wtx, wrx) = oneshot::channel();
         let (atx, arx) = oneshot::channel();
         inner.bytes += size;
+        inner.seq += 1;
+        let seq = inner.seq;
         inner.queue.push_back(Pending {
+            seq,
             msg: msg.take().expect("pushed once"),
             ack_key: ack_key.take(),
             size,
@@ -216,35 +221,53 @@ impl Buffer {
         }))
     }
 
-    /// The oldest message not yet written on link `generation`.
-    pub(crate) fn next_unsent(&self, generation: u64) -> Option<(usize, Message, bool)> {
+    /// Up to `max` of the oldest messages not yet written on link
+    /// `generation`: (seq, message, whether it is a resend).
+    ///
+    /// Messages are written in order, so those written on this link are a
+    /// prefix of the queue and the rest a suffix.
+    pub(crate) fn next_unsent(&self, generation: u64, max: usize) -> Vec<(u64, Message, bool)> {
         let inner = self.lock();
+        let start = inner
+            .queue
+            .partition_point(|p| p.sent_on == Some(generation));
         inner
             .queue
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.sent_on != Some(generation))
-            .map(|(i, p)| (i, p.msg.clone(), p.sent_on.is_some()))
+            .range(start..)
+            .take(max)
+            .map(|p| (p.seq, p.msg.clone(), p.sent_on.is_some()))
+            .collect()
     }
 
-    /// Records that the message at `index` was written on `generation`.
-    pub(crate) fn mark_written(&self, index: usize, generation: u64) {
-        let mut inner = self.lock();
-        let Some(p) = inner.queue.get_mut(index) else {
-            return;
-        };
-        p.sent_on = Some(generation);
-        if let Some(w) = p.written.take() {
-            let _ = w.send(Ok(()));
+    /// Records that these messages were written on `generation`; those without
+    /// an ack key are done.
+    pub(crate) fn mark_written(&self, seqs: &[u64], generation: u64) {
+        let mut done = Vec::new();
+        {
+            let mut inner = self.lock();
+            for seq in seqs {
+                let Ok(i) = inner.queue.binary_search_by_key(seq, |p| p.seq) else {
+                    continue;
+                };
+                let p = &mut inner.queue[i];
+                p.sent_on = Some(generation);
+                if let Some(w) = p.written.take() {
+                    let _ = w.send(Ok(()));
+                }
+                if p.ack_key.is_none() {
+                    if let Some(p) = inner.queue.remove(i) {
+                        inner.bytes -= p.size;
+                        done.push(p);
+                    }
+                }
+            }
         }
-        if p.ack_key.is_none() {
-            if let Some(mut p) = inner.queue.remove(index) {
-                inner.bytes -= p.size;
+        if !done.is_empty() {
+            for mut p in done {
                 if let Some(a) = p.acked.take() {
                     let _ = a.send(Ok(()));
                 }
             }
-            drop(inner);
             self.room.notify_waiters();
         }
     }

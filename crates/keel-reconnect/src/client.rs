@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures::stream::SplitSink;
 use futures::{FutureExt, SinkExt, StreamExt};
 use rand::SeedableRng;
-use rand::rngs::StdRng;
+use rand::rngs::SmallRng;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::buffer::{Buffer, BufferConfig, SendError, SendHandle};
+use crate::frames::{Frames, Queue};
 use crate::state::{State, StateCell};
 
 type Ws = WebSocketStream<TcpStream>;
@@ -193,7 +194,9 @@ struct Stats {
 struct Shared {
     state: StateCell,
     buffer: Buffer,
-    control: mpsc::UnboundedSender<Message>,
+    /// Control frames for the current link; a plain queue, not a channel, so
+    /// that an idle client does not hold a channel block.
+    control: std::sync::Mutex<std::collections::VecDeque<Message>>,
     reconnect: Notify,
     close: Notify,
     stats: Stats,
@@ -202,6 +205,7 @@ struct Shared {
 /// One logical WebSocket connection kept alive across drops.
 pub struct ReconnectingClient {
     shared: Arc<Shared>,
+    inbound: Arc<Queue>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -219,13 +223,12 @@ impl ReconnectingClient {
         target: T,
         protocol: P,
         config: Config,
-    ) -> (ReconnectingClient, mpsc::Receiver<Message>) {
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let (inbound, inbound_rx) = mpsc::channel(config.inbound_queue.max(1));
+    ) -> (ReconnectingClient, Frames) {
+        let inbound = Arc::new(Queue::new(config.inbound_queue));
         let shared = Arc::new(Shared {
             state: StateCell::new(),
             buffer: Buffer::new(config.buffer),
-            control,
+            control: std::sync::Mutex::new(std::collections::VecDeque::new()),
             reconnect: Notify::new(),
             close: Notify::new(),
             stats: Stats::default(),
@@ -235,15 +238,15 @@ impl ReconnectingClient {
             target,
             protocol,
             config,
-            control_rx,
-            inbound,
+            inbound.clone(),
         ));
         (
             ReconnectingClient {
                 shared,
+                inbound: inbound.clone(),
                 task: Some(task),
             },
-            inbound_rx,
+            Frames { queue: inbound },
         )
     }
 
@@ -261,7 +264,12 @@ impl ReconnectingClient {
     /// Sends a control frame on the current link, ahead of buffered data; it
     /// is not kept across reconnects.
     pub fn send_control(&self, msg: Message) {
-        let _ = self.shared.control.send(msg);
+        self.shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(msg);
+        self.shared.buffer.ready.notify_one();
     }
 
     /// Watches the connection state.
@@ -309,6 +317,8 @@ impl Drop for ReconnectingClient {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        self.shared.buffer.close("client dropped");
+        self.inbound.close();
     }
 }
 
@@ -325,10 +335,20 @@ async fn run<T: Target, P: Protocol>(
     target: T,
     protocol: P,
     config: Config,
-    mut control: mpsc::UnboundedReceiver<Message>,
-    inbound: mpsc::Sender<Message>,
+    inbound: Arc<Queue>,
 ) {
-    let mut rng = StdRng::seed_from_u64(config.backoff.seed);
+    run_link(&shared, target, protocol, config, &inbound).await;
+    inbound.close();
+}
+
+async fn run_link<T: Target, P: Protocol>(
+    shared: &Arc<Shared>,
+    target: T,
+    protocol: P,
+    config: Config,
+    inbound: &Queue,
+) {
+    let mut rng = SmallRng::seed_from_u64(config.backoff.seed);
     let mut attempt: u32 = 0;
     let mut generation: u64 = 0;
     let state = &shared.state;
@@ -336,22 +356,16 @@ async fn run<T: Target, P: Protocol>(
         generation += 1;
         let span = tracing::debug_span!("link", generation, attempt);
         let outcome = async {
-            let link = connect(&target, &protocol, &config, state).await;
+            // Boxed: the connect future (TCP, handshake, resume) is large and
+            // only alive while connecting; idle clients should not carry it.
+            let link = Box::pin(connect(&target, &protocol, &config, state)).await;
             match link {
                 Err(reason) => (Ended::Retry(reason, None), None),
                 Ok(mut ws) => {
                     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
                     let up_since = Instant::now();
-                    let ended = session(
-                        &shared,
-                        &protocol,
-                        &config,
-                        &mut ws,
-                        generation,
-                        &mut control,
-                        &inbound,
-                    )
-                    .await;
+                    let ended =
+                        session(shared, &protocol, &config, &mut ws, generation, inbound).await;
                     let _ = timeout(config.close_timeout, ws.close(None)).await;
                     (ended, Some(up_since.elapsed()))
                 }
@@ -448,8 +462,7 @@ async fn session<P: Protocol>(
     config: &Config,
     ws: &mut Ws,
     generation: u64,
-    control: &mut mpsc::UnboundedReceiver<Message>,
-    inbound: &mpsc::Sender<Message>,
+    inbound: &Queue,
 ) -> Ended {
     let _ = shared.state.set(State::Connected);
     let (mut sink, mut stream) = ws.split();
@@ -459,22 +472,50 @@ async fn session<P: Protocol>(
     loop {
         // Control frames first, then buffered data, each write bounded in time;
         // inbound frames are taken between writes so acks keep flowing.
-        while let Ok(frame) = control.try_recv() {
-            if let Err(e) = write(&mut sink, frame, config.write_timeout).await {
+        loop {
+            let frame = shared
+                .control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            let Some(frame) = frame else { break };
+            if let Err(e) = Box::pin(write(&mut sink, frame, config.write_timeout)).await {
                 return Ended::Retry(e, None);
             }
         }
-        if let Some((index, msg, resend)) = shared.buffer.next_unsent(generation) {
-            if let Err(e) = write(&mut sink, msg, config.write_timeout).await {
-                return Ended::Retry(e, None);
+        let batch = shared.buffer.next_unsent(generation, 64);
+        if !batch.is_empty() {
+            // Feed the batch and flush once: per-connection write batching.
+            let seqs: Vec<u64> = batch.iter().map(|(seq, _, _)| *seq).collect();
+            let resends = batch.iter().filter(|(_, _, resend)| *resend).count();
+            let written = Box::pin(timeout(config.write_timeout, async {
+                for (_, msg, _) in batch {
+                    sink.feed(msg).await?;
+                }
+                sink.flush().await
+            }))
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Ended::Retry(format!("write failed: {e}"), None),
+                Err(_) => {
+                    return Ended::Retry(
+                        format!(
+                            "write stalled for {:?}: the link is dead",
+                            config.write_timeout
+                        ),
+                        None,
+                    );
+                }
             }
-            if resend {
-                shared.stats.resends.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.buffer.mark_written(index, generation);
+            shared
+                .stats
+                .resends
+                .fetch_add(resends as u64, Ordering::Relaxed);
+            shared.buffer.mark_written(&seqs, generation);
             while let Some(frame) = stream.next().now_or_never() {
                 last_inbound = Instant::now();
-                if let Some(ended) = handle(shared, protocol, frame, inbound).await {
+                if let Some(ended) = Box::pin(handle(shared, protocol, frame, inbound)).await {
                     return ended;
                 }
             }
@@ -484,18 +525,13 @@ async fn session<P: Protocol>(
         tokio::select! {
             frame = stream.next() => {
                 last_inbound = Instant::now();
-                if let Some(ended) = handle(shared, protocol, frame, inbound).await {
+                if let Some(ended) = Box::pin(handle(shared, protocol, frame, inbound)).await {
                     return ended;
                 }
             }
             _ = shared.buffer.ready.notified() => {}
-            Some(frame) = control.recv() => {
-                if let Err(e) = write(&mut sink, frame, config.write_timeout).await {
-                    return Ended::Retry(e, None);
-                }
-            }
             _ = ping.tick() => {
-                if let Err(e) = write(&mut sink, Message::Ping(Default::default()), config.write_timeout).await {
+                if let Err(e) = Box::pin(write(&mut sink, Message::Ping(Default::default()), config.write_timeout)).await {
                     return Ended::Retry(e, None);
                 }
             }
@@ -531,7 +567,7 @@ async fn handle<P: Protocol>(
     shared: &Shared,
     protocol: &P,
     frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    inbound: &mpsc::Sender<Message>,
+    inbound: &Queue,
 ) -> Option<Ended> {
     let frame = match frame {
         None => return Some(Ended::Retry("closed by the peer".into(), None)),
@@ -557,7 +593,7 @@ async fn handle<P: Protocol>(
                 shared.buffer.ack(key);
             }
             if read.deliver {
-                let _ = inbound.send(frame).await;
+                inbound.push(frame).await;
             }
         }
         _ => {}

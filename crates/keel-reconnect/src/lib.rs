@@ -40,6 +40,7 @@
 mod backoff;
 mod buffer;
 mod client;
+mod frames;
 mod state;
 
 pub use crate::backoff::Backoff;
@@ -48,5 +49,6 @@ pub use crate::client::{
     CloseAction, Config, Counters, Inbound, Link, Plain, Protocol, ReconnectingClient, Target,
     classify_close,
 };
+pub use crate::frames::Frames;
 pub use crate::state::{InvalidTransition, State, StateCell};
 pub use tokio_tungstenite::tungstenite::Message;

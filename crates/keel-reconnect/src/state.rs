@@ -101,7 +101,9 @@ pub struct InvalidTransition {
 #[derive(Debug)]
 pub struct StateCell {
     tx: watch::Sender<State>,
-    log: tokio::sync::broadcast::Sender<State>,
+    /// Created on the first `log()` call: a broadcast channel allocates all
+    /// its slots up front, which idle clients should not pay for.
+    log: std::sync::OnceLock<tokio::sync::broadcast::Sender<State>>,
 }
 
 impl StateCell {
@@ -109,7 +111,7 @@ impl StateCell {
     pub fn new() -> Self {
         StateCell {
             tx: watch::Sender::new(State::Connecting),
-            log: tokio::sync::broadcast::Sender::new(1024),
+            log: std::sync::OnceLock::new(),
         }
     }
 
@@ -119,7 +121,9 @@ impl StateCell {
         self.tx.send_if_modified(|current| {
             if current.can_transition_to(&to) {
                 *current = to.clone();
-                let _ = self.log.send(to.clone());
+                if let Some(log) = self.log.get() {
+                    let _ = log.send(to.clone());
+                }
                 true
             } else {
                 result = Err(InvalidTransition {
@@ -142,9 +146,11 @@ impl StateCell {
         self.tx.subscribe()
     }
 
-    /// A receiver of every transition from now on, in order (up to 1,024 behind).
+    /// A receiver of every transition from now on, in order (up to 256 behind).
     pub fn log(&self) -> tokio::sync::broadcast::Receiver<State> {
-        self.log.subscribe()
+        self.log
+            .get_or_init(|| tokio::sync::broadcast::Sender::new(256))
+            .subscribe()
     }
 }
 
