@@ -7,7 +7,8 @@ use keel_reconnect::{Config, ReconnectingClient, State};
 use tokio::time::Instant;
 
 use crate::support::{
-    Acks, ServerMode, fast, next_matching, proxy_to, seq, server, wait_for, wait_until,
+    Acks, Rig, ServerMode, connected_rig, fast, next_matching, proxy_to, seq, server, wait_for,
+    wait_until,
 };
 
 fn url(addr: std::net::SocketAddr) -> String {
@@ -16,17 +17,7 @@ fn url(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_drop_and_reconnect() {
-    let (addr, _seen) = server(ServerMode::default()).await;
-    let proxy = proxy_to(addr).await;
-    let (client, _in) =
-        ReconnectingClient::start(url(proxy.listen_addr()), Acks, fast(Config::default()));
-    let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    let Rig { proxy, client, .. } = connected_rig(fast(Config::default())).await;
     let mut log = client.transitions();
 
     // The link is cut and the server stays unreachable for four attempts.
@@ -73,17 +64,12 @@ async fn websocket_drop_and_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_buffer_during_disconnect() {
-    let (addr, seen) = server(ServerMode::default()).await;
-    let proxy = proxy_to(addr).await;
-    let (client, _in) =
-        ReconnectingClient::start(url(proxy.listen_addr()), Acks, fast(Config::default()));
-    let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    let Rig {
+        seen,
+        proxy,
+        client,
+        mut state,
+    } = connected_rig(fast(Config::default())).await;
 
     // 50 messages are written into a link that no longer delivers.
     proxy
@@ -136,19 +122,15 @@ async fn message_buffer_during_disconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_detected() {
-    let (addr, _seen) = server(ServerMode::default()).await;
-    let proxy = proxy_to(addr).await;
     let mut config = fast(Config::default());
     config.ping_interval = Duration::from_millis(100);
     config.liveness_timeout = Duration::from_millis(400);
-    let (client, _in) = ReconnectingClient::start(url(proxy.listen_addr()), Acks, config);
-    let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    let Rig {
+        proxy,
+        client,
+        mut state,
+        ..
+    } = connected_rig(config).await;
 
     // Both directions blackholed, nothing closed: a half-open link.
     let mut log = client.transitions();

@@ -208,3 +208,34 @@ pub(crate) async fn next_matching(
     .await
     .unwrap_or_else(|_| panic!("no matching transition in {within:?}"))
 }
+
+/// A server behind a proxy, and a client connected to it through the proxy.
+pub(crate) struct Rig {
+    pub(crate) seen: Arc<Mutex<Seen>>,
+    pub(crate) proxy: Proxy,
+    pub(crate) client: keel_reconnect::ReconnectingClient,
+    pub(crate) state: tokio::sync::watch::Receiver<State>,
+}
+
+pub(crate) async fn connected_rig(config: Config) -> Rig {
+    let (addr, seen) = server(ServerMode::default()).await;
+    let proxy = proxy_to(addr).await;
+    let (client, _frames) = keel_reconnect::ReconnectingClient::start(
+        format!("ws://{}/", proxy.listen_addr()),
+        Acks,
+        config,
+    );
+    let mut state = client.state();
+    wait_for(
+        &mut state,
+        |s| *s == State::Connected,
+        Duration::from_secs(2),
+    )
+    .await;
+    Rig {
+        seen,
+        proxy,
+        client,
+        state,
+    }
+}
