@@ -266,83 +266,31 @@ where
     /// sent or dead. Waits only under [`Overflow::Wait`]; dropping that wait
     /// takes nobody's place and spends no token.
     pub async fn submit(&self, key: K, msg: M) -> Result<Receipt, SubmitError<M>> {
-        let key_permits = {
-            let mut state = self.shared.lock();
-            if state.closed {
-                return Err(SubmitError::Closed { msg });
-            }
-            let per_key = &self.shared.config.per_key;
-            let max_per_key = self.shared.config.max_per_key.max(1);
-            state
-                .keys
-                .entry(key.clone())
-                .or_insert_with(|| KeyState {
-                    queue: VecDeque::new(),
-                    buckets: per_key.iter().map(|q| Bucket::new(*q)).collect(),
-                    slot: Slot::Idle,
-                    frozen_until: None,
-                    backoff: None,
-                    permits: Arc::new(Semaphore::new(max_per_key)),
-                    eviction_pending: false,
-                })
-                .permits
-                .clone()
-        };
-        let total = self.shared.total.clone();
-        let permits = match self.shared.config.overflow {
-            Overflow::RejectNewest => {
-                let Ok(t) = total.try_acquire_owned() else {
-                    return Err(SubmitError::Full {
-                        msg,
-                        bound: Bound::Total,
-                    });
-                };
-                let Ok(k) = key_permits.try_acquire_owned() else {
-                    return Err(SubmitError::Full {
-                        msg,
-                        bound: Bound::Key,
-                    });
-                };
-                (t, k)
-            }
+        let config = &self.shared.config;
+        // Only the Wait policy awaits room, outside the lock; the other
+        // policies do everything under one lock.
+        let waited = match config.overflow {
             Overflow::Wait { timeout } => {
+                let key_permits = {
+                    let mut state = self.shared.lock();
+                    if state.closed {
+                        return Err(SubmitError::Closed { msg });
+                    }
+                    state.key_permits(&key, config)
+                };
+                let total = self.shared.total.clone();
                 let both = async {
                     let t = total.acquire_owned().await?;
                     let k = key_permits.acquire_owned().await?;
                     Ok::<_, tokio::sync::AcquireError>((t, k))
                 };
                 match tokio::time::timeout(timeout, both).await {
-                    Ok(Ok(p)) => p,
+                    Ok(Ok(p)) => Some(p),
                     Ok(Err(_)) => return Err(SubmitError::Closed { msg }),
                     Err(_) => return Err(SubmitError::Timeout { msg }),
                 }
             }
-            Overflow::DropOldest => {
-                let mut state = self.shared.lock();
-                let k = loop {
-                    if let Ok(k) = key_permits.clone().try_acquire_owned() {
-                        break k;
-                    }
-                    if !state.drop_oldest(Some(&key)) {
-                        return Err(SubmitError::Full {
-                            msg,
-                            bound: Bound::Key,
-                        });
-                    }
-                };
-                let t = loop {
-                    if let Ok(t) = total.clone().try_acquire_owned() {
-                        break t;
-                    }
-                    if !state.drop_oldest(None) {
-                        return Err(SubmitError::Full {
-                            msg,
-                            bound: Bound::Total,
-                        });
-                    }
-                };
-                (t, k)
-            }
+            _ => None,
         };
         let (tx, rx) = oneshot::channel();
         let wake = {
@@ -350,6 +298,13 @@ where
             if state.closed {
                 return Err(SubmitError::Closed { msg });
             }
+            let permits = match waited {
+                Some(p) => p,
+                None => match state.admit(&key, config, &self.shared.total) {
+                    Ok(p) => p,
+                    Err(bound) => return Err(SubmitError::Full { msg, bound }),
+                },
+            };
             state.seq += 1;
             let entry = Entry {
                 msg,
@@ -442,6 +397,51 @@ impl<K, M> State<K, M>
 where
     K: Clone + Eq + Hash + Debug,
 {
+    /// The key's capacity semaphore, creating the key's state if needed.
+    fn key_permits(&mut self, key: &K, config: &Config) -> Arc<Semaphore> {
+        self.keys
+            .entry(key.clone())
+            .or_insert_with(|| KeyState {
+                queue: VecDeque::new(),
+                buckets: config.per_key.iter().map(|q| Bucket::new(*q)).collect(),
+                slot: Slot::Idle,
+                frozen_until: None,
+                backoff: None,
+                permits: Arc::new(Semaphore::new(config.max_per_key.max(1))),
+                eviction_pending: false,
+            })
+            .permits
+            .clone()
+    }
+
+    /// Takes room for one message under `RejectNewest` or `DropOldest`.
+    fn admit(
+        &mut self,
+        key: &K,
+        config: &Config,
+        total: &Arc<Semaphore>,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), Bound> {
+        let key_permits = self.key_permits(key, config);
+        let drop_oldest = config.overflow == Overflow::DropOldest;
+        let k = loop {
+            if let Ok(k) = key_permits.clone().try_acquire_owned() {
+                break k;
+            }
+            if !drop_oldest || !self.drop_oldest(Some(key)) {
+                return Err(Bound::Key);
+            }
+        };
+        let t = loop {
+            if let Ok(t) = total.clone().try_acquire_owned() {
+                break t;
+            }
+            if !drop_oldest || !self.drop_oldest(None) {
+                return Err(Bound::Total);
+            }
+        };
+        Ok((t, k))
+    }
+
     fn push(&mut self, key: K, entry: Entry<M>) {
         self.queued += 1;
         let ks = self
