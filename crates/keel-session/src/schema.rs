@@ -24,7 +24,8 @@ const MIGRATIONS: &[&str] = &[
         crash_count  INTEGER NOT NULL DEFAULT 0,
         meta         TEXT NOT NULL DEFAULT ''
     );
-    CREATE INDEX sessions_by_state ON sessions(state);
+    -- (no index on state: crash recovery updates every live row at once, and
+    -- maintaining an index on the column it rewrites costs more than a scan)
 
     CREATE TABLE activity (
         id         INTEGER PRIMARY KEY AUTOINCREMENT,

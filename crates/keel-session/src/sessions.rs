@@ -376,7 +376,8 @@ impl Store {
 
     /// Crash recovery's scan: every ACTIVE or DETACHED session, and every session
     /// whose stored state is unknown, becomes CRASHED with `recovered_at = now`
-    /// and `crash_count + 1`, in one transaction.
+    /// and `crash_count + 1`, in one transaction. `crashed` lists the former
+    /// ACTIVE sessions, then the former DETACHED ones.
     ///
     /// Running it again right away changes nothing.
     pub async fn mark_crashed(&self) -> Result<CrashMarked, StoreError> {
@@ -394,22 +395,27 @@ impl Store {
                 .prepare_cached(&unknown_sql)?
                 .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, String>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            let update_sql = format!(
-                "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
-                 crash_count = crash_count + 1
-                 WHERE state IN ('ACTIVE', 'DETACHED') OR state NOT IN ({}) RETURNING id, state",
-                known.join(",")
-            );
+            // Live sessions through the state index; the few unknown rows by id.
             let mut crashed: Vec<SessionId> = Vec::new();
             {
-                let mut stmt = ctx.conn.prepare_cached(&update_sql)?;
+                let mut stmt = ctx.conn.prepare_cached(
+                    "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
+                     crash_count = crash_count + 1
+                     WHERE state IN ('ACTIVE', 'DETACHED') RETURNING id",
+                )?;
                 let mut rows = stmt.query([ctx.now])?;
                 while let Some(row) = rows.next()? {
                     crashed.push(SessionId(row.get(0)?));
                 }
             }
-            crashed.retain(|id| !unknown.iter().any(|(u, _)| u == id));
-            crashed.sort();
+            for (id, _) in &unknown {
+                ctx.conn
+                    .prepare_cached(
+                        "UPDATE sessions SET state = 'CRASHED', recovered_at = ?2, updated_at = ?2,
+                         crash_count = crash_count + 1 WHERE id = ?1",
+                    )?
+                    .execute(params![id.as_str(), ctx.now])?;
+            }
             Ok(CrashMarked { crashed, unknown })
         })
         .await
