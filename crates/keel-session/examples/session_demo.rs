@@ -53,15 +53,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64() * 1e3
     );
 
-    // 64 writers publish 20,000 messages to one channel.
+    // 64 writers publish 20,000 messages to one channel, with time-ordered
+    // ids (a shared sequence here; ULIDs in a real client), which keep the
+    // uniqueness index appending at its end.
     let before = store.writer_stats();
     let started = Instant::now();
+    let sequence = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     join_all((0..64).map(|w| {
-        let store = store.clone();
+        let (store, sequence) = (store.clone(), sequence.clone());
         tokio::spawn(async move {
-            for i in 0..(20_000 / 64) {
+            for _ in 0..(20_000 / 64) {
+                let n = sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 store
-                    .append("room:lobby", &format!("w{w}-{i}"), b"hello, keel")
+                    .append("room:lobby", &format!("{n:016x}-w{w}"), b"hello, keel")
                     .await
                     .expect("append");
             }
@@ -78,9 +82,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         after.batches - before.batches,
         writes as f64 / (after.batches - before.batches) as f64
     );
-    let again = store.append("room:lobby", "w0-0", b"hello, keel").await?;
+    let first = store.read_channel("room:lobby", 1, 1).await?.remove(0);
+    let again = store
+        .append("room:lobby", &first.msg_id, b"hello, keel")
+        .await?;
     println!(
-        "re-publishing w0-0 returns offset {} (duplicate={})",
+        "re-publishing the first message returns offset {} (duplicate={})",
         again.offset, again.duplicate
     );
 
