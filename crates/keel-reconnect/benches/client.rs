@@ -61,14 +61,19 @@ fn payload() -> Message {
     Message::text("x".repeat(100))
 }
 
+type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw tokio-tungstenite client with the same buffer sizes as the client's.
+async fn raw_connect(addr: SocketAddr) -> RawWs {
+    tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/"), Some(ws_config()), true)
+        .await
+        .expect("connect")
+        .0
+}
+
 async fn raw_send(addr: SocketAddr, count: &AtomicU64, n: u64) -> Duration {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
-        format!("ws://{addr}/"),
-        Some(ws_config()),
-        true,
-    )
-    .await
-    .expect("connect");
+    let mut ws = raw_connect(addr).await;
     let base = count.load(Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..n {
@@ -80,13 +85,7 @@ async fn raw_send(addr: SocketAddr, count: &AtomicU64, n: u64) -> Duration {
 
 /// Raw, with the same write batching the client does: feed 64, flush once.
 async fn raw_send_batched(addr: SocketAddr, count: &AtomicU64, n: u64) -> Duration {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
-        format!("ws://{addr}/"),
-        Some(ws_config()),
-        true,
-    )
-    .await
-    .expect("connect");
+    let mut ws = raw_connect(addr).await;
     let base = count.load(Ordering::Relaxed);
     let start = Instant::now();
     for i in 0..n {
@@ -150,13 +149,7 @@ fn hold(kind: &str, addr: SocketAddr, n: usize) {
         for _ in 0..n {
             match kind {
                 "raw" => {
-                    let (ws, _) = tokio_tungstenite::connect_async_with_config(
-                        format!("ws://{addr}/"),
-                        Some(ws_config()),
-                        true,
-                    )
-                    .await
-                    .expect("connect");
+                    let ws = raw_connect(addr).await;
                     // Like any real client, an idle raw connection keeps a task
                     // reading (to see pings and the close) and its write half.
                     let (mut sink, mut stream) = ws.split();

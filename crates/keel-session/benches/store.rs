@@ -188,6 +188,28 @@ fn timed_scan(rt: &Runtime, store: &Store, path: &Path, n: usize) -> Duration {
     took
 }
 
+/// The three writers compared for one id spelling and durability, each on
+/// its own database in `dir`.
+struct Contenders {
+    store: Store,
+    one_tx: Connection,
+    batched: Connection,
+}
+
+fn contenders(dir: &Path, ids: Ids, durability: Durability, rt: &Runtime) -> Contenders {
+    let name = sync_name(durability);
+    let file = |kind: &str| dir.join(format!("{kind}-{name}-{}.db", ids.name()));
+    let config = Config {
+        durability,
+        ..Config::default()
+    };
+    Contenders {
+        store: rt.block_on(Store::open(&file("gc"), config)).expect("open"),
+        one_tx: raw_connection(&file("tx"), durability, rt),
+        batched: raw_connection(&file("raw"), durability, rt),
+    }
+}
+
 fn benches(c: &mut Criterion, rt: &Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     for ids in [Ids::TimeOrdered, Ids::Random] {
@@ -198,30 +220,23 @@ fn benches(c: &mut Criterion, rt: &Runtime) {
         group.warm_up_time(Duration::from_secs(1));
         for durability in [Durability::Normal, Durability::Full] {
             let name = sync_name(durability);
-            let file = |kind: &str| dir.path().join(format!("{kind}-{name}-{}.db", ids.name()));
-            let store = rt
-                .block_on(Store::open(
-                    &file("gc"),
-                    Config {
-                        durability,
-                        ..Config::default()
-                    },
-                ))
-                .expect("open");
+            let Contenders {
+                store,
+                one_tx,
+                batched,
+            } = contenders(dir.path(), ids, durability, rt);
             group.bench_function(BenchmarkId::new("group_commit", name), |b| {
                 b.iter_custom(|iters| group_commit(rt, &store, iters, ids))
             });
 
-            let conn = raw_connection(&file("tx"), durability, rt);
             let mut offset = 0;
             group.bench_function(BenchmarkId::new("one_tx_per_write", name), |b| {
-                b.iter_custom(|iters| one_tx_per_write(&conn, iters, &mut offset, ids))
+                b.iter_custom(|iters| one_tx_per_write(&one_tx, iters, &mut offset, ids))
             });
 
-            let conn = raw_connection(&file("raw"), durability, rt);
             let mut offset = 0;
             group.bench_function(BenchmarkId::new("raw_batched_1000", name), |b| {
-                b.iter_custom(|iters| raw_batched(&conn, iters, &mut offset, ids))
+                b.iter_custom(|iters| raw_batched(&batched, iters, &mut offset, ids))
             });
         }
         group.finish();
@@ -254,25 +269,18 @@ fn summary(rt: &Runtime) {
     for ids in [Ids::TimeOrdered, Ids::Random] {
         for durability in [Durability::Normal, Durability::Full] {
             let name = sync_name(durability);
-            let file = |kind: &str| dir.path().join(format!("{kind}-{name}-{}.db", ids.name()));
-            let store = rt
-                .block_on(Store::open(
-                    &file("gc"),
-                    Config {
-                        durability,
-                        ..Config::default()
-                    },
-                ))
-                .expect("open");
+            let Contenders {
+                store,
+                one_tx,
+                batched,
+            } = contenders(dir.path(), ids, durability, rt);
             let gc = rate(best(&mut || group_commit(rt, &store, total, ids)));
-            let conn = raw_connection(&file("tx"), durability, rt);
             let mut offset = 0;
             let tx = rate(best(&mut || {
-                one_tx_per_write(&conn, total / 4, &mut offset, ids) * 4
+                one_tx_per_write(&one_tx, total / 4, &mut offset, ids) * 4
             }));
-            let conn = raw_connection(&file("raw"), durability, rt);
             let mut offset = 0;
-            let raw = rate(best(&mut || raw_batched(&conn, total, &mut offset, ids)));
+            let raw = rate(best(&mut || raw_batched(&batched, total, &mut offset, ids)));
             let stats = store.writer_stats();
             println!(
                 "{:<17} {name:<7} {gc:>11.0}/s {tx:>11.0}/s {raw:>11.0}/s {:>6.2}x {:>6.2}x {:>9.1}",

@@ -10,11 +10,9 @@ use std::time::Duration;
 use futures::future::join_all;
 use keel_reconnect::{Config, ReconnectingClient, State};
 
-use crate::support::{Acks, ServerMode, fast, next_matching, proxy_to, seq, server, wait_for};
-
-fn url(addr: std::net::SocketAddr) -> String {
-    format!("ws://{addr}/")
-}
+use crate::support::{
+    Acks, ServerMode, fast, next_matching, proxy_to, seq, server, url, wait_connected,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multiple_disconnect_cycles() {
@@ -25,12 +23,7 @@ async fn multiple_disconnect_cycles() {
     config.backoff.cap = Duration::from_millis(20);
     let (client, _in) = ReconnectingClient::start(url(proxy.listen_addr()), Acks, config);
     let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    wait_connected(&mut state).await;
     let tasks_before = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();

@@ -7,13 +7,9 @@ use keel_reconnect::{Config, ReconnectingClient, State};
 use tokio::time::Instant;
 
 use crate::support::{
-    Acks, Rig, ServerMode, connected_rig, fast, next_matching, proxy_to, seq, server, wait_for,
-    wait_until,
+    Acks, Rig, ServerMode, connected_rig, fast, next_matching, proxy_to, seq, server, url,
+    wait_connected, wait_for, wait_until,
 };
-
-fn url(addr: std::net::SocketAddr) -> String {
-    format!("ws://{addr}/")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_drop_and_reconnect() {
@@ -188,12 +184,7 @@ async fn stalled_write_detected() {
     // A deaf server never welcomes: skip the handshake with the plain protocol.
     let (client, _in) = ReconnectingClient::start(url(addr), keel_reconnect::Plain, config);
     let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    wait_connected(&mut state).await;
     let mut log = client.transitions();
     for _ in 0..40 {
         client
@@ -292,12 +283,7 @@ async fn reconnect_now_skips_the_wait() {
     let proxy = proxy_to(addr).await;
     let (client, _in) = ReconnectingClient::start(url(proxy.listen_addr()), Acks, config);
     let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    wait_connected(&mut state).await;
     proxy.cut();
     wait_for(
         &mut state,
@@ -306,11 +292,6 @@ async fn reconnect_now_skips_the_wait() {
     )
     .await;
     client.reconnect_now();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    wait_connected(&mut state).await;
     wait_until(Duration::from_secs(1), || client.counters().connects == 2).await;
 }

@@ -168,6 +168,16 @@ pub(crate) fn fast(config: Config) -> Config {
     c
 }
 
+/// `ws://ADDR/`.
+pub(crate) fn url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/")
+}
+
+/// Waits (up to 2 s) until the watched state is `Connected`.
+pub(crate) async fn wait_connected(state: &mut tokio::sync::watch::Receiver<State>) {
+    wait_for(state, |s| *s == State::Connected, Duration::from_secs(2)).await;
+}
+
 pub(crate) async fn wait_for(
     rx: &mut tokio::sync::watch::Receiver<State>,
     want: impl Fn(&State) -> bool,
@@ -220,18 +230,10 @@ pub(crate) struct Rig {
 pub(crate) async fn connected_rig(config: Config) -> Rig {
     let (addr, seen) = server(ServerMode::default()).await;
     let proxy = proxy_to(addr).await;
-    let (client, _frames) = keel_reconnect::ReconnectingClient::start(
-        format!("ws://{}/", proxy.listen_addr()),
-        Acks,
-        config,
-    );
+    let (client, _frames) =
+        keel_reconnect::ReconnectingClient::start(url(proxy.listen_addr()), Acks, config);
     let mut state = client.state();
-    wait_for(
-        &mut state,
-        |s| *s == State::Connected,
-        Duration::from_secs(2),
-    )
-    .await;
+    wait_connected(&mut state).await;
     Rig {
         seen,
         proxy,
