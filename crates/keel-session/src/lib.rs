@@ -60,7 +60,10 @@ pub use crate::messages::{Appended, ChannelBounds, Message, Offset, Retention, S
 pub use crate::outbox::{
     Enqueued, NewSend, OutboxCounts, OutboxId, OutboxItem, OutboxState, Retry,
 };
-pub use crate::sessions::{Activity, CrashMarked, NewSession, Session, SessionId, SessionState};
+pub use crate::sessions::{
+    Activity, CrashMarked, CrashNotice, CrashedSession, NewSession, Session, SessionId,
+    SessionState,
+};
 pub use crate::store::{StartupInfo, Store, WriterStats};
 
 /// The schema version this build of keel-session writes.

@@ -83,6 +83,44 @@ fn next_offset(conn: &rusqlite::Connection, channel: &str) -> Result<i64, StoreE
     Ok(newest.map_or(1, |n| n + 1).max(floor.unwrap_or(1)))
 }
 
+/// Appends inside the writer's current transaction (see [`Store::append`]).
+pub(crate) fn append_in(
+    conn: &rusqlite::Connection,
+    now: UnixMillis,
+    channel: &str,
+    msg_id: &str,
+    payload: &[u8],
+) -> Result<Appended, StoreError> {
+    let existing = conn
+        .prepare_cached("SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?2")?
+        .query_row([channel, msg_id], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((offset, at)) = existing {
+        return Ok(Appended {
+            offset: offset as Offset,
+            at,
+            duplicate: true,
+        });
+    }
+    // The next offset is one past the newest message, or past the
+    // floor that retention leaves in `channels` when it empties a log.
+    // Reads only: no upsert and no RETURNING, because a statement that
+    // may abort half-way needs a statement journal, whose 64 KiB buffer
+    // is allocated and freed per statement and dominated the write path.
+    let offset = next_offset(conn, channel)?;
+    // The id was checked above and the offset is fresh, so IGNORE never fires.
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO messages(channel, offset, msg_id, at, payload)
+         VALUES(?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![channel, offset, msg_id, now, payload])?;
+    Ok(Appended {
+        offset: offset as Offset,
+        at: now,
+        duplicate: false,
+    })
+}
+
 impl Store {
     /// Appends a message to `channel`. If `msg_id` is already in the channel
     /// (and still retained) this writes nothing and returns the original offset
@@ -94,43 +132,8 @@ impl Store {
         payload: &[u8],
     ) -> Result<Appended, StoreError> {
         let (channel, msg_id, payload) = (channel.to_owned(), msg_id.to_owned(), payload.to_vec());
-        self.write(move |ctx| {
-            let existing = ctx
-                .conn
-                .prepare_cached(
-                    "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?2",
-                )?
-                .query_row([&channel, &msg_id], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get(1)?))
-                })
-                .optional()?;
-            if let Some((offset, at)) = existing {
-                return Ok(Appended {
-                    offset: offset as Offset,
-                    at,
-                    duplicate: true,
-                });
-            }
-            // The next offset is one past the newest message, or past the
-            // floor that retention leaves in `channels` when it empties a log.
-            // Reads only: no upsert and no RETURNING, because a statement that
-            // may abort half-way needs a statement journal, whose 64 KiB buffer
-            // is allocated and freed per statement and dominated the write path.
-            let offset = next_offset(ctx.conn, &channel)?;
-            // The id was checked above and the offset is fresh, so IGNORE never fires.
-            ctx.conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO messages(channel, offset, msg_id, at, payload)
-                     VALUES(?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![channel, offset, msg_id, ctx.now, payload])?;
-            Ok(Appended {
-                offset: offset as Offset,
-                at: ctx.now,
-                duplicate: false,
-            })
-        })
-        .await
+        self.write(move |ctx| append_in(ctx.conn, ctx.now, &channel, &msg_id, &payload))
+            .await
     }
 
     /// Reads up to `limit` messages of `channel` with offset ≥ `from`, in order.

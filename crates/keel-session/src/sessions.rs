@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::clock::UnixMillis;
 use crate::error::{SessionError, StoreError};
+use crate::messages::append_in;
 use crate::store::Store;
 
 /// A session's id: opaque text, random unless the creator chose one.
@@ -173,7 +174,26 @@ pub struct CrashMarked {
     /// Sessions whose stored state was not a known state, with that value; they
     /// are now CRASHED too.
     pub unknown: Vec<(SessionId, String)>,
+    /// How many crash notices were appended (zero for [`Store::mark_crashed`]).
+    pub notified: u64,
 }
+
+/// One session that crash recovery marked CRASHED, as a notice builder sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashedSession {
+    /// The session.
+    pub id: SessionId,
+    /// Its stored state before: `ACTIVE`, `DETACHED`, or the unknown value found.
+    pub previous_state: String,
+    /// Its crash count after this crash (1 for the first).
+    pub crash_count: u32,
+    /// The `recovered_at` time written.
+    pub recovered_at: UnixMillis,
+}
+
+/// Builds the payload of the notice appended to a crashed session's private
+/// channel (see [`Store::mark_crashed_and_notify`]).
+pub type CrashNotice = std::sync::Arc<dyn Fn(&CrashedSession) -> Vec<u8> + Send + Sync>;
 
 const SESSION_COLUMNS: &str = "id, token_hash, state, created_at, updated_at, last_seen_at, \
                                recovered_at, crash_count, meta";
@@ -381,7 +401,28 @@ impl Store {
     ///
     /// Running it again right away changes nothing.
     pub async fn mark_crashed(&self) -> Result<CrashMarked, StoreError> {
-        self.write(|ctx| {
+        self.mark_crashed_inner(None).await
+    }
+
+    /// [`Store::mark_crashed`], and in the same transaction appends the
+    /// payload `notice` builds to each crashed session's private channel
+    /// (`session:<id>`), with message id `crash-notice-<crash_count>`.
+    ///
+    /// Because marking and notices commit together, a crash during recovery
+    /// leaves either both or neither; and because the message id names the
+    /// crash count, a notice is never appended twice for the same crash.
+    pub async fn mark_crashed_and_notify(
+        &self,
+        notice: CrashNotice,
+    ) -> Result<CrashMarked, StoreError> {
+        self.mark_crashed_inner(Some(notice)).await
+    }
+
+    async fn mark_crashed_inner(
+        &self,
+        notice: Option<CrashNotice>,
+    ) -> Result<CrashMarked, StoreError> {
+        self.write(move |ctx| {
             let known: Vec<String> = SessionState::ALL
                 .iter()
                 .map(|s| format!("'{}'", s.as_str()))
@@ -395,28 +436,61 @@ impl Store {
                 .prepare_cached(&unknown_sql)?
                 .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, String>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            // Live sessions through the state index; the few unknown rows by id.
-            let mut crashed: Vec<SessionId> = Vec::new();
-            {
+            let mut marked: Vec<CrashedSession> = Vec::new();
+            for previous in ["ACTIVE", "DETACHED"] {
                 let mut stmt = ctx.conn.prepare_cached(
                     "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
                      crash_count = crash_count + 1
-                     WHERE state IN ('ACTIVE', 'DETACHED') RETURNING id",
+                     WHERE state = ?2 RETURNING id, crash_count",
                 )?;
-                let mut rows = stmt.query([ctx.now])?;
+                let mut rows = stmt.query(params![ctx.now, previous])?;
                 while let Some(row) = rows.next()? {
-                    crashed.push(SessionId(row.get(0)?));
+                    marked.push(CrashedSession {
+                        id: SessionId(row.get(0)?),
+                        previous_state: previous.to_owned(),
+                        crash_count: row.get(1)?,
+                        recovered_at: ctx.now,
+                    });
                 }
             }
-            for (id, _) in &unknown {
-                ctx.conn
+            let crashed = marked.iter().map(|c| c.id.clone()).collect();
+            for (id, state) in &unknown {
+                let crash_count: u32 = ctx
+                    .conn
                     .prepare_cached(
                         "UPDATE sessions SET state = 'CRASHED', recovered_at = ?2, updated_at = ?2,
-                         crash_count = crash_count + 1 WHERE id = ?1",
+                         crash_count = crash_count + 1 WHERE id = ?1 RETURNING crash_count",
                     )?
-                    .execute(params![id.as_str(), ctx.now])?;
+                    .query_row(params![id.as_str(), ctx.now], |r| r.get(0))?;
+                marked.push(CrashedSession {
+                    id: id.clone(),
+                    previous_state: state.clone(),
+                    crash_count,
+                    recovered_at: ctx.now,
+                });
             }
-            Ok(CrashMarked { crashed, unknown })
+            let mut notified = 0;
+            if let Some(notice) = &notice {
+                for session in &marked {
+                    let payload = notice(session);
+                    let msg_id = format!("crash-notice-{}", session.crash_count);
+                    let appended = append_in(
+                        ctx.conn,
+                        ctx.now,
+                        &session.id.private_channel(),
+                        &msg_id,
+                        &payload,
+                    )?;
+                    if !appended.duplicate {
+                        notified += 1;
+                    }
+                }
+            }
+            Ok(CrashMarked {
+                crashed,
+                unknown: unknown.clone(),
+                notified,
+            })
         })
         .await
     }

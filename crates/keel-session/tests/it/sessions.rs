@@ -425,3 +425,72 @@ async fn mark_crashed_moves_live_sessions_and_unknown_states() {
     // Idempotent.
     assert_eq!(t.store.mark_crashed().await.unwrap(), Default::default());
 }
+
+#[tokio::test]
+async fn mark_crashed_and_notify_appends_one_notice_per_crash() {
+    let t = support::open().await;
+    let live = SessionId::from("live");
+    let idle = SessionId::from("idle");
+    for id in [&live, &idle] {
+        t.store
+            .create_session(NewSession {
+                id: Some(id.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    t.store
+        .transition(&live, SessionState::Active)
+        .await
+        .unwrap();
+    let notice: keel_session::CrashNotice = std::sync::Arc::new(|c| {
+        format!("{}:{}:{}", c.id, c.previous_state, c.crash_count).into_bytes()
+    });
+
+    let marked = t
+        .store
+        .mark_crashed_and_notify(notice.clone())
+        .await
+        .unwrap();
+    assert_eq!(marked.crashed, vec![live.clone()]);
+    assert_eq!(marked.notified, 1);
+    let log = t
+        .store
+        .read_channel(&live.private_channel(), 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].msg_id, "crash-notice-1");
+    assert_eq!(log[0].payload, b"live:ACTIVE:1");
+    assert!(
+        t.store
+            .read_channel(&idle.private_channel(), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Nothing left to mark: nothing appended.
+    let again = t
+        .store
+        .mark_crashed_and_notify(notice.clone())
+        .await
+        .unwrap();
+    assert_eq!(again, Default::default());
+
+    // A second crash of the same session gets its own notice.
+    t.store
+        .transition(&live, SessionState::Active)
+        .await
+        .unwrap();
+    let second = t.store.mark_crashed_and_notify(notice).await.unwrap();
+    assert_eq!(second.notified, 1);
+    let log = t
+        .store
+        .read_channel(&live.private_channel(), 1, 10)
+        .await
+        .unwrap();
+    let ids: Vec<_> = log.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids, ["crash-notice-1", "crash-notice-2"]);
+}
