@@ -28,6 +28,9 @@ pub struct StartupInfo {
     pub schema_version: u32,
     /// A random id fixed when the database was created.
     pub instance_id: String,
+    /// How many times the database has been opened, this open included (1 for
+    /// a new file): tells one run of a service from the next.
+    pub run: u64,
 }
 
 /// Counters from the writer thread, for observing group commit at work.
@@ -120,13 +123,14 @@ impl Store {
         }
         schema::migrate(&mut conn, found).map_err(fail)?;
 
-        let (previous_clean_shutdown, instance_id) = mark_running(&conn).map_err(fail)?;
+        let (previous_clean_shutdown, instance_id, run) = mark_running(&conn).map_err(fail)?;
         let startup = StartupInfo {
             created: !existed,
             previous_clean_shutdown,
             migrated_from: found,
             schema_version: schema::LATEST,
             instance_id,
+            run,
         };
 
         let readers = ReadPool::open(path, &config).map_err(fail)?;
@@ -334,8 +338,8 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
     Ok(())
 }
 
-/// Reads the previous `clean_shutdown` flag, then clears it for this run.
-fn mark_running(conn: &Connection) -> Result<(bool, String), StoreError> {
+/// Reads the previous `clean_shutdown` flag, then clears it and counts this run.
+fn mark_running(conn: &Connection) -> Result<(bool, String, u64), StoreError> {
     let get = |key: &str| -> Result<Option<String>, StoreError> {
         Ok(conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -350,8 +354,10 @@ fn mark_running(conn: &Connection) -> Result<(bool, String), StoreError> {
             id
         }
     };
+    let run = get("runs")?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+    set_meta(conn, "runs", &run.to_string())?;
     set_meta(conn, "clean_shutdown", "0")?;
-    Ok((clean, instance_id))
+    Ok((clean, instance_id, run))
 }
 
 fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {

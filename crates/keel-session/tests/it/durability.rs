@@ -19,6 +19,7 @@ async fn clean_shutdown_flag_tracks_close_and_crash() {
 
     let store = Store::open(&path, Config::default()).await.unwrap();
     assert!(store.startup().created);
+    assert_eq!(store.startup().run, 1);
     assert!(
         store.startup().previous_clean_shutdown,
         "a new database needs no recovery"
@@ -43,12 +44,14 @@ async fn clean_shutdown_flag_tracks_close_and_crash() {
     assert!(!store.startup().created);
     assert!(store.startup().previous_clean_shutdown);
     assert_eq!(store.startup().instance_id, instance);
+    assert_eq!(store.startup().run, 2, "each open is a new run");
     store.session(&id).await.unwrap();
     // Dropped without close: the next open must see an unclean shutdown.
     drop(store);
 
     let store = Store::open(&path, Config::default()).await.unwrap();
     assert!(!store.startup().previous_clean_shutdown);
+    assert_eq!(store.startup().run, 3);
     store
         .session(&id)
         .await
