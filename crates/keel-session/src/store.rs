@@ -198,13 +198,24 @@ impl Store {
     /// and stops the writer. Later writes on any clone fail with
     /// [`StoreError::Closed`]; reads keep working.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.close_inner(true).await
+    }
+
+    /// Like [`Store::close`] (finishes queued writes, checkpoints, stops the
+    /// writer) but leaves `clean_shutdown` false, so the next open runs crash
+    /// recovery: for a shutdown that could not finish its work.
+    pub async fn close_unclean(&self) -> Result<(), StoreError> {
+        self.close_inner(false).await
+    }
+
+    async fn close_inner(&self, clean: bool) -> Result<(), StoreError> {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Err(StoreError::Closed);
         }
         let (tx, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Msg::Close(tx))
+            .send(Msg::Close(tx, clean))
             .await
             .map_err(|_| StoreError::Closed)?;
         let result = rx.await.map_err(|_| StoreError::Closed)?;

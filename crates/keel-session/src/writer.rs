@@ -96,7 +96,8 @@ type CloseReply = oneshot::Sender<Result<(), StoreError>>;
 
 pub(crate) enum Msg {
     Job(Box<dyn Job>),
-    Close(CloseReply),
+    /// Finish queued writes and stop; `true` also records a clean shutdown.
+    Close(CloseReply, bool),
 }
 
 /// Counters the writer keeps; read through [`Store::writer_stats`](crate::Store::writer_stats).
@@ -152,12 +153,12 @@ impl Writer {
                 self.commit(batch);
                 self.maybe_checkpoint();
             }
-            if let Some(reply) = close {
+            if let Some((reply, clean)) = close {
                 while !self.backlog.is_empty() {
                     let batch: Vec<_> = self.backlog.drain(..).collect();
                     self.commit(batch);
                 }
-                let result = self.shutdown();
+                let result = self.shutdown(clean);
                 let _ = reply.send(result);
                 return;
             }
@@ -165,7 +166,7 @@ impl Writer {
     }
 
     /// Takes the backlog or the next queued write, then whatever else is queued.
-    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<CloseReply>) {
+    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<(CloseReply, bool)>) {
         let max = self.config.max_batch.max(1);
         let mut batch: Vec<Box<dyn Job>> = Vec::new();
         while batch.len() < max {
@@ -177,7 +178,7 @@ impl Writer {
         if batch.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Msg::Job(job)) => batch.push(job),
-                Some(Msg::Close(reply)) => return (batch, Some(reply)),
+                Some(Msg::Close(reply, clean)) => return (batch, Some((reply, clean))),
                 None => return (batch, None),
             }
         }
@@ -189,7 +190,7 @@ impl Writer {
         while batch.len() < max {
             match self.rx.try_recv() {
                 Ok(Msg::Job(job)) => batch.push(job),
-                Ok(Msg::Close(reply)) => return (batch, Some(reply)),
+                Ok(Msg::Close(reply, clean)) => return (batch, Some((reply, clean))),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) if slept => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
@@ -297,12 +298,14 @@ impl Writer {
     }
 
     /// Marks a clean shutdown and leaves the database without a WAL to replay.
-    fn shutdown(&mut self) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO meta(key, value) VALUES('clean_shutdown', '1')
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [],
-        )?;
+    fn shutdown(&mut self, clean: bool) -> Result<(), StoreError> {
+        if clean {
+            self.conn.execute(
+                "INSERT INTO meta(key, value) VALUES('clean_shutdown', '1')
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [],
+            )?;
+        }
         checkpoint(&self.conn)?;
         Ok(())
     }

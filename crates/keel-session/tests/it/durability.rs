@@ -56,6 +56,11 @@ async fn clean_shutdown_flag_tracks_close_and_crash() {
         .session(&id)
         .await
         .expect("acknowledged writes survive");
+    // Closed on purpose without the flag: still a crash to the next open.
+    store.close_unclean().await.unwrap();
+
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    assert!(!store.startup().previous_clean_shutdown);
     store.close().await.unwrap();
 }
 
