@@ -321,6 +321,21 @@ pub(crate) fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Turns on SQLite's query planner stability guarantee.
+///
+/// Without it, a statement whose plan could depend on a bound value (the
+/// bundled SQLite is built with STAT4) is silently re-prepared on the next
+/// step whenever that value changes: a cached statement gets re-parsed and
+/// re-planned on nearly every use. Crash recovery spent most of its time
+/// there. keel's queries have one right plan each.
+pub(crate) fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
+}
+
 fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError> {
     conn.busy_timeout(config.busy_timeout)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -339,6 +354,10 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
     // After a checkpoint resets the WAL, shrink the file back to this size.
     conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
     conn.set_prepared_statement_cache_capacity(64);
+    stable_plans(conn)?;
+    // A negative cache_size is in KiB.
+    let cache_kib = (config.writer_cache_bytes / 1024).max(64);
+    conn.pragma_update(None, "cache_size", format!("-{cache_kib}"))?;
     if let Some(bytes) = config.max_db_bytes {
         let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages = (bytes / page.max(512) as u64).max(1);
@@ -365,7 +384,10 @@ fn mark_running(conn: &Connection) -> Result<(bool, String, u64), StoreError> {
             id
         }
     };
-    let run = get("runs")?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+    let run = get("runs")?
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
     set_meta(conn, "runs", &run.to_string())?;
     set_meta(conn, "clean_shutdown", "0")?;
     Ok((clean, instance_id, run))
@@ -397,6 +419,7 @@ impl ReadPool {
             )?;
             conn.busy_timeout(config.busy_timeout)?;
             conn.set_prepared_statement_cache_capacity(64);
+            stable_plans(&conn)?;
             conns.push(conn);
         }
         Ok(ReadPool {

@@ -94,6 +94,9 @@ where
 
 type CloseReply = oneshot::Sender<Result<(), StoreError>>;
 
+/// A close request: where to answer, and whether to record a clean shutdown.
+type CloseRequest = (CloseReply, bool);
+
 pub(crate) enum Msg {
     Job(Box<dyn Job>),
     /// Finish queued writes and stop; `true` also records a clean shutdown.
@@ -166,7 +169,7 @@ impl Writer {
     }
 
     /// Takes the backlog or the next queued write, then whatever else is queued.
-    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<(CloseReply, bool)>) {
+    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<CloseRequest>) {
         let max = self.config.max_batch.max(1);
         let mut batch: Vec<Box<dyn Job>> = Vec::new();
         while batch.len() < max {
