@@ -44,11 +44,13 @@ mod backoff;
 mod bucket;
 mod clock;
 mod config;
+mod limiter;
 mod queue;
 mod sink;
 
 pub use crate::clock::{TokioClock, TokioInstant};
 pub use crate::config::{Backoff, Config, Overflow};
+pub use crate::limiter::Limiter;
 pub use crate::queue::{
     Bound, DeadLetter, DeadLetters, DeadReason, Delivery, Metrics, Receipt, SendQueue, SubmitError,
 };
