@@ -9,7 +9,7 @@
 //! upstream -> client  {"type":"ok","id":"..."}
 //!                     {"type":"rate_limited","id":"...","retry_after_ms":1500,"scope":"global"|"recipient"}
 //!                     {"type":"error","id":"...","code":"bad_request","message":"..."}
-//!                     {"type":"message","from":"...","to":"...","body":<any>}   (pushed inbound)
+//!                     {"type":"message","id":"m-1","from":"...","to":"...","body":<any>}   (pushed inbound)
 //! ```
 //!
 //! A send whose id was accepted before is answered `ok` again (the id is an
@@ -148,6 +148,7 @@ struct Shared {
     books: Mutex<Books>,
     clients: Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>,
     next_client: AtomicU64,
+    next_push: AtomicU64,
     connections: AtomicU64,
 }
 
@@ -196,6 +197,7 @@ impl MockUpstream {
             books: Mutex::new(books),
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(0),
+            next_push: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(shared.clone(), listener, addr));
@@ -229,9 +231,15 @@ impl MockUpstream {
         *self.shared.mode.borrow()
     }
 
-    /// Pushes an inbound message to every connected client; returns how many.
+    /// Pushes an inbound message, with a fresh id (`m-1`, `m-2`, ...), to every
+    /// connected client; returns how many.
     pub fn push(&self, from: &str, to: &str, body: Value) -> usize {
-        let frame = json!({"type": "message", "from": from, "to": to, "body": body}).to_string();
+        let id = format!(
+            "m-{}",
+            self.shared.next_push.fetch_add(1, Ordering::Relaxed) + 1
+        );
+        let frame =
+            json!({"type": "message", "id": id, "from": from, "to": to, "body": body}).to_string();
         let clients = self
             .shared
             .clients

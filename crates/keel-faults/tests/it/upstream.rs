@@ -171,7 +171,7 @@ async fn pushes_inbound_messages() {
         let m = next_json(ws, Duration::from_secs(1)).await.unwrap();
         assert_eq!(
             m,
-            json!({"type": "message", "from": "dave", "to": "alice", "body": {"text": "hello"}})
+            json!({"type": "message", "id": "m-1", "from": "dave", "to": "alice", "body": {"text": "hello"}})
         );
     }
     assert_eq!(up.connections(), 2);

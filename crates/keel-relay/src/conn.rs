@@ -1,0 +1,810 @@
+//! One client connection: the hello handshake, the reader loop, a writer
+//! task that batches frames and keeps each channel's delivery in offset order,
+//! and a publish pipeline that outlives the connection until it drains.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{FuturesOrdered, SplitSink};
+use futures::{SinkExt, StreamExt};
+use keel_ratelimit::{Limiter, Quota};
+use keel_session::{NewSend, NewSession, SessionError, SessionId, SessionState, Store, StoreError};
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth;
+use crate::hub::{Outbound, SlowFlag};
+use crate::protocol::{self, ClientFrame, ErrorCode, close, error_frame, json_str};
+use crate::relay::Shared;
+
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 64;
+/// Messages read from the log per query when replaying.
+const REPLAY_PAGE: usize = 256;
+
+/// The session a connection is bound to after `hello`.
+struct Bound {
+    id: SessionId,
+    channels: HashSet<String>,
+    replaced: Arc<Notify>,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    id: u64,
+    tx: mpsc::Sender<Outbound>,
+    slow: Arc<SlowFlag>,
+    session: Option<Bound>,
+    errors: u32,
+    limiter: Limiter,
+    publish: mpsc::Sender<PublishJob>,
+}
+
+struct PublishJob {
+    channel: String,
+    id: String,
+    payload: Vec<u8>,
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
+    let _ip = IpGuard {
+        shared: shared.clone(),
+        ip,
+    };
+    let _live = shared.live.enter();
+    let id = shared.next_conn();
+    let (sink, mut stream) = socket.split();
+    let limits = &shared.config.limits;
+    let (tx, rx) = mpsc::channel(limits.outbound_queue);
+    let slow = Arc::new(SlowFlag::default());
+    let writer = tokio::spawn(write_loop(sink, rx, shared.store.clone(), slow.clone()));
+    let (publish, publish_rx) = mpsc::channel(limits.max_in_flight);
+    tokio::spawn(publish_loop(shared.clone(), publish_rx, tx.clone()));
+    let limiter = Limiter::new(
+        Quota::per_second(NonZeroU32::new(limits.publish_rate.max(1)).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(limits.publish_burst.max(1)).unwrap_or(NonZeroU32::MIN)),
+    );
+    let mut conn = Conn {
+        shared: shared.clone(),
+        id,
+        tx,
+        slow,
+        session: None,
+        errors: 0,
+        limiter,
+        publish,
+    };
+    metrics::gauge!("keel_connections").increment(1.0);
+    let end = conn.read_loop(&mut stream).await;
+    if let Some((code, reason)) = end {
+        let _ = conn.tx.send(Outbound::Close { code, reason }).await;
+    }
+    conn.detach().await;
+    drop(conn);
+    // The writer ends once every sender is gone and its queue is written.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    metrics::gauge!("keel_connections").decrement(1.0);
+}
+
+struct IpGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        self.shared.release_ip(self.ip);
+    }
+}
+
+impl Conn {
+    /// Reads frames until the connection ends; returns the close to send, if any.
+    async fn read_loop(
+        &mut self,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
+    ) -> Option<(u16, String)> {
+        let limits = self.shared.config.limits.clone();
+        let handshake_deadline = tokio::time::Instant::now() + limits.handshake_timeout();
+        let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
+        let mut stopping = self.shared.intake.clone();
+        let replaced = Arc::new(Notify::new());
+        loop {
+            let deadline = if self.session.is_none() {
+                handshake_deadline.min(idle_deadline)
+            } else {
+                idle_deadline
+            };
+            let replaced_now = self
+                .session
+                .as_ref()
+                .map(|s| s.replaced.clone())
+                .unwrap_or_else(|| replaced.clone());
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(Ok(msg)) = msg else { return None };
+                    idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
+                    match msg {
+                        Message::Text(text) => {
+                            metrics::counter!("keel_frames_in_total").increment(1);
+                            if let Some(end) = self.on_text(&text).await {
+                                return Some(end);
+                            }
+                        }
+                        Message::Binary(_) => {
+                            if let Some(end) = self.error(ErrorCode::BadJson, "binary frames are not part of keel.v1; send JSON text", None).await {
+                                return Some(end);
+                            }
+                        }
+                        Message::Close(_) => return None,
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Some(if self.session.is_none() {
+                        (close::POLICY, "no hello before the handshake timeout".to_owned())
+                    } else {
+                        (close::IDLE, "idle timeout".to_owned())
+                    });
+                }
+                _ = stopping.stopped() => {
+                    return Some((close::GOING_AWAY, "relay shutting down; resume later".to_owned()));
+                }
+                _ = self.slow.wait() => return None,
+                _ = replaced_now.notified() => {
+                    return Some((close::REPLACED, "another connection resumed this session".to_owned()));
+                }
+            }
+        }
+    }
+
+    async fn send(&self, frame: String) {
+        let _ = self.tx.send(Outbound::Frame(Utf8Bytes::from(frame))).await;
+    }
+
+    /// Sends an error frame; returns the close to send when the connection
+    /// has misbehaved too often.
+    async fn error(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+    ) -> Option<(u16, String)> {
+        metrics::counter!("keel_errors_total", "code" => code.as_str()).increment(1);
+        self.send(error_frame(code, message, reference)).await;
+        self.errors += 1;
+        (self.errors >= self.shared.config.limits.max_errors).then(|| {
+            (
+                close::POLICY,
+                format!("{} bad frames; closing", self.errors),
+            )
+        })
+    }
+
+    async fn on_text(&mut self, text: &str) -> Option<(u16, String)> {
+        let limits = &self.shared.config.limits;
+        let frame = match protocol::decode(text, limits.max_frame_bytes) {
+            Ok(f) => f,
+            Err(e) => return self.error(e.code, &e.message, e.reference.as_deref()).await,
+        };
+        if self.session.is_none() && !matches!(frame, ClientFrame::Hello { .. } | ClientFrame::Ping)
+        {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    &format!("send hello before {}", frame.kind()),
+                    None,
+                )
+                .await;
+        }
+        match frame {
+            ClientFrame::Ping => {
+                self.send(r#"{"type":"pong"}"#.to_owned()).await;
+                None
+            }
+            ClientFrame::Hello { token, resume } => self.on_hello(token, resume).await,
+            ClientFrame::Subscribe { channel, from } => self.on_subscribe(channel, from).await,
+            ClientFrame::Unsubscribe { channel } => self.on_unsubscribe(channel).await,
+            ClientFrame::Publish {
+                channel,
+                id,
+                payload,
+            } => {
+                self.on_publish(channel, id, payload.get().as_bytes().to_vec())
+                    .await
+            }
+            ClientFrame::Send { id, to, body } => self.on_send(id, to, body.get()).await,
+            ClientFrame::Ack { channel, offset } => self.on_ack(channel, offset).await,
+        }
+    }
+
+    async fn on_hello(
+        &mut self,
+        token: Option<String>,
+        resume: Option<BTreeMap<String, u64>>,
+    ) -> Option<(u16, String)> {
+        if self.session.is_some() {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    "this connection already has a session",
+                    None,
+                )
+                .await;
+        }
+        let store = self.shared.store.clone();
+        let (session, previous, new_token) = match token {
+            None => {
+                let secret = auth::new_secret();
+                let created = match store
+                    .create_session(NewSession {
+                        token_hash: auth::hash_secret(&secret),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => return self.session_error(&e, None).await,
+                };
+                let token = auth::token(created.id.as_str(), &secret);
+                (created.id, SessionState::Created, Some(token))
+            }
+            Some(token) => {
+                let Some((id, secret)) = auth::split_token(&token) else {
+                    return self
+                        .error(ErrorCode::Unauthorized, "malformed token", None)
+                        .await;
+                };
+                let id = SessionId::from(id);
+                let found = match store.session(&id).await {
+                    Ok(s) => s,
+                    Err(SessionError::NotFound(_)) => {
+                        return self
+                            .error(ErrorCode::Unauthorized, "unknown token", None)
+                            .await;
+                    }
+                    Err(e) => return self.session_error(&e, None).await,
+                };
+                if !auth::verify(secret, &found.token_hash) {
+                    return self
+                        .error(ErrorCode::Unauthorized, "unknown token", None)
+                        .await;
+                }
+                if found.state == SessionState::Closed {
+                    return self
+                        .error(ErrorCode::InvalidState, "session is closed", None)
+                        .await;
+                }
+                (found.id, found.state, None)
+            }
+        };
+        // One connection per session: a newer one replaces the older.
+        let replaced = Arc::new(Notify::new());
+        if let Some(old) = self
+            .shared
+            .bind_session(&session, self.id, replaced.clone())
+        {
+            old.notify_one();
+        }
+        if previous != SessionState::Active {
+            let _ = store.transition(&session, SessionState::Active).await;
+        }
+        let private = session.private_channel();
+        self.session = Some(Bound {
+            id: session.clone(),
+            channels: HashSet::new(),
+            replaced,
+        });
+
+        // Channels to deliver: the stored subscriptions, the private channel,
+        // and whatever the client says it was reading.
+        let stored = store.subscriptions(&session).await.unwrap_or_default();
+        let mut wanted: BTreeMap<String, u64> = stored
+            .iter()
+            .map(|s| (s.channel.clone(), s.cursor + 1))
+            .collect();
+        wanted.entry(private.clone()).or_insert(1);
+        for (channel, seen) in resume.unwrap_or_default() {
+            if protocol::valid_channel(&channel) && self.may_read(&channel) {
+                wanted.insert(channel, seen + 1);
+            }
+        }
+        let mut catch_up = serde_json::Map::new();
+        for channel in wanted.keys() {
+            if let Ok(bounds) = store.channel_bounds(channel).await {
+                catch_up.insert(channel.clone(), bounds.next.into());
+            }
+        }
+        let mut welcome = serde_json::json!({
+            "type": "welcome",
+            "session_id": session.as_str(),
+            "state": previous.as_str(),
+            "catch_up": catch_up,
+        });
+        if let Some(t) = new_token {
+            welcome["token"] = t.into();
+        }
+        // The welcome goes first: deliveries follow it.
+        self.send(welcome.to_string()).await;
+        for (channel, from) in &wanted {
+            self.start_channel(channel, *from).await;
+        }
+        metrics::counter!("keel_sessions_opened_total").increment(1);
+        None
+    }
+
+    fn may_read(&self, channel: &str) -> bool {
+        match (channel.strip_prefix("session:"), &self.session) {
+            (Some(owner), Some(s)) => owner == s.id.as_str(),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+
+    /// Registers `channel` with the hub, then has the writer replay the log
+    /// from `from` and continue live: nothing between is missed.
+    async fn start_channel(&mut self, channel: &str, from: u64) {
+        let name = self
+            .shared
+            .hub
+            .subscribe(channel, self.id, self.tx.clone(), self.slow.clone());
+        if let Some(s) = &mut self.session {
+            s.channels.insert(channel.to_owned());
+        }
+        let _ = self
+            .tx
+            .send(Outbound::Start {
+                channel: name,
+                from,
+            })
+            .await;
+    }
+
+    async fn on_subscribe(&mut self, channel: String, from: Option<u64>) -> Option<(u16, String)> {
+        if !protocol::valid_channel(&channel) {
+            return self
+                .error(
+                    ErrorCode::BadRequest,
+                    "invalid channel name",
+                    Some(&channel),
+                )
+                .await;
+        }
+        if !self.may_read(&channel) {
+            return self
+                .error(
+                    ErrorCode::Forbidden,
+                    "another session's private channel",
+                    Some(&channel),
+                )
+                .await;
+        }
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let (sid, count) = (session.id.clone(), session.channels.len());
+        if session.channels.contains(&channel) {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    "already subscribed",
+                    Some(&channel),
+                )
+                .await;
+        }
+        if count >= self.shared.config.limits.max_subscriptions {
+            return self
+                .error(
+                    ErrorCode::LimitExceeded,
+                    &format!(
+                        "at most {} subscriptions per session",
+                        self.shared.config.limits.max_subscriptions
+                    ),
+                    Some(&channel),
+                )
+                .await;
+        }
+        let store = self.shared.store.clone();
+        let from = match from {
+            Some(f) => f.max(1),
+            None => match store.subscriptions(&sid).await {
+                Ok(subs) => match subs.iter().find(|s| s.channel == channel) {
+                    Some(s) => s.cursor + 1,
+                    None => match store.channel_bounds(&channel).await {
+                        Ok(b) => b.next,
+                        Err(e) => return self.storage_error(&e, Some(&channel)).await,
+                    },
+                },
+                Err(e) => return self.storage_error(&e, Some(&channel)).await,
+            },
+        };
+        if let Err(e) = store
+            .subscribe(&sid, &channel, from.saturating_sub(1))
+            .await
+        {
+            return match e {
+                SessionError::Store(e) => self.storage_error(&e, Some(&channel)).await,
+                other => {
+                    self.error(ErrorCode::InvalidState, &other.to_string(), Some(&channel))
+                        .await
+                }
+            };
+        }
+        self.start_channel(&channel, from).await;
+        None
+    }
+
+    async fn on_unsubscribe(&mut self, channel: String) -> Option<(u16, String)> {
+        let Some(session) = &mut self.session else {
+            return None;
+        };
+        if !session.channels.remove(&channel) {
+            return self
+                .error(ErrorCode::InvalidState, "not subscribed", Some(&channel))
+                .await;
+        }
+        let sid = session.id.clone();
+        self.shared.hub.unsubscribe(&channel, self.id);
+        let _ = self
+            .tx
+            .send(Outbound::Stop {
+                channel: Arc::from(channel.as_str()),
+            })
+            .await;
+        if let Err(e) = self.shared.store.unsubscribe(&sid, &channel).await {
+            return self.storage_error(&e, Some(&channel)).await;
+        }
+        None
+    }
+
+    async fn on_publish(
+        &mut self,
+        channel: String,
+        id: String,
+        payload: Vec<u8>,
+    ) -> Option<(u16, String)> {
+        let limits = &self.shared.config.limits;
+        if payload.len() > limits.max_payload_bytes {
+            let msg = format!(
+                "payload of {} bytes is over the {}-byte limit",
+                payload.len(),
+                limits.max_payload_bytes
+            );
+            return self.error(ErrorCode::TooLarge, &msg, Some(&id)).await;
+        }
+        if !protocol::valid_channel(&channel) {
+            return self
+                .error(ErrorCode::BadRequest, "invalid channel name", Some(&id))
+                .await;
+        }
+        if !protocol::valid_id(&id) {
+            return self
+                .error(ErrorCode::BadRequest, "invalid message id", Some(&id))
+                .await;
+        }
+        if !self.may_read(&channel) {
+            return self
+                .error(
+                    ErrorCode::Forbidden,
+                    "another session's private channel",
+                    Some(&id),
+                )
+                .await;
+        }
+        if let Err(wait) = self.limiter.check() {
+            let msg = format!(
+                "publish rate exceeded; retry in {} ms",
+                wait.as_millis().max(1)
+            );
+            return self.error(ErrorCode::RateLimited, &msg, Some(&id)).await;
+        }
+        let _ = self
+            .publish
+            .send(PublishJob {
+                channel,
+                id,
+                payload,
+            })
+            .await;
+        None
+    }
+
+    async fn on_send(&mut self, id: String, to: String, body: &str) -> Option<(u16, String)> {
+        let limits = &self.shared.config.limits;
+        if body.len() > limits.max_payload_bytes {
+            return self
+                .error(
+                    ErrorCode::TooLarge,
+                    "body over the payload limit",
+                    Some(&id),
+                )
+                .await;
+        }
+        if !protocol::valid_id(&id) || to.is_empty() || to.len() > 200 {
+            return self
+                .error(ErrorCode::BadRequest, "invalid id or recipient", Some(&id))
+                .await;
+        }
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let payload = format!(r#"{{"to":{},"body":{body}}}"#, json_str(&to)).into_bytes();
+        match self
+            .shared
+            .store
+            .enqueue(NewSend {
+                session_id: Some(session.id.clone()),
+                idem_key: id.clone(),
+                payload,
+            })
+            .await
+        {
+            Ok(_) => {
+                self.shared.outbox_ready.notify_one();
+                metrics::counter!("keel_sends_queued_total").increment(1);
+                self.send(format!(r#"{{"type":"sent","id":{}}}"#, json_str(&id)))
+                    .await;
+                None
+            }
+            Err(keel_session::OutboxError::Store(e)) => self.storage_error(&e, Some(&id)).await,
+            Err(e) => {
+                self.error(ErrorCode::BadRequest, &e.to_string(), Some(&id))
+                    .await
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, channel: String, offset: u64) -> Option<(u16, String)> {
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let sid = session.id.clone();
+        match self.shared.store.ack(&sid, &channel, offset).await {
+            Ok(_) => None,
+            Err(SessionError::Store(e)) => self.storage_error(&e, Some(&channel)).await,
+            Err(e) => {
+                self.error(ErrorCode::InvalidState, &e.to_string(), Some(&channel))
+                    .await
+            }
+        }
+    }
+
+    async fn session_error(
+        &mut self,
+        e: &SessionError,
+        reference: Option<&str>,
+    ) -> Option<(u16, String)> {
+        match e {
+            SessionError::Store(se) => self.storage_error(se, reference).await,
+            other => {
+                self.error(ErrorCode::InvalidState, &other.to_string(), reference)
+                    .await
+            }
+        }
+    }
+
+    async fn storage_error(
+        &mut self,
+        e: &StoreError,
+        reference: Option<&str>,
+    ) -> Option<(u16, String)> {
+        self.shared.health.observe_store_error(e).await;
+        self.error(
+            ErrorCode::Unavailable,
+            &format!("cannot store right now ({e}); retry"),
+            reference,
+        )
+        .await
+    }
+
+    /// The session goes DETACHED (unless a newer connection took it over).
+    async fn detach(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        for channel in &session.channels {
+            self.shared.hub.unsubscribe(channel, self.id);
+        }
+        if self.shared.unbind_session(&session.id, self.id) {
+            let _ = self
+                .shared
+                .store
+                .transition(&session.id, SessionState::Detached)
+                .await;
+        }
+    }
+}
+
+/// Appends publishes in the order they arrived, up to `max_in_flight` at a
+/// time, then fans each new message out and acknowledges it. Runs until the
+/// connection is gone and every accepted publish is answered, so a committed
+/// message always reaches the hub.
+async fn publish_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<PublishJob>,
+    out: mpsc::Sender<Outbound>,
+) {
+    let limit = shared.config.limits.max_in_flight;
+    let mut in_flight = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            job = rx.recv(), if open && in_flight.len() < limit => match job {
+                Some(job) => {
+                    let store = shared.store.clone();
+                    in_flight.push_back(async move {
+                        let r = store.append(&job.channel, &job.id, &job.payload).await;
+                        (job, r)
+                    });
+                }
+                None => open = false,
+            },
+            Some((job, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let frame = match result {
+                    Ok(appended) => {
+                        if !appended.duplicate {
+                            let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
+                            shared.hub.publish(&job.channel, appended.offset, Utf8Bytes::from(deliver));
+                            metrics::counter!("keel_published_total").increment(1);
+                        }
+                        format!(
+                            r#"{{"type":"published","id":{},"channel":{},"offset":{}}}"#,
+                            json_str(&job.id),
+                            json_str(&job.channel),
+                            appended.offset
+                        )
+                    }
+                    Err(e) => {
+                        shared.health.observe_store_error(&e).await;
+                        error_frame(ErrorCode::Unavailable, &format!("not stored ({e}); retry"), Some(&job.id))
+                    }
+                };
+                let _ = out.send(Outbound::Frame(Utf8Bytes::from(frame))).await;
+            }
+            else => break,
+        }
+    }
+}
+
+/// Writes frames in batches; replays logs and fills gaps so that each
+/// channel's offsets go out in order, each once.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    store: Store,
+    slow: Arc<SlowFlag>,
+) {
+    let mut next: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = slow.wait() => {
+                metrics::counter!("keel_slow_consumers_total").increment(1);
+                let _ = sink.send(close_message(close::SLOW_CONSUMER, "slow consumer: resume from your last offset")).await;
+                return;
+            }
+            m = rx.recv() => m,
+        };
+        let Some(first) = first else {
+            let _ = sink.close().await;
+            return;
+        };
+        batch.push(first);
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut written = 0u64;
+        for item in batch.drain(..) {
+            let ok = match item {
+                Outbound::Frame(f) => {
+                    written += 1;
+                    sink.feed(Message::Text(f)).await.is_ok()
+                }
+                Outbound::Live {
+                    channel,
+                    offset,
+                    frame,
+                } => {
+                    let Some(expected) = next.get(&channel).copied() else {
+                        continue; // not started yet: the replay will cover it
+                    };
+                    if offset < expected {
+                        continue; // already delivered
+                    }
+                    let mut ok = true;
+                    if offset > expected {
+                        // Another publisher's earlier offset has not reached
+                        // the hub yet: it is committed, so read it.
+                        match replay(&mut sink, &store, &channel, expected, Some(offset)).await {
+                            Ok((_, n)) => written += n,
+                            Err(()) => ok = false,
+                        }
+                    }
+                    next.insert(channel, offset + 1);
+                    written += 1;
+                    ok && sink.feed(Message::Text(frame)).await.is_ok()
+                }
+                Outbound::Start { channel, from } => {
+                    match replay(&mut sink, &store, &channel, from, None).await {
+                        Ok((end, n)) => {
+                            written += n;
+                            next.insert(channel, end);
+                            true
+                        }
+                        Err(()) => false,
+                    }
+                }
+                Outbound::Stop { channel } => {
+                    next.remove(&channel);
+                    true
+                }
+                Outbound::Close { code, reason } => {
+                    let _ = sink.send(close_message(code, &reason)).await;
+                    return;
+                }
+            };
+            if !ok {
+                return;
+            }
+        }
+        metrics::counter!("keel_frames_out_total").increment(written);
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes `channel` from `from` up to (not including) `until`, or to the end
+/// of the log; returns the next offset to expect and how many were written.
+async fn replay(
+    sink: &mut SplitSink<WebSocket, Message>,
+    store: &Store,
+    channel: &str,
+    from: u64,
+    until: Option<u64>,
+) -> Result<(u64, u64), ()> {
+    let mut next = from;
+    let mut written = 0;
+    loop {
+        let want = match until {
+            Some(u) if u <= next => break,
+            Some(u) => ((u - next) as usize).min(REPLAY_PAGE),
+            None => REPLAY_PAGE,
+        };
+        let page = store
+            .read_channel(channel, next, want)
+            .await
+            .map_err(|_| ())?;
+        let got = page.len();
+        for m in page {
+            if until.is_some_and(|u| m.offset >= u) {
+                break;
+            }
+            let frame = protocol::deliver_frame(channel, m.offset, &m.msg_id, &m.payload);
+            sink.feed(Message::Text(Utf8Bytes::from(frame)))
+                .await
+                .map_err(|_| ())?;
+            next = m.offset + 1;
+            written += 1;
+        }
+        if got < want {
+            break;
+        }
+    }
+    // Offsets retention removed (or never written, at the end) are skipped.
+    Ok((until.map_or(next, |u| u.max(next)), written))
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_owned()),
+    }))
+}

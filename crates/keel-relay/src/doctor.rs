@@ -1,0 +1,120 @@
+//! `keel-relay doctor` and `keel-relay redrive`: offline inspection and repair
+//! of a data directory. Both take the directory lock, so they refuse to run
+//! beside a live relay, and both leave the clean-shutdown flag as they found
+//! it, so a crashed relay still gets its recovery on the next start.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use keel_recovery::integrity::{Check, check};
+use keel_recovery::{DB_FILE, DirLock};
+use keel_session::{OutboxState, Store};
+
+async fn open(data: &Path) -> anyhow::Result<(DirLock, Store)> {
+    let lock = DirLock::acquire(data).context("the data directory is in use")?;
+    let store = Store::open(&data.join(DB_FILE), keel_session::Config::default())
+        .await
+        .context("cannot open the database")?;
+    Ok((lock, store))
+}
+
+async fn close(store: Store) -> anyhow::Result<()> {
+    if store.startup().previous_clean_shutdown {
+        store.close().await?;
+    } else {
+        store.close_unclean().await?;
+    }
+    Ok(())
+}
+
+/// The doctor's report as text.
+pub async fn run(data: &Path) -> anyhow::Result<String> {
+    let mut out = String::new();
+    writeln!(out, "keel-relay doctor: {}", data.display())?;
+    let db = data.join(DB_FILE);
+    let integrity = match check(&db)? {
+        Check::Missing => {
+            writeln!(out, "database: {} does not exist yet", db.display())?;
+            return Ok(out);
+        }
+        Check::Intact => "ok".to_owned(),
+        Check::Damaged(why) => format!("DAMAGED ({why}); the next start quarantines it"),
+    };
+    let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    writeln!(
+        out,
+        "database: {} ({size} bytes), quick_check: {integrity}",
+        db.display()
+    )?;
+    if integrity != "ok" {
+        return Ok(out);
+    }
+    let (_lock, store) = open(data).await?;
+    writeln!(
+        out,
+        "previous shutdown: {}",
+        if store.startup().previous_clean_shutdown {
+            "clean"
+        } else {
+            "UNCLEAN (crash recovery runs on the next start)"
+        }
+    )?;
+    let states = store.count_by_state().await?;
+    let states: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    writeln!(
+        out,
+        "sessions: {}",
+        if states.is_empty() {
+            "none".to_owned()
+        } else {
+            states.join(", ")
+        }
+    )?;
+    let c = store.outbox_counts().await?;
+    writeln!(
+        out,
+        "outbox: pending {}, claimed {}, sent {}, dead {}",
+        c.pending, c.claimed, c.sent, c.dead
+    )?;
+    let dead = store.outbox_items(OutboxState::Dead, 100).await?;
+    if !dead.is_empty() {
+        writeln!(out, "dead sends (re-queue with `keel-relay redrive`):")?;
+        for item in &dead {
+            writeln!(
+                out,
+                "  {} key={} attempts={} last_error={}",
+                item.id,
+                item.idem_key,
+                item.attempts,
+                item.last_error.as_deref().unwrap_or("-")
+            )?;
+        }
+    }
+    let mut quarantined: Vec<String> = std::fs::read_dir(data)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".corrupt-"))
+        .collect();
+    quarantined.sort();
+    if quarantined.is_empty() {
+        writeln!(out, "quarantined files: none")?;
+    } else {
+        writeln!(
+            out,
+            "quarantined files (inspect with `sqlite3 FILE .recover`):"
+        )?;
+        for name in quarantined {
+            writeln!(out, "  {}", data.join(name).display())?;
+        }
+    }
+    close(store).await?;
+    Ok(out)
+}
+
+/// Re-queues every DEAD send; returns how many.
+pub async fn redrive(data: &Path) -> anyhow::Result<u64> {
+    let (_lock, store) = open(data).await?;
+    let n = store.redrive_all().await?;
+    close(store).await?;
+    Ok(n)
+}

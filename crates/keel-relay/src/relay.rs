@@ -1,0 +1,430 @@
+//! The daemon: startup recovery, the HTTP/WebSocket server, background loops,
+//! and graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use keel_recovery::{
+    DirLock, Health, HealthState, RecoveryReport, Shutdown, ShutdownReport, ShutdownToken,
+    StartOptions, Supervisor, SupervisorConfig,
+};
+use keel_session::{SessionId, Store};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::protocol::SUBPROTOCOL;
+
+/// Counts live things (connections, publish pipelines) so shutdown can wait for none.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+pub(crate) struct TrackerGuard<'a>(&'a Tracker);
+
+impl Tracker {
+    pub(crate) fn enter(&self) -> TrackerGuard<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        TrackerGuard(self)
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackerGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// State every connection and loop shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    pub(crate) health: Health,
+    pub(crate) hub: Hub,
+    pub(crate) intake: ShutdownToken,
+    pub(crate) live: Tracker,
+    pub(crate) outbox_ready: Notify,
+    pub(crate) supervisor: Supervisor,
+    next_conn: AtomicU64,
+    sessions: Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    metrics: PrometheusHandle,
+}
+
+impl Shared {
+    pub(crate) fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Binds `session` to connection `conn`; returns the previous
+    /// connection's replace signal, if one held it.
+    pub(crate) fn bind_session(
+        &self,
+        session: &SessionId,
+        conn: u64,
+        replaced: Arc<Notify>,
+    ) -> Option<Arc<Notify>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.clone(), (conn, replaced))
+            .map(|(_, old)| old)
+    }
+
+    /// Unbinds `session` if `conn` still holds it; returns whether it did.
+    pub(crate) fn unbind_session(&self, session: &SessionId, conn: u64) -> bool {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(session).is_some_and(|(c, _)| *c == conn) {
+            map.remove(session);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn admit_ip(&self, ip: IpAddr) -> bool {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= self.config.limits.max_connections_per_ip {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub(crate) fn release_ip(&self, ip: IpAddr) {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // A process holds one global recorder; a second relay in the same
+            // process (tests) shares it.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Startup recovery refused (another instance, unreadable database, full disk).
+    #[error(transparent)]
+    Start(#[from] keel_recovery::StartError),
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The supervisor could not start.
+    #[error("cannot start the process supervisor: {0}")]
+    Supervisor(std::io::Error),
+}
+
+/// A running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    intake: Shutdown,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    report: RecoveryReport,
+    _lock: DirLock,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Runs startup recovery on the data directory, listens, and starts the
+    /// background loops. Health is OPERATIONAL (or DEGRADED) when this returns.
+    pub async fn start(config: Config) -> Result<Relay, RelayError> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`Relay::start`] with an exec helper for supervised children (see
+    /// `keel_recovery::SupervisorConfig::exec_helper`).
+    pub async fn start_with(
+        config: Config,
+        exec_helper: Option<(std::path::PathBuf, Vec<std::ffi::OsString>)>,
+    ) -> Result<Relay, RelayError> {
+        config.validate()?;
+        let metrics = prometheus();
+        let options = StartOptions {
+            data_dir: config.data.clone(),
+            store: config.store_config(),
+        };
+        let started = keel_recovery::start(options.clone()).await?;
+        tracing::info!(report = %started.report.summary(), "startup recovery done");
+        let (helper, helper_args) = exec_helper.unzip();
+        let supervisor = Supervisor::new(SupervisorConfig {
+            exec_helper: helper,
+            exec_helper_args: helper_args.unwrap_or_default(),
+            registry: Some(options.registry_dir()),
+            ..Default::default()
+        })
+        .map_err(RelayError::Supervisor)?;
+
+        let listener = listen(config.listen).map_err(|source| RelayError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| RelayError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let intake = Shutdown::new();
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            store: started.store.clone(),
+            health: started.health.clone(),
+            hub: Hub::default(),
+            intake: intake.token(),
+            live: Tracker::default(),
+            outbox_ready: Notify::new(),
+            supervisor,
+            next_conn: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        let app = Router::new()
+            .route("/ws", get(ws_handler))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_handler))
+            .with_state(shared.clone());
+        let mut stop = intake.token();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.stopped().await })
+            .await;
+        });
+        let mut background = Vec::new();
+        if let Some(url) = config.upstream.clone() {
+            background.push(tokio::spawn(crate::upstream::run(shared.clone(), url)));
+        }
+        if let Some(dir) = config.spool.clone() {
+            background.push(tokio::spawn(crate::spool::run(shared.clone(), dir)));
+        }
+        let _ = started.health.ready(&format!("listening on {addr}")).await;
+        Ok(Relay {
+            shared,
+            addr,
+            intake,
+            server,
+            background,
+            report: started.report,
+            _lock: started.lock,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its store.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Its health machine.
+    pub fn health(&self) -> &Health {
+        &self.shared.health
+    }
+
+    /// What startup recovery did.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Shuts down gracefully: health DRAINING, stop accepting, close every
+    /// connection with 1001 (sessions become DETACHED), finish in-flight
+    /// publishes, stop the loops, terminate children, close the store with
+    /// `clean_shutdown` set (left unset if draining took longer than
+    /// `shutdown_grace_ms`).
+    pub async fn shutdown(self, reason: &str) -> Result<ShutdownReport, keel_session::StoreError> {
+        let Relay {
+            shared,
+            intake,
+            server,
+            background,
+            ..
+        } = self;
+        let drain = {
+            let shared = shared.clone();
+            async move {
+                shared.live.wait_zero().await;
+                let _ = server.await;
+                for task in background {
+                    let _ = task.await;
+                }
+            }
+        };
+        keel_recovery::graceful_shutdown(
+            reason,
+            &shared.health,
+            &intake,
+            drain,
+            Duration::from_millis(shared.config.shutdown_grace_ms),
+            Some(&shared.supervisor),
+            &shared.store,
+        )
+        .await
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    // The default backlog of 128 overflows under connect bursts (shared/baselines.md).
+    socket.listen(4096)
+}
+
+async fn ws_handler(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    if !shared.health.state().is_serving() || shared.intake.is_stopping() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not serving").into_response();
+    }
+    let ip = peer.ip();
+    if !shared.admit_ip(ip) {
+        metrics::counter!("keel_connections_refused_total").increment(1);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address",
+        )
+            .into_response();
+    }
+    let hard_cap = shared.config.limits.max_frame_bytes.saturating_mul(4);
+    let upgrade = ws
+        .protocols([SUBPROTOCOL])
+        .read_buffer_size(4096)
+        .write_buffer_size(4096)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap);
+    let on_fail = shared.clone();
+    upgrade
+        .on_failed_upgrade(move |_| on_fail.release_ip(ip))
+        .on_upgrade(move |socket| crate::conn::serve(shared, socket, ip))
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.health.state();
+    let inputs = shared.health.inputs().await;
+    let body = serde_json::json!({
+        "state": state.as_str(),
+        "upstream_reachable": inputs.upstream_reachable,
+        "disk": format!("{:?}", inputs.disk).to_lowercase(),
+        "database_ok": inputs.database_ok,
+        "problems": inputs.problems(),
+        "connections": shared.live.count(),
+    });
+    let code = if state == HealthState::Stopped {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.health.state();
+    if state.is_serving() && !shared.intake.is_stopping() {
+        (StatusCode::OK, state.as_str()).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, state.as_str()).into_response()
+    }
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.health.state();
+    for s in [
+        HealthState::Starting,
+        HealthState::Operational,
+        HealthState::Degraded,
+        HealthState::Draining,
+        HealthState::Stopped,
+    ] {
+        metrics::gauge!("keel_health", "state" => s.as_str()).set(f64::from(u8::from(s == state)));
+    }
+    metrics::gauge!("keel_channels_subscribed").set(shared.hub.channel_count() as f64);
+    if let Ok(counts) = shared.store.outbox_counts().await {
+        for (state, n) in [
+            ("pending", counts.pending),
+            ("claimed", counts.claimed),
+            ("sent", counts.sent),
+            ("dead", counts.dead),
+        ] {
+            metrics::gauge!("keel_outbox", "state" => state).set(n as f64);
+        }
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+        .into_response()
+}

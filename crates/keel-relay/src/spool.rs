@@ -1,0 +1,222 @@
+//! A spool directory of job files, each handled exactly once.
+//!
+//! `DIR/<name>.job.json` is claimed by renaming it to `<name>.claimed`
+//! (atomic: only one taker), handled, answered with `<name>.result.json`
+//! (written to a temporary file and renamed), then the claim is removed.
+//! Claims found at startup were left by a crash and are re-queued; handling is
+//! idempotent by job id (publish: message id `spool-<job id>`; send: the job id
+//! is the idempotency key), so re-running a job changes nothing. A job file
+//! that cannot be parsed is moved to `DIR/failed/` with a `.reason.txt`.
+//!
+//! Jobs:
+//! ```text
+//! {"job_id":"j1","type":"publish","channel":"room:1","payload":{...}}
+//! {"job_id":"j2","type":"send","to":"alice","body":{...}}
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_session::NewSend;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::protocol::{self, json_str};
+use crate::relay::Shared;
+
+const JOB: &str = ".job.json";
+const CLAIMED: &str = ".claimed";
+const RESULT: &str = ".result.json";
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Job {
+    Publish {
+        #[serde(default)]
+        job_id: Option<String>,
+        channel: String,
+        payload: Box<RawValue>,
+    },
+    Send {
+        #[serde(default)]
+        job_id: Option<String>,
+        to: String,
+        body: Box<RawValue>,
+    },
+}
+
+/// Re-queues claims a crashed run left behind: `*.claimed` back to `*.job.json`.
+/// Returns how many.
+pub fn requeue_stale(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(stem) = name.strip_suffix(CLAIMED) {
+            std::fs::rename(&path, dir.join(format!("{stem}{JOB}")))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Runs until shutdown begins.
+pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
+    if let Err(e) = std::fs::create_dir_all(dir.join("failed")) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot use the spool directory");
+        return;
+    }
+    match requeue_stale(&dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(n, "re-queued spool claims left by an earlier run"),
+        Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
+    }
+    let mut stop = shared.intake.clone();
+    while !stop.is_stopping() {
+        let jobs = list_jobs(&dir).unwrap_or_default();
+        for stem in &jobs {
+            if stop.is_stopping() {
+                break;
+            }
+            handle(&shared, &dir, stem).await;
+        }
+        if jobs.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.stopped() => {}
+            }
+        }
+    }
+}
+
+fn list_jobs(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut stems: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(JOB).map(str::to_owned)
+        })
+        .collect();
+    stems.sort();
+    Ok(stems)
+}
+
+async fn handle(shared: &Shared, dir: &Path, stem: &str) {
+    let job_path = dir.join(format!("{stem}{JOB}"));
+    let claimed = dir.join(format!("{stem}{CLAIMED}"));
+    // The claim: whoever renames first owns the job.
+    if std::fs::rename(&job_path, &claimed).is_err() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let text = match std::fs::read(&claimed) {
+        Ok(t) => t,
+        Err(e) => return fail(dir, stem, &claimed, &format!("cannot read: {e}")),
+    };
+    let job: Job = match serde_json::from_slice(&text) {
+        Ok(j) => j,
+        Err(e) => return fail(dir, stem, &claimed, &format!("not a valid job: {e}")),
+    };
+    let result = match job {
+        Job::Publish {
+            job_id,
+            channel,
+            payload,
+        } => {
+            let job_id = job_id.unwrap_or_else(|| stem.to_owned());
+            if !protocol::valid_channel(&channel) {
+                return fail(dir, stem, &claimed, "invalid channel name");
+            }
+            let msg_id = format!("spool-{job_id}");
+            match shared
+                .store
+                .append(&channel, &msg_id, payload.get().as_bytes())
+                .await
+            {
+                Ok(a) => {
+                    if !a.duplicate {
+                        let frame = protocol::deliver_frame(
+                            &channel,
+                            a.offset,
+                            &msg_id,
+                            payload.get().as_bytes(),
+                        );
+                        shared.hub.publish(
+                            &channel,
+                            a.offset,
+                            axum::extract::ws::Utf8Bytes::from(frame),
+                        );
+                    }
+                    format!(
+                        r#"{{"job_id":{},"status":"ok","channel":{},"offset":{},"duplicate":{}}}"#,
+                        json_str(&job_id),
+                        json_str(&channel),
+                        a.offset,
+                        a.duplicate
+                    )
+                }
+                Err(e) => {
+                    // Not handled: put it back for the next pass.
+                    shared.health.observe_store_error(&e).await;
+                    let _ = std::fs::rename(&claimed, &job_path);
+                    return;
+                }
+            }
+        }
+        Job::Send { job_id, to, body } => {
+            let job_id = job_id.unwrap_or_else(|| stem.to_owned());
+            let payload = format!(r#"{{"to":{},"body":{}}}"#, json_str(&to), body.get());
+            match shared
+                .store
+                .enqueue(NewSend {
+                    session_id: None,
+                    idem_key: job_id.clone(),
+                    payload: payload.into_bytes(),
+                })
+                .await
+            {
+                Ok(e) => {
+                    shared.outbox_ready.notify_one();
+                    format!(
+                        r#"{{"job_id":{},"status":"queued","outbox_id":{},"duplicate":{}}}"#,
+                        json_str(&job_id),
+                        e.id,
+                        e.duplicate
+                    )
+                }
+                Err(e) => {
+                    if let keel_session::OutboxError::Store(se) = &e {
+                        shared.health.observe_store_error(se).await;
+                    }
+                    let _ = std::fs::rename(&claimed, &job_path);
+                    return;
+                }
+            }
+        }
+    };
+    let tmp = dir.join(format!(".{stem}.result.tmp"));
+    let done = dir.join(format!("{stem}{RESULT}"));
+    let written = std::fs::write(&tmp, result.as_bytes())
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &done));
+    match written {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&claimed);
+            metrics::counter!("keel_spool_jobs_total", "status" => "ok").increment(1);
+            metrics::histogram!("keel_spool_job_seconds").record(started.elapsed().as_secs_f64());
+        }
+        Err(e) => {
+            tracing::error!(job = stem, error = %e, "cannot write the job result; the claim stays for the next start");
+        }
+    }
+}
+
+fn fail(dir: &Path, stem: &str, claimed: &Path, reason: &str) {
+    let failed = dir.join("failed");
+    let _ = std::fs::rename(claimed, failed.join(format!("{stem}{JOB}")));
+    let _ = std::fs::write(failed.join(format!("{stem}.reason.txt")), reason);
+    metrics::counter!("keel_spool_jobs_total", "status" => "failed").increment(1);
+    tracing::warn!(job = stem, reason, "spool job moved to failed/");
+}

@@ -1,0 +1,443 @@
+//! Sending the outbox to the upstream messaging API (design §4), and routing
+//! what the upstream pushes into sessions' private channels.
+//!
+//! outbox (PENDING) -> claim with a lease -> keel-ratelimit SendQueue (global
+//! and per-recipient buckets, Retry-After, backoff) -> UpstreamSink -> keel-reconnect
+//! client (buffered with the idempotency key as ack key, re-sent on every new
+//! link until answered) -> `ok` -> SENT; `rate_limited` -> retry no sooner
+//! than told; no answer -> backoff; attempts used up -> DEAD.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use keel_ratelimit::{Backoff, Delivery, Quota, Scope, SendOutcome, SendQueue, Sink};
+use keel_reconnect::Message;
+use keel_reconnect::{Inbound, Link, Protocol, ReconnectingClient, State};
+use keel_session::{OutboxId, Retry, SessionId};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::protocol::{self, json_str};
+use crate::relay::Shared;
+
+/// An upstream answer to one send.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    Ok,
+    RateLimited { retry_after: Duration, scope: Scope },
+    Error { code: String, message: String },
+}
+
+#[derive(Deserialize)]
+struct UpFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    body: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// The upstream protocol for keel-reconnect: an answer (`ok`,
+/// `rate_limited`, `error`) acknowledges its send, so the client stops
+/// re-sending it; everything is also handed to the router.
+struct UpstreamProtocol;
+
+impl Protocol for UpstreamProtocol {
+    async fn resume(&self, _link: &mut Link<'_>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn inbound(&self, frame: &Message) -> Inbound {
+        let acks = match frame {
+            Message::Text(t) => serde_json::from_str::<UpFrame>(t.as_str())
+                .ok()
+                .filter(|f| matches!(f.kind.as_str(), "ok" | "rate_limited" | "error"))
+                .and_then(|f| f.id)
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        };
+        Inbound {
+            acks,
+            deliver: true,
+        }
+    }
+}
+
+type Pending = Mutex<HashMap<String, watch::Sender<Option<Answer>>>>;
+
+/// What the send queue carries: the outbox item and its wire frame.
+#[derive(Debug, Clone)]
+struct Envelope {
+    idem_key: String,
+    frame: String,
+}
+
+struct UpstreamSink {
+    client: Arc<ReconnectingClient>,
+    pending: Arc<Pending>,
+    answer_timeout: Duration,
+}
+
+impl Sink<String, Envelope> for UpstreamSink {
+    async fn send(&self, _to: &String, msg: &Envelope) -> SendOutcome {
+        // An earlier attempt whose answer never came is still buffered in the
+        // client and will be re-sent on the next link: wait for it rather than
+        // sending a second copy.
+        let (mut rx, fresh) = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&msg.idem_key) {
+                Some(tx) => (tx.subscribe(), false),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(msg.idem_key.clone(), tx);
+                    (rx, true)
+                }
+            }
+        };
+        if fresh
+            && let Err(e) = self
+                .client
+                .send(Message::text(msg.frame.clone()), Some(msg.idem_key.clone()))
+                .await
+        {
+            self.forget(&msg.idem_key);
+            return SendOutcome::Failed {
+                retryable: true,
+                error: format!("upstream client refused: {e}"),
+            };
+        }
+        let answer = tokio::time::timeout(self.answer_timeout, rx.wait_for(Option::is_some)).await;
+        let answer = match answer {
+            Ok(Ok(a)) => a.clone(),
+            _ => {
+                return SendOutcome::Failed {
+                    retryable: true,
+                    error: format!("no answer within {:?}", self.answer_timeout),
+                };
+            }
+        };
+        self.forget(&msg.idem_key);
+        match answer {
+            Some(Answer::Ok) => SendOutcome::Sent,
+            Some(Answer::RateLimited { retry_after, scope }) => {
+                SendOutcome::RateLimited { retry_after, scope }
+            }
+            Some(Answer::Error { code, message }) => SendOutcome::Failed {
+                retryable: false,
+                error: format!("upstream error {code}: {message}"),
+            },
+            None => SendOutcome::Failed {
+                retryable: true,
+                error: "no answer".to_owned(),
+            },
+        }
+    }
+}
+
+impl UpstreamSink {
+    fn forget(&self, key: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+/// Runs until shutdown begins.
+pub(crate) async fn run(shared: Arc<Shared>, url: String) {
+    let sending = shared.config.sending.clone();
+    let (client, mut frames) = ReconnectingClient::start(
+        url,
+        UpstreamProtocol,
+        keel_reconnect::Config {
+            backoff: keel_reconnect::Backoff {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(5),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let client = Arc::new(client);
+    let pending: Arc<Pending> = Arc::default();
+
+    // Upstream reachability drives health.
+    let health_task = {
+        let health = shared.health.clone();
+        let mut state = client.state();
+        tokio::spawn(async move {
+            loop {
+                let reachable = match &*state.borrow_and_update() {
+                    State::Connected => Some(true),
+                    State::Backoff { .. } | State::Disconnected { .. } | State::Closed { .. } => {
+                        Some(false)
+                    }
+                    State::Connecting | State::Resuming => None,
+                };
+                if let Some(r) = reachable {
+                    health.set_upstream_reachable(r).await;
+                }
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // Answers to their senders; pushed messages to sessions.
+    let router = {
+        let (shared, pending) = (shared.clone(), pending.clone());
+        tokio::spawn(async move {
+            while let Some(frame) = frames.recv().await {
+                let Message::Text(text) = frame else { continue };
+                let Ok(f) = serde_json::from_str::<UpFrame>(text.as_str()) else {
+                    metrics::counter!("keel_upstream_garbage_total").increment(1);
+                    continue;
+                };
+                let answer = match f.kind.as_str() {
+                    "ok" => Answer::Ok,
+                    "rate_limited" => Answer::RateLimited {
+                        retry_after: Duration::from_millis(f.retry_after_ms.unwrap_or(1000)),
+                        scope: if f.scope.as_deref() == Some("global") {
+                            Scope::Global
+                        } else {
+                            Scope::Key
+                        },
+                    },
+                    "error" => Answer::Error {
+                        code: f.code.clone().unwrap_or_default(),
+                        message: f.message.clone().unwrap_or_default(),
+                    },
+                    "message" => {
+                        route_inbound(&shared, &f).await;
+                        continue;
+                    }
+                    _ => continue,
+                };
+                if let Some(id) = &f.id
+                    && let Some(tx) = pending.lock().unwrap_or_else(|p| p.into_inner()).get(id)
+                {
+                    tx.send_replace(Some(answer));
+                }
+            }
+        })
+    };
+
+    let sink = UpstreamSink {
+        client: client.clone(),
+        pending,
+        answer_timeout: Duration::from_millis(sending.answer_timeout_ms),
+    };
+    let max_queued = 1024;
+    let (queue, _dead) = SendQueue::new(
+        sink,
+        keel_ratelimit::Config {
+            global: vec![Quota::per_second(nz(sending.global_rate))],
+            per_key: vec![
+                Quota::per_second(nz(sending.per_recipient_rate))
+                    .allow_burst(nz(sending.per_recipient_burst)),
+            ],
+            max_total: max_queued,
+            backoff: Backoff {
+                base: Duration::from_millis(sending.backoff_base_ms),
+                cap: Duration::from_millis(sending.backoff_cap_ms),
+                max_attempts: sending.max_attempts,
+                ..Default::default()
+            },
+            seed: u64::from(std::process::id()),
+            ..Default::default()
+        },
+    );
+    let queue = Arc::new(queue);
+    let worker = format!("relay-{}", std::process::id());
+    let lease = Duration::from_millis(sending.lease_ms);
+    let in_queue: Arc<Mutex<HashSet<OutboxId>>> = Arc::default();
+    let mut stop = shared.intake.clone();
+    let store = shared.store.clone();
+    while !stop.is_stopping() {
+        let room = max_queued.saturating_sub(in_queue.lock().map(|s| s.len()).unwrap_or(0));
+        let items = if room == 0 {
+            Vec::new()
+        } else {
+            match store.claim(&worker, lease, room.min(128)).await {
+                Ok(items) => items,
+                Err(e) => {
+                    if let keel_session::OutboxError::Store(se) = &e {
+                        shared.health.observe_store_error(se).await;
+                    }
+                    tracing::warn!(error = %e, "cannot claim outbox items");
+                    Vec::new()
+                }
+            }
+        };
+        let mut took = 0;
+        for item in items {
+            if !in_queue
+                .lock()
+                .map(|mut s| s.insert(item.id))
+                .unwrap_or(false)
+            {
+                continue; // its lease ran out while it waited in the queue
+            }
+            took += 1;
+            let parsed: Option<(String, Box<serde_json::value::RawValue>)> =
+                serde_json::from_slice::<serde_json::Value>(&item.payload)
+                    .ok()
+                    .and_then(|v| {
+                        let to = v.get("to")?.as_str()?.to_owned();
+                        let body = serde_json::value::to_raw_value(v.get("body")?).ok()?;
+                        Some((to, body))
+                    });
+            let Some((to, body)) = parsed else {
+                let _ = store
+                    .dead_letter(item.id, "outbox payload is not {to, body}")
+                    .await;
+                in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
+                continue;
+            };
+            let envelope = Envelope {
+                idem_key: item.idem_key.clone(),
+                frame: format!(
+                    r#"{{"type":"send","id":{},"to":{},"body":{}}}"#,
+                    json_str(&item.idem_key),
+                    json_str(&to),
+                    body.get()
+                ),
+            };
+            match queue.submit(to, envelope).await {
+                Ok(receipt) => {
+                    let (shared, worker, in_queue) =
+                        (shared.clone(), worker.clone(), in_queue.clone());
+                    tokio::spawn(async move {
+                        let delivery = receipt.await;
+                        finish(&shared, &worker, &item, delivery).await;
+                        in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "send queue refused an outbox item; it will be claimed again");
+                    in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
+                }
+            }
+        }
+        if took == 0 {
+            tokio::select! {
+                _ = shared.outbox_ready.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.stopped() => {}
+            }
+        }
+    }
+    // Claimed items not finished by now expire and are claimed again after a
+    // restart (or released by crash recovery); the upstream's idempotency key
+    // makes a second send harmless.
+    router.abort();
+    health_task.abort();
+    if let Ok(client) = Arc::try_unwrap(client) {
+        client.close().await;
+    }
+}
+
+async fn finish(
+    shared: &Shared,
+    worker: &str,
+    item: &keel_session::OutboxItem,
+    delivery: Delivery,
+) {
+    let store = &shared.store;
+    let status = match &delivery {
+        Delivery::Sent { .. } => match store.complete(item.id, worker).await {
+            Ok(_) => "SENT",
+            Err(e) => {
+                tracing::warn!(id = %item.idem_key, error = %e, "sent, but could not mark SENT");
+                return;
+            }
+        },
+        Delivery::Dead(reason) => {
+            let why = format!("{reason:?}");
+            if store
+                .fail(item.id, worker, &why, Retry::Never)
+                .await
+                .is_err()
+            {
+                let _ = store.dead_letter(item.id, &why).await;
+            }
+            "DEAD"
+        }
+    };
+    metrics::counter!("keel_upstream_sends_total", "status" => status).increment(1);
+    // Tell the session, durably: its private channel holds the result.
+    if let Some(session) = &item.session_id {
+        let channel = session.private_channel();
+        let msg_id = format!("send-result-{}", item.idem_key);
+        let payload = format!(
+            r#"{{"type":"send_result","id":{},"status":"{status}"}}"#,
+            json_str(&item.idem_key)
+        );
+        publish_internal(shared, &channel, &msg_id, payload.as_bytes()).await;
+    }
+}
+
+/// Appends a relay-made message and fans it out.
+pub(crate) async fn publish_internal(shared: &Shared, channel: &str, msg_id: &str, payload: &[u8]) {
+    match shared.store.append(channel, msg_id, payload).await {
+        Ok(a) if !a.duplicate => {
+            let frame = protocol::deliver_frame(channel, a.offset, msg_id, payload);
+            shared
+                .hub
+                .publish(channel, a.offset, Utf8Bytes::from(frame));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            shared.health.observe_store_error(&e).await;
+        }
+    }
+}
+
+async fn route_inbound(shared: &Shared, f: &UpFrame) {
+    let (Some(to), Some(id)) = (&f.to, &f.id) else {
+        metrics::counter!("keel_upstream_unroutable_total").increment(1);
+        return;
+    };
+    let session = SessionId::from(to.as_str());
+    if shared.store.session(&session).await.is_err() {
+        metrics::counter!("keel_upstream_unroutable_total").increment(1);
+        tracing::warn!(to = %to, "upstream message for an unknown session dropped");
+        return;
+    }
+    let payload = format!(
+        r#"{{"type":"upstream_message","id":{},"from":{},"body":{}}}"#,
+        json_str(id),
+        json_str(f.from.as_deref().unwrap_or("")),
+        f.body.as_ref().map_or("null", |b| b.get())
+    );
+    publish_internal(
+        shared,
+        &session.private_channel(),
+        &format!("upstream-{id}"),
+        payload.as_bytes(),
+    )
+    .await;
+    metrics::counter!("keel_upstream_inbound_total").increment(1);
+}

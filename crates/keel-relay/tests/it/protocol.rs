@@ -1,0 +1,109 @@
+//! Publishing, delivery, resume, isolation.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use keel_relay::client::new_message_id;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn publish_deliver_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let mut sub = client(&relay.url()).await;
+    sub.subscribe("room:1", Some(1)).await.unwrap();
+    let publisher = client(&relay.url()).await;
+
+    // 200 publishes, 20 in flight at a time: offsets follow commit order.
+    let mut acked = Vec::new();
+    for chunk in 0..10 {
+        let calls = (0..20).map(|i| {
+            let id = format!("m-{chunk:02}-{i:02}");
+            let p = &publisher;
+            async move {
+                (
+                    p.publish("room:1", &id, &json!({"n": i})).await.unwrap(),
+                    id,
+                )
+            }
+        });
+        acked.extend(futures::future::join_all(calls).await);
+    }
+    let got = collect(&mut sub, "room:1", 200, Duration::from_secs(30)).await;
+    assert_complete_in_order(&got, 200);
+    let mut acked_sorted = acked.clone();
+    acked_sorted.sort();
+    assert_eq!(
+        got, acked_sorted,
+        "each delivery carries the acknowledged offset and id"
+    );
+    assert_eq!(sub.duplicates_dropped(), 0);
+
+    // Re-publishing an id returns the original offset and delivers nothing new.
+    let (offset, id) = acked[0].clone();
+    assert_eq!(
+        publisher
+            .publish("room:1", &id, &json!({"n": 0}))
+            .await
+            .unwrap(),
+        offset
+    );
+    let fresh = new_message_id();
+    let next = publisher
+        .publish("room:1", &fresh, &json!("last"))
+        .await
+        .unwrap();
+    assert_eq!(next, 201);
+    let more = collect(&mut sub, "room:1", 1, Duration::from_secs(10)).await;
+    assert_eq!(more, vec![(201, fresh)]);
+}
+
+#[tokio::test]
+async fn private_channel_isolation() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let a = client(&relay.url()).await;
+    let mut b = client(&relay.url()).await;
+    let b_private = format!("session:{}", b.session_id().unwrap());
+
+    // A may neither read nor write B's private channel.
+    let err = a
+        .publish(&b_private, "x-1", &json!("hi"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    let mut raw = crate::support::RawWs::connect(&relay.url()).await;
+    raw.send(json!({"type": "hello"})).await;
+    let welcome = raw.next_json().await;
+    assert_eq!(welcome["type"], "welcome");
+    raw.send(json!({"type": "subscribe", "channel": b_private, "from": 1}))
+        .await;
+    let e = raw.next_json().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("forbidden"))
+    );
+    // Nor through a resume map.
+    let mut raw2 = crate::support::RawWs::connect(&relay.url()).await;
+    raw2.send(json!({"type": "hello", "resume": {b_private.clone(): 0}}))
+        .await;
+    let welcome = raw2.next_json().await;
+    assert!(welcome["catch_up"].get(&b_private).is_none(), "{welcome}");
+
+    // B reads its own: A's attempts left nothing in it; a message B's session
+    // publishes there arrives.
+    let own = b
+        .publish(&b_private, "note-1", &json!("mine"))
+        .await
+        .unwrap();
+    assert_eq!(
+        own, 1,
+        "nothing else was ever stored in B's private channel"
+    );
+    let got = collect(&mut b, &b_private, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(1, "note-1".to_owned())]);
+    let ids: HashSet<_> = [a.session_id(), b.session_id()].into_iter().collect();
+    assert_eq!(ids.len(), 2);
+}
