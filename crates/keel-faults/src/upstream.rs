@@ -87,7 +87,8 @@ pub struct Accepted {
     pub at: Instant,
 }
 
-/// A send that arrived before the Retry-After the upstream had given for its scope.
+/// A send that arrived before a Retry-After it should have honoured (see
+/// [`MockUpstream::early_sends`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlySend {
     /// Its idempotency key.
@@ -132,9 +133,11 @@ impl TokenBucket {
 struct Books {
     global: TokenBucket,
     recipients: HashMap<String, TokenBucket>,
-    /// Earliest instant the upstream told a scope it may send again.
-    global_not_before: Option<Instant>,
-    recipient_not_before: HashMap<String, Instant>,
+    /// The latest 429 per scope: when it was given, and the instant it named.
+    global_not_before: Option<(Instant, Instant)>,
+    recipient_not_before: HashMap<String, (Instant, Instant)>,
+    /// The instant named by the latest 429 given to each id.
+    id_not_before: HashMap<String, Instant>,
     accepted: Vec<Accepted>,
     accepted_ids: HashSet<String>,
     duplicates: Vec<String>,
@@ -185,6 +188,7 @@ impl MockUpstream {
             recipients: HashMap::new(),
             global_not_before: None,
             recipient_not_before: HashMap::new(),
+            id_not_before: HashMap::new(),
             accepted: Vec::new(),
             accepted_ids: HashSet::new(),
             duplicates: Vec::new(),
@@ -261,7 +265,11 @@ impl MockUpstream {
         self.books().duplicates.clone()
     }
 
-    /// Sends that came before the Retry-After given to their scope.
+    /// Sends that came too early: an id sent again before the time its own 429
+    /// named, or any send in a rate-limited scope (global or its recipient)
+    /// that arrived at least 20 ms after that scope's 429 and before the time
+    /// it named. (Sends that arrive within 20 ms were on the wire before the
+    /// client could know.)
     pub fn early_sends(&self) -> Vec<EarlySend> {
         self.books().early.clone()
     }
@@ -389,6 +397,10 @@ struct Send {
     body: Value,
 }
 
+/// How long after a 429 a client is assumed to know of it: sends of other
+/// ids that arrive sooner were already on their way.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(20);
+
 fn answer(shared: &Shared, text: &str) -> Value {
     let send: Send = match serde_json::from_str(text) {
         Ok(s) => s,
@@ -401,14 +413,21 @@ fn answer(shared: &Shared, text: &str) -> Value {
     }
     let now = Instant::now();
     let mut books = shared.books.lock().unwrap_or_else(|p| p.into_inner());
-    // A send before the time we gave its scope is early, whatever happens next.
-    let not_before = [
+    // Early, whatever happens next: a send of an id before the time its own
+    // 429 named, or any send in a scope before the time that scope's 429
+    // named, once the client has had IN_FLIGHT_GRACE to learn of it (sends
+    // already on the wire when the 429 went out cannot have known).
+    let scope_not_before = [
         books.global_not_before,
         books.recipient_not_before.get(&send.to).copied(),
     ]
     .into_iter()
     .flatten()
-    .max();
+    .filter(|(given, _)| now.saturating_duration_since(*given) >= IN_FLIGHT_GRACE)
+    .map(|(_, nb)| nb);
+    let not_before = scope_not_before
+        .chain(books.id_not_before.get(&send.id).copied())
+        .max();
     if let Some(nb) = not_before.filter(|nb| *nb > now) {
         let early_by = nb - now;
         books.early.push(EarlySend {
@@ -430,13 +449,15 @@ fn answer(shared: &Shared, text: &str) -> Value {
             books.rate_limited += 1;
             books
                 .recipient_not_before
-                .insert(send.to.clone(), now + wait);
+                .insert(send.to.clone(), (now, now + wait));
+            books.id_not_before.insert(send.id.clone(), now + wait);
             return rate_limited(&send.id, wait, "recipient");
         }
     }
     if let Err(wait) = books.global.take(now) {
         books.rate_limited += 1;
-        books.global_not_before = Some(now + wait);
+        books.global_not_before = Some((now, now + wait));
+        books.id_not_before.insert(send.id.clone(), now + wait);
         return rate_limited(&send.id, wait, "global");
     }
     books.accepted_ids.insert(send.id.clone());

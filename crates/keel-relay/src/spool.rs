@@ -19,8 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_session::NewSend;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::protocol::{self, json_str};
 use crate::relay::Shared;
@@ -28,22 +26,51 @@ use crate::relay::Shared;
 const JOB: &str = ".job.json";
 const CLAIMED: &str = ".claimed";
 const RESULT: &str = ".result.json";
+/// Jobs handled at once.
+const CONCURRENCY: usize = 16;
 
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
 enum Job {
     Publish {
-        #[serde(default)]
         job_id: Option<String>,
         channel: String,
-        payload: Box<RawValue>,
+        payload: String,
     },
     Send {
-        #[serde(default)]
         job_id: Option<String>,
         to: String,
-        body: Box<RawValue>,
+        body: String,
     },
+}
+
+/// Parses a job file (an object with a `type`; see the module docs).
+fn parse_job(bytes: &[u8]) -> Result<Job, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a valid job: {e}"))?;
+    let field = |name: &str| -> Result<String, String> {
+        v.get(name)
+            .and_then(|f| f.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("not a valid job: missing string field {name:?}"))
+    };
+    let job_id = v.get("job_id").and_then(|j| j.as_str()).map(str::to_owned);
+    let raw = |name: &str| -> Result<String, String> {
+        v.get(name)
+            .map(|p| p.to_string())
+            .ok_or_else(|| format!("not a valid job: missing field {name:?}"))
+    };
+    match v.get("type").and_then(|t| t.as_str()) {
+        Some("publish") => Ok(Job::Publish {
+            job_id,
+            channel: field("channel")?,
+            payload: raw("payload")?,
+        }),
+        Some("send") => Ok(Job::Send {
+            job_id,
+            to: field("to")?,
+            body: raw("body")?,
+        }),
+        other => Err(format!("not a valid job: unknown type {other:?}")),
+    }
 }
 
 /// Re-queues claims a crashed run left behind: `*.claimed` back to `*.job.json`.
@@ -75,14 +102,23 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
         Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
     }
     let mut stop = shared.intake.clone();
+    let dir = Arc::new(dir);
     while !stop.is_stopping() {
         let jobs = list_jobs(&dir).unwrap_or_default();
-        for stem in &jobs {
+        // Up to CONCURRENCY jobs at a time: each result is fsynced, and
+        // one after another those syncs would add up across a burst.
+        let mut running = tokio::task::JoinSet::new();
+        for stem in jobs.iter().cloned() {
             if stop.is_stopping() {
                 break;
             }
-            handle(&shared, &dir, stem).await;
+            if running.len() >= CONCURRENCY {
+                let _ = running.join_next().await;
+            }
+            let (shared, dir) = (shared.clone(), dir.clone());
+            running.spawn(async move { handle(&shared, &dir, &stem).await });
         }
+        while running.join_next().await.is_some() {}
         if jobs.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -115,9 +151,9 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
         Ok(t) => t,
         Err(e) => return fail(dir, stem, &claimed, &format!("cannot read: {e}")),
     };
-    let job: Job = match serde_json::from_slice(&text) {
+    let job = match parse_job(&text) {
         Ok(j) => j,
-        Err(e) => return fail(dir, stem, &claimed, &format!("not a valid job: {e}")),
+        Err(e) => return fail(dir, stem, &claimed, &e),
     };
     let result = match job {
         Job::Publish {
@@ -132,7 +168,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
             let msg_id = format!("spool-{job_id}");
             match shared
                 .store
-                .append(&channel, &msg_id, payload.get().as_bytes())
+                .append(&channel, &msg_id, payload.as_bytes())
                 .await
             {
                 Ok(a) => {
@@ -141,7 +177,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                             &channel,
                             a.offset,
                             &msg_id,
-                            payload.get().as_bytes(),
+                            payload.as_bytes(),
                         );
                         shared.hub.publish(
                             &channel,
@@ -167,7 +203,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
         }
         Job::Send { job_id, to, body } => {
             let job_id = job_id.unwrap_or_else(|| stem.to_owned());
-            let payload = format!(r#"{{"to":{},"body":{}}}"#, json_str(&to), body.get());
+            let payload = format!(r#"{{"to":{},"body":{}}}"#, json_str(&to), body);
             match shared
                 .store
                 .enqueue(NewSend {

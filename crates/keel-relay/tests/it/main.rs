@@ -1,5 +1,8 @@
 //! keel-relay as a real process on 127.0.0.1, with real clients.
 
+mod bad_input;
 mod protocol;
 mod resilience;
+mod spool;
 mod support;
+mod upstream;

@@ -1,0 +1,175 @@
+//! Sends through the outbox to a mock upstream that rate-limits and goes down.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use keel_faults::{MockUpstream, UpstreamConfig, UpstreamMode};
+use keel_relay::client::{Client, Event};
+use serde_json::json;
+
+use crate::support::*;
+
+/// Waits until the client has seen `n` `send_result` notices; returns their statuses by id.
+async fn results(client: &mut Client, n: usize, limit: Duration) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while out.len() < n {
+        let Ok(Some(e)) = tokio::time::timeout_at(deadline, client.next_event()).await else {
+            break;
+        };
+        if let Event::Deliver { payload, .. } = e
+            && payload["type"] == "send_result"
+        {
+            out.push((
+                payload["id"].as_str().unwrap().to_owned(),
+                payload["status"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+fn sending_config(global_rate: u32) -> String {
+    format!(
+        "[sending]\nglobal_rate = {global_rate}\nper_recipient_rate = 50\nper_recipient_burst = 50\nbackoff_base_ms = 200\nbackoff_cap_ms = 2000\nanswer_timeout_ms = 2000\nmax_attempts = 1000\n"
+    )
+}
+
+#[tokio::test]
+async fn upstream_429_storm_exactly_once() {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 10.0,
+        global_burst: 5.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The relay believes it may send 200/s: the upstream answers 429 hard.
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(sending_config(200)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    let n = 40;
+    let ids: Vec<String> = (0..n).map(|i| format!("s-{i:03}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        c.send(id, &format!("user-{}", i % 4), &json!({"n": i}))
+            .await
+            .unwrap();
+    }
+    let done = results(&mut c, n, Duration::from_secs(60)).await;
+    assert_eq!(done.len(), n, "every send finished: {done:?}");
+    assert!(done.iter().all(|(_, s)| s == "SENT"), "{done:?}");
+
+    let accepted: Vec<String> = up.accepted().into_iter().map(|a| a.id).collect();
+    let unique: HashSet<&String> = accepted.iter().collect();
+    assert_eq!(unique.len(), accepted.len(), "each accepted once");
+    assert_eq!(unique, ids.iter().collect::<HashSet<_>>(), "all of them");
+    assert!(up.rate_limited() > 0, "the upstream did limit");
+    assert!(
+        up.early_sends().is_empty(),
+        "nothing sent before its retry_after: {:?}",
+        up.early_sends()
+    );
+    println!(
+        "429 answers: {}, duplicates re-sent: {}",
+        up.rate_limited(),
+        up.duplicates().len()
+    );
+}
+
+#[tokio::test]
+async fn upstream_outage_then_sync() {
+    let outage = Duration::from_secs(
+        std::env::var("KEEL_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30),
+    );
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(sending_config(1000)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    for i in 0..20 {
+        c.send(&format!("a-{i:02}"), "bob", &json!(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(results(&mut c, 20, Duration::from_secs(30)).await.len(), 20);
+
+    // Down for the outage, with sends arriving all along.
+    up.set_mode(UpstreamMode::Down);
+    let health = format!("http://{}/healthz", relay.addr);
+    let started = tokio::time::Instant::now();
+    let mut sent_during = 0;
+    let mut saw_degraded = false;
+    while started.elapsed() < outage {
+        c.send(&format!("b-{sent_during:03}"), "bob", &json!(sent_during))
+            .await
+            .unwrap();
+        sent_during += 1;
+        if !saw_degraded {
+            saw_degraded = http_get(&health).await.contains("DEGRADED");
+        }
+        tokio::time::sleep(outage / 30).await;
+    }
+    assert!(saw_degraded, "health showed the upstream outage");
+    assert_eq!(up.accepted().len(), 20, "nothing accepted while down");
+    up.set_mode(UpstreamMode::Normal);
+
+    let done = results(&mut c, sent_during, Duration::from_secs(60)).await;
+    assert_eq!(
+        done.len(),
+        sent_during,
+        "all sent after the upstream returned"
+    );
+    let accepted: Vec<String> = up.accepted().into_iter().map(|a| a.id).collect();
+    assert_eq!(accepted.len(), 20 + sent_during, "nothing lost");
+    assert_eq!(
+        accepted.iter().collect::<HashSet<_>>().len(),
+        accepted.len(),
+        "no id accepted twice"
+    );
+    assert!(
+        up.duplicates().is_empty(),
+        "no duplicate sends: {:?}",
+        up.duplicates()
+    );
+    assert!(http_get(&health).await.contains("OPERATIONAL"));
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
+pub(crate) async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
