@@ -105,10 +105,11 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
     let dir = Arc::new(dir);
     while !stop.is_stopping() {
         let jobs = list_jobs(&dir).unwrap_or_default();
+        let found = jobs.len();
         // Up to CONCURRENCY jobs at a time: each result is fsynced, and
         // one after another those syncs would add up across a burst.
         let mut running = tokio::task::JoinSet::new();
-        for stem in jobs.iter().cloned() {
+        for stem in jobs {
             if stop.is_stopping() {
                 break;
             }
@@ -119,7 +120,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
             running.spawn(async move { handle(&shared, &dir, &stem).await });
         }
         while running.join_next().await.is_some() {}
-        if jobs.is_empty() {
+        if found == 0 {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = stop.stopped() => {}
