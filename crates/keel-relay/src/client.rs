@@ -441,6 +441,18 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Asks the relay to start the allowed command `command` as this
+    /// session's child (exec sessions must be enabled on the relay). Its
+    /// `exec_started`, `exec_output` and `child_exited` notices arrive in the
+    /// session's private channel; publish there to write to its stdin.
+    pub async fn exec(&self, command: &str) -> Result<(), ClientError> {
+        self.write(
+            serde_json::json!({"type": "exec", "command": command}),
+            None,
+        )
+        .await
+    }
+
     /// The next event; `None` once the client is closed.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await

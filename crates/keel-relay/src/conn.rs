@@ -47,6 +47,8 @@ struct PublishJob {
     channel: String,
     id: String,
     payload: Vec<u8>,
+    /// The session's child's stdin, for a publish to its own private channel.
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 /// Runs one connection to its end.
@@ -218,6 +220,7 @@ impl Conn {
             }
             ClientFrame::Send { id, to, body } => self.on_send(id, to, body.get()).await,
             ClientFrame::Ack { channel, offset } => self.on_ack(channel, offset).await,
+            ClientFrame::Exec { command } => self.on_exec(command).await,
         }
     }
 
@@ -501,12 +504,18 @@ impl Conn {
             );
             return self.error(ErrorCode::RateLimited, &msg, Some(&id)).await;
         }
+        let stdin = self
+            .session
+            .as_ref()
+            .filter(|s| channel == s.id.private_channel())
+            .and_then(|s| self.shared.execs.stdin(&s.id));
         let _ = self
             .publish
             .send(PublishJob {
                 channel,
                 id,
                 payload,
+                stdin,
             })
             .await;
         None
@@ -553,6 +562,49 @@ impl Conn {
             Err(e) => {
                 self.error(ErrorCode::BadRequest, &e.to_string(), Some(&id))
                     .await
+            }
+        }
+    }
+
+    async fn on_exec(&mut self, command: String) -> Option<(u16, String)> {
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let sid = session.id.clone();
+        use crate::exec::ExecRefused;
+        match crate::exec::start(&self.shared, &sid, &command).await {
+            Ok(_) => None,
+            Err(ExecRefused::Disabled) => {
+                self.error(
+                    ErrorCode::Forbidden,
+                    "exec sessions are disabled on this relay",
+                    Some(&command),
+                )
+                .await
+            }
+            Err(ExecRefused::NotAllowed) => {
+                self.error(
+                    ErrorCode::Forbidden,
+                    "command not in the allow-list",
+                    Some(&command),
+                )
+                .await
+            }
+            Err(ExecRefused::AlreadyRunning) => {
+                self.error(
+                    ErrorCode::InvalidState,
+                    "this session already runs a command",
+                    Some(&command),
+                )
+                .await
+            }
+            Err(ExecRefused::Failed(e)) => {
+                self.error(
+                    ErrorCode::Unavailable,
+                    &format!("cannot start: {e}"),
+                    Some(&command),
+                )
+                .await
             }
         }
     }
@@ -649,6 +701,9 @@ async fn publish_loop(
                             let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
                             shared.hub.publish(&job.channel, appended.offset, Utf8Bytes::from(deliver));
                             metrics::counter!("keel_published_total").increment(1);
+                            if let Some(stdin) = &job.stdin {
+                                let _ = stdin.send(job.payload.clone()).await;
+                            }
                         }
                         format!(
                             r#"{{"type":"published","id":{},"channel":{},"offset":{}}}"#,

@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 mod conn;
 pub mod doctor;
+mod exec;
 mod hub;
 pub mod protocol;
 mod relay;

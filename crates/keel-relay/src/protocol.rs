@@ -75,6 +75,12 @@ pub enum ClientFrame {
     },
     /// Answered with `pong`.
     Ping,
+    /// Starts the allowed command `command` as this session's supervised
+    /// child (only when the relay enables exec sessions).
+    Exec {
+        /// The command's name in the relay's allow-list.
+        command: String,
+    },
 }
 
 impl ClientFrame {
@@ -88,6 +94,7 @@ impl ClientFrame {
             ClientFrame::Send { .. } => "send",
             ClientFrame::Ack { .. } => "ack",
             ClientFrame::Ping => "ping",
+            ClientFrame::Exec { .. } => "exec",
         }
     }
 }
@@ -146,7 +153,8 @@ pub struct DecodeError {
     pub reference: Option<String>,
 }
 
-const KNOWN: [&str; 7] = [
+const KNOWN: [&str; 8] = [
+    "exec",
     "hello",
     "subscribe",
     "unsubscribe",
@@ -247,6 +255,10 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
                 offset: f.offset,
             }
         }
+        "exec" => {
+            let f: wire::Exec = serde_json::from_str(text).map_err(bad)?;
+            ClientFrame::Exec { command: f.command }
+        }
         _ => {
             let _: wire::Ping = serde_json::from_str(text).map_err(bad)?;
             ClientFrame::Ping
@@ -318,6 +330,14 @@ mod wire {
         _kind: IgnoredAny,
         pub(super) channel: String,
         pub(super) offset: u64,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Exec {
+        #[serde(rename = "type")]
+        _kind: IgnoredAny,
+        pub(super) command: String,
     }
 
     #[derive(Deserialize)]
