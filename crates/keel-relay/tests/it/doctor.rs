@@ -1,0 +1,71 @@
+//! `keel-relay doctor` and `redrive` on a real data directory.
+
+use std::time::Duration;
+
+use keel_faults::{MockUpstream, UpstreamConfig, UpstreamMode};
+use keel_relay::client::Event;
+use serde_json::json;
+
+use crate::support::*;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel-relay"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
+    let up = MockUpstream::start(UpstreamConfig::default()).await.unwrap();
+    up.set_mode(UpstreamMode::Garbage);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let relay = RelayProcess::start(
+        &data,
+        Opts {
+            upstream: Some(up.url()),
+            config: Some("[sending]\nmax_attempts = 1\nanswer_timeout_ms = 300\n".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    c.send("doomed-1", "bob", &json!("hello")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = tokio::time::timeout_at(deadline, c.next_event()).await.unwrap().unwrap();
+        if let Event::Deliver { payload, .. } = e
+            && payload["type"] == "send_result"
+        {
+            assert_eq!(payload["status"], "DEAD");
+            break;
+        }
+    }
+    let data_arg = data.to_str().unwrap();
+    let (ok, text) = run(&["doctor", "--data", data_arg]);
+    assert!(!ok, "refused while the relay holds the directory");
+    assert!(text.contains(&format!("pid {}", relay.pid())), "{text}");
+    c.close().await;
+    relay.terminate().await;
+
+    let (ok, text) = run(&["doctor", "--data", data_arg]);
+    assert!(ok, "{text}");
+    assert!(text.contains("quick_check: ok"), "{text}");
+    assert!(text.contains("previous shutdown: clean"), "{text}");
+    assert!(text.contains("dead 1"), "{text}");
+    assert!(text.contains("key=doomed-1"), "{text}");
+    assert!(text.contains("quarantined files: none"), "{text}");
+
+    let (ok, text) = run(&["redrive", "--data", data_arg]);
+    assert!(ok && text.contains("re-queued 1"), "{text}");
+    let (_, text) = run(&["doctor", "--data", data_arg]);
+    assert!(text.contains("pending 1") && text.contains("dead 0"), "{text}");
+    assert!(text.contains("previous shutdown: clean"), "doctor left the flag alone: {text}");
+}
