@@ -22,6 +22,10 @@ pub struct Config {
     /// `normal` (default; durable against process crashes) or `full` (also
     /// against power loss, slower).
     pub durability: String,
+    /// How long the store's writer waits for more writes when a batch runs
+    /// dry, so that a burst of publishes commits (and fans out) together.
+    /// Default 0 µs (commit at once).
+    pub batch_delay_us: u64,
     /// Client-facing limits.
     pub limits: Limits,
     /// Upstream sending.
@@ -40,6 +44,7 @@ impl Default for Config {
             upstream: None,
             spool: None,
             durability: "normal".to_owned(),
+            batch_delay_us: 0,
             limits: Limits::default(),
             sending: Sending::default(),
             exec: Exec::default(),
@@ -240,6 +245,7 @@ impl Config {
             } else {
                 keel_session::Durability::Normal
             },
+            max_batch_delay: Duration::from_micros(self.batch_delay_us),
             ..Default::default()
         }
     }

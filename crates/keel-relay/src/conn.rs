@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{FuturesOrdered, SplitSink};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use keel_ratelimit::{Limiter, Quota};
 use keel_session::{NewSend, NewSession, SessionError, SessionId, SessionState, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
@@ -40,7 +40,9 @@ struct Conn {
     session: Option<Bound>,
     errors: u32,
     limiter: Limiter,
-    publish: mpsc::Sender<PublishJob>,
+    /// The publish pipeline, started on the first publish: idle sessions
+    /// (most of them) never pay for its task and channel.
+    publish: Option<mpsc::Sender<PublishJob>>,
 }
 
 struct PublishJob {
@@ -49,6 +51,8 @@ struct PublishJob {
     payload: Vec<u8>,
     /// The session's child's stdin, for a publish to its own private channel.
     stdin: Option<mpsc::Sender<Vec<u8>>>,
+    /// When the frame was read.
+    received: std::time::Instant,
 }
 
 /// Runs one connection to its end.
@@ -64,8 +68,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
     let (tx, rx) = mpsc::channel(limits.outbound_queue);
     let slow = Arc::new(SlowFlag::default());
     let writer = tokio::spawn(write_loop(sink, rx, shared.store.clone(), slow.clone()));
-    let (publish, publish_rx) = mpsc::channel(limits.max_in_flight);
-    tokio::spawn(publish_loop(shared.clone(), publish_rx, tx.clone()));
     let limiter = Limiter::new(
         Quota::per_second(NonZeroU32::new(limits.publish_rate.max(1)).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(limits.publish_burst.max(1)).unwrap_or(NonZeroU32::MIN)),
@@ -78,7 +80,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
         session: None,
         errors: 0,
         limiter,
-        publish,
+        publish: None,
     };
     metrics::gauge!("keel_connections").increment(1.0);
     let end = conn.read_loop(&mut stream).await;
@@ -114,6 +116,7 @@ impl Conn {
         let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
         let mut stopping = self.shared.intake.clone();
         let replaced = Arc::new(Notify::new());
+        let frames_in = metrics::counter!("keel_frames_in_total");
         loop {
             let deadline = if self.session.is_none() {
                 handshake_deadline.min(idle_deadline)
@@ -131,7 +134,7 @@ impl Conn {
                     idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
                     match msg {
                         Message::Text(text) => {
-                            metrics::counter!("keel_frames_in_total").increment(1);
+                            frames_in.increment(1);
                             if let Some(end) = self.on_text(&text).await {
                                 return Some(end);
                             }
@@ -207,7 +210,9 @@ impl Conn {
                 self.send(r#"{"type":"pong"}"#.to_owned()).await;
                 None
             }
-            ClientFrame::Hello { token, resume } => self.on_hello(token, resume).await,
+            // Boxed: it runs once and its state is large; unboxed it would
+            // sit in every connection's future for its whole life.
+            ClientFrame::Hello { token, resume } => Box::pin(self.on_hello(token, resume)).await,
             ClientFrame::Subscribe { channel, from } => self.on_subscribe(channel, from).await,
             ClientFrame::Unsubscribe { channel } => self.on_unsubscribe(channel).await,
             ClientFrame::Publish {
@@ -509,13 +514,22 @@ impl Conn {
             .as_ref()
             .filter(|s| channel == s.id.private_channel())
             .and_then(|s| self.shared.execs.stdin(&s.id));
-        let _ = self
-            .publish
+        let publish = self.publish.get_or_insert_with(|| {
+            let (publish, publish_rx) = mpsc::channel(self.shared.config.limits.max_in_flight);
+            tokio::spawn(publish_loop(
+                self.shared.clone(),
+                publish_rx,
+                self.tx.clone(),
+            ));
+            publish
+        });
+        let _ = publish
             .send(PublishJob {
                 channel,
                 id,
                 payload,
                 stdin,
+                received: std::time::Instant::now(),
             })
             .await;
         None
@@ -680,8 +694,11 @@ async fn publish_loop(
     out: mpsc::Sender<Outbound>,
 ) {
     let limit = shared.config.limits.max_in_flight;
+    let published = metrics::counter!("keel_published_total");
+    let commit_time = metrics::histogram!("keel_publish_commit_seconds");
     let mut in_flight = FuturesOrdered::new();
     let mut open = true;
+    let mut done = Vec::new();
     loop {
         tokio::select! {
             job = rx.recv(), if open && in_flight.len() < limit => match job {
@@ -694,30 +711,63 @@ async fn publish_loop(
                 }
                 None => open = false,
             },
-            Some((job, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let frame = match result {
-                    Ok(appended) => {
-                        if !appended.duplicate {
-                            let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
-                            shared.hub.publish(&job.channel, appended.offset, Utf8Bytes::from(deliver));
-                            metrics::counter!("keel_published_total").increment(1);
-                            if let Some(stdin) = &job.stdin {
-                                let _ = stdin.send(job.payload.clone()).await;
+            Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                // Everything the same commit finished goes out together: one
+                // hub hand-off per channel run instead of one per message.
+                done.push(first);
+                while let Some(Some(more)) = in_flight.next().now_or_never() {
+                    done.push(more);
+                }
+                // Offsets follow the order the writer took the appends, which
+                // is not always the order they were pushed: sort what one
+                // commit returned so subscribers see no gap to fill.
+                done.sort_by(|(a, ra), (b, rb)| {
+                    let offset = |r: &Result<keel_session::Appended, StoreError>| {
+                        r.as_ref().map_or(u64::MAX, |x| x.offset)
+                    };
+                    a.channel.cmp(&b.channel).then(offset(ra).cmp(&offset(rb)))
+                });
+                let mut run: Vec<(u64, Utf8Bytes)> = Vec::new();
+                let mut run_channel: Option<String> = None;
+                let mut replies = Vec::with_capacity(done.len());
+                for (job, result) in done.drain(..) {
+                    let reply = match result {
+                        Ok(appended) => {
+                            if !appended.duplicate {
+                                if run_channel.as_deref() != Some(job.channel.as_str()) {
+                                    if let Some(c) = run_channel.take() {
+                                        shared.hub.publish_batch(&c, Arc::from(std::mem::take(&mut run)));
+                                    }
+                                    run_channel = Some(job.channel.clone());
+                                }
+                                let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
+                                run.push((appended.offset, Utf8Bytes::from(deliver)));
+                                published.increment(1);
+                                commit_time.record(job.received.elapsed().as_secs_f64());
+                                if let Some(stdin) = &job.stdin {
+                                    let _ = stdin.send(job.payload.clone()).await;
+                                }
                             }
+                            format!(
+                                r#"{{"type":"published","id":{},"channel":{},"offset":{}}}"#,
+                                json_str(&job.id),
+                                json_str(&job.channel),
+                                appended.offset
+                            )
                         }
-                        format!(
-                            r#"{{"type":"published","id":{},"channel":{},"offset":{}}}"#,
-                            json_str(&job.id),
-                            json_str(&job.channel),
-                            appended.offset
-                        )
-                    }
-                    Err(e) => {
-                        shared.health.observe_store_error(&e).await;
-                        error_frame(ErrorCode::Unavailable, &format!("not stored ({e}); retry"), Some(&job.id))
-                    }
-                };
-                let _ = out.send(Outbound::Frame(Utf8Bytes::from(frame))).await;
+                        Err(e) => {
+                            shared.health.observe_store_error(&e).await;
+                            error_frame(ErrorCode::Unavailable, &format!("not stored ({e}); retry"), Some(&job.id))
+                        }
+                    };
+                    replies.push(reply);
+                }
+                if let Some(c) = run_channel.take() {
+                    shared.hub.publish_batch(&c, Arc::from(run));
+                }
+                for reply in replies {
+                    let _ = out.send(Outbound::Frame(Utf8Bytes::from(reply))).await;
+                }
             }
             else => break,
         }
@@ -733,7 +783,10 @@ async fn write_loop(
     slow: Arc<SlowFlag>,
 ) {
     let mut next: HashMap<Arc<str>, u64> = HashMap::new();
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let frames_out = metrics::counter!("keel_frames_out_total");
+    let gaps = metrics::counter!("keel_gap_replays_total");
+    // Grows to what bursts need; an idle connection keeps it small.
+    let mut batch = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -762,31 +815,41 @@ async fn write_loop(
                     written += 1;
                     sink.feed(Message::Text(f)).await.is_ok()
                 }
-                Outbound::Live {
-                    channel,
-                    offset,
-                    frame,
-                } => {
-                    let Some(expected) = next.get(&channel).copied() else {
+                Outbound::Live { channel, batch } => {
+                    let Some(mut expected) = next.get(&channel).copied() else {
                         continue; // not started yet: the replay will cover it
                     };
-                    if offset < expected {
-                        continue; // already delivered
-                    }
                     let mut ok = true;
-                    if offset > expected {
-                        // Another publisher's earlier offset has not reached
-                        // the hub yet: it is committed, so read it.
-                        match replay(&mut sink, &store, &channel, expected, Some(offset)).await {
-                            Ok((_, n)) => written += n,
-                            Err(()) => ok = false,
+                    for (offset, frame) in batch.iter() {
+                        let offset = *offset;
+                        if offset < expected {
+                            continue; // already delivered
+                        }
+                        if offset > expected {
+                            // Another publisher's earlier offset has not
+                            // reached the hub yet: it is committed, so read it.
+                            gaps.increment(1);
+                            match replay(&mut sink, &store, &channel, expected, Some(offset)).await
+                            {
+                                Ok((_, n)) => written += n,
+                                Err(()) => {
+                                    ok = false;
+                                    break;
+                                }
+                            }
+                        }
+                        expected = offset + 1;
+                        written += 1;
+                        if sink.feed(Message::Text(frame.clone())).await.is_err() {
+                            ok = false;
+                            break;
                         }
                     }
-                    next.insert(channel, offset + 1);
-                    written += 1;
-                    ok && sink.feed(Message::Text(frame)).await.is_ok()
+                    next.insert(channel, expected);
+                    ok
                 }
                 Outbound::Start { channel, from } => {
+                    metrics::counter!("keel_start_replays_total").increment(1);
                     match replay(&mut sink, &store, &channel, from, None).await {
                         Ok((end, n)) => {
                             written += n;
@@ -809,7 +872,7 @@ async fn write_loop(
                 return;
             }
         }
-        metrics::counter!("keel_frames_out_total").increment(written);
+        frames_out.increment(written);
         if sink.flush().await.is_err() {
             return;
         }

@@ -14,11 +14,11 @@ use tokio::sync::{Notify, mpsc};
 pub(crate) enum Outbound {
     /// A frame to write as it is.
     Frame(Utf8Bytes),
-    /// A committed message of a subscribed channel (the frame is shared).
+    /// Committed messages of a subscribed channel, in offset order; the
+    /// batch (and each frame in it) is shared by every subscriber.
     Live {
         channel: Arc<str>,
-        offset: u64,
-        frame: Utf8Bytes,
+        batch: Arc<[(u64, Utf8Bytes)]>,
     },
     /// Start delivering `channel` from `from`: replay the log, then live.
     Start { channel: Arc<str>, from: u64 },
@@ -99,10 +99,16 @@ impl Hub {
         }
     }
 
-    /// Hands a committed message to every subscriber without waiting: a
-    /// subscriber whose queue is full is flagged slow (it will close with
-    /// 1013 and resume from the log). Returns how many got it.
+    /// Hands one committed message to every subscriber (see [`Hub::publish_batch`]).
     pub(crate) fn publish(&self, channel: &str, offset: u64, frame: Utf8Bytes) -> usize {
+        self.publish_batch(channel, Arc::from(vec![(offset, frame)]))
+    }
+
+    /// Hands committed messages of one channel, in offset order, to every
+    /// subscriber without waiting: one queue slot per subscriber for the
+    /// whole batch. A subscriber whose queue is full is flagged slow (it will
+    /// close with 1013 and resume from the log). Returns how many got it.
+    pub(crate) fn publish_batch(&self, channel: &str, batch: Arc<[(u64, Utf8Bytes)]>) -> usize {
         let map = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some((name, subs)) = map.get_key_value(channel) else {
             return 0;
@@ -114,8 +120,7 @@ impl Hub {
             }
             match s.tx.try_send(Outbound::Live {
                 channel: name.clone(),
-                offset,
-                frame: frame.clone(),
+                batch: batch.clone(),
             }) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => s.slow.raise(),

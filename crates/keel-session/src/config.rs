@@ -39,6 +39,10 @@ pub struct Config {
     /// `TRUNCATE` checkpoint, which waits for readers of old snapshots and resets
     /// the WAL. Default 16 MiB, which keeps the WAL well under 64 MiB.
     pub wal_checkpoint_bytes: u64,
+    /// When the WAL passes this size after a commit, a background thread runs a
+    /// PASSIVE checkpoint (which never blocks the writer or readers); the WAL
+    /// then restarts from its beginning on a later commit. Default 4 MiB.
+    pub wal_passive_bytes: u64,
     /// The writer connection's page cache. A transaction whose dirty pages
     /// outgrow it spills them into the WAL before it commits, which is what
     /// made crash recovery of 30,000 sessions slow with SQLite's 2 MiB
@@ -65,6 +69,7 @@ impl Default for Config {
             readers: 4,
             activity_limit: 10,
             wal_checkpoint_bytes: 16 * 1024 * 1024,
+            wal_passive_bytes: 4 * 1024 * 1024,
             writer_cache_bytes: 64 * 1024 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_db_bytes: None,

@@ -12,7 +12,7 @@ use crate::clock::UnixMillis;
 use crate::config::{Config, Durability};
 use crate::error::{OpError, OpenError, StoreError};
 use crate::schema;
-use crate::writer::{Counters, Ctx, Msg, Op, Writer};
+use crate::writer::{Checkpointer, Counters, Ctx, Msg, Op, Writer};
 
 /// What [`Store::open`] found in the database before it started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +42,11 @@ pub struct WriterStats {
     pub writes: u64,
     /// Batches rolled back as a whole (disk full, corruption, I/O).
     pub failed_batches: u64,
-    /// WAL checkpoints run to keep the WAL bounded.
+    /// TRUNCATE checkpoints the writer ran itself because the WAL passed
+    /// `wal_checkpoint_bytes` (readers kept the background ones from finishing).
     pub checkpoints: u64,
+    /// PASSIVE checkpoints run by the background checkpoint thread.
+    pub passive_checkpoints: u64,
     /// The largest batch committed so far.
     pub max_batch: u64,
 }
@@ -137,7 +140,15 @@ impl Store {
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let wal_path = wal_path(path);
-        let writer = Writer::new(conn, rx, config.clone(), wal_path, counters.clone());
+        let checkpointer = Checkpointer::start(path, &config, counters.clone()).map_err(fail)?;
+        let writer = Writer::new(
+            conn,
+            rx,
+            config.clone(),
+            wal_path,
+            counters.clone(),
+            Some(checkpointer),
+        );
         let handle = std::thread::Builder::new()
             .name("keel-session-writer".into())
             .spawn(move || writer.run())
@@ -185,6 +196,7 @@ impl Store {
             writes: get(&c.writes),
             failed_batches: get(&c.failed_batches),
             checkpoints: get(&c.checkpoints),
+            passive_checkpoints: get(&c.passive_checkpoints),
             max_batch: get(&c.max_batch),
         }
     }
@@ -353,6 +365,8 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // After a checkpoint resets the WAL, shrink the file back to this size.
     conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+    // Checkpoints run on the checkpoint thread, never inside a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(64);
     stable_plans(conn)?;
     // A negative cache_size is in KiB.

@@ -110,6 +110,7 @@ pub(crate) struct Counters {
     pub(crate) writes: AtomicU64,
     pub(crate) failed_batches: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
+    pub(crate) passive_checkpoints: AtomicU64,
     pub(crate) max_batch: AtomicU64,
 }
 
@@ -121,6 +122,62 @@ pub(crate) struct Writer {
     wal_path: PathBuf,
     counters: Arc<Counters>,
     backlog: VecDeque<Box<dyn Job>>,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// A thread with its own connection that runs PASSIVE checkpoints when the
+/// writer asks, so that copying the WAL into the database never stalls a
+/// commit. (SQLite's own auto-checkpoint runs inside the committing
+/// connection; it is turned off.)
+pub(crate) struct Checkpointer {
+    signal: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    pub(crate) fn start(
+        path: &std::path::Path,
+        config: &Config,
+        counters: Arc<Counters>,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(config.busy_timeout)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let (signal, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("keel-session-checkpoint".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let started = Instant::now();
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    }) {
+                        Ok((frames, copied)) => {
+                            counters.passive_checkpoints.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(
+                                frames,
+                                copied,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "passive wal checkpoint"
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e, "passive wal checkpoint failed"),
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io {
+                detail: format!("cannot start the checkpoint thread: {e}"),
+            })?;
+        Ok(Checkpointer { signal, thread })
+    }
+
+    fn stop(self) {
+        drop(self.signal);
+        let _ = self.thread.join();
+    }
 }
 
 impl Writer {
@@ -130,6 +187,7 @@ impl Writer {
         config: Config,
         wal_path: PathBuf,
         counters: Arc<Counters>,
+        checkpointer: Option<Checkpointer>,
     ) -> Self {
         let clock = config.clock.clone();
         Self {
@@ -140,6 +198,7 @@ impl Writer {
             wal_path,
             counters,
             backlog: VecDeque::new(),
+            checkpointer,
         }
     }
 
@@ -283,8 +342,16 @@ impl Writer {
             .map(|m| m.len())
             .unwrap_or(0);
         if size <= self.config.wal_checkpoint_bytes {
+            if size > self.config.wal_passive_bytes
+                && let Some(c) = &self.checkpointer
+            {
+                // Coalesced: a full channel means one is already asked for.
+                let _ = c.signal.try_send(());
+            }
             return;
         }
+        // Past the hard bound (readers kept the passive checkpoints from
+        // finishing): a TRUNCATE checkpoint here, which waits for them.
         let started = Instant::now();
         match checkpoint(&self.conn) {
             Ok(busy) => {
@@ -302,6 +369,9 @@ impl Writer {
 
     /// Marks a clean shutdown and leaves the database without a WAL to replay.
     fn shutdown(&mut self, clean: bool) -> Result<(), StoreError> {
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
+        }
         if clean {
             self.conn.execute(
                 "INSERT INTO meta(key, value) VALUES('clean_shutdown', '1')

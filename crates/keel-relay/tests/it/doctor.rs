@@ -23,7 +23,9 @@ fn run(args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
-    let up = MockUpstream::start(UpstreamConfig::default()).await.unwrap();
+    let up = MockUpstream::start(UpstreamConfig::default())
+        .await
+        .unwrap();
     up.set_mode(UpstreamMode::Garbage);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -40,7 +42,10 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
     c.send("doomed-1", "bob", &json!("hello")).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let e = tokio::time::timeout_at(deadline, c.next_event()).await.unwrap().unwrap();
+        let e = tokio::time::timeout_at(deadline, c.next_event())
+            .await
+            .unwrap()
+            .unwrap();
         if let Event::Deliver { payload, .. } = e
             && payload["type"] == "send_result"
         {
@@ -66,6 +71,12 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
     let (ok, text) = run(&["redrive", "--data", data_arg]);
     assert!(ok && text.contains("re-queued 1"), "{text}");
     let (_, text) = run(&["doctor", "--data", data_arg]);
-    assert!(text.contains("pending 1") && text.contains("dead 0"), "{text}");
-    assert!(text.contains("previous shutdown: clean"), "doctor left the flag alone: {text}");
+    assert!(
+        text.contains("pending 1") && text.contains("dead 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("previous shutdown: clean"),
+        "doctor left the flag alone: {text}"
+    );
 }
