@@ -121,3 +121,34 @@ async fn bad_input_battery() {
     };
     assert_eq!(code, Some(1008));
 }
+
+#[tokio::test]
+async fn handshake_timeout_and_connections_per_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            config: Some(
+                "[limits]\nhandshake_timeout_ms = 300\nmax_connections_per_ip = 2\n".into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    // No hello: closed with a policy code once the handshake time is up.
+    let mut silent = RawWs::connect(&relay.url()).await;
+    let started = std::time::Instant::now();
+    assert_eq!(silent.next().await.err(), Some(Some(1008)));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+
+    // Two connections from 127.0.0.1 at most; the third is refused (429).
+    let _a = client(&relay.url()).await;
+    let _b = client(&relay.url()).await;
+    let third = tokio_tungstenite::connect_async(relay.url()).await;
+    match third {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429)
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| "connected")),
+    }
+}

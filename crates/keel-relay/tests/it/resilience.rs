@@ -87,6 +87,9 @@ async fn relay_kill9_acked_messages_survive() {
     };
     let relay = RelayProcess::start(&data, opts.clone()).await;
     let url = relay.url();
+    // A subscriber that lives through the crash and resumes by itself.
+    let mut survivor = client(&url).await;
+    survivor.subscribe("ledger", Some(1)).await.unwrap();
 
     // Four publishers under load; each records what was acknowledged.
     let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -124,6 +127,14 @@ async fn relay_kill9_acked_messages_survive() {
         acked.push(a);
     }
     assert_eq!(acked.len(), 1000);
+
+    let resumed = collect(&mut survivor, "ledger", 1000, Duration::from_secs(30)).await;
+    assert_complete_in_order(&resumed, 1000);
+    assert_eq!(
+        survivor.duplicates_dropped(),
+        0,
+        "resumed after the last offset seen"
+    );
 
     let mut reader = client(&relay.url()).await;
     reader.subscribe("ledger", Some(1)).await.unwrap();
