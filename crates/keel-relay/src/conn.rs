@@ -586,41 +586,23 @@ impl Conn {
         };
         let sid = session.id.clone();
         use crate::exec::ExecRefused;
-        match crate::exec::start(&self.shared, &sid, &command).await {
-            Ok(_) => None,
-            Err(ExecRefused::Disabled) => {
-                self.error(
-                    ErrorCode::Forbidden,
-                    "exec sessions are disabled on this relay",
-                    Some(&command),
-                )
-                .await
-            }
-            Err(ExecRefused::NotAllowed) => {
-                self.error(
-                    ErrorCode::Forbidden,
-                    "command not in the allow-list",
-                    Some(&command),
-                )
-                .await
-            }
-            Err(ExecRefused::AlreadyRunning) => {
-                self.error(
-                    ErrorCode::InvalidState,
-                    "this session already runs a command",
-                    Some(&command),
-                )
-                .await
-            }
-            Err(ExecRefused::Failed(e)) => {
-                self.error(
-                    ErrorCode::Unavailable,
-                    &format!("cannot start: {e}"),
-                    Some(&command),
-                )
-                .await
-            }
-        }
+        let (code, message) = match crate::exec::start(&self.shared, &sid, &command).await {
+            Ok(_) => return None,
+            Err(ExecRefused::Disabled) => (
+                ErrorCode::Forbidden,
+                "exec sessions are disabled on this relay".to_owned(),
+            ),
+            Err(ExecRefused::NotAllowed) => (
+                ErrorCode::Forbidden,
+                "command not in the allow-list".to_owned(),
+            ),
+            Err(ExecRefused::AlreadyRunning) => (
+                ErrorCode::InvalidState,
+                "this session already runs a command".to_owned(),
+            ),
+            Err(ExecRefused::Failed(e)) => (ErrorCode::Unavailable, format!("cannot start: {e}")),
+        };
+        self.error(code, &message, Some(&command)).await
     }
 
     async fn on_ack(&mut self, channel: String, offset: u64) -> Option<(u16, String)> {

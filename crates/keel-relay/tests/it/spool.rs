@@ -28,6 +28,17 @@ async fn wait_results(dir: &Path, n: usize) {
     }
 }
 
+async fn spooling_relay(data: &Path, spool: &Path) -> RelayProcess {
+    RelayProcess::start(
+        data,
+        Opts {
+            spool: Some(spool.to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 fn write_job(dir: &Path, name: &str, job: serde_json::Value) {
     // Written under another name and renamed, as a producer should.
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -105,14 +116,7 @@ async fn spool_stale_claim_requeued() {
     // A first run handles a job, then "crashes" with the same job claimed
     // again (as if killed between its append and its result) and another
     // claimed before it started.
-    let relay = RelayProcess::start(
-        &data,
-        Opts {
-            spool: Some(spool.clone()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let relay = spooling_relay(&data, &spool).await;
     write_job(
         &spool,
         "done-once",
@@ -134,14 +138,7 @@ async fn spool_stale_claim_requeued() {
     write_job(&spool, "broken", json!("not a job"));
     std::fs::write(spool.join("garbage.job.json"), b"{{{").unwrap();
 
-    let relay = RelayProcess::start(
-        &data,
-        Opts {
-            spool: Some(spool.clone()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let relay = spooling_relay(&data, &spool).await;
     wait_results(&spool, 2).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(

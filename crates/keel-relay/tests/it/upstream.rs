@@ -35,26 +35,37 @@ fn sending_config(global_rate: u32) -> String {
     )
 }
 
-#[tokio::test]
-async fn upstream_429_storm_exactly_once() {
+/// A mock upstream allowing `rate`/s (burst `burst`) and a relay sending to it
+/// at up to `relay_rate`/s.
+async fn relay_with_upstream(
+    rate: f64,
+    burst: f64,
+    relay_rate: u32,
+) -> (MockUpstream, tempfile::TempDir, RelayProcess) {
     let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 10.0,
-        global_burst: 5.0,
+        global_rate: rate,
+        global_burst: burst,
         ..Default::default()
     })
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // The relay believes it may send 200/s: the upstream answers 429 hard.
     let relay = RelayProcess::start(
         &dir.path().join("data"),
         Opts {
             upstream: Some(up.url()),
-            config: Some(sending_config(200)),
+            config: Some(sending_config(relay_rate)),
             ..Default::default()
         },
     )
     .await;
+    (up, dir, relay)
+}
+
+#[tokio::test]
+async fn upstream_429_storm_exactly_once() {
+    // The relay believes it may send 200/s: the upstream answers 429 hard.
+    let (up, _dir, relay) = relay_with_upstream(10.0, 5.0, 200).await;
     let mut c = client(&relay.url()).await;
     let n = 40;
     let ids: Vec<String> = (0..n).map(|i| format!("s-{i:03}")).collect();
@@ -92,23 +103,7 @@ async fn upstream_outage_then_sync() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(30),
     );
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 1000.0,
-        global_burst: 1000.0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(sending_config(1000)),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (up, _dir, relay) = relay_with_upstream(1000.0, 1000.0, 1000).await;
     let mut c = client(&relay.url()).await;
     for i in 0..20 {
         c.send(&format!("a-{i:02}"), "bob", &json!(i))
