@@ -24,7 +24,7 @@ async fn bad_input_battery() {
         &dir.path().join("data"),
         Opts {
             config: Some(
-                "[limits]\npublish_rate = 5\npublish_burst = 5\nmax_subscriptions = 3\nmax_errors = 30\n"
+                "[limits]\npublish_rate = 1\npublish_burst = 5\nmax_subscriptions = 3\nmax_errors = 30\n"
                     .into(),
             ),
             ..Default::default()
@@ -78,7 +78,8 @@ async fn bad_input_battery() {
     expect_error(&mut ws, "limit_exceeded").await;
     still_up(&mut ws).await;
 
-    // Over the publish rate: 5 accepted at once, the rest refused.
+    // Over the publish rate: a burst of 5 accepted, the rest refused (one
+    // token a second refills: far slower than these eight frames).
     for i in 0..8 {
         ws.send(
             json!({"type": "publish", "channel": "rated", "id": format!("r-{i}"), "payload": i}),

@@ -168,3 +168,39 @@ pub(crate) async fn http_get(url: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test]
+async fn upstream_messages_reach_the_private_channel() {
+    let (up, _dir, relay) = relay_with_upstream(1000.0, 1000.0, 1000).await;
+    let mut c = client(&relay.url()).await;
+    let me = c.session_id().unwrap();
+    let private = format!("session:{me}");
+    // Wait until the relay's upstream link is up, then push one for us and
+    // one for a session that does not exist.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while up.push("carol", &me, json!({"text": "hi"})) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay never connected upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    up.push("carol", "nobody", json!("lost"));
+    let got = loop {
+        let e = tokio::time::timeout_at(deadline, c.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Event::Deliver {
+            channel, payload, ..
+        } = e
+            && channel == private
+            && payload["type"] == "upstream_message"
+        {
+            break payload;
+        }
+    };
+    assert_eq!(got["from"], "carol");
+    assert_eq!(got["body"]["text"], "hi");
+    assert!(got["id"].as_str().unwrap().starts_with("m-"));
+}
