@@ -102,7 +102,17 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("relay.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel-relay"))
+        let mut command = match std::env::var("KEEL_BENCH_SERVER_CPUS") {
+            // e.g. "0": the server on its own core, the measuring clients
+            // (run this bench under `taskset -c 1`) on the other.
+            Ok(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.args(["-c", &cpus, env!("CARGO_BIN_EXE_keel-relay")]);
+                c
+            }
+            Err(_) => tokio::process::Command::new(env!("CARGO_BIN_EXE_keel-relay")),
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(dir.path().join("data"))
             .arg("--config")
@@ -121,7 +131,16 @@ impl Server {
     }
 
     async fn raw() -> Server {
-        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        let exe = std::env::current_exe().unwrap();
+        let mut command = match std::env::var("KEEL_BENCH_SERVER_CPUS") {
+            Ok(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&exe);
+                c
+            }
+            Err(_) => tokio::process::Command::new(&exe),
+        };
+        let mut child = command
             .env(RAW_CHILD, "1")
             .stdout(Stdio::piped())
             .kill_on_drop(true)
