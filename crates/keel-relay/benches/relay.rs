@@ -559,7 +559,7 @@ async fn latency() -> String {
     let metrics = http_get(&format!("http://{}/metrics", relay.addr)).await;
     for line in metrics
         .lines()
-        .filter(|l| l.starts_with("keel_publish_commit_seconds_"))
+        .filter(|l| l.starts_with("keel_publish_commit_seconds_") || l.starts_with("keel_store_"))
     {
         println!("  relay metric {line}");
     }

@@ -685,11 +685,24 @@ async fn publish_loop(
         tokio::select! {
             job = rx.recv(), if open && in_flight.len() < limit => match job {
                 Some(job) => {
-                    let store = shared.store.clone();
-                    in_flight.push_back(async move {
-                        let r = store.append(&job.channel, &job.id, &job.payload).await;
-                        (job, r)
-                    });
+                    // Take every publish already waiting too, so that their
+                    // appends reach the store together and share one commit
+                    // (and one fan-out to each subscriber).
+                    let mut next = Some(job);
+                    while let Some(job) = next.take() {
+                        let store = shared.store.clone();
+                        in_flight.push_back(async move {
+                            let r = store.append(&job.channel, &job.id, &job.payload).await;
+                            (job, r)
+                        });
+                        if in_flight.len() < limit {
+                            match rx.try_recv() {
+                                Ok(more) => next = Some(more),
+                                Err(mpsc::error::TryRecvError::Empty) => {}
+                                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                            }
+                        }
+                    }
                 }
                 None => open = false,
             },

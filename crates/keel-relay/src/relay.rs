@@ -414,6 +414,13 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
         metrics::gauge!("keel_health", "state" => s.as_str()).set(f64::from(u8::from(s == state)));
     }
     metrics::gauge!("keel_channels_subscribed").set(shared.hub.channel_count() as f64);
+    let w = shared.store.writer_stats();
+    metrics::gauge!("keel_store_batches").set(w.batches as f64);
+    metrics::gauge!("keel_store_writes").set(w.writes as f64);
+    metrics::gauge!("keel_store_failed_batches").set(w.failed_batches as f64);
+    metrics::gauge!("keel_store_checkpoints", "kind" => "passive")
+        .set(w.passive_checkpoints as f64);
+    metrics::gauge!("keel_store_checkpoints", "kind" => "truncate").set(w.checkpoints as f64);
     if let Ok(counts) = shared.store.outbox_counts().await {
         for (state, n) in [
             ("pending", counts.pending),
