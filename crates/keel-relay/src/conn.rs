@@ -83,7 +83,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
         publish: None,
     };
     metrics::gauge!("keel_connections").increment(1.0);
+    tracing::debug!(conn = id, %ip, "connection opened");
     let end = conn.read_loop(&mut stream).await;
+    match &end {
+        Some((code, reason)) if *code == close::POLICY => {
+            tracing::warn!(conn = id, %ip, code, reason = %reason, "connection closed for policy")
+        }
+        Some((code, reason)) => {
+            tracing::debug!(conn = id, code, reason = %reason, "closing connection")
+        }
+        None if conn.slow.is_set() => {
+            tracing::warn!(conn = id, %ip, "slow consumer closed (1013); it resumes from the log")
+        }
+        None => tracing::debug!(conn = id, "connection closed by the client"),
+    }
     if let Some((code, reason)) = end {
         let _ = conn.tx.send(Outbound::Close { code, reason }).await;
     }
@@ -341,6 +354,14 @@ impl Conn {
             self.start_channel(channel, *from).await;
         }
         metrics::counter!("keel_sessions_opened_total").increment(1);
+        tracing::info!(
+            conn = self.id,
+            session = %session,
+            previous = previous.as_str(),
+            channels = wanted.len(),
+            "session {}",
+            if previous == SessionState::Created { "opened" } else { "resumed" }
+        );
         None
     }
 
