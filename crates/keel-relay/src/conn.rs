@@ -454,13 +454,7 @@ impl Conn {
             .subscribe(&sid, &channel, from.saturating_sub(1))
             .await
         {
-            return match e {
-                SessionError::Store(e) => self.storage_error(&e, Some(&channel)).await,
-                other => {
-                    self.error(ErrorCode::InvalidState, &other.to_string(), Some(&channel))
-                        .await
-                }
-            };
+            return self.session_error(&e, Some(&channel)).await;
         }
         self.start_channel(&channel, from).await;
         None
@@ -633,11 +627,7 @@ impl Conn {
         let sid = session.id.clone();
         match self.shared.store.ack(&sid, &channel, offset).await {
             Ok(_) => None,
-            Err(SessionError::Store(e)) => self.storage_error(&e, Some(&channel)).await,
-            Err(e) => {
-                self.error(ErrorCode::InvalidState, &e.to_string(), Some(&channel))
-                    .await
-            }
+            Err(e) => self.session_error(&e, Some(&channel)).await,
         }
     }
 
