@@ -56,11 +56,9 @@ struct PublishJob {
 }
 
 /// Runs one connection to its end.
-pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
-    let _ip = IpGuard {
-        shared: shared.clone(),
-        ip,
-    };
+pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip_guard: IpGuard) {
+    let ip = ip_guard.ip;
+    let _ip = ip_guard;
     let _live = shared.live.enter();
     let id = shared.next_conn();
     let (sink, mut stream) = socket.split();
@@ -107,9 +105,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, ip: IpAddr) {
     metrics::gauge!("keel_connections").decrement(1.0);
 }
 
-struct IpGuard {
-    shared: Arc<Shared>,
-    ip: IpAddr,
+/// One admitted connection from `ip`; dropping it frees the slot, whether
+/// the connection ran or its upgrade never completed.
+pub(crate) struct IpGuard {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) ip: IpAddr,
 }
 
 impl Drop for IpGuard {

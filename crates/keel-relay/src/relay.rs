@@ -368,10 +368,11 @@ async fn ws_handler(
         .write_buffer_size(4096)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap);
-    let on_fail = shared.clone();
-    upgrade
-        .on_failed_upgrade(move |_| on_fail.release_ip(ip))
-        .on_upgrade(move |socket| crate::conn::serve(shared, socket, ip))
+    let guard = crate::conn::IpGuard {
+        shared: shared.clone(),
+        ip,
+    };
+    upgrade.on_upgrade(move |socket| crate::conn::serve(shared, socket, guard))
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
