@@ -14,6 +14,8 @@ const RECOVERED_BY: &str = "recovery.run";
 /// What startup recovery found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// The database did not exist and was created (nothing to recover).
+    pub new_database: bool,
     /// Whether the previous run shut down cleanly (then there is nothing to recover).
     pub previous_clean_shutdown: bool,
     /// Recovery had already run for this store instance; nothing was done again.
@@ -49,6 +51,9 @@ impl RecoveryReport {
 
     /// One line for logs and the health log.
     pub fn summary(&self) -> String {
+        if self.new_database && !self.changed_anything() {
+            return "new database".to_owned();
+        }
         if self.previous_clean_shutdown && !self.changed_anything() {
             return "previous run shut down cleanly".to_owned();
         }
@@ -110,6 +115,7 @@ pub async fn recover(store: &Store) -> Result<RecoveryReport, StoreError> {
     let started = Instant::now();
     let startup = store.startup();
     let mut report = RecoveryReport {
+        new_database: startup.created,
         previous_clean_shutdown: startup.previous_clean_shutdown,
         ..Default::default()
     };
