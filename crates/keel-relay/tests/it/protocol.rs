@@ -107,3 +107,99 @@ async fn private_channel_isolation() {
     let ids: HashSet<_> = [a.session_id(), b.session_id()].into_iter().collect();
     assert_eq!(ids.len(), 2);
 }
+
+/// Without offsets in its hello, a resumed session restarts after the last
+/// offset it acknowledged; unsubscribed channels stay quiet.
+#[tokio::test]
+async fn ack_sets_where_a_resumed_session_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let publisher = client(&relay.url()).await;
+    for i in 1..=5 {
+        publisher
+            .publish("acked", &format!("a-{i}"), &json!(i))
+            .await
+            .unwrap();
+        publisher
+            .publish("dropped", &format!("d-{i}"), &json!(i))
+            .await
+            .unwrap();
+    }
+
+    let mut ws = RawWs::connect(&relay.url()).await;
+    ws.send(json!({"type": "hello"})).await;
+    let token = ws.next_json().await["token"].as_str().unwrap().to_owned();
+    ws.send(json!({"type": "subscribe", "channel": "acked", "from": 1}))
+        .await;
+    ws.send(json!({"type": "subscribe", "channel": "dropped", "from": 1}))
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let f = ws.next_json().await;
+        if f["type"] == "deliver" {
+            seen.push((
+                f["channel"].as_str().unwrap().to_owned(),
+                f["offset"].as_u64().unwrap(),
+            ));
+        }
+    }
+    ws.send(json!({"type": "ack", "channel": "acked", "offset": 3}))
+        .await;
+    ws.send(json!({"type": "unsubscribe", "channel": "dropped"}))
+        .await;
+    ws.send(json!({"type": "ack", "channel": "dropped", "offset": 1}))
+        .await;
+    let e = ws.next_json().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("invalid_state")),
+        "{e}"
+    );
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut again = RawWs::connect(&relay.url()).await;
+    again.send(json!({"type": "hello", "token": token})).await;
+    let welcome = again.next_json().await;
+    assert_eq!(welcome["state"], "DETACHED");
+    assert!(welcome["catch_up"].get("dropped").is_none(), "{welcome}");
+    let mut redelivered = Vec::new();
+    while redelivered.len() < 2 {
+        let f = again.next_json().await;
+        if f["type"] == "deliver" {
+            assert_eq!(f["channel"], "acked", "{f}");
+            redelivered.push(f["offset"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(redelivered, [4, 5], "after the acknowledged offset");
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            config: Some("[limits]\nidle_timeout_ms = 400\n".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut ws = RawWs::connect(&relay.url()).await;
+    ws.send(json!({"type": "hello"})).await;
+    assert_eq!(ws.next_json().await["type"], "welcome");
+    // Pings keep it open ...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        ws.send(json!({"type": "ping"})).await;
+        assert_eq!(ws.next_json().await["type"], "pong");
+    }
+    // ... silence does not.
+    let code = loop {
+        match ws.next().await {
+            Ok(_) => continue,
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(4002));
+}
