@@ -60,6 +60,10 @@ pub struct UpstreamConfig {
     pub recipient_rate: Option<f64>,
     /// Sends allowed at once per recipient.
     pub recipient_burst: f64,
+    /// How long after a scope's 429 a client is assumed to know of it: sends
+    /// of other ids in that scope that arrive sooner were already on their
+    /// way and are not early. Default 20 ms.
+    pub in_flight_grace: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -70,6 +74,7 @@ impl Default for UpstreamConfig {
             global_burst: 30.0,
             recipient_rate: None,
             recipient_burst: 1.0,
+            in_flight_grace: Duration::from_millis(20),
         }
     }
 }
@@ -267,9 +272,9 @@ impl MockUpstream {
 
     /// Sends that came too early: an id sent again before the time its own 429
     /// named, or any send in a rate-limited scope (global or its recipient)
-    /// that arrived at least 20 ms after that scope's 429 and before the time
-    /// it named. (Sends that arrive within 20 ms were on the wire before the
-    /// client could know.)
+    /// that arrived at least [`UpstreamConfig::in_flight_grace`] after that
+    /// scope's 429 and before the time it named. (Sends that arrive sooner were
+    /// on the wire before the client could know.)
     pub fn early_sends(&self) -> Vec<EarlySend> {
         self.books().early.clone()
     }
@@ -397,10 +402,6 @@ struct Send {
     body: Value,
 }
 
-/// How long after a 429 a client is assumed to know of it: sends of other
-/// ids that arrive sooner were already on their way.
-const IN_FLIGHT_GRACE: Duration = Duration::from_millis(20);
-
 fn answer(shared: &Shared, text: &str) -> Value {
     let send: Send = match serde_json::from_str(text) {
         Ok(s) => s,
@@ -415,7 +416,7 @@ fn answer(shared: &Shared, text: &str) -> Value {
     let mut books = shared.books.lock().unwrap_or_else(|p| p.into_inner());
     // Early, whatever happens next: a send of an id before the time its own
     // 429 named, or any send in a scope before the time that scope's 429
-    // named, once the client has had IN_FLIGHT_GRACE to learn of it (sends
+    // named, once the client has had `in_flight_grace` to learn of it (sends
     // already on the wire when the 429 went out cannot have known).
     let scope_not_before = [
         books.global_not_before,
@@ -423,7 +424,7 @@ fn answer(shared: &Shared, text: &str) -> Value {
     ]
     .into_iter()
     .flatten()
-    .filter(|(given, _)| now.saturating_duration_since(*given) >= IN_FLIGHT_GRACE)
+    .filter(|(given, _)| now.saturating_duration_since(*given) >= shared.config.in_flight_grace)
     .map(|(_, nb)| nb);
     let not_before = scope_not_before
         .chain(books.id_not_before.get(&send.id).copied())

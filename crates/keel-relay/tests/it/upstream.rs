@@ -45,6 +45,9 @@ async fn relay_with_upstream(
     let up = MockUpstream::start(UpstreamConfig {
         global_rate: rate,
         global_burst: burst,
+        // A send the relay dispatched before a 429 reached it may wait a
+        // while on a loaded machine before it is written: not early.
+        in_flight_grace: Duration::from_millis(200),
         ..Default::default()
     })
     .await
