@@ -328,10 +328,20 @@ impl Conn {
             .map(|s| (s.channel.clone(), s.cursor + 1))
             .collect();
         wanted.entry(private.clone()).or_insert(1);
+        let limit = self.shared.config.limits.max_subscriptions;
         for (channel, seen) in resume.unwrap_or_default() {
-            if protocol::valid_channel(&channel) && self.may_read(&channel) {
-                wanted.insert(channel, seen + 1);
+            if !protocol::valid_channel(&channel) || !self.may_read(&channel) {
+                continue;
             }
+            if !wanted.contains_key(&channel) {
+                // Resuming a channel subscribes to it, within the limit, so
+                // that a later hello without offsets still has it.
+                if wanted.len() >= limit || store.subscribe(&session, &channel, seen).await.is_err()
+                {
+                    continue;
+                }
+            }
+            wanted.insert(channel, seen + 1);
         }
         let mut catch_up = serde_json::Map::new();
         for channel in wanted.keys() {

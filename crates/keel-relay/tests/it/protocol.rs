@@ -203,3 +203,42 @@ async fn idle_connections_are_closed() {
     };
     assert_eq!(code, Some(4002));
 }
+
+/// Naming a channel in `resume` subscribes the session to it.
+#[tokio::test]
+async fn resuming_a_channel_subscribes_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let publisher = client(&relay.url()).await;
+    publisher.publish("news", "n-1", &json!(1)).await.unwrap();
+
+    let mut first = RawWs::connect(&relay.url()).await;
+    first.send(json!({"type": "hello"})).await;
+    let token = first.next_json().await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut second = RawWs::connect(&relay.url()).await;
+    second
+        .send(json!({"type": "hello", "token": token, "resume": {"news": 0}}))
+        .await;
+    assert_eq!(second.next_json().await["type"], "welcome");
+    let d = second.next_json().await;
+    assert_eq!(
+        (d["channel"].as_str(), d["offset"].as_u64()),
+        (Some("news"), Some(1))
+    );
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut third = RawWs::connect(&relay.url()).await;
+    third.send(json!({"type": "hello", "token": token})).await;
+    let welcome = third.next_json().await;
+    assert_eq!(
+        welcome["catch_up"]["news"], 2,
+        "still subscribed: {welcome}"
+    );
+}
