@@ -375,6 +375,18 @@ impl Conn {
         None
     }
 
+    /// Why this session may not use `channel`, if it may not: a bad name, or
+    /// another session's private channel.
+    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, &'static str)> {
+        if !protocol::valid_channel(channel) {
+            Some((ErrorCode::BadRequest, "invalid channel name"))
+        } else if !self.may_read(channel) {
+            Some((ErrorCode::Forbidden, "another session's private channel"))
+        } else {
+            None
+        }
+    }
+
     fn may_read(&self, channel: &str) -> bool {
         match (channel.strip_prefix("session:"), &self.session) {
             (Some(owner), Some(s)) => owner == s.id.as_str(),
@@ -403,23 +415,8 @@ impl Conn {
     }
 
     async fn on_subscribe(&mut self, channel: String, from: Option<u64>) -> Option<(u16, String)> {
-        if !protocol::valid_channel(&channel) {
-            return self
-                .error(
-                    ErrorCode::BadRequest,
-                    "invalid channel name",
-                    Some(&channel),
-                )
-                .await;
-        }
-        if !self.may_read(&channel) {
-            return self
-                .error(
-                    ErrorCode::Forbidden,
-                    "another session's private channel",
-                    Some(&channel),
-                )
-                .await;
+        if let Some((code, message)) = self.channel_refusal(&channel) {
+            return self.error(code, message, Some(&channel)).await;
         }
         let Some(session) = &self.session else {
             return None;
@@ -508,24 +505,13 @@ impl Conn {
             );
             return self.error(ErrorCode::TooLarge, &msg, Some(&id)).await;
         }
-        if !protocol::valid_channel(&channel) {
-            return self
-                .error(ErrorCode::BadRequest, "invalid channel name", Some(&id))
-                .await;
-        }
         if !protocol::valid_id(&id) {
             return self
                 .error(ErrorCode::BadRequest, "invalid message id", Some(&id))
                 .await;
         }
-        if !self.may_read(&channel) {
-            return self
-                .error(
-                    ErrorCode::Forbidden,
-                    "another session's private channel",
-                    Some(&id),
-                )
-                .await;
+        if let Some((code, message)) = self.channel_refusal(&channel) {
+            return self.error(code, message, Some(&id)).await;
         }
         if let Err(wait) = self.limiter.check() {
             let msg = format!(
