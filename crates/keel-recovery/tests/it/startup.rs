@@ -105,14 +105,7 @@ async fn no_false_positive_after_clean_shutdown() {
         assert!(s.recovered_at.is_none());
         assert!(notices(&started.store, &id).await.is_empty());
     }
-    let states: Vec<String> = started
-        .store
-        .health_transitions(10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.to)
-        .collect();
+    let states = crate::support::health_states(&started.store).await;
     assert_eq!(
         states,
         ["STARTING", "OPERATIONAL", "DRAINING", "STOPPED", "STARTING"]

@@ -100,3 +100,14 @@ where
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// The `to` state of the newest ten health log entries, oldest first.
+pub(crate) async fn health_states(store: &keel_session::Store) -> Vec<String> {
+    store
+        .health_transitions(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.to)
+        .collect()
+}
