@@ -43,25 +43,49 @@ impl Quarantine {
     }
 }
 
-/// The result of checking a database file before opening it.
+/// The result of checking a database file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     /// There is no database yet (or it is empty).
     Missing,
-    /// `PRAGMA quick_check` passed.
+    /// `PRAGMA quick_check` passed (over what the check covers).
     Intact,
     /// SQLite cannot read it, or `quick_check` found problems.
     Damaged(String),
 }
 
-/// Runs `PRAGMA quick_check` on `path` through a read-only connection.
+/// The `meta` key a full check sets when it finds damage the startup check
+/// does not cover: the next start then checks everything and quarantines.
+pub const DAMAGE_FLAG: &str = "integrity.damaged";
+
+/// The table the startup check leaves to [`full_check`]: the message log,
+/// the one table whose size does not depend on sessions and claims.
+const LOG_TABLE: &str = "messages";
+
+/// Checks what startup needs, in time that depends on sessions and claims
+/// rather than on the size of the message log: `PRAGMA quick_check` of the
+/// schema and of every table but the message log (sessions, subscriptions,
+/// outbox, meta, health log, ...), each with its indexes. When an earlier
+/// [`full_check`] recorded damage ([`DAMAGE_FLAG`]), the whole file is
+/// checked instead, so that the damage is quarantined now.
 ///
-/// Read-only matters: such a connection reads the `-wal` file (committed
+/// Read-only: such a connection reads the `-wal` file (committed
 /// transactions that were never checkpointed are part of the database) but
 /// never checkpoints, truncates or deletes it, so a damaged database is left
 /// exactly as the crash left it. Errors that say nothing about the file's
 /// content (permissions, a missing directory) are returned, not judged.
 pub fn check(path: &Path) -> Result<Check, StartError> {
+    run_check(path, false)
+}
+
+/// `PRAGMA quick_check` of the whole file, message log included: what
+/// `keel-relay doctor` runs, and what [`full_check`] runs in the background
+/// after startup. Takes time in proportion to the file.
+pub fn check_everything(path: &Path) -> Result<Check, StartError> {
+    run_check(path, true)
+}
+
+fn run_check(path: &Path, everything: bool) -> Result<Check, StartError> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() > 0 => {}
         Ok(_) => return Ok(Check::Missing),
@@ -74,11 +98,37 @@ pub fn check(path: &Path) -> Result<Check, StartError> {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut stmt = conn.prepare("PRAGMA quick_check")?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+        let quick_check = |sql: &str| -> rusqlite::Result<Vec<String>> {
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows.into_iter().filter(|r| r != "ok").collect())
+        };
+        let flagged = || -> rusqlite::Result<bool> {
+            let has_meta = conn
+                .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta'")?
+                .exists([])?;
+            Ok(has_meta
+                && conn
+                    .prepare("SELECT 1 FROM meta WHERE key = ?1 AND value <> ''")?
+                    .exists([DAMAGE_FLAG])?)
+        };
+        if everything || flagged()? {
+            return quick_check("PRAGMA quick_check");
+        }
+        let tables: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name <> ?1 ORDER BY name",
+            )?
+            .query_map([LOG_TABLE], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut problems = Vec::new();
+        for table in tables {
+            let quoted = table.replace('"', "\"\"");
+            problems.extend(quick_check(&format!("PRAGMA quick_check(\"{quoted}\")"))?);
+        }
+        Ok(problems)
     };
     match run() {
         Ok(problems) if problems.is_empty() => Ok(Check::Intact),
@@ -101,6 +151,49 @@ pub fn check(path: &Path) -> Result<Check, StartError> {
             detail: e.to_string(),
         }),
     }
+}
+
+/// Checks the whole database at `path` (see [`check_everything`]) on a
+/// blocking thread, for a service to run in the background once it serves.
+/// Damage found there (in the message log: startup checked the rest) is
+/// logged at error level, recorded under [`DAMAGE_FLAG`] so that the next
+/// start quarantines the file, and forces `health` DEGRADED with a reason
+/// that tells the operator to restart.
+pub async fn full_check(path: &Path, store: &Store, health: &crate::Health) -> Check {
+    let owned = path.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || check_everything(&owned)).await;
+    let check = match checked {
+        Ok(Ok(check)) => check,
+        Ok(Err(e)) => {
+            tracing::warn!(target: "keel_recovery", error = %e, "full database check could not run");
+            return Check::Intact;
+        }
+        Err(e) => {
+            tracing::warn!(target: "keel_recovery", error = %e, "full database check failed to run");
+            return Check::Intact;
+        }
+    };
+    if let Check::Damaged(reason) = &check {
+        let message = format!(
+            "the message log of {} is damaged ({reason}); restart the service: the next start \
+             moves the database aside and starts a fresh one",
+            path.display()
+        );
+        tracing::error!(target: "keel_recovery", "{message}");
+        let _ = store.set_meta(DAMAGE_FLAG, reason).await;
+        health.degrade(&message).await;
+    } else if store
+        .meta(DAMAGE_FLAG)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|v| !v.is_empty())
+    {
+        // Damage recorded earlier was not found again: stop checking
+        // everything at startup.
+        let _ = store.set_meta(DAMAGE_FLAG, "").await;
+    }
+    check
 }
 
 /// Renames `path` and its `-wal` and `-shm` files to `*.corrupt-<timestamp>`.

@@ -3,7 +3,9 @@
 //!
 //! - [`start`]: lock the data directory ([`DirLock`]), kill process groups a
 //!   previous run left behind ([`supervise::reap_orphans`]), check the
-//!   database and quarantine it if damaged ([`integrity`]), run crash recovery
+//!   database's state tables and quarantine it if damaged ([`integrity`];
+//!   [`integrity::full_check`] checks the message log once the service
+//!   runs), run crash recovery
 //!   if the last run did not shut down cleanly ([`recover`]), and start the
 //!   persisted [`Health`] machine.
 //! - [`graceful_shutdown`]: stop intake, drain, terminate children, record a
@@ -135,7 +137,7 @@ pub async fn start(options: StartOptions) -> Result<Started, StartError> {
     let step = Instant::now();
     let (store, quarantine) =
         integrity::open_checked(&options.db_path(), options.store.clone()).await?;
-    steps.push(("check and open", step.elapsed()));
+    steps.push(("check state tables and open", step.elapsed()));
     let mut report = recover(&store).await?;
     steps.append(&mut report.steps);
     report.steps = steps;

@@ -20,7 +20,7 @@ pub struct RecoveryReport {
     pub previous_clean_shutdown: bool,
     /// Recovery had already run for this store instance; nothing was done again.
     pub already_recovered: bool,
-    /// Sessions that were ACTIVE or DETACHED and are now CRASHED.
+    /// Sessions that were ACTIVE (connected at the crash) and are now CRASHED.
     pub crashed: Vec<SessionId>,
     /// Sessions whose stored state was unknown, with that value; now CRASHED.
     pub unknown_states: Vec<(SessionId, String)>,
@@ -102,7 +102,8 @@ fn json_string(s: &str) -> String {
 
 /// Recovers the database after an unclean shutdown; does nothing after a clean one.
 ///
-/// In one transaction, ACTIVE and DETACHED sessions and sessions with an
+/// In one transaction, ACTIVE sessions (connected at the crash; DETACHED ones
+/// were not and stay DETACHED) and sessions with an
 /// unknown state become CRASHED (`recovered_at`, `crash_count + 1`) and each
 /// gets a notice in its private channel ([`crash_notice`]); then expired
 /// outbox claims return to PENDING. Unknown states are logged at error level

@@ -173,6 +173,17 @@ pub enum SessionError {
         /// The channel name.
         channel: String,
     },
+    /// An acknowledgement named an offset the channel does not hold yet;
+    /// nothing was written.
+    #[error("offset {offset} of {channel} is beyond its last offset ({last})")]
+    BeyondHead {
+        /// The channel name.
+        channel: String,
+        /// The offset acknowledged.
+        offset: u64,
+        /// The channel's last offset (0 for an empty channel).
+        last: u64,
+    },
     /// The storage layer failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -64,7 +64,7 @@ pub use crate::sessions::{
     Activity, CrashMarked, CrashNotice, CrashedSession, NewSession, Session, SessionId,
     SessionState,
 };
-pub use crate::store::{StartupInfo, Store, WriterStats};
+pub use crate::store::{Committing, StartupInfo, Store, WriterStats};
 
 /// The schema version this build of keel-session writes.
 pub const SCHEMA_VERSION: u32 = schema::LATEST;

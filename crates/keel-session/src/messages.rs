@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, params};
 use crate::clock::{UnixMillis, millis};
 use crate::error::{SessionError, StoreError};
 use crate::sessions::SessionId;
-use crate::store::Store;
+use crate::store::{Committing, Store};
 
 /// A position in a channel's log. The first message of a channel has offset 1;
 /// offsets are never reused, even after retention removes messages.
@@ -131,8 +131,28 @@ impl Store {
         msg_id: &str,
         payload: &[u8],
     ) -> Result<Appended, StoreError> {
-        let (channel, msg_id, payload) = (channel.to_owned(), msg_id.to_owned(), payload.to_vec());
-        self.write(move |ctx| append_in(ctx.conn, ctx.now, &channel, &msg_id, &payload))
+        self.queue_append(channel, msg_id, payload.to_vec())
+            .await?
+            .await
+    }
+
+    /// Queues an append and returns once it is in the writer's queue, with a
+    /// future that resolves when it has committed. Appends queued one after
+    /// another (each `queue_append` awaited before the next starts) run in
+    /// that order, so they get offsets in that order even when they share a
+    /// commit: this is how a pipelining publisher keeps its send order.
+    /// `payload` is shared, not copied.
+    pub async fn queue_append<P>(
+        &self,
+        channel: &str,
+        msg_id: &str,
+        payload: P,
+    ) -> Result<Committing<Appended>, StoreError>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
+        let (channel, msg_id) = (channel.to_owned(), msg_id.to_owned());
+        self.submit(move |ctx| append_in(ctx.conn, ctx.now, &channel, &msg_id, payload.as_ref()))
             .await
     }
 
@@ -256,7 +276,10 @@ impl Store {
     }
 
     /// Moves a subscription's cursor forward to `offset` (never backward);
-    /// returns the cursor now stored.
+    /// returns the cursor now stored. An offset beyond the channel's last
+    /// offset is refused ([`SessionError::BeyondHead`]): an acknowledgement
+    /// can only confirm what exists, and one beyond the head would make a
+    /// later resume skip messages published after it.
     pub async fn ack(
         &self,
         session: &SessionId,
@@ -265,7 +288,27 @@ impl Store {
     ) -> Result<Offset, SessionError> {
         let (session, channel) = (session.clone(), channel.to_owned());
         self.write(move |ctx| {
-            let cursor: Option<i64> = ctx
+            let subscribed = ctx
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM subscriptions WHERE session_id = ?1 AND channel = ?2",
+                )?
+                .exists(params![session.as_str(), channel])?;
+            if !subscribed {
+                return Err(SessionError::NotSubscribed {
+                    session: session.clone(),
+                    channel: channel.clone(),
+                });
+            }
+            let last = next_offset(ctx.conn, &channel)? - 1;
+            if to_sql(offset) > last {
+                return Err(SessionError::BeyondHead {
+                    channel: channel.clone(),
+                    offset,
+                    last: last as Offset,
+                });
+            }
+            let cursor: i64 = ctx
                 .conn
                 .prepare_cached(
                     "UPDATE subscriptions SET cursor = MAX(cursor, ?3)
@@ -273,14 +316,8 @@ impl Store {
                 )?
                 .query_row(params![session.as_str(), channel, to_sql(offset)], |r| {
                     r.get(0)
-                })
-                .optional()?;
-            cursor
-                .map(|c| c as Offset)
-                .ok_or_else(|| SessionError::NotSubscribed {
-                    session: session.clone(),
-                    channel: channel.clone(),
-                })
+                })?;
+            Ok(cursor as Offset)
         })
         .await
     }

@@ -169,7 +169,7 @@ pub struct Activity {
 /// What [`Store::mark_crashed`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CrashMarked {
-    /// Sessions that were ACTIVE or DETACHED and are now CRASHED.
+    /// Sessions that were ACTIVE and are now CRASHED.
     pub crashed: Vec<SessionId>,
     /// Sessions whose stored state was not a known state, with that value; they
     /// are now CRASHED too.
@@ -183,7 +183,7 @@ pub struct CrashMarked {
 pub struct CrashedSession {
     /// The session.
     pub id: SessionId,
-    /// Its stored state before: `ACTIVE`, `DETACHED`, or the unknown value found.
+    /// Its stored state before: `ACTIVE`, or the unknown value found.
     pub previous_state: String,
     /// Its crash count after this crash (1 for the first).
     pub crash_count: u32,
@@ -394,10 +394,12 @@ impl Store {
         .await
     }
 
-    /// Crash recovery's scan: every ACTIVE or DETACHED session, and every session
-    /// whose stored state is unknown, becomes CRASHED with `recovered_at = now`
-    /// and `crash_count + 1`, in one transaction. `crashed` lists the former
-    /// ACTIVE sessions, then the former DETACHED ones.
+    /// Crash recovery's scan: every ACTIVE session (connected when the
+    /// process died) and every session whose stored state is unknown becomes
+    /// CRASHED with `recovered_at = now` and `crash_count + 1`, in one
+    /// transaction. DETACHED, PAUSED, CREATED and CLOSED sessions were not
+    /// connected and are left as they are (no false-positive recovery).
+    /// `crashed` lists the former ACTIVE sessions.
     ///
     /// Running it again right away changes nothing.
     pub async fn mark_crashed(&self) -> Result<CrashMarked, StoreError> {
@@ -437,7 +439,8 @@ impl Store {
                 .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, String>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut marked: Vec<CrashedSession> = Vec::new();
-            for previous in ["ACTIVE", "DETACHED"] {
+            {
+                let previous = SessionState::Active.as_str();
                 let mut stmt = ctx.conn.prepare_cached(
                     "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
                      crash_count = crash_count + 1

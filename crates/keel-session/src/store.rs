@@ -51,6 +51,27 @@ pub struct WriterStats {
     pub max_batch: u64,
 }
 
+/// A write in the writer's queue; resolves to its result once the
+/// transaction holding it has committed (or failed).
+#[derive(Debug)]
+#[must_use = "a queued write is answered through this future"]
+pub struct Committing<T, E = StoreError> {
+    rx: oneshot::Receiver<Result<T, E>>,
+}
+
+impl<T, E: From<StoreError>> std::future::Future for Committing<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(E::from(StoreError::Closed))))
+    }
+}
+
 /// A durable session store over one SQLite database in WAL mode.
 ///
 /// Cheap to clone: every clone shares one writer thread and one read pool.
@@ -248,6 +269,18 @@ impl Store {
         E: OpError,
         F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
     {
+        self.submit(f).await?.await
+    }
+
+    /// Queues `f` for the writer and returns as soon as it is queued, with a
+    /// future that resolves once its transaction commits. Writes queued one
+    /// after another run in that order (see [`Store::queue_append`]).
+    pub(crate) async fn submit<T, E, F>(&self, f: F) -> Result<Committing<T, E>, E>
+    where
+        T: Send + 'static,
+        E: OpError,
+        F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
+    {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed.into());
         }
@@ -257,7 +290,7 @@ impl Store {
             .send(Msg::Job(Box::new(Op::new(f, tx))))
             .await
             .map_err(|_| E::from(StoreError::Closed))?;
-        rx.await.map_err(|_| E::from(StoreError::Closed))?
+        Ok(Committing { rx })
     }
 
     /// Runs `f` on a pooled read-only connection.

@@ -306,6 +306,59 @@ async fn damaged_page_found_by_quick_check_is_quarantined() {
     assert_eq!(started.store.channel_bounds("room").await.unwrap().next, 1);
 }
 
+/// Startup checks the state tables only (its time must not grow with the
+/// message log); damage in the log is found by the full check that runs
+/// once the service serves, which degrades health and makes the next start
+/// check everything and quarantine.
+#[tokio::test]
+async fn damage_in_the_message_log_is_found_after_start_and_quarantined_next_time() {
+    use keel_recovery::integrity::{Check, check, check_everything, full_check};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let started = start(StartOptions::new(dir.path())).await.unwrap();
+        for i in 0..3000 {
+            started
+                .store
+                .append("room", &format!("m{i:05}"), &[7u8; 300])
+                .await
+                .unwrap();
+        }
+        started.store.close().await.unwrap();
+    }
+    let db = dir.path().join(keel_recovery::DB_FILE);
+    let len = std::fs::metadata(&db).unwrap().len();
+    // The newest pages belong to the message log (its table and index).
+    keel_faults::corrupt::overwrite(&db, &[len - 4096 * 9..len - 4096], 13).unwrap();
+    assert_eq!(
+        check(&db).unwrap(),
+        Check::Intact,
+        "startup's scope excludes the log"
+    );
+    assert!(matches!(check_everything(&db).unwrap(), Check::Damaged(_)));
+
+    {
+        let started = start(StartOptions::new(dir.path())).await.unwrap();
+        assert!(started.report.quarantine.is_none());
+        started.health.ready("serving").await.unwrap();
+        assert!(matches!(
+            full_check(&db, &started.store, &started.health).await,
+            Check::Damaged(_)
+        ));
+        assert_eq!(started.health.state(), keel_recovery::HealthState::Degraded);
+        let problems = started.health.inputs().await.problems().unwrap();
+        assert!(problems.contains("restart"), "{problems}");
+        started.store.close().await.unwrap();
+    }
+    let started = start(StartOptions::new(dir.path())).await.unwrap();
+    let q = started
+        .report
+        .quarantine
+        .clone()
+        .expect("quarantined on the next start");
+    assert!(q.moved[0].1.exists());
+    assert_eq!(started.store.channel_bounds("room").await.unwrap().next, 1);
+}
+
 #[tokio::test]
 async fn second_instance_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -173,6 +173,21 @@ async fn cursors_only_move_forward() {
         .id;
     let sub = t.store.subscribe(&s, "room", 0).await.unwrap();
     assert_eq!(sub.cursor, 0);
+    for i in 1..=5 {
+        t.store
+            .append("room", &format!("r{i}"), b"x")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        t.store.ack(&s, "room", 6).await,
+        Err(SessionError::BeyondHead {
+            channel: "room".into(),
+            offset: 6,
+            last: 5
+        }),
+        "an ack can only confirm what exists"
+    );
     assert_eq!(t.store.ack(&s, "room", 5).await.unwrap(), 5);
     assert_eq!(
         t.store.ack(&s, "room", 3).await.unwrap(),

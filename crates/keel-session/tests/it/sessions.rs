@@ -358,7 +358,7 @@ async fn duplicate_session_id_rejected() {
 }
 
 #[tokio::test]
-async fn mark_crashed_moves_live_sessions_and_unknown_states() {
+async fn mark_crashed_moves_connected_sessions_and_unknown_states() {
     let t = support::open().await;
     let mut ids = Vec::new();
     for (i, path) in [
@@ -402,7 +402,11 @@ async fn mark_crashed_moves_live_sessions_and_unknown_states() {
 
     t.clock.advance(std::time::Duration::from_secs(1));
     let marked = t.store.mark_crashed().await.unwrap();
-    assert_eq!(marked.crashed, vec![ids[1].clone(), ids[2].clone()]);
+    assert_eq!(
+        marked.crashed,
+        vec![ids[1].clone()],
+        "only the session that was ACTIVE (connected) crashed"
+    );
     assert_eq!(
         marked.unknown,
         vec![(SessionId::from("bad"), "INVALID".to_owned())]
@@ -411,7 +415,7 @@ async fn mark_crashed_moves_live_sessions_and_unknown_states() {
     for (id, state) in [
         (&ids[0], SessionState::Created),
         (&ids[1], SessionState::Crashed),
-        (&ids[2], SessionState::Crashed),
+        (&ids[2], SessionState::Detached),
         (&ids[3], SessionState::Paused),
         (&ids[4], SessionState::Closed),
     ] {
