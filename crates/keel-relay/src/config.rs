@@ -82,6 +82,12 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Error frames before a connection is closed for abuse (1008). Default 50.
     pub max_errors: u32,
+    /// How deeply arrays and objects may nest in a `publish` payload or a
+    /// `send` body. Default 64: deeper JSON is refused (`bad_request`)
+    /// because common parsers (serde_json's default of 128, Python's
+    /// recursion limit) cannot read it, and one such message would make a
+    /// channel unreadable for every subscriber.
+    pub max_payload_depth: usize,
 }
 
 impl Default for Limits {
@@ -98,6 +104,7 @@ impl Default for Limits {
             publish_burst: 4000,
             max_in_flight: 256,
             max_errors: 50,
+            max_payload_depth: 64,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
 use futures::stream::{FuturesOrdered, SplitSink};
 use futures::{FutureExt, SinkExt, StreamExt};
 use keel_ratelimit::{Limiter, Quota};
@@ -48,7 +49,7 @@ struct Conn {
 struct PublishJob {
     channel: String,
     id: String,
-    payload: Vec<u8>,
+    payload: Bytes,
     /// The session's child's stdin, for a publish to its own private channel.
     stdin: Option<mpsc::Sender<Vec<u8>>>,
     /// When the frame was read.
@@ -143,7 +144,11 @@ impl Conn {
                 .unwrap_or_else(|| replaced.clone());
             tokio::select! {
                 msg = stream.next() => {
-                    let Some(Ok(msg)) = msg else { return None };
+                    let msg = match msg {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => return read_error_close(e, limits.max_frame_bytes),
+                        None => return None,
+                    };
                     idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
                     match msg {
                         Message::Text(text) => {
@@ -214,7 +219,7 @@ impl Conn {
                 .error(
                     ErrorCode::InvalidState,
                     &format!("send hello before {}", frame.kind()),
-                    None,
+                    frame.reference(),
                 )
                 .await;
         }
@@ -232,10 +237,7 @@ impl Conn {
                 channel,
                 id,
                 payload,
-            } => {
-                self.on_publish(channel, id, payload.get().as_bytes().to_vec())
-                    .await
-            }
+            } => self.on_publish(channel, id, payload).await,
             ClientFrame::Send { id, to, body } => self.on_send(id, to, body.get()).await,
             ClientFrame::Ack { channel, offset } => self.on_ack(channel, offset).await,
             ClientFrame::Exec { command } => self.on_exec(command).await,
@@ -329,18 +331,35 @@ impl Conn {
             .collect();
         wanted.entry(private.clone()).or_insert(1);
         let limit = self.shared.config.limits.max_subscriptions;
+        // Channels of `resume` that cannot be read are answered with an
+        // error frame each, after the welcome; the rest of the hello stands.
+        let mut refused: Vec<(ErrorCode, String, String)> = Vec::new();
         for (channel, seen) in resume.unwrap_or_default() {
-            if !protocol::valid_channel(&channel) || !self.may_read(&channel) {
+            if let Some((code, message)) = self.channel_refusal(&channel) {
+                refused.push((code, format!("resume: {message}"), channel));
                 continue;
             }
             if !wanted.contains_key(&channel) {
                 // Resuming a channel subscribes to it, within the limit, so
                 // that a later hello without offsets still has it.
-                if wanted.len() >= limit || store.subscribe(&session, &channel, seen).await.is_err()
-                {
+                if wanted.len() >= limit {
+                    refused.push((
+                        ErrorCode::LimitExceeded,
+                        format!("resume: at most {limit} subscriptions per session"),
+                        channel,
+                    ));
+                    continue;
+                }
+                if let Err(e) = store.subscribe(&session, &channel, seen).await {
+                    let code = match e {
+                        SessionError::Store(_) => ErrorCode::Unavailable,
+                        _ => ErrorCode::InvalidState,
+                    };
+                    refused.push((code, format!("resume: {e}"), channel));
                     continue;
                 }
             }
+            // The decoder refused offsets over MAX_OFFSET: no overflow.
             wanted.insert(channel, seen + 1);
         }
         let mut catch_up = serde_json::Map::new();
@@ -358,8 +377,13 @@ impl Conn {
         if let Some(t) = new_token {
             welcome["token"] = t.into();
         }
-        // The welcome goes first: deliveries follow it.
+        // The welcome goes first: refusals and deliveries follow it.
         self.send(welcome.to_string()).await;
+        for (code, message, channel) in refused {
+            if let Some(end) = self.error(code, &message, Some(&channel)).await {
+                return Some(end);
+            }
+        }
         for (channel, from) in &wanted {
             self.start_channel(channel, *from).await;
         }
@@ -494,16 +518,11 @@ impl Conn {
         &mut self,
         channel: String,
         id: String,
-        payload: Vec<u8>,
+        payload: Box<serde_json::value::RawValue>,
     ) -> Option<(u16, String)> {
         let limits = &self.shared.config.limits;
-        if payload.len() > limits.max_payload_bytes {
-            let msg = format!(
-                "payload of {} bytes is over the {}-byte limit",
-                payload.len(),
-                limits.max_payload_bytes
-            );
-            return self.error(ErrorCode::TooLarge, &msg, Some(&id)).await;
+        if let Some((code, msg)) = payload_refusal(payload.get(), limits, "payload") {
+            return self.error(code, &msg, Some(&id)).await;
         }
         if !protocol::valid_id(&id) {
             return self
@@ -538,7 +557,9 @@ impl Conn {
             .send(PublishJob {
                 channel,
                 id,
-                payload,
+                // The payload text is shared from here on (the store
+                // keeps a handle until it commits), never copied.
+                payload: Bytes::from(String::from(Box::<str>::from(payload))),
                 stdin,
                 received: std::time::Instant::now(),
             })
@@ -548,14 +569,8 @@ impl Conn {
 
     async fn on_send(&mut self, id: String, to: String, body: &str) -> Option<(u16, String)> {
         let limits = &self.shared.config.limits;
-        if body.len() > limits.max_payload_bytes {
-            return self
-                .error(
-                    ErrorCode::TooLarge,
-                    "body over the payload limit",
-                    Some(&id),
-                )
-                .await;
+        if let Some((code, msg)) = payload_refusal(body, limits, "body") {
+            return self.error(code, &msg, Some(&id)).await;
         }
         if !protocol::valid_id(&id) || to.is_empty() || to.len() > 200 {
             return self
@@ -634,6 +649,10 @@ impl Conn {
     ) -> Option<(u16, String)> {
         match e {
             SessionError::Store(se) => self.storage_error(se, reference).await,
+            SessionError::BeyondHead { .. } => {
+                self.error(ErrorCode::BadRequest, &e.to_string(), reference)
+                    .await
+            }
             other => {
                 self.error(ErrorCode::InvalidState, &other.to_string(), reference)
                     .await
@@ -677,6 +696,11 @@ impl Conn {
 /// time, then fans each new message out and acknowledges it. Runs until the
 /// connection is gone and every accepted publish is answered, so a committed
 /// message always reaches the hub.
+///
+/// Order: each append enters the store's writer queue before the next one
+/// (queueing is awaited, committing is not), so one connection's publishes
+/// get offsets in the order they were sent, even when many share a commit;
+/// answers go out in that same order, duplicates included.
 async fn publish_loop(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<PublishJob>,
@@ -697,10 +721,16 @@ async fn publish_loop(
                     // (and one fan-out to each subscriber).
                     let mut next = Some(job);
                     while let Some(job) = next.take() {
-                        let store = shared.store.clone();
+                        let queued = shared
+                            .store
+                            .queue_append(&job.channel, &job.id, job.payload.clone())
+                            .await;
                         in_flight.push_back(async move {
-                            let r = store.append(&job.channel, &job.id, &job.payload).await;
-                            (job, r)
+                            let result = match queued {
+                                Ok(committing) => committing.await,
+                                Err(e) => Err(e),
+                            };
+                            (job, result)
                         });
                         if in_flight.len() < limit {
                             match rx.try_recv() {
@@ -715,39 +745,27 @@ async fn publish_loop(
             },
             Some(first) = in_flight.next(), if !in_flight.is_empty() => {
                 // Everything the same commit finished goes out together: one
-                // hub hand-off per channel run instead of one per message.
+                // hub hand-off per channel instead of one per message.
                 done.push(first);
                 while let Some(Some(more)) = in_flight.next().now_or_never() {
                     done.push(more);
                 }
-                // Offsets follow the order the writer took the appends, which
-                // is not always the order they were pushed: sort what one
-                // commit returned so subscribers see no gap to fill.
-                done.sort_by(|(a, ra), (b, rb)| {
-                    let offset = |r: &Result<keel_session::Appended, StoreError>| {
-                        r.as_ref().map_or(u64::MAX, |x| x.offset)
-                    };
-                    a.channel.cmp(&b.channel).then(offset(ra).cmp(&offset(rb)))
-                });
-                let mut run: Vec<(u64, Utf8Bytes)> = Vec::new();
-                let mut run_channel: Option<String> = None;
+                let mut runs: Vec<(String, Vec<(u64, Utf8Bytes)>)> = Vec::new();
                 let mut replies = Vec::with_capacity(done.len());
                 for (job, result) in done.drain(..) {
                     let reply = match result {
                         Ok(appended) => {
                             if !appended.duplicate {
-                                if run_channel.as_deref() != Some(job.channel.as_str()) {
-                                    if let Some(c) = run_channel.take() {
-                                        shared.hub.publish_batch(&c, Arc::from(std::mem::take(&mut run)));
-                                    }
-                                    run_channel = Some(job.channel.clone());
-                                }
                                 let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
-                                run.push((appended.offset, Utf8Bytes::from(deliver)));
+                                let frame = (appended.offset, Utf8Bytes::from(deliver));
+                                match runs.iter_mut().find(|(c, _)| *c == job.channel) {
+                                    Some((_, run)) => run.push(frame),
+                                    None => runs.push((job.channel.clone(), vec![frame])),
+                                }
                                 published.increment(1);
                                 commit_time.record(job.received.elapsed().as_secs_f64());
                                 if let Some(stdin) = &job.stdin {
-                                    let _ = stdin.send(job.payload.clone()).await;
+                                    let _ = stdin.send(job.payload.to_vec()).await;
                                 }
                             }
                             format!(
@@ -764,8 +782,11 @@ async fn publish_loop(
                     };
                     replies.push(reply);
                 }
-                if let Some(c) = run_channel.take() {
-                    shared.hub.publish_batch(&c, Arc::from(run));
+                for (channel, mut run) in runs {
+                    // Already in offset order (appends were queued in
+                    // order); sorting keeps the hub's contract explicit.
+                    run.sort_by_key(|(offset, _)| *offset);
+                    shared.hub.publish_batch(&channel, Arc::from(run));
                 }
                 for reply in replies {
                     let _ = out.send(Outbound::Frame(Utf8Bytes::from(reply))).await;
@@ -774,6 +795,54 @@ async fn publish_loop(
             else => break,
         }
     }
+}
+
+/// The close for a connection whose WebSocket stream failed: 1007 for a
+/// text frame that is not UTF-8, 1009 for a message over the hard cap (four
+/// times the frame limit, whole or fragmented); a broken link gets none.
+fn read_error_close(e: axum::Error, max_frame: usize) -> Option<(u16, String)> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let inner = e.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Utf8(_)) => Some((
+            close::INVALID_DATA,
+            "text frame is not valid UTF-8".to_owned(),
+        )),
+        Some(WsError::Capacity(_)) => Some((
+            close::TOO_BIG,
+            format!("message over {} bytes", max_frame.saturating_mul(4)),
+        )),
+        _ => None,
+    }
+}
+
+/// Why a `publish` payload or `send` body is refused, if it is: over the
+/// byte limit, or nested deeper than common JSON parsers can read.
+fn payload_refusal(
+    raw: &str,
+    limits: &crate::config::Limits,
+    what: &str,
+) -> Option<(ErrorCode, String)> {
+    if raw.len() > limits.max_payload_bytes {
+        return Some((
+            ErrorCode::TooLarge,
+            format!(
+                "{what} of {} bytes is over the {}-byte limit",
+                raw.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    let depth = protocol::nesting_depth(raw, limits.max_payload_depth);
+    (depth > limits.max_payload_depth).then(|| {
+        (
+            ErrorCode::BadRequest,
+            format!(
+                "{what} nests arrays and objects deeper than {} levels",
+                limits.max_payload_depth
+            ),
+        )
+    })
 }
 
 /// Writes frames in batches; replays logs and fills gaps so that each

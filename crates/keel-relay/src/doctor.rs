@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use keel_recovery::integrity::{Check, check};
+use keel_recovery::integrity::{Check, check_everything};
 use keel_recovery::{DB_FILE, DirLock};
 use keel_session::{OutboxState, Store};
 
@@ -33,7 +33,7 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
     let mut out = String::new();
     writeln!(out, "keel-relay doctor: {}", data.display())?;
     let db = data.join(DB_FILE);
-    let integrity = match check(&db)? {
+    let integrity = match check_everything(&db)? {
         Check::Missing => {
             writeln!(out, "database: {} does not exist yet", db.display())?;
             return Ok(out);

@@ -13,8 +13,12 @@ pub const SUBPROTOCOL: &str = "keel.v1";
 pub mod close {
     /// The relay is shutting down (RFC 6455 "going away").
     pub const GOING_AWAY: u16 = 1001;
+    /// A text frame that is not UTF-8 (RFC 6455 "invalid frame payload data").
+    pub const INVALID_DATA: u16 = 1007;
     /// Repeated bad input, or no hello in time (RFC 6455 "policy violation").
     pub const POLICY: u16 = 1008;
+    /// A message far over the size limit (RFC 6455 "message too big").
+    pub const TOO_BIG: u16 = 1009;
     /// The connection fell too far behind; resume from the log (RFC 6455 "try again later").
     pub const SLOW_CONSUMER: u16 = 1013;
     /// The relay failed internally.
@@ -84,6 +88,19 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// What an error about this frame names in `ref`: its `id` (publish,
+    /// send), else its channel, else the command of an `exec`.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Publish { id, .. } | ClientFrame::Send { id, .. } => Some(id),
+            ClientFrame::Subscribe { channel, .. }
+            | ClientFrame::Unsubscribe { channel }
+            | ClientFrame::Ack { channel, .. } => Some(channel),
+            ClientFrame::Exec { command } => Some(command),
+            ClientFrame::Hello { .. } | ClientFrame::Ping => None,
+        }
+    }
+
     /// The frame's `type`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -125,6 +142,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order docs/protocol.md lists them.
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::InvalidState,
+        ErrorCode::LimitExceeded,
+        ErrorCode::Unavailable,
+    ];
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -164,17 +195,132 @@ const KNOWN: [&str; 8] = [
     "ping",
 ];
 
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    id: Option<std::borrow::Cow<'a, str>>,
+/// The largest offset on the wire: offsets are stored as SQLite integers.
+pub const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// What the first pass over a frame finds: that it is a JSON object, its
+/// `type`, and what to name in `ref` (the `id`, else the `channel`). Every
+/// other field is skipped without being built, so a large payload costs no
+/// allocation here, and a field of the wrong type is left for the second,
+/// typed pass to report as `bad_request`.
+#[derive(Default)]
+struct Envelope {
+    kind: Option<Result<String, ()>>,
+    id: Option<Option<String>>,
+    channel: Option<Option<String>>,
+    duplicate: Option<&'static str>,
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Envelope;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Envelope, A::Error> {
+                let mut env = Envelope::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let (slot, name) = match key.as_ref() {
+                        "type" => {
+                            let v = map.next_value::<MaybeString>()?.0;
+                            if env.kind.replace(v.ok_or(())).is_some() {
+                                env.duplicate.get_or_insert("type");
+                            }
+                            continue;
+                        }
+                        "id" => (&mut env.id, "id"),
+                        "channel" => (&mut env.channel, "channel"),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let v = map.next_value::<MaybeString>()?.0;
+                    if slot.replace(v).is_some() {
+                        env.duplicate.get_or_insert(name);
+                    }
+                }
+                Ok(env)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A JSON value kept only when it is a string.
+struct MaybeString(Option<String>);
+
+impl<'de> Deserialize<'de> for MaybeString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MaybeString;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<MaybeString, E> {
+                Ok(MaybeString(Some(v.to_owned())))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MaybeString, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MaybeString(None))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MaybeString, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(MaybeString(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Decodes one text frame. Never panics, whatever the input.
 ///
 /// Frames longer than `max_frame` bytes are `too_large` before any parsing.
+/// Text that is not a JSON object is `bad_json`; an object with a missing,
+/// repeated or wrong field is `bad_request` (`unknown_type` for a `type`
+/// string the relay does not know); fields the relay does not know are
+/// ignored.
 pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> {
     if text.len() > max_frame {
         return Err(DecodeError {
@@ -186,36 +332,50 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
             reference: None,
         });
     }
-    let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|e| DecodeError {
+    let envelope: Envelope = serde_json::from_str(text).map_err(|e| DecodeError {
         code: ErrorCode::BadJson,
         message: format!("not a JSON object: {e}"),
         reference: None,
     })?;
-    let reference = envelope.id.as_deref().map(str::to_owned);
-    let Some(kind) = envelope.kind else {
-        return Err(DecodeError {
-            code: ErrorCode::BadRequest,
-            message: "missing \"type\"".to_owned(),
-            reference,
-        });
+    // `ref` names the frame's id (publish, send) or else its channel.
+    let reference = match (envelope.id, envelope.channel) {
+        (Some(Some(id)), _) => Some(id),
+        (_, Some(Some(channel))) => Some(channel),
+        _ => None,
     };
-    if !KNOWN.contains(&kind.as_ref()) {
+    let request = |message: String| DecodeError {
+        code: ErrorCode::BadRequest,
+        message,
+        reference: reference.clone(),
+    };
+    if let Some(field) = envelope.duplicate {
+        return Err(request(format!("\"{field}\" appears more than once")));
+    }
+    let kind = match envelope.kind {
+        None => return Err(request("missing \"type\"".to_owned())),
+        Some(Err(())) => return Err(request("\"type\" must be a string".to_owned())),
+        Some(Ok(kind)) => kind,
+    };
+    if !KNOWN.contains(&kind.as_str()) {
         return Err(DecodeError {
             code: ErrorCode::UnknownType,
             message: format!("unknown type {:?}", truncate(&kind, 64)),
             reference,
         });
     }
-    let bad = |e: serde_json::Error| DecodeError {
-        code: ErrorCode::BadRequest,
-        message: format!("invalid {kind}: {e}"),
-        reference: reference.clone(),
-    };
+    let bad = |e: serde_json::Error| request(format!("invalid {kind}: {e}"));
     // One struct per type: serde's internally tagged enums buffer their
     // content, which loses a RawValue payload.
-    Ok(match kind.as_ref() {
+    Ok(match kind.as_str() {
         "hello" => {
             let f: wire::Hello = serde_json::from_str(text).map_err(bad)?;
+            if let Some((channel, _)) = f.resume.iter().flatten().find(|(_, o)| **o > MAX_OFFSET) {
+                return Err(DecodeError {
+                    code: ErrorCode::BadRequest,
+                    message: format!("resume offset of {channel:?} is over {MAX_OFFSET}"),
+                    reference: Some(channel.clone()),
+                });
+            }
             ClientFrame::Hello {
                 token: f.token,
                 resume: f.resume,
@@ -223,6 +383,9 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
         }
         "subscribe" => {
             let f: wire::Subscribe = serde_json::from_str(text).map_err(bad)?;
+            if f.from.is_some_and(|o| o > MAX_OFFSET) {
+                return Err(request(format!("\"from\" is over {MAX_OFFSET}")));
+            }
             ClientFrame::Subscribe {
                 channel: f.channel,
                 from: f.from,
@@ -250,6 +413,9 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
         }
         "ack" => {
             let f: wire::Ack = serde_json::from_str(text).map_err(bad)?;
+            if f.offset > MAX_OFFSET {
+                return Err(request(format!("\"offset\" is over {MAX_OFFSET}")));
+            }
             ClientFrame::Ack {
                 channel: f.channel,
                 offset: f.offset,
@@ -259,14 +425,12 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
             let f: wire::Exec = serde_json::from_str(text).map_err(bad)?;
             ClientFrame::Exec { command: f.command }
         }
-        _ => {
-            let _: wire::Ping = serde_json::from_str(text).map_err(bad)?;
-            ClientFrame::Ping
-        }
+        _ => ClientFrame::Ping,
     })
 }
 
-/// The frames as they are parsed, one struct per type.
+/// The frames as they are parsed, one struct per type. Unknown fields are
+/// ignored (tolerant reader); a field given twice is an error.
 mod wire {
     use std::collections::BTreeMap;
 
@@ -275,7 +439,6 @@ mod wire {
     use serde_json::value::RawValue;
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Hello {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -286,7 +449,6 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Subscribe {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -296,7 +458,6 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Unsubscribe {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -304,7 +465,6 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Publish {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -314,7 +474,6 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Send {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -324,7 +483,6 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Ack {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
@@ -333,19 +491,44 @@ mod wire {
     }
 
     #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub(super) struct Exec {
         #[serde(rename = "type")]
         _kind: IgnoredAny,
         pub(super) command: String,
     }
+}
 
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct Ping {
-        #[serde(rename = "type")]
-        _kind: IgnoredAny,
+/// How deeply arrays and objects nest in the JSON text `raw` (0 for a
+/// scalar), counted without building anything; stops counting past `limit`.
+pub fn nesting_depth(raw: &str, limit: usize) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in raw.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > deepest {
+                    deepest = depth;
+                    if deepest > limit {
+                        return deepest;
+                    }
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    deepest
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -449,7 +632,32 @@ mod tests {
             code(r#"{"type":"publish","id":"x"}"#),
             ErrorCode::BadRequest
         );
-        assert_eq!(code(r#"{"type":"ping","extra":1}"#), ErrorCode::BadRequest);
+        assert!(decode(r#"{"type":"ping","extra":{"deep":[1]}}"#, 1000).is_ok());
+        for wrong_field in [
+            r#"{"type":5}"#,
+            r#"{"type":"publish","channel":"c","id":5,"payload":1}"#,
+            r#"{"type":"publish","channel":"c","id":{},"payload":1}"#,
+            r#"{"type":"publish","channel":"c","id":[],"payload":1}"#,
+            r#"{"type":"ping","type":"ping"}"#,
+            r#"{"type":"publish","id":"a","id":"b","channel":"c","payload":1}"#,
+            r#"{"type":"subscribe","channel":"c","from":-1}"#,
+            r#"{"type":"subscribe","channel":"c","from":1.5}"#,
+            r#"{"type":"subscribe","channel":"c","from":"1"}"#,
+            r#"{"type":"subscribe","channel":"c","from":18446744073709551616}"#,
+            r#"{"type":"subscribe","channel":"c","from":9223372036854775808}"#,
+            r#"{"type":"ack","channel":"c","offset":18446744073709551615}"#,
+            r#"{"type":"hello","resume":{"c":18446744073709551615}}"#,
+        ] {
+            assert_eq!(code(wrong_field), ErrorCode::BadRequest, "{wrong_field}");
+        }
+        let e = decode(r#"{"type":"subscribe","channel":"room","from":-1}"#, 1000).unwrap_err();
+        assert_eq!(e.reference.as_deref(), Some("room"));
+        let e = decode(
+            r#"{"type":"hello","resume":{"a":1,"b":18446744073709551615}}"#,
+            1000,
+        )
+        .unwrap_err();
+        assert_eq!(e.reference.as_deref(), Some("b"));
         assert_eq!(code(&"x".repeat(1001)), ErrorCode::TooLarge);
         let e = decode(r#"{"type":"publish","id":"m-7"}"#, 1000).unwrap_err();
         assert_eq!(e.reference.as_deref(), Some("m-7"));
@@ -464,6 +672,20 @@ mod tests {
         let f = deliver_frame("c", 1, "i", b"\xffnot json");
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert!(v["payload"].is_string());
+    }
+
+    #[test]
+    fn nesting_depth_counts_outside_strings() {
+        assert_eq!(nesting_depth("1", 64), 0);
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":2}]}"#, 64), 3);
+        assert_eq!(nesting_depth(r#""[[[{{{\"[""#, 64), 0);
+        assert_eq!(nesting_depth(r#"["\\",[]]"#, 64), 2);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(
+            nesting_depth(&deep, 64),
+            65,
+            "stops counting past the limit"
+        );
     }
 
     #[test]

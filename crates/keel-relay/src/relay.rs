@@ -146,6 +146,37 @@ fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Puts every metric docs/protocol.md lists on `/metrics` at zero, so that
+/// dashboards and alerts see them before their first event.
+fn register_metrics() {
+    for name in [
+        "keel_frames_in_total",
+        "keel_frames_out_total",
+        "keel_published_total",
+        "keel_slow_consumers_total",
+        "keel_sessions_opened_total",
+        "keel_sends_queued_total",
+        "keel_upstream_inbound_total",
+        "keel_connections_refused_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for code in crate::protocol::ErrorCode::ALL {
+        metrics::counter!("keel_errors_total", "code" => code.as_str()).increment(0);
+    }
+    for status in ["SENT", "DEAD"] {
+        metrics::counter!("keel_upstream_sends_total", "status" => status).increment(0);
+    }
+    for status in ["ok", "failed"] {
+        metrics::counter!("keel_spool_jobs_total", "status" => status).increment(0);
+    }
+    metrics::gauge!("keel_connections").increment(0.0);
+    metrics::gauge!("keel_channels_subscribed").set(0.0);
+    // A histogram is rendered once it exists, with a count of 0.
+    let _ = metrics::histogram!("keel_spool_job_seconds");
+    let _ = metrics::histogram!("keel_publish_commit_seconds");
+}
+
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -202,6 +233,7 @@ impl Relay {
     ) -> Result<Relay, RelayError> {
         config.validate()?;
         let metrics = prometheus();
+        register_metrics();
         let options = StartOptions {
             data_dir: config.data.clone(),
             store: config.store_config(),
@@ -264,6 +296,19 @@ impl Relay {
             background.push(tokio::spawn(crate::spool::run(shared.clone(), dir)));
         }
         let _ = started.health.ready(&format!("listening on {addr}")).await;
+        // Startup checked the state tables; the message log, whose size has
+        // no bound in sessions, is checked while the relay serves. Not
+        // awaited at shutdown: a long check must not hold up draining.
+        drop(tokio::spawn({
+            let (path, store, health) = (
+                options.db_path(),
+                started.store.clone(),
+                started.health.clone(),
+            );
+            async move {
+                keel_recovery::integrity::full_check(&path, &store, &health).await;
+            }
+        }));
         Ok(Relay {
             shared,
             addr,

@@ -188,6 +188,52 @@ impl RawWs {
         self.send_text(v.to_string()).await;
     }
 
+    /// Writes every frame, then flushes once: they leave in one TCP write
+    /// (as far as the socket buffer allows), as a pipelining client sends them.
+    pub(crate) async fn send_all(&mut self, frames: impl IntoIterator<Item = serde_json::Value>) {
+        use futures::SinkExt;
+        for f in frames {
+            self.ws
+                .feed(tokio_tungstenite::tungstenite::Message::text(f.to_string()))
+                .await
+                .unwrap();
+        }
+        self.ws.flush().await.unwrap();
+    }
+
+    /// Sends a raw frame the SDK could never send (bad UTF-8, fragments).
+    pub(crate) async fn send_frame(
+        &mut self,
+        frame: tokio_tungstenite::tungstenite::protocol::frame::Frame,
+    ) {
+        use futures::SinkExt;
+        // The relay may close before a large frame is fully written.
+        let _ = self
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Frame(frame))
+            .await;
+    }
+
+    /// Reads until the relay closes; returns its close code.
+    pub(crate) async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Ok(_) => continue,
+                Err(code) => return code,
+            }
+        }
+    }
+
+    /// The next frame that is not a `deliver`.
+    pub(crate) async fn next_answer(&mut self) -> serde_json::Value {
+        loop {
+            let f = self.next_json().await;
+            if f["type"] != "deliver" {
+                return f;
+            }
+        }
+    }
+
     /// The next text frame as JSON; panics on close or after 10 s.
     pub(crate) async fn next_json(&mut self) -> serde_json::Value {
         match self.next().await {
@@ -212,4 +258,20 @@ impl RawWs {
             }
         }
     }
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
+pub(crate) async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

@@ -156,22 +156,6 @@ async fn upstream_outage_then_sync() {
     assert!(http_get(&health).await.contains("OPERATIONAL"));
 }
 
-/// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
-pub(crate) async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn upstream_messages_reach_the_private_channel() {
     let (up, _dir, relay) = relay_with_upstream(1000.0, 1000.0, 1000).await;
