@@ -1,4 +1,8 @@
-//! Shared support for keel's cross-crate load and chaos tests.
+//! keel's cross-crate load and chaos tests at small scale.
 //!
-//! The scenarios themselves arrive with `keel-harness`; until then the two test
-//! binaries (`load`, `chaos`) hold no tests rather than placeholder ones.
+//! `tests/load` runs every scenario of `cargo xtask load` at small scale
+//! against a real relay process (this package's `keel-relay-test` binary:
+//! keel-relay with its failpoints compiled in but unarmed), the checker's
+//! self-test (each planted bug caught), plan determinism, and the HTML
+//! report in a real browser. `tests/chaos` is empty until the chaos suite
+//! lands.

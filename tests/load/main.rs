@@ -1,4 +1,304 @@
-//! Cross-crate load scenarios at small scale (`cargo test -p keel-tests --test load`).
-//!
-//! Empty until `keel-harness` provides the scenarios; per-crate load tests
-//! (for example keel-session's `concurrent_sessions_10k`) live in each crate.
+//! Every load scenario at small scale against a real relay process, the
+//! checker's self-test with planted bugs, plan determinism, and the report
+//! in a real browser. `cargo test -p keel-tests --test load`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_harness::check::check;
+use keel_harness::client::{PayloadCheck, Publisher, SubscriberSpec, spawn_subscriber};
+use keel_harness::fixture::{RelayBinary, RelayOptions, Target};
+use keel_harness::report::Status;
+use keel_harness::scenario::{Ctx, PlanInput};
+use keel_harness::{RunOptions, Scale, Suite, catalogue};
+
+mod browser;
+
+/// Scenarios share two cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn relay() -> RelayBinary {
+    RelayBinary::at(Path::new(env!("CARGO_BIN_EXE_keel-relay-test")))
+}
+
+fn options(scenarios: &[&str], report: &Path, seed: u64) -> RunOptions {
+    RunOptions {
+        suite: Suite::Load,
+        scenarios: scenarios.iter().map(|s| (*s).to_owned()).collect(),
+        scale: Scale::Small,
+        duration: None,
+        seed,
+        target: Target::Spawn(relay()),
+        report_root: report.to_path_buf(),
+        compare: None,
+        command: format!("cargo test (load: {})", scenarios.join(", ")),
+        verbose: false,
+    }
+}
+
+/// Runs one scenario at small scale; it must end without a violation, a
+/// red threshold or a harness error (yellow is allowed: a debug build on a
+/// shared machine may miss keel's own speed targets, never the seed floors).
+#[track_caller]
+fn scenario(name: &'static str) {
+    let caller = std::panic::Location::caller();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let summary = keel_harness::run(options(&[name], dir.path(), 20261201))
+            .await
+            .unwrap();
+        let s = &summary.report.scenarios[0];
+        let table = keel_harness::run::table(&summary.report);
+        println!("{table}");
+        for n in &s.notes {
+            println!("note: {n}");
+        }
+        assert!(
+            matches!(s.status, Status::Green | Status::Yellow),
+            "{name} ended {} ({caller}): {:?}\n{table}\nwitnesses: {:?}",
+            s.status.as_str(),
+            s.error,
+            s.checks.as_ref().map(|c| c
+                .checks
+                .iter()
+                .flat_map(|c| c.witnesses.clone())
+                .collect::<Vec<_>>())
+        );
+        let checks = s.checks.as_ref().expect("checked");
+        assert!(!checks.violated());
+        assert!(summary.dir.join(name).join("plan.json").exists());
+        assert!(summary.dir.join(name).join("history.jsonl").exists());
+        assert!(summary.dir.join("report.html").exists());
+    });
+}
+
+#[test]
+fn concurrent_sessions() {
+    scenario("concurrent_sessions");
+}
+
+#[test]
+fn session_isolation() {
+    scenario("session_isolation");
+}
+
+#[test]
+fn database_contention() {
+    scenario("database_contention");
+}
+
+#[test]
+fn burst_handling() {
+    scenario("burst_handling");
+}
+
+#[test]
+fn sustained_load() {
+    scenario("sustained_load");
+}
+
+#[test]
+fn queue_overflow() {
+    scenario("queue_overflow");
+}
+
+#[test]
+fn connections_10k() {
+    scenario("connections_10k");
+}
+
+#[test]
+fn connections_max() {
+    scenario("connections_max");
+}
+
+#[test]
+fn subscriptions_50k() {
+    scenario("subscriptions_50k");
+}
+
+#[test]
+fn fanout_backpressure() {
+    scenario("fanout_backpressure");
+}
+
+#[test]
+fn large_payloads() {
+    scenario("large_payloads");
+}
+
+#[test]
+fn soak() {
+    scenario("soak");
+}
+
+#[test]
+fn burn_in() {
+    scenario("burn_in");
+}
+
+/// Every scenario of the catalogue has a test above (a new scenario without
+/// one fails here).
+#[test]
+fn every_load_scenario_is_tested() {
+    let source = include_str!("main.rs");
+    for s in catalogue().into_iter().filter(|s| s.suite == Suite::Load) {
+        assert!(
+            source.contains(&format!("scenario(\"{}\")", s.name)),
+            "{} has no test",
+            s.name
+        );
+    }
+}
+
+/// One seed, one plan: two expansions are byte for byte the same, and
+/// another seed changes what is random.
+#[test]
+fn plans_are_deterministic_per_seed() {
+    for s in catalogue() {
+        for scale in [Scale::Small, Scale::Full] {
+            let input = PlanInput {
+                seed: 42,
+                scale,
+                duration: None,
+            };
+            let (a, b) = ((s.plan)(&input), (s.plan)(&input));
+            assert_eq!(a.to_json(), b.to_json(), "{} {scale:?}", s.name);
+        }
+    }
+    let isolation = catalogue()
+        .into_iter()
+        .find(|s| s.name == "session_isolation")
+        .unwrap();
+    let plan = |seed| {
+        (isolation.plan)(&PlanInput {
+            seed,
+            scale: Scale::Small,
+            duration: None,
+        })
+        .to_json()
+    };
+    assert_ne!(plan(42), plan(43), "the seed must matter");
+}
+
+/// A workload small enough to run once per failpoint: one pipelining
+/// publisher (bursts of 30 publishes in flight, so that commits hold
+/// several), three subscribers from offset 1.
+async fn planted(failpoint: &str, dir: &Path) -> keel_harness::check::Verdict {
+    let ctx = Ctx::new(Target::Spawn(relay()), dir, Scale::Small)
+        .with_relay_env(&[("KEEL_FAILPOINTS", failpoint)]);
+    let relay = ctx.relay(RelayOptions::default()).await.unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let subs: Vec<_> = (0..3)
+        .map(|s| {
+            spawn_subscriber(
+                SubscriberSpec {
+                    sub: s,
+                    url: relay.url(),
+                    source: None,
+                    channels: vec![("selftest".into(), 1)],
+                    read_delay: None,
+                    resume: true,
+                    payloads: PayloadCheck::None,
+                    stop_after: None,
+                },
+                ctx.recorder.clone(),
+                stop.clone(),
+                Duration::from_millis(500),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let publisher = Publisher::open(&relay.url(), 9, None, &ctx.recorder)
+        .await
+        .unwrap();
+    let cid = ctx.recorder.channel("selftest");
+    for _ in 0..10 {
+        let burst = (0..30).map(|_| publisher.publish(cid, "selftest", "{}", None));
+        futures_join(burst).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = stop_tx.send(true);
+    for (_, task) in subs {
+        let _ = task.await;
+    }
+    check(&ctx.recorder.take())
+}
+
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) {
+    let handles: Vec<F> = futs.collect();
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = handles.into_iter().map(Box::pin).collect();
+    // Poll all to completion together (a small join_all without the dependency).
+    std::future::poll_fn(|cx| {
+        pinned.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if pinned.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// The checker is trusted because it catches each planted bug: the relay
+/// built with `failpoints` drops, duplicates or reorders one live delivery
+/// in N, or queues a batch of publishes in reverse; a run without a
+/// failpoint is clean.
+#[test]
+fn checker_catches_every_planted_bug() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let clean = planted("", dir.path()).await;
+        assert!(!clean.violated(), "no failpoint, no violation: {clean:?}");
+        assert!(
+            clean.stats.acked >= 300 && clean.stats.delivered >= 900,
+            "{:?}",
+            clean.stats
+        );
+        for (failpoint, caught_as) in [
+            ("drop_delivery=50", "lost"),
+            ("duplicate_delivery=50", "duplicated"),
+            ("reorder_delivery=20", "reordered"),
+            ("reverse_batch=2", "send_order"),
+        ] {
+            let v = planted(failpoint, dir.path()).await;
+            let found = v.count(caught_as);
+            println!(
+                "{failpoint}: {caught_as} {found}; all: {:?}",
+                v.checks
+                    .iter()
+                    .map(|c| (c.name.clone(), c.count))
+                    .collect::<Vec<_>>()
+            );
+            assert!(
+                found > 0,
+                "{failpoint} planted, but the checker found no {caught_as}: {v:?}"
+            );
+            let witness = &v
+                .checks
+                .iter()
+                .find(|c| c.name == caught_as)
+                .unwrap()
+                .witnesses[0];
+            assert!(
+                !witness.summary.is_empty() && !witness.timeline.is_empty(),
+                "{witness:?}"
+            );
+        }
+    });
+}
+
+/// Where `cargo test` leaves a report for the browser test.
+fn report_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("keel-report-browser")
+}

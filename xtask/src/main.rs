@@ -1,11 +1,17 @@
 //! keel's task runner. `cargo xtask` with no arguments lists the tasks.
 
+mod bench;
 mod ci;
+mod load;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use keel_harness::Suite;
 
 /// keel's tasks (`cargo xtask <task>`).
+///
+/// Exit codes of load: 0 every scenario green or yellow, 3 an invariant was
+/// violated, 4 a threshold is red, 1 the harness failed, 130 interrupted.
 #[derive(Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask")]
 struct Cli {
@@ -15,6 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Run the load suite against a real relay (exit 0 green/yellow, 3
+    /// invariant violated, 4 threshold red, 1 harness error).
+    Load(load::SuiteArgs),
+    /// Run every benchmark and print one table of figures against their
+    /// same-run baselines and targets.
+    Bench(bench::BenchArgs),
     /// Run exactly what CI runs (`.ci/run`): fmt check, clippy, the test suite.
     Ci,
 }
@@ -24,13 +36,17 @@ fn main() -> Result<()> {
     match cli.task {
         None => {
             println!("cargo xtask <task>\n\ntasks:");
-            println!("  ci      run exactly what CI runs (.ci/run): fmt check, clippy, tests");
             println!(
-                "\nload, chaos and bench arrive with keel-harness; until then the main job is\n\
-                 `cargo run --release -p keel-session --example session_demo`."
+                "  load    the load suite against a real relay: verdicts, report (cargo xtask load --list)"
             );
+            println!(
+                "  bench   every benchmark, one table of figures against baselines and targets"
+            );
+            println!("  ci      run exactly what CI runs (.ci/run): fmt check, clippy, tests");
             Ok(())
         }
+        Some(Task::Load(args)) => std::process::exit(load::run(Suite::Load, args)?),
+        Some(Task::Bench(args)) => std::process::exit(bench::run(args)?),
         Some(Task::Ci) => ci::run(),
     }
 }

@@ -127,6 +127,12 @@ impl Limits {
 pub struct Sending {
     /// Sends per second in all. Default 30.
     pub global_rate: u32,
+    /// Sends per minute in all, for an upstream that counts per minute
+    /// (e.g. 30/min): when set, replaces `global_rate`. Default none.
+    pub global_rate_per_minute: Option<u32>,
+    /// Sends allowed at once in all. Default: the rate (`global_rate`, or
+    /// `global_rate_per_minute`).
+    pub global_burst: Option<u32>,
     /// Sends per second per recipient. Default 1 (burst 3).
     pub per_recipient_rate: u32,
     /// Per-recipient burst. Default 3.
@@ -147,6 +153,8 @@ impl Default for Sending {
     fn default() -> Self {
         Sending {
             global_rate: 30,
+            global_rate_per_minute: None,
+            global_burst: None,
             per_recipient_rate: 1,
             per_recipient_burst: 3,
             max_attempts: 10,

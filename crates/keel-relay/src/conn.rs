@@ -17,6 +17,7 @@ use keel_session::{NewSend, NewSession, SessionError, SessionId, SessionState, S
 use tokio::sync::{Notify, mpsc};
 
 use crate::auth;
+use crate::failpoints::Delivery;
 use crate::hub::{Outbound, SlowFlag};
 use crate::protocol::{self, ClientFrame, ErrorCode, close, error_frame, json_str};
 use crate::relay::Shared;
@@ -719,8 +720,21 @@ async fn publish_loop(
                     // Take every publish already waiting too, so that their
                     // appends reach the store together and share one commit
                     // (and one fan-out to each subscriber).
-                    let mut next = Some(job);
-                    while let Some(job) = next.take() {
+                    let mut batch = vec![job];
+                    while in_flight.len() + batch.len() < limit {
+                        match rx.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                open = false;
+                                break;
+                            }
+                        }
+                    }
+                    if batch.len() > 1 && crate::failpoints::reverse_batch() {
+                        batch.reverse();
+                    }
+                    for job in batch {
                         let queued = shared
                             .store
                             .queue_append(&job.channel, &job.id, job.payload.clone())
@@ -732,13 +746,6 @@ async fn publish_loop(
                             };
                             (job, result)
                         });
-                        if in_flight.len() < limit {
-                            match rx.try_recv() {
-                                Ok(more) => next = Some(more),
-                                Err(mpsc::error::TryRecvError::Empty) => {}
-                                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
-                            }
-                        }
                     }
                 }
                 None => open = false,
@@ -891,6 +898,8 @@ async fn write_loop(
                         continue; // not started yet: the replay will cover it
                     };
                     let mut ok = true;
+                    // A delivery held back by the `reorder_delivery` failpoint.
+                    let mut held: Option<Utf8Bytes> = None;
                     for (offset, frame) in batch.iter() {
                         let offset = *offset;
                         if offset < expected {
@@ -911,10 +920,29 @@ async fn write_loop(
                         }
                         expected = offset + 1;
                         written += 1;
-                        if sink.feed(Message::Text(frame.clone())).await.is_err() {
-                            ok = false;
+                        let copies = match crate::failpoints::delivery() {
+                            Delivery::Write => 1,
+                            Delivery::Drop => 0,
+                            Delivery::Duplicate => 2,
+                            Delivery::Reorder => {
+                                held = Some(frame.clone());
+                                continue;
+                            }
+                        };
+                        for _ in 0..copies {
+                            if sink.feed(Message::Text(frame.clone())).await.is_err() {
+                                ok = false;
+                            }
+                        }
+                        if let Some(late) = held.take() {
+                            ok &= sink.feed(Message::Text(late)).await.is_ok();
+                        }
+                        if !ok {
                             break;
                         }
+                    }
+                    if let Some(late) = held.take() {
+                        ok &= sink.feed(Message::Text(late)).await.is_ok();
                     }
                     next.insert(channel, expected);
                     ok

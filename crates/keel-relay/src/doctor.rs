@@ -91,6 +91,11 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
             )?;
         }
     }
+    writeln!(
+        out,
+        "{}",
+        health_log_line(&store.health_transitions(100_000).await?)
+    )?;
     let mut quarantined: Vec<String> = std::fs::read_dir(data)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.contains(".corrupt-"))
@@ -109,6 +114,24 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
     }
     close(store).await?;
     Ok(out)
+}
+
+/// `health log: N transitions, ids unique, chain valid; last FROM -> TO (reason)`:
+/// every entry's `from` must be the previous entry's `to`, ids increasing.
+fn health_log_line(log: &[keel_session::HealthTransition]) -> String {
+    let broken = log
+        .windows(2)
+        .find(|w| w[1].id <= w[0].id || w[1].from != w[0].to)
+        .map(|w| w[1].id);
+    let chain = match broken {
+        None => "ids unique, chain valid".to_owned(),
+        Some(id) => format!("chain BROKEN at transition {id}"),
+    };
+    let last = log
+        .last()
+        .map(|t| format!("; last {} -> {} ({})", t.from, t.to, t.reason))
+        .unwrap_or_default();
+    format!("health log: {} transitions, {chain}{last}", log.len())
 }
 
 /// Re-queues every DEAD send; returns how many.

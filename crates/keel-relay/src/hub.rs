@@ -65,6 +65,8 @@ struct Subscriber {
 #[derive(Default)]
 pub(crate) struct Hub {
     channels: RwLock<HashMap<Arc<str>, Vec<Subscriber>>>,
+    /// Connection-channel pairs registered, over every channel.
+    subscriptions: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -84,6 +86,7 @@ impl Hub {
         let subs = map.entry(key.clone()).or_default();
         if !subs.iter().any(|s| s.conn == conn) {
             subs.push(Subscriber { conn, tx, slow });
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
         key
     }
@@ -92,7 +95,10 @@ impl Hub {
     pub(crate) fn unsubscribe(&self, channel: &str, conn: u64) {
         let mut map = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if let Some(subs) = map.get_mut(channel) {
+            let before = subs.len();
             subs.retain(|s| s.conn != conn);
+            self.subscriptions
+                .fetch_sub(before - subs.len(), Ordering::Relaxed);
             if subs.is_empty() {
                 map.remove(channel);
             }
@@ -128,6 +134,12 @@ impl Hub {
             }
         }
         delivered
+    }
+
+    /// Live subscriptions: connections registered to a channel, summed over
+    /// channels.
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Channels with at least one subscriber.

@@ -21,11 +21,13 @@
 //! ```
 
 mod auth;
+pub mod cli;
 pub mod client;
 pub mod config;
 mod conn;
 pub mod doctor;
 mod exec;
+mod failpoints;
 mod hub;
 pub mod protocol;
 mod relay;

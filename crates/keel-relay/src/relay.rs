@@ -172,6 +172,7 @@ fn register_metrics() {
     }
     metrics::gauge!("keel_connections").increment(0.0);
     metrics::gauge!("keel_channels_subscribed").set(0.0);
+    metrics::gauge!("keel_subscriptions").set(0.0);
     // A histogram is rendered once it exists, with a count of 0.
     let _ = metrics::histogram!("keel_spool_job_seconds");
     let _ = metrics::histogram!("keel_publish_commit_seconds");
@@ -460,6 +461,7 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
         metrics::gauge!("keel_health", "state" => s.as_str()).set(f64::from(u8::from(s == state)));
     }
     metrics::gauge!("keel_channels_subscribed").set(shared.hub.channel_count() as f64);
+    metrics::gauge!("keel_subscriptions").set(shared.hub.subscription_count() as f64);
     let w = shared.store.writer_stats();
     metrics::gauge!("keel_store_batches").set(w.batches as f64);
     metrics::gauge!("keel_store_writes").set(w.writes as f64);

@@ -102,6 +102,8 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
         Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
     }
     let mut stop = shared.intake.clone();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let watching = watch(&dir, wake.clone());
     let dir = Arc::new(dir);
     while !stop.is_stopping() {
         let jobs = list_jobs(&dir).unwrap_or_default();
@@ -121,12 +123,75 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
         }
         while running.join_next().await.is_some() {}
         if found == 0 {
+            // Event-driven: inotify wakes the loop as a job arrives; the
+            // timer is a fallback (and the only clock without inotify).
+            let fallback = if watching.is_some() {
+                IDLE_POLL
+            } else {
+                Duration::from_millis(50)
+            };
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(fallback) => {}
                 _ = stop.stopped() => {}
             }
         }
     }
+    if let Some(w) = watching {
+        w.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How often the spool is listed without an inotify event.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Watches `dir` with inotify on a thread of its own (files renamed in or
+/// written there wake `wake`); returns the flag that stops it, or `None`
+/// when inotify is unavailable (the loop then polls every 50 ms).
+fn watch(dir: &Path, wake: Arc<tokio::sync::Notify>) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
+    let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable: the spool is polled every 50 ms");
+            return None;
+        }
+    };
+    if let Err(e) = inotify.add_watch(
+        dir,
+        AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+    ) {
+        tracing::warn!(error = %e, "cannot watch the spool directory: it is polled every 50 ms");
+        return None;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("keel-spool-watch".into())
+        .spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                let mut fds = [nix::poll::PollFd::new(
+                    inotify.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
+                    Ok(0) => continue,
+                    Ok(_) => {
+                        // Drain; what changed does not matter, only that something did.
+                        while let Ok(events) = inotify.read_events() {
+                            if events.is_empty() {
+                                break;
+                            }
+                        }
+                        wake.notify_one();
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                }
+            }
+        });
+    spawned.ok().map(|_| stop)
 }
 
 fn list_jobs(dir: &Path) -> std::io::Result<Vec<String>> {

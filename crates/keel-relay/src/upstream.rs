@@ -253,7 +253,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
     let (queue, _dead) = SendQueue::new(
         sink,
         keel_ratelimit::Config {
-            global: vec![Quota::per_second(nz(sending.global_rate))],
+            global: vec![global_quota(&sending)],
             per_key: vec![
                 Quota::per_second(nz(sending.per_recipient_rate))
                     .allow_burst(nz(sending.per_recipient_burst)),
@@ -440,4 +440,17 @@ async fn route_inbound(shared: &Shared, f: &UpFrame) {
     )
     .await;
     metrics::counter!("keel_upstream_inbound_total").increment(1);
+}
+
+/// The upstream's global quota: per second, or per minute when configured,
+/// with its burst.
+fn global_quota(sending: &crate::config::Sending) -> Quota {
+    let quota = match sending.global_rate_per_minute {
+        Some(n) => Quota::per_minute(nz(n)),
+        None => Quota::per_second(nz(sending.global_rate)),
+    };
+    match sending.global_burst {
+        Some(b) => quota.allow_burst(nz(b)),
+        None => quota,
+    }
 }

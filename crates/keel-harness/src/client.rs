@@ -1,0 +1,648 @@
+//! keel.v1 clients on raw tokio-tungstenite, for measuring: unlike the SDK
+//! they hide nothing (no dedupe, no retries) and record every operation and
+//! every delivery into the history as it happened.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::Error;
+use crate::history::{ChannelId, Delivery, Expectation, Micros, MsgId, Outcome, Publish, Recorder};
+
+/// A client WebSocket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any single wait of a client may take before it gives up.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Connects to `url` (`ws://HOST:PORT/PATH`), from `source` if given (spread
+/// many connections over 127.0.0.x so that ephemeral ports last), with the
+/// 4 KiB buffers that keep 10,000 connections cheap.
+pub async fn connect(url: &str, source: Option<IpAddr>) -> Result<Ws, Error> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| Error::Client(format!("{url}: only ws:// URLs are supported")))?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    let addr: SocketAddr = tokio::net::lookup_host(host)
+        .await
+        .map_err(|e| Error::Client(format!("{url}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::Client(format!("{url}: no address")))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| Error::Client(format!("socket: {e}")))?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(|e| Error::Client(format!("bind {ip}: {e}")))?;
+    }
+    let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .map_err(|_| Error::Timeout(format!("connect to {addr}")))?
+        .map_err(|e| Error::Client(format!("connect to {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096)
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(config),
+        ),
+    )
+    .await
+    .map_err(|_| Error::Timeout(format!("WebSocket handshake with {url}")))?
+    .map_err(|e| Error::Client(format!("WebSocket handshake with {url}: {e}")))?;
+    Ok(ws)
+}
+
+/// The source address for connection `i`: 127.0.0.1 through 127.0.0.8 in
+/// turn (loopback only), so that 19,000 connections find ephemeral ports.
+pub fn source_ip(i: usize) -> Option<IpAddr> {
+    Some(IpAddr::from([127, 0, 0, 1 + (i % 8) as u8]))
+}
+
+/// A relay frame, as much of it as clients read.
+#[derive(Deserialize, Debug)]
+pub struct Frame<'a> {
+    /// `welcome`, `deliver`, `published`, `error`, ...
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    /// Channel of a deliver or published.
+    #[serde(borrow, default)]
+    pub channel: Option<Cow<'a, str>>,
+    /// Offset of a deliver or published.
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Message id.
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+    /// Payload of a deliver, unparsed.
+    #[serde(borrow, default)]
+    pub payload: Option<&'a RawValue>,
+    /// Error code.
+    #[serde(borrow, default)]
+    pub code: Option<Cow<'a, str>>,
+    /// Error ref.
+    #[serde(rename = "ref", borrow, default)]
+    pub reference: Option<Cow<'a, str>>,
+    /// Welcome: the session.
+    #[serde(borrow, default)]
+    pub session_id: Option<Cow<'a, str>>,
+    /// Welcome: a new session's token.
+    #[serde(borrow, default)]
+    pub token: Option<Cow<'a, str>>,
+    /// Welcome: the session's state before this connection.
+    #[serde(borrow, default)]
+    pub state: Option<Cow<'a, str>>,
+}
+
+/// Parses a relay frame.
+pub fn parse(text: &str) -> Result<Frame<'_>, Error> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::Client(format!("bad frame from relay: {e}: {}", short(text))))
+}
+
+fn short(s: &str) -> &str {
+    match s.char_indices().nth(120) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// What `welcome` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The session id.
+    pub session_id: String,
+    /// The token (new sessions only).
+    pub token: Option<String>,
+    /// The state before this connection.
+    pub state: String,
+}
+
+/// Reads the next text frame; `Ok(None)` when the connection ended (with
+/// its close code, if any, in the error).
+pub async fn next_text<S>(ws: &mut S) -> Result<Option<String>, Option<u16>>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(Some(t.as_str().to_owned())),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+/// Sends `hello` and waits for `welcome` (frames before it are errors).
+pub async fn hello(
+    ws: &mut Ws,
+    token: Option<&str>,
+    resume: &BTreeMap<String, u64>,
+) -> Result<Welcome, Error> {
+    let mut frame = serde_json::json!({"type": "hello"});
+    if let Some(t) = token {
+        frame["token"] = t.into();
+    }
+    if !resume.is_empty() {
+        frame["resume"] = serde_json::to_value(resume).unwrap_or_default();
+    }
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .map_err(|e| Error::Client(format!("send hello: {e}")))?;
+    let answer = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+                Some(Ok(Message::Close(c))) => {
+                    return Err(Error::Client(format!("closed before welcome: {c:?}")));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Error::Client(format!("before welcome: {e}"))),
+                None => return Err(Error::Client("closed before welcome".into())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Error::Timeout("welcome".into()))??;
+    let f = parse(&answer)?;
+    if f.kind != "welcome" {
+        return Err(Error::Client(format!(
+            "hello answered with {}",
+            short(&answer)
+        )));
+    }
+    Ok(Welcome {
+        session_id: f.session_id.unwrap_or_default().into_owned(),
+        token: f.token.map(Cow::into_owned),
+        state: f.state.unwrap_or_default().into_owned(),
+    })
+}
+
+/// Connects and opens a new session.
+pub async fn open_session(url: &str, source: Option<IpAddr>) -> Result<(Ws, Welcome), Error> {
+    let mut ws = connect(url, source).await?;
+    let w = hello(&mut ws, None, &BTreeMap::new()).await?;
+    Ok((ws, w))
+}
+
+/// A JSON text frame.
+pub fn text(v: &serde_json::Value) -> Message {
+    Message::text(v.to_string())
+}
+
+// ------------------------------------------------------------ publisher
+
+/// The answer to one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// `published` at this offset.
+    Published(u64),
+    /// `error` with this code.
+    Refused(String),
+    /// The connection ended first.
+    Lost,
+}
+
+type Pending = Arc<Mutex<HashMap<String, (oneshot::Sender<Answer>, Micros)>>>;
+
+/// One pipelining publisher connection: `publish` sends at once and waits
+/// for the answer; any number may be in flight. Every publish is recorded.
+#[derive(Debug)]
+pub struct Publisher {
+    client: u32,
+    conn: u32,
+    tx: mpsc::UnboundedSender<Message>,
+    pending: Pending,
+    recorder: Recorder,
+    seq: AtomicU64,
+    closed: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    /// Opens a session on `url` for publisher `client` (its ids are `h<client>-<seq>`).
+    pub async fn open(
+        url: &str,
+        client: u32,
+        source: Option<IpAddr>,
+        recorder: &Recorder,
+    ) -> Result<Publisher, Error> {
+        let (ws, _) = open_session(url, source).await?;
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if sink.feed(m).await.is_err() {
+                    return;
+                }
+                while let Ok(m) = rx.try_recv() {
+                    if sink.feed(m).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let (reader_pending, reader_closed) = (pending.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(t)) = next_text(&mut stream).await {
+                let Ok(f) = parse(&t) else { continue };
+                let (key, answer) = match f.kind.as_ref() {
+                    "published" => (f.id, Answer::Published(f.offset.unwrap_or(0))),
+                    "error" => (
+                        f.reference,
+                        Answer::Refused(f.code.unwrap_or_default().into_owned()),
+                    ),
+                    _ => continue,
+                };
+                let Some(key) = key else { continue };
+                let waiter = reader_pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(key.as_ref());
+                if let Some((w, _)) = waiter {
+                    let _ = w.send(answer);
+                }
+            }
+            reader_closed.store(true, Ordering::Release);
+            // Everything still waiting has an unknown outcome.
+            let left: Vec<_> = reader_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            for (_, (w, _)) in left {
+                let _ = w.send(Answer::Lost);
+            }
+        });
+        Ok(Publisher {
+            client,
+            conn: 1,
+            tx,
+            pending,
+            recorder: recorder.clone(),
+            seq: AtomicU64::new(0),
+            closed,
+        })
+    }
+
+    /// The next id of this publisher.
+    pub fn next_id(&self) -> (MsgId, String) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        (
+            MsgId::harness(self.client, seq),
+            format!("h{}-{seq}", self.client),
+        )
+    }
+
+    /// Publishes `payload` (JSON text) to `channel`, recorded as invoked at
+    /// `intended` (open-model load passes the intended send time); returns
+    /// the answer.
+    pub async fn publish(
+        &self,
+        channel: ChannelId,
+        name: &str,
+        payload: &str,
+        intended: Option<Instant>,
+    ) -> Answer {
+        let (id, wire) = self.next_id();
+        self.publish_id(channel, name, id, &wire, payload, intended)
+            .await
+    }
+
+    /// [`Publisher::publish`] with a given id (to re-send one).
+    pub async fn publish_id(
+        &self,
+        channel: ChannelId,
+        name: &str,
+        id: MsgId,
+        wire: &str,
+        payload: &str,
+        intended: Option<Instant>,
+    ) -> Answer {
+        let invoke = intended.map_or_else(
+            || self.recorder.now(),
+            |t| self.recorder.micros(t.into_std()),
+        );
+        let (tx, rx) = oneshot::channel();
+        let answer = if self.closed.load(Ordering::Acquire) {
+            Answer::Lost
+        } else {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(wire.to_owned(), (tx, invoke));
+            let frame = format!(
+                r#"{{"type":"publish","channel":{},"id":{},"payload":{payload}}}"#,
+                serde_json::Value::from(name),
+                serde_json::Value::from(wire)
+            );
+            if self.tx.send(Message::text(frame)).is_err() {
+                Answer::Lost
+            } else {
+                tokio::time::timeout(WAIT, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(Answer::Lost)
+            }
+        };
+        let outcome = match &answer {
+            Answer::Published(offset) => Outcome::Ok { offset: *offset },
+            Answer::Refused(code) => Outcome::Fail { code: code.clone() },
+            Answer::Lost => Outcome::Info,
+        };
+        self.recorder.publish(Publish {
+            client: self.client,
+            conn: self.conn,
+            channel,
+            id,
+            invoke,
+            done: self.recorder.now(),
+            outcome,
+        });
+        answer
+    }
+
+    /// Sends a raw frame on this connection.
+    pub fn send_raw(&self, text: String) -> bool {
+        self.tx.send(Message::text(text)).is_ok()
+    }
+}
+
+// ----------------------------------------------------------- subscriber
+
+/// What a subscriber does with each delivered payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadCheck {
+    /// Nothing.
+    None,
+    /// Reads `"t"` (microseconds of the run clock when it was meant to be
+    /// sent) and records publish-to-deliver latency.
+    Latency,
+    /// Hashes the payload text (FNV-1a 64) and records it, to compare byte
+    /// for byte with what was published.
+    Digest,
+}
+
+/// How a subscriber behaves.
+#[derive(Debug, Clone)]
+pub struct SubscriberSpec {
+    /// Its number in the history.
+    pub sub: u32,
+    /// The relay.
+    pub url: String,
+    /// Where it connects from.
+    pub source: Option<IpAddr>,
+    /// Channels and the first offset wanted (at least 1); the subscriber
+    /// must see every acknowledged message from there on.
+    pub channels: Vec<(String, u64)>,
+    /// Sleep this long after each delivery (a slow reader).
+    pub read_delay: Option<Duration>,
+    /// Reconnect and resume after the relay closes the connection.
+    pub resume: bool,
+    /// What to do with payloads.
+    pub payloads: PayloadCheck,
+    /// Stop once this many deliveries were seen in all (None: until told).
+    pub stop_after: Option<u64>,
+}
+
+/// What a subscriber saw besides its deliveries (which are in the history).
+#[derive(Debug, Default)]
+pub struct SubscriberReport {
+    /// Connections it made (1 + reconnects).
+    pub connections: u32,
+    /// Close codes the relay sent it.
+    pub closes: Vec<Option<u16>>,
+    /// Deliveries seen.
+    pub delivered: u64,
+    /// Publish-to-deliver latency (with [`PayloadCheck::Latency`]).
+    pub latency: crate::load::Latency,
+    /// (id, digest) per delivery (with [`PayloadCheck::Digest`]).
+    pub digests: Vec<(MsgId, u64)>,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// FNV-1a, 64 bits: a digest for byte-exact payload checks.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A running subscriber's live count of deliveries.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    /// Deliveries so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts a subscriber; it runs until `stop_after` deliveries, until `stop`
+/// turns true (then it reads what is already coming for up to `drain`), or
+/// until its link fails for good. It records an expectation per channel.
+pub fn spawn_subscriber(
+    spec: SubscriberSpec,
+    recorder: Recorder,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> (Progress, tokio::task::JoinHandle<SubscriberReport>) {
+    let progress = Progress::default();
+    let counter = progress.0.clone();
+    let task = tokio::spawn(async move {
+        let mut report = SubscriberReport::default();
+        if let Err(e) = subscribe_loop(&spec, &recorder, stop, drain, &counter, &mut report).await {
+            report.error = Some(e.to_string());
+        }
+        report
+    });
+    (progress, task)
+}
+
+async fn subscribe_loop(
+    spec: &SubscriberSpec,
+    recorder: &Recorder,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+    counter: &AtomicU64,
+    report: &mut SubscriberReport,
+) -> Result<(), Error> {
+    let ids: Vec<(String, ChannelId)> = spec
+        .channels
+        .iter()
+        .map(|(c, _)| (c.clone(), recorder.channel(c)))
+        .collect();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut token: Option<String> = None;
+    let mut buffer: Vec<Delivery> = Vec::with_capacity(1024);
+    let epoch = recorder.epoch();
+    let result = loop {
+        report.connections += 1;
+        let conn = report.connections;
+        let mut ws = match connect(&spec.url, spec.source).await {
+            Ok(ws) => ws,
+            Err(e) if conn > 1 && !*stop.borrow() => {
+                // The relay may be restarting: try again for a while.
+                if conn > 200 {
+                    break Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => break Err(e),
+        };
+        let welcome = match hello(&mut ws, token.as_deref(), &last).await {
+            Ok(w) => w,
+            Err(e) => break Err(e),
+        };
+        if token.is_none() {
+            token = welcome.token.clone();
+            // First connection: subscribe, and say what must arrive.
+            for ((name, from), (_, cid)) in spec.channels.iter().zip(&ids) {
+                let f = serde_json::json!({"type": "subscribe", "channel": name, "from": (*from).max(1)});
+                ws.send(text(&f))
+                    .await
+                    .map_err(|e| Error::Client(format!("subscribe: {e}")))?;
+                recorder.expect(Expectation {
+                    sub: spec.sub,
+                    channel: *cid,
+                    from: (*from).max(1),
+                });
+            }
+        }
+        let (_sink, mut stream) = ws.split();
+        let mut draining: Option<Instant> = None;
+        let ended = loop {
+            let frame = if let Some(until) = draining {
+                match tokio::time::timeout_at(until, next_text(&mut stream)).await {
+                    Ok(f) => f,
+                    Err(_) => break None,
+                }
+            } else {
+                tokio::select! {
+                    f = next_text(&mut stream) => f,
+                    _ = stop.wait_for(|s| *s) => {
+                        draining = Some(Instant::now() + drain);
+                        continue;
+                    }
+                }
+            };
+            let t = match frame {
+                Ok(Some(t)) => t,
+                Ok(None) => break Some(None),
+                Err(code) => break Some(code),
+            };
+            let Ok(f) = parse(&t) else { continue };
+            if f.kind != "deliver" {
+                continue;
+            }
+            let (Some(channel), Some(offset), Some(id)) =
+                (f.channel.as_deref(), f.offset, f.id.as_deref())
+            else {
+                continue;
+            };
+            let at = std::time::Instant::now();
+            let cid = ids
+                .iter()
+                .find(|(n, _)| n == channel)
+                .map(|(_, c)| *c)
+                .unwrap_or_else(|| recorder.channel(channel));
+            let mid = recorder.id(id);
+            buffer.push(Delivery {
+                sub: spec.sub,
+                conn,
+                channel: cid,
+                offset,
+                id: mid,
+                at: at.saturating_duration_since(epoch).as_micros() as Micros,
+            });
+            if buffer.len() >= 1024 {
+                recorder.deliveries(&mut buffer);
+            }
+            let seen = last.entry(channel.to_owned()).or_insert(0);
+            if offset <= *seen {
+                recorder.suspicious();
+            }
+            *seen = (*seen).max(offset);
+            report.delivered += 1;
+            counter.fetch_add(1, Ordering::Relaxed);
+            match (spec.payloads, f.payload) {
+                (PayloadCheck::Latency, Some(p)) => {
+                    if let Some(t) = payload_time(p.get()) {
+                        let now = at.saturating_duration_since(epoch).as_micros() as u64;
+                        report
+                            .latency
+                            .record(Duration::from_micros(t), now.saturating_sub(t));
+                    }
+                }
+                (PayloadCheck::Digest, Some(p)) => {
+                    report.digests.push((mid, fnv64(p.get().as_bytes())))
+                }
+                _ => {}
+            }
+            if spec.stop_after.is_some_and(|n| report.delivered >= n) {
+                break None;
+            }
+            if let Some(d) = spec.read_delay {
+                tokio::time::sleep(d).await;
+            }
+        };
+        match ended {
+            // Done: enough deliveries, or drained after stop.
+            None => break Ok(()),
+            Some(code) => {
+                report.closes.push(code);
+                if !spec.resume || *stop.borrow() {
+                    break Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    recorder.deliveries(&mut buffer);
+    result
+}
+
+/// The `"t"` field of a payload object, without parsing the rest.
+fn payload_time(payload: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct T {
+        t: Option<u64>,
+    }
+    serde_json::from_str::<T>(payload).ok()?.t
+}

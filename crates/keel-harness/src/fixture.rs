@@ -1,0 +1,395 @@
+//! What a scenario runs against: a real `keel-relay` process on 127.0.0.1
+//! with a temporary data directory (or a relay the user started, with
+//! `--target`), and its resources sampled over time.
+//!
+//! Teardown always runs: every child is registered when spawned and killed
+//! when its fixture is dropped (a panic unwinds through the drop), and
+//! [`kill_all`] kills whatever is still registered (the runner calls it on
+//! Ctrl-C). Temporary directories are removed with their fixture.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use keel_faults::Sample;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::Error;
+
+/// How to start a relay process: a program and the arguments before
+/// `serve` (none for the `keel-relay` binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayBinary {
+    /// The program.
+    pub program: PathBuf,
+    /// Arguments before the relay's own.
+    pub prefix: Vec<OsString>,
+}
+
+impl RelayBinary {
+    /// The `keel-relay` binary at `path`.
+    pub fn at(path: &Path) -> RelayBinary {
+        RelayBinary {
+            program: path.to_path_buf(),
+            prefix: Vec::new(),
+        }
+    }
+}
+
+/// What scenarios run against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Relay processes the harness starts, kills and restarts itself.
+    Spawn(RelayBinary),
+    /// A relay someone else runs, by its URL (`ws://HOST:PORT/ws`): only
+    /// scenarios that need no control of the process apply.
+    Url(String),
+}
+
+/// Options of one relay process.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOptions {
+    /// TOML appended to the harness's base configuration.
+    pub config: String,
+    /// `--upstream` URL.
+    pub upstream: Option<String>,
+    /// `--spool` directory.
+    pub spool: Option<PathBuf>,
+    /// Extra environment (e.g. `KEEL_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
+}
+
+/// The base configuration: limits raised so that load tests measure the
+/// relay, not its per-client defenses (which have their own scenarios).
+pub const BASE_CONFIG: &str = "[limits]
+max_connections_per_ip = 20000
+publish_rate = 1000000
+publish_burst = 1000000
+handshake_timeout_ms = 120000
+idle_timeout_ms = 600000
+";
+
+fn registry() -> &'static Mutex<BTreeSet<u32>> {
+    static PIDS: OnceLock<Mutex<BTreeSet<u32>>> = OnceLock::new();
+    PIDS.get_or_init(Mutex::default)
+}
+
+fn register(pid: u32) {
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(pid);
+}
+
+fn unregister(pid: u32) {
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&pid);
+}
+
+/// SIGKILLs every child process the harness started that is still running
+/// (and SIGCONTs it first, in case a scenario had stopped it). Returns how
+/// many there were.
+pub fn kill_all() -> usize {
+    let pids: Vec<u32> = std::mem::take(&mut *registry().lock().unwrap_or_else(|p| p.into_inner()))
+        .into_iter()
+        .collect();
+    for pid in &pids {
+        let _ = keel_faults::process::resume(*pid);
+        let _ = keel_faults::process::kill9(*pid);
+    }
+    pids.len()
+}
+
+/// Resource samples of the relay process(es) of a scenario, in run time.
+#[derive(Debug, Clone, Default)]
+pub struct Resources(Arc<Mutex<Vec<(f64, Sample)>>>);
+
+impl Resources {
+    /// Every sample so far: (seconds since the run started, sample).
+    pub fn samples(&self) -> Vec<(f64, Sample)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A `keel-relay serve` process with its own temporary data directory.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Option<Child>,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    binary: RelayBinary,
+    options: RelayOptions,
+    log: PathBuf,
+    resources: Resources,
+    epoch: tokio::time::Instant,
+    sampler: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RelayProcess {
+    /// Starts a relay on 127.0.0.1 (a free port), its stderr and stdout in
+    /// `log`; `epoch` is the run's clock for resource samples.
+    pub async fn start(
+        binary: &RelayBinary,
+        options: RelayOptions,
+        log: &Path,
+        resources: &Resources,
+        epoch: tokio::time::Instant,
+    ) -> Result<RelayProcess, Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("keel-harness-")
+            .tempdir()
+            .map_err(|e| Error::io("create a temporary data directory", e))?;
+        let mut relay = RelayProcess {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            binary: binary.clone(),
+            options,
+            log: log.to_path_buf(),
+            resources: resources.clone(),
+            epoch,
+            sampler: None,
+        };
+        relay.spawn().await?;
+        Ok(relay)
+    }
+
+    async fn spawn(&mut self) -> Result<(), Error> {
+        let config = self.dir.path().join("relay.toml");
+        std::fs::write(&config, format!("{BASE_CONFIG}\n{}", self.options.config))
+            .map_err(|e| Error::io("write the relay configuration", e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| Error::io(&format!("open {}", self.log.display()), e))?;
+        let mut cmd = Command::new(&self.binary.program);
+        cmd.args(&self.binary.prefix)
+            .arg("serve")
+            .arg("--data")
+            .arg(self.dir.path().join("data"))
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("KEEL_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(u) = &self.options.upstream {
+            cmd.arg("--upstream").arg(u);
+        }
+        if let Some(s) = &self.options.spool {
+            cmd.arg("--spool").arg(s);
+        }
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::Relay(format!(
+                "cannot start {}: {e}; build it with `cargo build --release -p keel-relay`",
+                self.binary.program.display()
+            ))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        register(pid);
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::Relay("no stdout".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .map_err(|_| Error::Timeout("relay start (60 s)".into()))?
+            .map_err(|e| Error::io("read the relay's stdout", e))?;
+        let Some(line) = first else {
+            let _ = child.wait().await;
+            unregister(pid);
+            return Err(Error::Relay(format!(
+                "the relay exited before listening; see {}",
+                self.log.display()
+            )));
+        };
+        let addr: SocketAddr = line
+            .strip_prefix("keel-relay listening on ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| Error::Relay(format!("unexpected first line from the relay: {line}")))?;
+        self.addr = addr;
+        // Keep its stdout flowing into the log.
+        let log_path = self.log.clone();
+        tokio::spawn(async move {
+            let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(&log_path)
+                .await
+            else {
+                return;
+            };
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = f.write_all(format!("{l}\n").as_bytes()).await;
+            }
+        });
+        self.child = Some(child);
+        let (sink, epoch) = (self.resources.clone(), self.epoch);
+        if let Some(old) = self.sampler.take() {
+            old.abort();
+        }
+        self.sampler = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let t = epoch.elapsed();
+                match keel_faults::sample(pid, t) {
+                    Ok(s) => sink
+                        .0
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((t.as_secs_f64(), s)),
+                    Err(_) => return,
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// `ws://127.0.0.1:PORT/ws`.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its pid (0 once killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(Child::id).unwrap_or(0)
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub async fn kill9(&mut self) -> Result<(), Error> {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().unwrap_or(0);
+            let _ = keel_faults::process::resume(pid);
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            unregister(pid);
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same data directory and address.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        self.kill9().await?;
+        self.spawn().await
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for a clean exit.
+    pub async fn terminate(&mut self) -> Result<Option<i32>, Error> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let pid = child.id().unwrap_or(0);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        unregister(pid);
+        match status {
+            Ok(Ok(s)) => Ok(s.code()),
+            _ => {
+                let _ = child.start_kill();
+                Err(Error::Timeout("relay shutdown (30 s)".into()))
+            }
+        }
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        http_get(self.addr, "/metrics").await
+    }
+
+    /// One unlabelled metric's value (or the sum over its labels).
+    pub async fn metric(&self, name: &str) -> Result<f64, Error> {
+        Ok(metric_value(&self.metrics().await?, name))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(s) = self.sampler.take() {
+            s.abort();
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().unwrap_or(0);
+            let _ = keel_faults::process::resume(pid);
+            let _ = child.start_kill();
+            unregister(pid);
+        }
+    }
+}
+
+/// The value of `name` in Prometheus text (summed over labels).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, Error> {
+    use tokio::io::AsyncReadExt;
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .map_err(|_| Error::Timeout(format!("GET {path}")))?
+        .map_err(|e| Error::io(&format!("GET {path}"), e))?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map_or(text.clone(), |(_, b)| b.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values_sum_over_labels() {
+        let text = "# HELP x\nkeel_errors_total{code=\"a\"} 2\nkeel_errors_total{code=\"b\"} 3\nkeel_errors_totalx 9\nkeel_connections 7\n";
+        assert_eq!(metric_value(text, "keel_errors_total"), 5.0);
+        assert_eq!(metric_value(text, "keel_connections"), 7.0);
+        assert_eq!(metric_value(text, "missing"), 0.0);
+    }
+}

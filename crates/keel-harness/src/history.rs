@@ -1,0 +1,542 @@
+//! The history of a run, in Jepsen's model: every operation a client
+//! invoked with its outcome (ok, fail, or info when the outcome is unknown),
+//! every delivery a subscriber saw, what each subscriber must see, session
+//! states observed against those expected, and fault intervals. Checkers
+//! (`check`) are pure functions of it.
+//!
+//! Records are compact (ids and channels are numbers) because a soak run
+//! holds millions of them; `history.jsonl` spells them out.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Microseconds since the run's clock started.
+pub type Micros = u64;
+
+/// A channel name, interned by the [`Recorder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ChannelId(pub u32);
+
+/// A message id. Ids the harness makes (`h<client>-<seq>`, see
+/// [`MsgId::harness`]) are numbers; any other id a subscriber sees is
+/// interned by the recorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct MsgId(pub u64);
+
+const FOREIGN: u64 = 1 << 63;
+
+impl MsgId {
+    /// The id of publisher `client`'s `seq`-th message.
+    pub fn harness(client: u32, seq: u64) -> MsgId {
+        MsgId((u64::from(client) << 40) | (seq & ((1 << 40) - 1)))
+    }
+
+    /// Its text on the wire.
+    pub fn wire(self, recorder_names: &Names) -> String {
+        if self.0 & FOREIGN != 0 {
+            recorder_names
+                .ids
+                .get((self.0 & !FOREIGN) as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("foreign-{}", self.0 & !FOREIGN))
+        } else {
+            format!("h{}-{}", self.0 >> 40, self.0 & ((1 << 40) - 1))
+        }
+    }
+
+    fn parse_harness(text: &str) -> Option<MsgId> {
+        let (client, seq) = text.strip_prefix('h')?.split_once('-')?;
+        let (client, seq): (u32, u64) = (client.parse().ok()?, seq.parse().ok()?);
+        (client < (1 << 23) && seq < (1 << 40)).then(|| MsgId::harness(client, seq))
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Acknowledged: for a publish, at this offset.
+    Ok {
+        /// The offset the relay acknowledged (0 for operations without one).
+        offset: u64,
+    },
+    /// Refused with this error code: it did not happen.
+    Fail {
+        /// The relay's error code, or a harness reason.
+        code: String,
+    },
+    /// The outcome is unknown (the link died before the answer).
+    Info,
+}
+
+/// One publish: invoked, then ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Publish {
+    /// The publishing client.
+    pub client: u32,
+    /// Which of its connections (it counts reconnects).
+    pub conn: u32,
+    /// The channel.
+    pub channel: ChannelId,
+    /// The message id.
+    pub id: MsgId,
+    /// When it was sent (for open-model load: when it was meant to be sent).
+    pub invoke: Micros,
+    /// When its outcome was known.
+    pub done: Micros,
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+/// One delivery a subscriber saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// The subscriber.
+    pub sub: u32,
+    /// Which of its connections.
+    pub conn: u32,
+    /// The channel.
+    pub channel: ChannelId,
+    /// The offset.
+    pub offset: u64,
+    /// The message id.
+    pub id: MsgId,
+    /// When it arrived.
+    pub at: Micros,
+}
+
+/// Subscriber `sub` must see every acknowledged message of `channel` from
+/// offset `from` on, exactly once and in order (it stayed live, or resumed,
+/// until the end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Expectation {
+    /// The subscriber.
+    pub sub: u32,
+    /// The channel.
+    pub channel: ChannelId,
+    /// The first offset it must see.
+    pub from: u64,
+}
+
+/// A session state the scenario expected, beside the one observed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateCheck {
+    /// The client holding the session.
+    pub client: u32,
+    /// The session id.
+    pub session: String,
+    /// What docs/protocol.md says it must be.
+    pub expected: String,
+    /// What the relay said (in `welcome.state`).
+    pub observed: String,
+    /// When it was observed.
+    pub at: Micros,
+}
+
+/// Any other operation (hello, subscribe, send, a command), for the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Op {
+    /// The client.
+    pub client: u32,
+    /// What it was.
+    pub kind: String,
+    /// When it was invoked.
+    pub invoke: Micros,
+    /// When it ended.
+    pub done: Micros,
+    /// How.
+    pub outcome: Outcome,
+    /// Free text (the channel, the session, ...).
+    pub detail: String,
+}
+
+/// A fault the scenario applied, from `start` to `end`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fault {
+    /// The fault's kind (`kill9`, `partition`, `slow_reader`, ...).
+    pub kind: String,
+    /// What it hit.
+    pub target: String,
+    /// When it began.
+    pub start: Micros,
+    /// When it was healed (equal to `start` for instant faults).
+    pub end: Micros,
+}
+
+/// Names for interned channels and foreign ids.
+#[derive(Debug, Default, Clone)]
+pub struct Names {
+    /// Channel names by [`ChannelId`].
+    pub channels: Vec<String>,
+    ids: Vec<String>,
+    channel_index: HashMap<String, ChannelId>,
+    id_index: HashMap<String, MsgId>,
+}
+
+impl Names {
+    /// A channel's name.
+    pub fn channel(&self, c: ChannelId) -> &str {
+        self.channels.get(c.0 as usize).map_or("?", String::as_str)
+    }
+}
+
+/// Everything recorded in one scenario run.
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    /// Publishes, in the order they were recorded.
+    pub publishes: Vec<Publish>,
+    /// Deliveries, in the order they were recorded (per subscriber, the
+    /// order they arrived).
+    pub deliveries: Vec<Delivery>,
+    /// What subscribers must see.
+    pub expectations: Vec<Expectation>,
+    /// Session states observed against those expected.
+    pub states: Vec<StateCheck>,
+    /// Other operations.
+    pub ops: Vec<Op>,
+    /// Faults applied.
+    pub faults: Vec<Fault>,
+    /// Interned names.
+    pub names: Names,
+}
+
+/// Records a history from many tasks. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    inner: Arc<Mutex<History>>,
+    counts: Arc<Counts>,
+    epoch: Instant,
+}
+
+/// Live counters, for progress displays (the history itself is only read
+/// at the end).
+#[derive(Debug, Default)]
+struct Counts {
+    acked: AtomicU64,
+    failed: AtomicU64,
+    delivered: AtomicU64,
+    suspicious: AtomicU64,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder::new()
+    }
+}
+
+impl Recorder {
+    /// A recorder whose clock starts now.
+    pub fn new() -> Recorder {
+        Recorder {
+            inner: Arc::default(),
+            counts: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Microseconds since the recorder started.
+    pub fn now(&self) -> Micros {
+        self.epoch.elapsed().as_micros() as Micros
+    }
+
+    /// `at` as microseconds of this recorder's clock.
+    pub fn micros(&self, at: Instant) -> Micros {
+        at.saturating_duration_since(self.epoch).as_micros() as Micros
+    }
+
+    /// When the clock started.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, History> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id of channel `name`, interning it.
+    pub fn channel(&self, name: &str) -> ChannelId {
+        let mut h = self.lock();
+        if let Some(c) = h.names.channel_index.get(name) {
+            return *c;
+        }
+        let c = ChannelId(h.names.channels.len() as u32);
+        h.names.channels.push(name.to_owned());
+        h.names.channel_index.insert(name.to_owned(), c);
+        c
+    }
+
+    /// The [`MsgId`] of `text`: a harness id is decoded, anything else interned.
+    pub fn id(&self, text: &str) -> MsgId {
+        if let Some(id) = MsgId::parse_harness(text) {
+            return id;
+        }
+        let mut h = self.lock();
+        if let Some(id) = h.names.id_index.get(text) {
+            return *id;
+        }
+        let id = MsgId(FOREIGN | h.names.ids.len() as u64);
+        h.names.ids.push(text.to_owned());
+        h.names.id_index.insert(text.to_owned(), id);
+        id
+    }
+
+    /// Records a publish.
+    pub fn publish(&self, p: Publish) {
+        let counter = match p.outcome {
+            Outcome::Ok { .. } => &self.counts.acked,
+            _ => &self.counts.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.lock().publishes.push(p);
+    }
+
+    /// Records deliveries (a subscriber's buffer, in arrival order).
+    pub fn deliveries(&self, d: &mut Vec<Delivery>) {
+        self.counts
+            .delivered
+            .fetch_add(d.len() as u64, Ordering::Relaxed);
+        self.lock().deliveries.append(d);
+    }
+
+    /// Counts something a client saw that the checker will judge (an
+    /// offset at or below one already seen), for the live display.
+    pub fn suspicious(&self) {
+        self.counts.suspicious.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records what a subscriber must see.
+    pub fn expect(&self, e: Expectation) {
+        self.lock().expectations.push(e);
+    }
+
+    /// Records an observed session state against the expected one.
+    pub fn state(&self, s: StateCheck) {
+        self.lock().states.push(s);
+    }
+
+    /// Records another operation.
+    pub fn op(&self, op: Op) {
+        self.lock().ops.push(op);
+    }
+
+    /// Records a fault interval.
+    pub fn fault(&self, kind: &str, target: &str, start: Micros, end: Micros) {
+        self.lock().faults.push(Fault {
+            kind: kind.to_owned(),
+            target: target.to_owned(),
+            start,
+            end,
+        });
+    }
+
+    /// Counts so far: publishes acknowledged, refused or unknown,
+    /// deliveries recorded, and suspicious deliveries seen by clients.
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        let c = &self.counts;
+        (
+            c.acked.load(Ordering::Relaxed),
+            c.failed.load(Ordering::Relaxed),
+            c.delivered.load(Ordering::Relaxed),
+            c.suspicious.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A copy of the history so far.
+    pub fn snapshot(&self) -> History {
+        self.lock().clone()
+    }
+
+    /// Takes the history, leaving an empty one.
+    pub fn take(&self) -> History {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+/// One line of `history.jsonl`.
+#[derive(Serialize)]
+struct Line<'a> {
+    t: Micros,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    f: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conn: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl History {
+    /// Writes the history as JSON lines in time order: `invoke` and
+    /// `ok`/`fail`/`info` lines per operation, a `deliver` line per delivery,
+    /// `fault` lines; at most `max_lines` (a soak run has millions); returns
+    /// how many lines were written and how many there were.
+    pub fn write_jsonl(&self, path: &Path, max_lines: usize) -> std::io::Result<(usize, usize)> {
+        let names = &self.names;
+        let mut lines: Vec<(Micros, Line<'_>)> = Vec::new();
+        let total = self.publishes.len() * 2
+            + self.deliveries.len()
+            + self.ops.len() * 2
+            + self.faults.len()
+            + self.states.len();
+        let outcome_line = |o: &Outcome| match o {
+            Outcome::Ok { .. } => ("ok", None),
+            Outcome::Fail { code } => ("fail", Some(code.clone())),
+            Outcome::Info => ("info", None),
+        };
+        for p in &self.publishes {
+            let channel = Some(names.channel(p.channel));
+            lines.push((
+                p.invoke,
+                Line {
+                    t: p.invoke,
+                    kind: "invoke",
+                    f: "publish",
+                    process: Some(p.client),
+                    conn: Some(p.conn),
+                    channel,
+                    id: Some(p.id.wire(names)),
+                    offset: None,
+                    detail: None,
+                },
+            ));
+            let (kind, detail) = outcome_line(&p.outcome);
+            lines.push((
+                p.done,
+                Line {
+                    t: p.done,
+                    kind,
+                    f: "publish",
+                    process: Some(p.client),
+                    conn: Some(p.conn),
+                    channel,
+                    id: Some(p.id.wire(names)),
+                    offset: match p.outcome {
+                        Outcome::Ok { offset } => Some(offset),
+                        _ => None,
+                    },
+                    detail,
+                },
+            ));
+        }
+        for d in &self.deliveries {
+            lines.push((
+                d.at,
+                Line {
+                    t: d.at,
+                    kind: "deliver",
+                    f: "deliver",
+                    process: Some(d.sub),
+                    conn: Some(d.conn),
+                    channel: Some(names.channel(d.channel)),
+                    id: Some(d.id.wire(names)),
+                    offset: Some(d.offset),
+                    detail: None,
+                },
+            ));
+        }
+        for o in &self.ops {
+            for (t, kind, detail) in [
+                (o.invoke, "invoke", Some(o.detail.clone())),
+                (
+                    o.done,
+                    outcome_line(&o.outcome).0,
+                    outcome_line(&o.outcome).1,
+                ),
+            ] {
+                lines.push((
+                    t,
+                    Line {
+                        t,
+                        kind,
+                        f: &o.kind,
+                        process: Some(o.client),
+                        conn: None,
+                        channel: None,
+                        id: None,
+                        offset: None,
+                        detail,
+                    },
+                ));
+            }
+        }
+        for s in &self.states {
+            lines.push((
+                s.at,
+                Line {
+                    t: s.at,
+                    kind: if s.expected == s.observed {
+                        "ok"
+                    } else {
+                        "fail"
+                    },
+                    f: "session_state",
+                    process: Some(s.client),
+                    conn: None,
+                    channel: None,
+                    id: Some(s.session.clone()),
+                    offset: None,
+                    detail: Some(format!("expected {} observed {}", s.expected, s.observed)),
+                },
+            ));
+        }
+        for f in &self.faults {
+            lines.push((
+                f.start,
+                Line {
+                    t: f.start,
+                    kind: "fault",
+                    f: &f.kind,
+                    process: None,
+                    conn: None,
+                    channel: None,
+                    id: None,
+                    offset: None,
+                    detail: Some(format!("{} until t={} us", f.target, f.end)),
+                },
+            ));
+        }
+        lines.sort_by_key(|(t, _)| *t);
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let written = lines.len().min(max_lines);
+        for (_, line) in lines.iter().take(max_lines) {
+            serde_json::to_writer(&mut out, line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        Ok((written, total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harness_ids_round_trip_and_others_are_interned() {
+        let r = Recorder::new();
+        let id = MsgId::harness(17, 123_456);
+        let names = Names::default();
+        assert_eq!(id.wire(&names), "h17-123456");
+        assert_eq!(r.id("h17-123456"), id);
+        let a = r.id("crash-notice-1");
+        assert_eq!(r.id("crash-notice-1"), a);
+        assert_ne!(a, r.id("crash-notice-2"));
+        assert_eq!(a.wire(&r.snapshot().names), "crash-notice-1");
+        assert_eq!(r.channel("room"), r.channel("room"));
+        assert_ne!(r.channel("room"), r.channel("other"));
+    }
+}

@@ -1,0 +1,753 @@
+//! Reports: `report.json` (schema in docs/report-format.md), `report.md`,
+//! and a self-contained `report.html` (inline SVG charts drawn by plotters,
+//! inline CSS, no script, no network).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::check::Verdict;
+use crate::scenario::SeedRef;
+use crate::threshold::{Band, Judged, num};
+
+/// The report schema version; docs/report-format.md describes it.
+pub const SCHEMA: u32 = 1;
+
+/// How a scenario ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Every threshold green, no violation.
+    Green,
+    /// Some threshold yellow (the seed's floor met, keel's target not).
+    Yellow,
+    /// Some threshold red.
+    Red,
+    /// An invariant was violated.
+    Violated,
+    /// The harness failed (the scenario's result is unknown).
+    Error,
+    /// Not applicable to `--target`.
+    NotApplicable,
+}
+
+impl Status {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Green => "green",
+            Status::Yellow => "yellow",
+            Status::Red => "red",
+            Status::Violated => "VIOLATED",
+            Status::Error => "error",
+            Status::NotApplicable => "n/a (--target)",
+        }
+    }
+}
+
+/// Time series for the charts, in seconds since the scenario started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Series {
+    /// (second, p50 ms, p99 ms).
+    pub latency: Vec<(f64, f64, f64)>,
+    /// (second, operations per second).
+    pub throughput: Vec<(f64, f64)>,
+    /// (second, RSS MiB, open fds, CPU % of one core).
+    pub resources: Vec<(f64, f64, f64, f64)>,
+    /// (start s, end s, kind): faults, shaded on the charts.
+    pub faults: Vec<(f64, f64, String)>,
+}
+
+/// One scenario's report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioReport {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub what: String,
+    /// The seed test it covers: `<seed file> <test>: <threshold>`.
+    pub seed: String,
+    /// keel's target, in words.
+    pub target: String,
+    /// How it ended.
+    pub status: Status,
+    /// The harness error, if any.
+    pub error: Option<String>,
+    /// The command that reproduces it.
+    pub repro: String,
+    /// The plan's parameters.
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// Everything it measured.
+    pub metrics: BTreeMap<String, f64>,
+    /// Its thresholds, judged.
+    pub thresholds: Vec<Judged>,
+    /// The checker's verdict (absent after a harness error).
+    pub checks: Option<Verdict>,
+    /// Lines of `history.jsonl` written, and how many there were.
+    pub history_lines: (usize, usize),
+    /// Notes.
+    pub notes: Vec<String>,
+    /// Charts' data.
+    pub series: Series,
+}
+
+impl ScenarioReport {
+    /// The status its thresholds and checks give.
+    pub fn judge(checks: &Verdict, thresholds: &[Judged]) -> Status {
+        if checks.violated() {
+            return Status::Violated;
+        }
+        match thresholds.iter().map(|j| j.band).max() {
+            Some(Band::Red) => Status::Red,
+            Some(Band::Yellow) => Status::Yellow,
+            _ => Status::Green,
+        }
+    }
+
+    /// `<seed file> <test>: <threshold>`.
+    pub fn seed_text(seed: &SeedRef) -> String {
+        format!("seed {} {}: {}", seed.seed, seed.test, seed.threshold)
+    }
+}
+
+/// The machine a run ran on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPUs online.
+    pub cpus: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// `uname -sr`.
+    pub kernel: String,
+    /// The open-file limit of the harness process.
+    pub open_files: u64,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn here() -> Machine {
+        let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0.0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| format!("Linux {}", k.trim()))
+            .unwrap_or_else(|_| "unknown".into());
+        let open_files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(0);
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: mem_kib / (1024.0 * 1024.0),
+            kernel,
+            open_files,
+        }
+    }
+}
+
+/// One row of `--compare`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The scenario.
+    pub scenario: String,
+    /// The metric.
+    pub metric: String,
+    /// Its value in the earlier run.
+    pub before: f64,
+    /// Its value now.
+    pub after: f64,
+    /// Relative change, %.
+    pub change_pct: f64,
+    /// The run-to-run noise measured for it, % (see `run::compare`).
+    pub noise_pct: f64,
+    /// Whether the change is beyond the noise.
+    pub flagged: bool,
+}
+
+/// A whole run's report: `report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// `load` or `chaos`.
+    pub suite: String,
+    /// When it started, UTC (`YYYYMMDDTHHMMSSZ`).
+    pub started: String,
+    /// The command line.
+    pub command: String,
+    /// The machine.
+    pub machine: Machine,
+    /// `git rev-parse HEAD`, when known.
+    pub commit: Option<String>,
+    /// The master seed.
+    pub seed: u64,
+    /// The scale.
+    pub scale: String,
+    /// The target (`spawned keel-relay <path>` or the URL).
+    pub target: String,
+    /// Every scenario.
+    pub scenarios: Vec<ScenarioReport>,
+    /// `--compare` rows, if asked.
+    pub comparison: Option<Vec<Comparison>>,
+    /// The exit code.
+    pub exit_code: i32,
+}
+
+impl RunReport {
+    /// Writes `report.json`, `report.md` and `report.html` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Usage(e.to_string()))?;
+        std::fs::write(dir.join("report.json"), json)
+            .map_err(|e| Error::io("write report.json", e))?;
+        std::fs::write(dir.join("report.md"), self.markdown())
+            .map_err(|e| Error::io("write report.md", e))?;
+        std::fs::write(dir.join("report.html"), self.html())
+            .map_err(|e| Error::io("write report.html", e))?;
+        Ok(())
+    }
+
+    /// Reads an earlier `report.json` (for `--compare`).
+    pub fn read(path: &Path) -> Result<RunReport, Error> {
+        let file = if path.is_dir() {
+            path.join("report.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Error::io(&format!("read {}", file.display()), e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Usage(format!("{}: not a keel report ({e})", file.display())))
+    }
+
+    /// The Markdown report.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# keel {} report\n", self.suite);
+        let _ = writeln!(
+            out,
+            "`{}` — started {} UTC, seed {}, scale {}, target {}; {} CPUs, {:.0} GiB, {}, open-file limit {}; commit {}.\n",
+            self.command,
+            self.started,
+            self.seed,
+            self.scale,
+            self.target,
+            self.machine.cpus,
+            self.machine.memory_gib,
+            self.machine.kernel,
+            self.machine.open_files,
+            self.commit.as_deref().unwrap_or("unknown")
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | status | key figures | seed threshold | keel target | checker |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for s in &self.scenarios {
+            let figures: Vec<String> = s
+                .thresholds
+                .iter()
+                .map(|j| {
+                    format!(
+                        "{} {}{} ({})",
+                        j.metric,
+                        num(j.observed),
+                        j.unit,
+                        j.band.as_str()
+                    )
+                })
+                .collect();
+            let seeds: Vec<String> = s
+                .thresholds
+                .iter()
+                .map(|j| format!("{} {}", j.metric, j.seed))
+                .collect();
+            let targets: Vec<String> = s
+                .thresholds
+                .iter()
+                .map(|j| format!("{} {}", j.metric, j.target))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} |",
+                s.name,
+                s.status.as_str(),
+                figures.join("; "),
+                seeds.join("; "),
+                targets.join("; "),
+                checker_text(s)
+            );
+        }
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "\n## {}\n\n{} ({}). keel target: {}.\n",
+                s.name, s.what, s.seed, s.target
+            );
+            let _ = writeln!(out, "Reproduce: `{}`\n", s.repro);
+            if let Some(e) = &s.error {
+                let _ = writeln!(out, "**Harness error:** {e}\n");
+            }
+            let metrics: Vec<String> = s
+                .metrics
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", num(*v)))
+                .collect();
+            if !metrics.is_empty() {
+                let _ = writeln!(out, "Measured: {}.\n", metrics.join(", "));
+            }
+            if let Some(v) = &s.checks {
+                for c in v.checks.iter().filter(|c| c.count > 0) {
+                    let _ = writeln!(out, "- **{}**: {}", c.name, c.count);
+                    for w in &c.witnesses {
+                        let _ = writeln!(out, "  - {}", w.summary);
+                    }
+                }
+            }
+            for n in &s.notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        if let Some(rows) = &self.comparison {
+            let _ = writeln!(out, "\n## Compared with the earlier run\n");
+            let _ = writeln!(
+                out,
+                "| scenario | metric | before | after | change | noise | |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+            for r in rows {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:+.1}% | ±{:.1}% | {} |",
+                    r.scenario,
+                    r.metric,
+                    num(r.before),
+                    num(r.after),
+                    r.change_pct,
+                    r.noise_pct,
+                    if r.flagged { "beyond noise" } else { "" }
+                );
+            }
+        }
+        out
+    }
+
+    /// The HTML report: self-contained, charts as inline SVG.
+    pub fn html(&self) -> String {
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>keel {} report</title><style>{CSS}</style></head><body>",
+            self.suite
+        );
+        let _ = write!(
+            out,
+            "<h1>keel {} report</h1><p class=\"meta\"><code>{}</code><br>started {} UTC · seed {} · scale {} · {} · {} CPUs, {:.0} GiB, {} · commit {}</p>",
+            esc(&self.suite),
+            esc(&self.command),
+            esc(&self.started),
+            self.seed,
+            esc(&self.scale),
+            esc(&self.target),
+            self.machine.cpus,
+            self.machine.memory_gib,
+            esc(&self.machine.kernel),
+            esc(self.commit.as_deref().unwrap_or("unknown"))
+        );
+        let _ = write!(
+            out,
+            "<table id=\"verdicts\"><tr><th>scenario</th><th>status</th><th>thresholds</th><th>checker</th><th>time</th></tr>"
+        );
+        for s in &self.scenarios {
+            let bands: Vec<String> = s
+                .thresholds
+                .iter()
+                .map(|j| {
+                    format!(
+                        "<span class=\"{}\">{} {}{}</span>",
+                        j.band.as_str(),
+                        esc(&j.metric),
+                        num(j.observed),
+                        esc(&j.unit)
+                    )
+                })
+                .collect();
+            let _ = write!(
+                out,
+                "<tr><td><a href=\"#scenario-{0}\">{0}</a></td><td class=\"{1}\">{2}</td><td>{3}</td><td>{4}</td><td>{5:.1} s</td></tr>",
+                esc(&s.name),
+                status_class(s.status),
+                s.status.as_str(),
+                bands.join("<br>"),
+                esc(&checker_text(s)),
+                s.seconds
+            );
+        }
+        out.push_str("</table>");
+        for s in &self.scenarios {
+            let _ = write!(
+                out,
+                "<section id=\"scenario-{0}\"><h2>{0} <span class=\"{1}\">{2}</span></h2><p>{3}<br><em>{4}</em><br>keel target: {5}<br>reproduce: <code>{6}</code></p>",
+                esc(&s.name),
+                status_class(s.status),
+                s.status.as_str(),
+                esc(&s.what),
+                esc(&s.seed),
+                esc(&s.target),
+                esc(&s.repro)
+            );
+            if let Some(e) = &s.error {
+                let _ = write!(out, "<p class=\"red\">harness error: {}</p>", esc(e));
+            }
+            if !s.thresholds.is_empty() {
+                out.push_str("<table class=\"thresholds\"><tr><th>metric</th><th>observed</th><th>seed threshold</th><th>keel target</th><th>band</th></tr>");
+                for j in &s.thresholds {
+                    let _ = write!(
+                        out,
+                        "<tr><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                        esc(&j.metric),
+                        num(j.observed),
+                        esc(&j.unit),
+                        esc(&j.seed),
+                        esc(&j.target),
+                        j.band.as_str(),
+                        j.band.as_str()
+                    );
+                }
+                out.push_str("</table>");
+            }
+            if let Some(v) = &s.checks {
+                out.push_str("<table class=\"checks\"><tr><th>check</th><th>violations</th><th>witnesses</th></tr>");
+                for c in &v.checks {
+                    let witnesses: Vec<String> = c
+                        .witnesses
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "<details><summary>{}</summary><pre>{}</pre></details>",
+                                esc(&w.summary),
+                                esc(&w.timeline.join("\n"))
+                            )
+                        })
+                        .collect();
+                    let _ = write!(
+                        out,
+                        "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+                        c.name,
+                        if c.count > 0 { "red" } else { "green" },
+                        c.count,
+                        witnesses.join("")
+                    );
+                }
+                let _ = write!(
+                    out,
+                    "</table><p class=\"meta\">acknowledged {} · refused {} · unknown {} · delivered {} (expected {}) · history lines {} of {}</p>",
+                    v.stats.acked,
+                    v.stats.failed,
+                    v.stats.info,
+                    v.stats.delivered,
+                    v.stats.expected_deliveries,
+                    s.history_lines.0,
+                    s.history_lines.1
+                );
+            }
+            let _ = write!(
+                out,
+                "<div class=\"charts\"><figure class=\"chart\" id=\"chart-latency-{0}\">{1}<figcaption>latency (p50, p99) and throughput over time; faults shaded</figcaption></figure><figure class=\"chart\" id=\"chart-resources-{0}\">{2}<figcaption>relay RSS and open fds over time; faults shaded</figcaption></figure></div>",
+                esc(&s.name),
+                latency_chart(&s.series),
+                resources_chart(&s.series)
+            );
+            if !s.notes.is_empty() {
+                out.push_str("<ul class=\"notes\">");
+                for n in &s.notes {
+                    let _ = write!(out, "<li>{}</li>", esc(n));
+                }
+                out.push_str("</ul>");
+            }
+            out.push_str("</section>");
+        }
+        if let Some(rows) = &self.comparison {
+            out.push_str("<section id=\"comparison\"><h2>compared with the earlier run</h2><table><tr><th>scenario</th><th>metric</th><th>before</th><th>after</th><th>change</th><th>noise</th><th></th></tr>");
+            for r in rows {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:+.1}%</td><td>±{:.1}%</td><td class=\"{}\">{}</td></tr>",
+                    esc(&r.scenario),
+                    esc(&r.metric),
+                    num(r.before),
+                    num(r.after),
+                    r.change_pct,
+                    r.noise_pct,
+                    if r.flagged { "yellow" } else { "" },
+                    if r.flagged { "beyond noise" } else { "" }
+                );
+            }
+            out.push_str("</table></section>");
+        }
+        out.push_str("</body></html>\n");
+        out
+    }
+}
+
+fn checker_text(s: &ScenarioReport) -> String {
+    match &s.checks {
+        None => "not checked".into(),
+        Some(v) if !v.violated() => format!(
+            "ok ({} acked, {} delivered)",
+            v.stats.acked, v.stats.delivered
+        ),
+        Some(v) => v
+            .checks
+            .iter()
+            .filter(|c| c.count > 0)
+            .map(|c| format!("{} {}", c.name, c.count))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+fn status_class(s: Status) -> &'static str {
+    match s {
+        Status::Green => "green",
+        Status::Yellow => "yellow",
+        Status::Red | Status::Violated | Status::Error => "red",
+        Status::NotApplicable => "na",
+    }
+}
+
+/// HTML-escapes `s`.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+.green{color:#176f2c;font-weight:600}.yellow{color:#9a6b00;font-weight:600}.red{color:#b3261e;font-weight:600}.na{color:#777}
+.meta{color:#555;font-size:90%}section{border-top:2px solid #ddd;margin-top:2em}
+.charts{display:flex;flex-wrap:wrap;gap:1em}figure.chart{margin:0}figcaption{font-size:85%;color:#555}
+pre{font-size:80%;white-space:pre-wrap}";
+
+const W: u32 = 560;
+const H: u32 = 300;
+const FAULT: RGBColor = RGBColor(230, 120, 40);
+
+/// Latency p50/p99 (ms, left axis) and throughput (ops/s, right axis).
+pub fn latency_chart(s: &Series) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
+        let _ = draw_latency(&root, s);
+        let _ = root.present();
+    }
+    svg
+}
+
+fn x_end(s: &Series) -> f64 {
+    let mut end: f64 = 1.0;
+    for (t, ..) in &s.latency {
+        end = end.max(*t + 1.0);
+    }
+    for (t, _) in &s.throughput {
+        end = end.max(*t + 1.0);
+    }
+    for (t, ..) in &s.resources {
+        end = end.max(*t);
+    }
+    for (_, e, _) in &s.faults {
+        end = end.max(*e);
+    }
+    end
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type Failed = Box<dyn std::error::Error>;
+
+fn draw_latency(root: &Area<'_>, s: &Series) -> Result<(), Failed> {
+    root.fill(&WHITE)?;
+    let end = x_end(s);
+    let ymax = s.latency.iter().map(|(_, _, p99)| *p99).fold(1.0, f64::max) * 1.1;
+    let tmax = s.throughput.iter().map(|(_, r)| *r).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(root)
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(48)
+        .right_y_label_area_size(56)
+        .caption(
+            if s.latency.is_empty() && s.throughput.is_empty() {
+                "latency / throughput (no samples)"
+            } else {
+                "latency / throughput"
+            },
+            ("sans-serif", 14),
+        )
+        .build_cartesian_2d(0f64..end, 0f64..ymax)?
+        .set_secondary_coord(0f64..end, 0f64..tmax);
+    chart
+        .configure_mesh()
+        .x_desc("s")
+        .y_desc("ms")
+        .light_line_style(WHITE)
+        .draw()?;
+    chart.configure_secondary_axes().y_desc("ops/s").draw()?;
+    shade_faults(&mut chart, s, ymax)?;
+    chart
+        .draw_series(LineSeries::new(
+            s.latency.iter().map(|(t, p50, _)| (*t, *p50)),
+            BLUE,
+        ))?
+        .label("p50 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            s.latency.iter().map(|(t, _, p99)| (*t, *p99)),
+            RED,
+        ))?
+        .label("p99 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], RED));
+    // Points too: a run of one window is one point, which a line hides.
+    chart.draw_series(
+        s.latency
+            .iter()
+            .map(|(t, _, p99)| Circle::new((*t, *p99), 2, RED.filled())),
+    )?;
+    chart.draw_series(
+        s.latency
+            .iter()
+            .map(|(t, p50, _)| Circle::new((*t, *p50), 2, BLUE.filled())),
+    )?;
+    chart
+        .draw_secondary_series(LineSeries::new(s.throughput.iter().copied(), GREEN))?
+        .label("ops/s")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], GREEN));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// RSS (MiB, left axis) and open fds (right axis).
+pub fn resources_chart(s: &Series) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
+        let _ = draw_resources(&root, s);
+        let _ = root.present();
+    }
+    svg
+}
+
+fn draw_resources(root: &Area<'_>, s: &Series) -> Result<(), Failed> {
+    root.fill(&WHITE)?;
+    let end = x_end(s);
+    let rmax = s.resources.iter().map(|r| r.1).fold(1.0, f64::max) * 1.1;
+    let fmax = s.resources.iter().map(|r| r.2).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(root)
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(48)
+        .right_y_label_area_size(56)
+        .caption(
+            if s.resources.is_empty() {
+                "relay resources (no relay process sampled)"
+            } else {
+                "relay resources"
+            },
+            ("sans-serif", 14),
+        )
+        .build_cartesian_2d(0f64..end, 0f64..rmax)?
+        .set_secondary_coord(0f64..end, 0f64..fmax);
+    chart
+        .configure_mesh()
+        .x_desc("s")
+        .y_desc("RSS MiB")
+        .light_line_style(WHITE)
+        .draw()?;
+    chart.configure_secondary_axes().y_desc("open fds").draw()?;
+    shade_faults(&mut chart, s, rmax)?;
+    chart
+        .draw_series(LineSeries::new(
+            s.resources.iter().map(|r| (r.0, r.1)),
+            MAGENTA,
+        ))?
+        .label("RSS MiB")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], MAGENTA));
+    chart
+        .draw_secondary_series(LineSeries::new(
+            s.resources.iter().map(|r| (r.0, r.2)),
+            CYAN,
+        ))?
+        .label("open fds")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], CYAN));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+fn shade_faults(
+    chart: &mut plotters::chart::DualCoordChartContext<
+        '_,
+        SVGBackend<'_>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    s: &Series,
+    ymax: f64,
+) -> Result<(), Failed> {
+    let palette = [
+        FAULT,
+        RGBColor(120, 90, 200),
+        RGBColor(200, 60, 120),
+        RGBColor(60, 150, 150),
+    ];
+    let mut kinds: Vec<&str> = Vec::new();
+    for (start, end, kind) in &s.faults {
+        let i = match kinds.iter().position(|k| k == kind) {
+            Some(i) => i,
+            None => {
+                kinds.push(kind);
+                kinds.len() - 1
+            }
+        };
+        let color = palette[i % palette.len()];
+        let end = if end - start < 0.05 {
+            start + 0.05
+        } else {
+            *end
+        };
+        let primary: &mut Chart<'_, '_> = chart;
+        primary.draw_series(std::iter::once(Rectangle::new(
+            [(*start, 0.0), (end, ymax)],
+            color.mix(0.18).filled(),
+        )))?;
+        primary.draw_series(std::iter::once(Text::new(
+            kind.clone(),
+            (*start, ymax * 0.97),
+            ("sans-serif", 11).into_font().color(&color),
+        )))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,755 @@
+//! Seed 000's session tests against the relay: many sessions at once, each
+//! isolated from the others, and concurrent state updates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::{body, open_many, params, setup, wait_until};
+use crate::Error;
+use crate::client::{self, Publisher, Ws, next_text, parse, text};
+use crate::fixture::RelayOptions;
+use crate::history::{Delivery, Expectation, Micros, Op, Outcome, Recorder, StateCheck};
+use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
+use crate::threshold::{Bound, Threshold};
+
+const CONCURRENT: &str = "concurrent_sessions";
+
+pub(crate) const CONCURRENT_SESSIONS: Scenario = Scenario {
+    name: CONCURRENT,
+    suite: Suite::Load,
+    seed: SeedRef {
+        seed: "000",
+        test: "test_100_concurrent_sessions",
+        threshold: "100 sessions created in parallel, no race; a command to a random session reaches only it",
+    },
+    what: "sessions opened in parallel; commands pushed by the upstream to random sessions must reach only them",
+    target: "10,000 sessions, 0 errors, 0 cross-talk",
+    needs_process: true,
+    thresholds: |plan| {
+        let n = plan.num("sessions");
+        vec![
+            Threshold {
+                metric: "sessions_ok",
+                unit: "",
+                seed: Some(Bound::Ge(n.min(100.0))),
+                target: Bound::Ge(n),
+            },
+            Threshold {
+                metric: "errors",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+            Threshold {
+                metric: "cross_talk",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+            Threshold {
+                metric: "commands_delivered_ratio",
+                unit: "",
+                seed: Some(Bound::Ge(1.0)),
+                target: Bound::Ge(1.0),
+            },
+            Threshold {
+                metric: "create_seconds",
+                unit: "s",
+                seed: Some(Bound::Le(30.0)),
+                target: Bound::Le(5.0),
+            },
+        ]
+    },
+    plan: plan_concurrent,
+    run: body!(run_concurrent),
+    budget: Duration::from_secs(120),
+};
+
+fn plan_concurrent(input: &PlanInput) -> Plan {
+    let n = input.scale.pick(50, 10_000);
+    let commands = input.scale.pick(5, 20);
+    let mut plan = input.plan(
+        CONCURRENT,
+        &params(&[
+            ("sessions", n as f64),
+            ("handshakes_in_flight", 500.0),
+            ("commands", commands as f64),
+        ]),
+    );
+    let mut rng = input.rng(CONCURRENT, "commands");
+    for k in 0..commands {
+        plan.actions.push(Action {
+            at_ms: k as u64 * 50,
+            duration_ms: 0,
+            kind: "command".into(),
+            target: format!("session#{}", rng.random_range(0..n)),
+            params: json!({"n": k}),
+        });
+    }
+    plan
+}
+
+async fn run_concurrent(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let up = keel_faults::MockUpstream::start(keel_faults::UpstreamConfig {
+        global_rate: 10_000.0,
+        global_burst: 10_000.0,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("mock upstream", e))?;
+    let relay = ctx
+        .relay(RelayOptions {
+            upstream: Some(up.url()),
+            ..Default::default()
+        })
+        .await?;
+    let n = plan.count("sessions");
+    ctx.phase("opening sessions");
+    let (open, failed, took) = open_many(&relay.url(), n, plan.count("handshakes_in_flight")).await;
+    let r = &ctx.recorder;
+    for (i, e) in &failed {
+        r.op(Op {
+            client: *i as u32,
+            kind: "hello".into(),
+            invoke: 0,
+            done: r.now(),
+            outcome: Outcome::Fail { code: e.clone() },
+            detail: String::new(),
+        });
+    }
+    // Each session reads its private channel; upstream messages are reported.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, i64, Micros)>();
+    let mut ids: HashMap<usize, String> = HashMap::new();
+    let mut readers = Vec::with_capacity(open.len());
+    for (i, ws, welcome) in open {
+        ids.insert(i, welcome.session_id.clone());
+        let (tx, recorder) = (tx.clone(), r.clone());
+        readers.push(tokio::spawn(async move {
+            let (_sink, mut stream) = ws.split();
+            while let Ok(Some(t)) = next_text(&mut stream).await {
+                let Ok(f) = parse(&t) else { continue };
+                if f.kind == "deliver"
+                    && let Some(p) = f.payload
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(p.get())
+                    && v["type"] == "upstream_message"
+                {
+                    let _ = tx.send((i, v["body"]["n"].as_i64().unwrap_or(-1), recorder.now()));
+                }
+            }
+        }));
+    }
+    drop(tx);
+    ctx.phase("waiting for the relay's upstream link");
+    if !wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async { up.connections() > 0 },
+    )
+    .await
+    {
+        return Err(Error::Relay(
+            "the relay never connected to the mock upstream".into(),
+        ));
+    }
+    ctx.phase("pushing commands");
+    let mut pushed: BTreeMap<i64, (usize, Micros)> = BTreeMap::new();
+    for a in &plan.actions {
+        let idx: usize = a.target.trim_start_matches("session#").parse().unwrap_or(0);
+        let k = a.params["n"].as_i64().unwrap_or(0);
+        let Some(sid) = ids.get(&idx) else {
+            continue; // the session failed to open: counted as an error already
+        };
+        let t = r.now();
+        // The relay's link may still be settling: push until someone hears it.
+        up.push("harness", sid, json!({"n": k}));
+        pushed.insert(k, (idx, t));
+        r.op(Op {
+            client: idx as u32,
+            kind: "command".into(),
+            invoke: t,
+            done: t,
+            outcome: Outcome::Ok { offset: 0 },
+            detail: format!("n={k} to {sid}"),
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut received: BTreeMap<i64, Vec<(usize, Micros)>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = pushed
+            .keys()
+            .all(|k| received.get(k).is_some_and(|v| !v.is_empty()));
+        // Once everything arrived, keep listening a little for strays.
+        let until = if all {
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(300))
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some((i, k, t))) => received.entry(k).or_default().push((i, t)),
+            _ => break,
+        }
+    }
+    let mut delivered = 0;
+    let mut cross_talk = 0;
+    let mut latency = crate::load::Latency::default();
+    for (k, (target, sent)) in &pushed {
+        for (who, t) in received.get(k).into_iter().flatten() {
+            if who == target {
+                delivered += 1;
+                latency.record(Duration::from_micros(*sent), t.saturating_sub(*sent));
+            } else {
+                cross_talk += 1;
+            }
+        }
+    }
+    for h in readers {
+        h.abort();
+    }
+    let mut m = Measured::default();
+    m.set("sessions_ok", (n - failed.len()) as f64)
+        .set("errors", failed.len() as f64)
+        .set("create_seconds", took.as_secs_f64())
+        .set("cross_talk", cross_talk as f64)
+        .set(
+            "commands_delivered_ratio",
+            if pushed.is_empty() {
+                0.0
+            } else {
+                delivered as f64 / pushed.len() as f64
+            },
+        )
+        .set("command_p99_ms", latency.ms(0.99));
+    if let Some((_, e)) = failed.first() {
+        m.note(format!("first failure: {e}"));
+    }
+    m.note(format!(
+        "{} sessions opened in {:.2} s ({:.0}/s)",
+        n - failed.len(),
+        took.as_secs_f64(),
+        (n - failed.len()) as f64 / took.as_secs_f64()
+    ));
+    m.latency = Some(latency);
+    Ok(m)
+}
+
+// ------------------------------------------------------------- isolation
+
+const ISOLATION: &str = "session_isolation";
+
+pub(crate) const SESSION_ISOLATION: Scenario = Scenario {
+    name: ISOLATION,
+    suite: Suite::Load,
+    seed: SeedRef {
+        seed: "000",
+        test: "test_session_isolation_under_load",
+        threshold: "10 sessions, different commands in parallel, each keeps independent state",
+    },
+    what: "sessions in parallel each publish their own mix, read their own channel, ack a seeded offset and resume from it: no cross-talk, each cursor its own",
+    target: "1,000 sessions isolated, 0 cross-talk, every resumed cursor exact",
+    needs_process: false,
+    thresholds: |plan| {
+        let n = plan.num("sessions");
+        vec![
+            Threshold {
+                metric: "isolated_sessions",
+                unit: "",
+                seed: Some(Bound::Ge(n.min(10.0))),
+                target: Bound::Ge(n),
+            },
+            Threshold {
+                metric: "cross_talk",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+            Threshold {
+                metric: "cursor_errors",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+        ]
+    },
+    plan: plan_isolation,
+    run: body!(run_isolation),
+    budget: Duration::from_secs(120),
+};
+
+fn plan_isolation(input: &PlanInput) -> Plan {
+    let n = input.scale.pick(20, 1_000);
+    let mut plan = input.plan(
+        ISOLATION,
+        &params(&[("sessions", n as f64), ("in_flight", 100.0)]),
+    );
+    let mut rng = input.rng(ISOLATION, "mix");
+    for i in 0..n {
+        let messages: u64 = rng.random_range(1..=20);
+        let ack: u64 = rng.random_range(0..=messages);
+        plan.actions.push(Action {
+            at_ms: 0,
+            duration_ms: 0,
+            kind: "session".into(),
+            target: format!("iso:{i}"),
+            params: json!({"messages": messages, "ack": ack}),
+        });
+    }
+    plan
+}
+
+/// A raw session that records what it reads.
+struct Reader {
+    sub: u32,
+    conn: u32,
+    ws: Ws,
+    recorder: Recorder,
+    buffer: Vec<Delivery>,
+}
+
+impl Reader {
+    /// Reads until `n` deliveries of any channel arrived (or `limit`);
+    /// returns the (channel, offset) seen.
+    async fn deliveries(&mut self, n: usize, limit: Duration) -> Result<Vec<(String, u64)>, Error> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while got.len() < n {
+            let Ok(msg) = tokio::time::timeout_at(deadline, self.ws.next()).await else {
+                break;
+            };
+            let t = match msg {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t,
+                Some(Ok(_)) => continue,
+                _ => {
+                    return Err(Error::Client(format!(
+                        "subscriber {} lost its link",
+                        self.sub
+                    )));
+                }
+            };
+            let f = parse(t.as_str())?;
+            match f.kind.as_ref() {
+                "deliver" => {
+                    let (channel, offset) = (
+                        f.channel.unwrap_or_default().into_owned(),
+                        f.offset.unwrap_or(0),
+                    );
+                    self.buffer.push(Delivery {
+                        sub: self.sub,
+                        conn: self.conn,
+                        channel: self.recorder.channel(&channel),
+                        offset,
+                        id: self.recorder.id(f.id.as_deref().unwrap_or("")),
+                        at: self.recorder.now(),
+                    });
+                    got.push((channel, offset));
+                }
+                "error" => return Err(Error::Client(format!("relay refused: {t}"))),
+                _ => {}
+            }
+        }
+        self.recorder.deliveries(&mut self.buffer);
+        Ok(got)
+    }
+
+    /// Reads (and drops) frames until `pong`; an error frame fails.
+    async fn until_pong(&mut self) -> Result<(), Error> {
+        let (_, mut stream) = (&mut self.ws).split();
+        loop {
+            let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
+                .await
+                .map_err(|_| Error::Timeout("pong".into()))?
+                .map_err(|c| Error::Client(format!("closed {c:?}")))?
+                .ok_or_else(|| Error::Client("closed".into()))?;
+            match parse(&t)?.kind.as_ref() {
+                "pong" => return Ok(()),
+                "error" => return Err(Error::Client(t)),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, v: serde_json::Value) -> Result<(), Error> {
+        self.ws
+            .send(text(&v))
+            .await
+            .map_err(|e| Error::Client(format!("send: {e}")))
+    }
+}
+
+async fn run_isolation(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let (url, _relay) = ctx.endpoint(RelayOptions::default()).await?;
+    let n = plan.count("sessions");
+    let permits = Arc::new(Semaphore::new(plan.count("in_flight").max(1)));
+    ctx.phase("sessions publishing, reading, acking and resuming");
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (i, a) in plan.actions.iter().enumerate() {
+        let (url, permits, recorder) = (url.clone(), permits.clone(), ctx.recorder.clone());
+        let channel = a.target.clone();
+        let messages = a.params["messages"].as_u64().unwrap_or(1) as usize;
+        let ack = a.params["ack"].as_u64().unwrap_or(0);
+        // Channels are per run: a --target relay may hold old ones.
+        let channel = format!("{channel}-{}", plan.seed);
+        tasks.push(tokio::spawn(async move {
+            let _p = permits.acquire_owned().await;
+            isolated_session(&url, i as u32, n as u32, &channel, messages, ack, &recorder).await
+        }));
+    }
+    let (mut ok, mut cross_talk, mut cursor_errors, mut first_error) = (0, 0, 0, None);
+    for t in tasks {
+        match t.await {
+            Ok(Ok((x, c))) => {
+                cross_talk += x;
+                cursor_errors += c;
+                if x == 0 && c == 0 {
+                    ok += 1;
+                }
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e.to_string());
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let mut m = Measured::default();
+    m.set("isolated_sessions", ok as f64)
+        .set("cross_talk", cross_talk as f64)
+        .set("cursor_errors", cursor_errors as f64)
+        .set("seconds", started.elapsed().as_secs_f64());
+    if let Some(e) = first_error {
+        m.note(format!("first failure: {e}"));
+    }
+    Ok(m)
+}
+
+/// One session's life: returns (cross-talk deliveries, cursor errors).
+async fn isolated_session(
+    url: &str,
+    i: u32,
+    n: u32,
+    channel: &str,
+    messages: usize,
+    ack: u64,
+    recorder: &Recorder,
+) -> Result<(u64, u64), Error> {
+    let publisher = Publisher::open(url, i, client::source_ip(i as usize), recorder).await?;
+    let (ws, welcome) = client::open_session(url, client::source_ip(i as usize)).await?;
+    let cid = recorder.channel(channel);
+    let mut reader = Reader {
+        sub: i,
+        conn: 1,
+        ws,
+        recorder: recorder.clone(),
+        buffer: Vec::new(),
+    };
+    reader
+        .send(json!({"type": "subscribe", "channel": channel, "from": 1}))
+        .await?;
+    recorder.expect(Expectation {
+        sub: i,
+        channel: cid,
+        from: 1,
+    });
+    let payloads: Vec<String> = (0..messages)
+        .map(|k| format!(r#"{{"session":{i},"k":{k}}}"#))
+        .collect();
+    let sends = payloads
+        .iter()
+        .map(|p| publisher.publish(cid, channel, p, None));
+    futures::future::join_all(sends).await;
+    let got = reader.deliveries(messages, Duration::from_secs(20)).await?;
+    let mut cross_talk = got.iter().filter(|(c, _)| c != channel).count() as u64;
+    let mut cursor_errors = 0;
+    if ack > 0 {
+        reader
+            .send(json!({"type": "ack", "channel": channel, "offset": ack}))
+            .await?;
+    }
+    // A ping answered means the ack was handled; then leave.
+    reader.send(json!({"type": "ping"})).await?;
+    reader.until_pong().await?;
+    let _ = reader.ws.close(None).await;
+    // The relay detaches the session when it sees the close; a resume that
+    // came first would find it still ACTIVE. Wait for the pong's effect.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Resume with the token and no offsets: delivery restarts after the ack.
+    let mut ws = client::connect(url, client::source_ip(i as usize)).await?;
+    let w = client::hello(&mut ws, welcome.token.as_deref(), &BTreeMap::new()).await?;
+    recorder.state(StateCheck {
+        client: i,
+        session: w.session_id.clone(),
+        expected: "DETACHED".into(),
+        observed: w.state.clone(),
+        at: recorder.now(),
+    });
+    let sub = n + i;
+    recorder.expect(Expectation {
+        sub,
+        channel: cid,
+        from: ack + 1,
+    });
+    let mut resumed = Reader {
+        sub,
+        conn: 1,
+        ws,
+        recorder: recorder.clone(),
+        buffer: Vec::new(),
+    };
+    let rest = messages - ack as usize;
+    let again = resumed.deliveries(rest, Duration::from_secs(20)).await?;
+    cross_talk += again.iter().filter(|(c, _)| c != channel).count() as u64;
+    let offsets: Vec<u64> = again
+        .iter()
+        .filter(|(c, _)| c == channel)
+        .map(|(_, o)| *o)
+        .collect();
+    let want: Vec<u64> = (ack + 1..=messages as u64).collect();
+    if offsets != want {
+        cursor_errors += 1;
+    }
+    // Nothing more may come.
+    let extra = resumed.deliveries(1, Duration::from_millis(100)).await?;
+    cursor_errors += extra.len() as u64;
+    Ok((cross_talk, cursor_errors))
+}
+
+// ------------------------------------------------------------ contention
+
+const CONTENTION: &str = "database_contention";
+
+pub(crate) const DATABASE_CONTENTION: Scenario = Scenario {
+    name: CONTENTION,
+    suite: Suite::Load,
+    seed: SeedRef {
+        seed: "000",
+        test: "test_database_contention",
+        threshold: "50 concurrent session state updates, no SQLite locking errors, all committed",
+    },
+    what: "sessions at once each subscribe, ack three times and detach (five state updates each, all through the relay), then resume: every stored state and cursor must be the last one written",
+    target: "5,000 concurrent updates, 0 errors, every final state exact",
+    needs_process: false,
+    thresholds: |plan| {
+        let total = plan.num("sessions") * 5.0;
+        vec![
+            Threshold {
+                metric: "updates_ok",
+                unit: "",
+                seed: Some(Bound::Ge(total.min(50.0))),
+                target: Bound::Ge(total),
+            },
+            Threshold {
+                metric: "errors",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+            Threshold {
+                metric: "wrong_final_state",
+                unit: "",
+                seed: Some(Bound::Le(0.0)),
+                target: Bound::Le(0.0),
+            },
+        ]
+    },
+    plan: plan_contention,
+    run: body!(run_contention),
+    budget: Duration::from_secs(120),
+};
+
+fn plan_contention(input: &PlanInput) -> Plan {
+    let n = input.scale.pick(50, 1_000);
+    let mut plan = input.plan(
+        CONTENTION,
+        &params(&[("sessions", n as f64), ("messages", 10.0)]),
+    );
+    let mut rng = input.rng(CONTENTION, "acks");
+    for i in 0..n {
+        plan.actions.push(Action {
+            at_ms: 0,
+            duration_ms: 0,
+            kind: "updates".into(),
+            target: format!("session#{i}"),
+            params: json!({"acks": [3, 6, rng.random_range(7..=10)]}),
+        });
+    }
+    plan
+}
+
+async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let (url, _relay) = ctx.endpoint(RelayOptions::default()).await?;
+    let channel = format!("contention-{}", plan.seed);
+    let messages = plan.count("messages");
+    let r = &ctx.recorder;
+    let cid = r.channel(&channel);
+    ctx.phase("writing the channel");
+    let publisher = Publisher::open(&url, u32::MAX >> 9, None, r).await?;
+    for _ in 0..messages {
+        publisher.publish(cid, &channel, "{}", None).await;
+    }
+    ctx.phase("concurrent state updates");
+    let n = plan.count("sessions");
+    let (open, failed, _) = open_many(&url, n, 500).await;
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(failed.len() as u64 * 5));
+    let updates_ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (i, ws, welcome) in open {
+        let acks: Vec<u64> = plan.actions[i].params["acks"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default();
+        let (channel, errors, updates_ok) = (channel.clone(), errors.clone(), updates_ok.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = contend(ws, &channel, messages, &acks).await;
+            match r {
+                Ok(()) => {
+                    updates_ok.fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(_) => {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            (i, welcome, acks.last().copied().unwrap_or(0))
+        }));
+    }
+    let mut finals = Vec::new();
+    for t in tasks {
+        if let Ok(x) = t.await {
+            finals.push(x);
+        }
+    }
+    let update_seconds = started.elapsed().as_secs_f64();
+    // Every session detached; its stored cursor is its last ack.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ctx.phase("checking every final state");
+    let wrong = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let permits = Arc::new(Semaphore::new(200));
+    let mut checks = Vec::new();
+    for (i, welcome, last_ack) in finals {
+        let (url, wrong, permits, recorder, channel) = (
+            url.clone(),
+            wrong.clone(),
+            permits.clone(),
+            r.clone(),
+            channel.clone(),
+        );
+        checks.push(tokio::spawn(async move {
+            let _p = permits.acquire_owned().await;
+            let ok = async {
+                let mut ws = client::connect(&url, client::source_ip(i)).await?;
+                let w = client::hello(&mut ws, welcome.token.as_deref(), &BTreeMap::new()).await?;
+                recorder.state(StateCheck {
+                    client: i as u32,
+                    session: w.session_id,
+                    expected: "DETACHED".into(),
+                    observed: w.state,
+                    at: recorder.now(),
+                });
+                let mut reader = Reader {
+                    sub: i as u32,
+                    conn: 2,
+                    ws,
+                    recorder: recorder.clone(),
+                    buffer: Vec::new(),
+                };
+                let rest = messages - last_ack as usize;
+                let got = reader
+                    .deliveries(
+                        rest.max(1),
+                        Duration::from_millis(if rest == 0 { 200 } else { 10_000 }),
+                    )
+                    .await?;
+                let offsets: Vec<u64> = got
+                    .iter()
+                    .filter(|(c, _)| *c == channel)
+                    .map(|(_, o)| *o)
+                    .collect();
+                Ok::<bool, Error>(offsets == (last_ack + 1..=messages as u64).collect::<Vec<_>>())
+            }
+            .await;
+            if !matches!(ok, Ok(true)) {
+                wrong.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    for c in checks {
+        let _ = c.await;
+    }
+    let mut m = Measured::default();
+    m.set(
+        "updates_ok",
+        updates_ok.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    )
+    .set(
+        "errors",
+        errors.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    )
+    .set(
+        "wrong_final_state",
+        wrong.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    )
+    .set("update_seconds", update_seconds);
+    if let Some((_, e)) = failed.first() {
+        m.note(format!("first failure: {e}"));
+    }
+    Ok(m)
+}
+
+/// Five updates through one connection: subscribe, three acks, detach.
+/// Any error frame fails it.
+async fn contend(ws: Ws, channel: &str, messages: usize, acks: &[u64]) -> Result<(), Error> {
+    let (mut sink, mut stream) = ws.split();
+    let send = |v: serde_json::Value| text(&v);
+    sink.send(send(
+        json!({"type": "subscribe", "channel": channel, "from": 1}),
+    ))
+    .await
+    .map_err(|e| Error::Client(e.to_string()))?;
+    let mut seen = 0;
+    while seen < messages {
+        let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
+            .await
+            .map_err(|_| Error::Timeout("deliveries".into()))?
+            .map_err(|c| Error::Client(format!("closed {c:?}")))?
+            .ok_or_else(|| Error::Client("closed".into()))?;
+        let f = parse(&t)?;
+        match f.kind.as_ref() {
+            "deliver" if f.channel.as_deref() == Some(channel) => seen += 1,
+            "error" => return Err(Error::Client(t)),
+            _ => {}
+        }
+    }
+    for a in acks {
+        sink.send(send(
+            json!({"type": "ack", "channel": channel, "offset": a}),
+        ))
+        .await
+        .map_err(|e| Error::Client(e.to_string()))?;
+    }
+    sink.send(send(json!({"type": "ping"})))
+        .await
+        .map_err(|e| Error::Client(e.to_string()))?;
+    loop {
+        let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
+            .await
+            .map_err(|_| Error::Timeout("pong".into()))?
+            .map_err(|c| Error::Client(format!("closed {c:?}")))?
+            .ok_or_else(|| Error::Client("closed".into()))?;
+        match parse(&t)?.kind.as_ref() {
+            "pong" => break,
+            "error" => return Err(Error::Client(t)),
+            _ => {}
+        }
+    }
+    let _ = sink.close().await;
+    Ok(())
+}

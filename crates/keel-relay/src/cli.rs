@@ -1,0 +1,160 @@
+//! The `keel-relay` command line: serve, doctor, redrive, and the exec helper.
+
+use std::path::PathBuf;
+
+use crate::{Config, Relay};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "keel-relay", version, about = "The keel relay daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the daemon until SIGTERM or SIGINT.
+    Serve {
+        /// Data directory (overrides the config file).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:0 (overrides the config file).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Upstream WebSocket URL (overrides the config file).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Spool directory (overrides the config file).
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "human")]
+        log_format: LogFormat,
+    },
+    /// Reports integrity, sessions per state, outbox states (DEAD listed) and
+    /// quarantined files. Run it while the relay is stopped.
+    Doctor {
+        /// Data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Re-queues every DEAD send. Run it while the relay is stopped.
+    Redrive {
+        /// Data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Internal: the exec helper for supervised children.
+    #[command(name = "__exec", hide = true)]
+    Exec {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Runs the `keel-relay` command line on `args` (the program name first).
+///
+/// The `keel-relay` binary is this function; test and harness binaries that
+/// need a relay process of their own build call it too.
+pub fn run<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    if let Command::Exec { args } = cli.command {
+        std::process::exit(keel_recovery::supervise::exec_helper_main(args));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve {
+                data,
+                listen,
+                upstream,
+                spool,
+                config,
+                log_format,
+            } => {
+                init_logs(log_format);
+                let mut cfg = match &config {
+                    Some(path) => Config::load(path)?,
+                    None => Config::default(),
+                };
+                if let Some(d) = data {
+                    cfg.data = d;
+                }
+                if let Some(l) = listen {
+                    cfg.listen = l;
+                }
+                if upstream.is_some() {
+                    cfg.upstream = upstream;
+                }
+                if spool.is_some() {
+                    cfg.spool = spool;
+                }
+                serve(cfg).await
+            }
+            Command::Doctor { data } => doctor(&data).await,
+            Command::Redrive { data } => redrive(&data).await,
+            Command::Exec { .. } => unreachable!("handled before the runtime starts"),
+        }
+    })
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable for the exec helper")?;
+    let relay = Relay::start_with(config, Some((exe, vec!["__exec".into()])))
+        .await
+        .context("cannot start the relay")?;
+    // Tests and scripts read this line to learn the port.
+    println!("keel-relay listening on {}", relay.addr());
+    let signal = keel_recovery::wait_for_signal()
+        .await
+        .context("cannot wait for signals")?;
+    tracing::info!(signal, "shutting down");
+    let report = relay.shutdown(&format!("{signal} received")).await?;
+    println!(
+        "keel-relay stopped: drained={} clean={} in {:.1?}",
+        report.drained, report.clean, report.total
+    );
+    Ok(())
+}
+
+async fn doctor(data: &std::path::Path) -> anyhow::Result<()> {
+    let report = crate::doctor::run(data).await?;
+    print!("{report}");
+    Ok(())
+}
+
+async fn redrive(data: &std::path::Path) -> anyhow::Result<()> {
+    let n = crate::doctor::redrive(data).await?;
+    println!("re-queued {n} DEAD sends");
+    Ok(())
+}

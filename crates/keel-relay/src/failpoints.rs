@@ -1,0 +1,105 @@
+//! Planted bugs that prove the harness's checker catches what it claims to
+//! (design §7: "a checker is trusted only after it has caught a bug planted
+//! on purpose"). Compiled only with the `failpoints` cargo feature, which is
+//! off by default: the release binary `cargo xtask` builds never has it.
+//! With the feature, nothing changes unless `KEEL_FAILPOINTS` names a
+//! failpoint, e.g. `KEEL_FAILPOINTS=drop_delivery=50` (one live delivery in
+//! 50 is not written). Failpoints: `drop_delivery`, `duplicate_delivery`,
+//! `reorder_delivery` (swapped with the next live delivery of the same
+//! batch), each one in N; `reverse_batch` (one batch of pipelined publishes
+//! in N is queued to the store in reverse, so its offsets run against the
+//! send order).
+
+/// What the writer does with one live delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Only `Write` is built without the feature; the writer matches on all.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub(crate) enum Delivery {
+    /// Write it (always, without the feature).
+    Write,
+    /// Skip it, as if written.
+    Drop,
+    /// Write it twice.
+    Duplicate,
+    /// Write it after the next one.
+    Reorder,
+}
+
+#[cfg(not(feature = "failpoints"))]
+mod imp {
+    #[inline(always)]
+    pub(crate) fn delivery() -> super::Delivery {
+        super::Delivery::Write
+    }
+
+    #[inline(always)]
+    pub(crate) fn reverse_batch() -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::Delivery;
+
+    #[derive(Default)]
+    struct Points {
+        drop: u64,
+        duplicate: u64,
+        reorder: u64,
+        reverse: u64,
+        deliveries: AtomicU64,
+        batches: AtomicU64,
+    }
+
+    fn points() -> &'static Points {
+        static POINTS: OnceLock<Points> = OnceLock::new();
+        POINTS.get_or_init(|| {
+            let mut p = Points::default();
+            let spec = std::env::var("KEEL_FAILPOINTS").unwrap_or_default();
+            for item in spec.split(',').filter(|s| !s.is_empty()) {
+                let (name, n) = item.split_once('=').unwrap_or((item, "1"));
+                let n: u64 = n.trim().parse().unwrap_or(0);
+                match name.trim() {
+                    "drop_delivery" => p.drop = n,
+                    "duplicate_delivery" => p.duplicate = n,
+                    "reorder_delivery" => p.reorder = n,
+                    "reverse_batch" => p.reverse = n,
+                    other => tracing::error!(failpoint = other, "unknown failpoint ignored"),
+                }
+            }
+            if !spec.is_empty() {
+                tracing::warn!(%spec, "failpoints armed: this relay breaks its own guarantees on purpose");
+            }
+            p
+        })
+    }
+
+    pub(crate) fn delivery() -> Delivery {
+        let p = points();
+        if p.drop == 0 && p.duplicate == 0 && p.reorder == 0 {
+            return Delivery::Write;
+        }
+        let n = p.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
+        let hit = |every: u64| every > 0 && n % every == 0;
+        if hit(p.drop) {
+            Delivery::Drop
+        } else if hit(p.duplicate) {
+            Delivery::Duplicate
+        } else if hit(p.reorder) {
+            Delivery::Reorder
+        } else {
+            Delivery::Write
+        }
+    }
+
+    pub(crate) fn reverse_batch() -> bool {
+        let p = points();
+        p.reverse > 0 && (p.batches.fetch_add(1, Ordering::Relaxed) + 1) % p.reverse == 0
+    }
+}
+
+pub(crate) use imp::{delivery, reverse_batch};

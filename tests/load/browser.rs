@@ -1,0 +1,157 @@
+//! The HTML report in a real browser: headless Chromium loads a report made
+//! by a real (small) run; every section and every chart must be there, with
+//! its SVG drawn. Needs Debian's `chromium` (`.ci/run` installs it and sets
+//! `KEEL_REQUIRE_BROWSER=1`, so CI can never skip this); elsewhere a missing
+//! browser skips the test and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{ONE_AT_A_TIME, options, report_dir};
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| {
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .find(|p| p.is_file())
+}
+
+fn headless(browser: &Path, profile: &Path) -> Command {
+    let mut c = Command::new(browser);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chromium");
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        // Still running after the limit: end it (the test then fails on
+        // its missing output).
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    });
+    let out = child.wait_with_output().expect("chromium output");
+    drop(killer);
+    out
+}
+
+#[test]
+fn report_renders_in_a_real_browser() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var("KEEL_REQUIRE_BROWSER").is_err(),
+            "KEEL_REQUIRE_BROWSER is set but no chromium was found: apt-get install -y chromium"
+        );
+        println!(
+            "SKIPPED report_renders_in_a_real_browser: no chromium on PATH (apt-get install -y chromium; CI installs it)"
+        );
+        return;
+    };
+    let scenarios = ["queue_overflow", "concurrent_sessions", "burn_in"];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = rt.block_on(async {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let root = report_dir();
+        let summary = keel_harness::run(options(&scenarios, &root, 7))
+            .await
+            .unwrap();
+        summary.dir
+    });
+    let html = dir.join("report.html");
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        !text.contains("<script"),
+        "the report must work without scripts"
+    );
+    // Self-contained: nothing is fetched (SVG's xmlns is a name, not a fetch).
+    for fetch in ["src=", "<link", "url(", "@import", "<iframe"] {
+        assert!(
+            !text.contains(fetch),
+            "the report must be self-contained; it has {fetch}"
+        );
+    }
+
+    let profile = tempfile::tempdir().unwrap();
+    let mut dump = headless(&browser, profile.path());
+    dump.arg("--dump-dom")
+        .arg(format!("file://{}", html.display()));
+    let out = run_with_timeout(dump, Duration::from_secs(90));
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("id=\"verdicts\""),
+        "no verdict table in the rendered DOM; chromium said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in scenarios {
+        assert!(
+            dom.contains(&format!("id=\"scenario-{s}\"")),
+            "section {s} missing"
+        );
+        for chart in ["latency", "resources"] {
+            let id = format!("id=\"chart-{chart}-{s}\"");
+            let at = dom
+                .find(&id)
+                .unwrap_or_else(|| panic!("chart {chart} of {s} missing"));
+            let figure = &dom[at..at + dom[at..].find("</figure>").expect("figure closes")];
+            assert!(figure.contains("<svg"), "chart {chart} of {s} has no SVG");
+            assert!(
+                figure.contains("<polyline") || figure.contains("<path"),
+                "chart {chart} of {s} drew nothing"
+            );
+            assert!(
+                figure.contains("<text"),
+                "chart {chart} of {s} has no axis labels"
+            );
+        }
+    }
+    assert!(dom.matches("<svg").count() >= 2 * scenarios.len());
+    // burn_in's upstream outage is shaded on its charts.
+    let burn = &dom[dom.find("id=\"scenario-burn_in\"").unwrap()..];
+    assert!(
+        burn.contains("upstream_down"),
+        "the fault interval is labelled"
+    );
+
+    // A screenshot to look at.
+    let png = dir.join("report.png");
+    let mut shot = headless(&browser, profile.path());
+    shot.arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=1280,2600")
+        .arg(format!("file://{}", html.display()));
+    run_with_timeout(shot, Duration::from_secs(90));
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 20_000,
+        "screenshot {} is {size} bytes",
+        png.display()
+    );
+    println!("screenshot: {}", png.display());
+}

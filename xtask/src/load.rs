@@ -1,0 +1,177 @@
+//! `cargo xtask load`: builds the relay, runs the load suite (keel-harness),
+//! prints the verdict table, writes the report, exits by its verdict.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use keel_harness::fixture::{RelayBinary, Target};
+use keel_harness::{RunOptions, Scale, Suite};
+
+/// Flags shared by the load and chaos suites.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SuiteArgs {
+    /// Run only this scenario (repeatable).
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// `small` (what `cargo test` runs), `full` (the seeds' and keel's
+    /// sizes) or a factor of full such as 0.25.
+    #[arg(long, default_value = "full")]
+    scale: Scale,
+    /// Length of scenarios whose length is a choice (e.g. 90s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Master seed (default: from the clock; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// Where run directories go (default: target/keel-report).
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// Compare with an earlier run (its directory or report.json).
+    #[arg(long, value_name = "DIR")]
+    compare: Option<PathBuf>,
+    /// Run against a relay you started (ws://HOST:PORT/ws); scenarios that
+    /// must control the relay process are reported as not applicable.
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// Use this relay binary instead of building target/release/keel-relay.
+    #[arg(long, value_name = "PATH")]
+    relay_bin: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 90s or 5m"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub(crate) fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// `cargo build --release -p keel-relay --bin keel-relay` (default features:
+/// never the failpoints); returns the binary.
+pub(crate) fn build_relay() -> Result<PathBuf> {
+    eprintln!("building the relay: cargo build --release -p keel-relay --bin keel-relay");
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "keel-relay",
+                "--bin",
+                "keel-relay",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .context("cannot run cargo to build the relay")?;
+    if !status.success() {
+        bail!("building the relay failed ({status}); fix the build error above and run again");
+    }
+    Ok(target_dir().join("release").join("keel-relay"))
+}
+
+pub(crate) fn list(suite: Suite) {
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec![
+        "scenario",
+        "seed test",
+        "seed threshold",
+        "keel target",
+        "--target",
+    ]);
+    for s in keel_harness::catalogue()
+        .into_iter()
+        .filter(|s| s.suite == suite)
+    {
+        t.add_row(vec![
+            s.name.to_owned(),
+            format!("{} {}", s.seed.seed, s.seed.test),
+            s.seed.threshold.to_owned(),
+            s.target.to_owned(),
+            if s.needs_process {
+                "no".into()
+            } else {
+                "yes".into()
+            },
+        ]);
+    }
+    println!("{t}");
+}
+
+pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
+    if args.list {
+        list(suite);
+        return Ok(0);
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_000)
+    });
+    let target = match (&args.target, &args.relay_bin) {
+        (Some(url), _) => Target::Url(url.clone()),
+        (None, Some(bin)) => Target::Spawn(RelayBinary::at(bin)),
+        (None, None) => Target::Spawn(RelayBinary::at(&build_relay()?)),
+    };
+    let command = format!(
+        "cargo xtask {} {}",
+        suite.as_str(),
+        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+    );
+    eprintln!(
+        "keel {} suite, master seed {seed} (reproduce any run with --seed {seed})",
+        suite.as_str()
+    );
+    let opts = RunOptions {
+        suite,
+        scenarios: args.scenarios,
+        scale: args.scale,
+        duration: args.duration,
+        seed,
+        target,
+        report_root: args
+            .report
+            .unwrap_or_else(|| target_dir().join("keel-report")),
+        compare: args.compare,
+        command: command.trim_end().to_owned(),
+        verbose: true,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let summary = match runtime.block_on(keel_harness::run(opts)) {
+        Ok(s) => s,
+        Err(keel_harness::Error::Interrupted) => return Ok(130),
+        Err(e) => return Err(e).context("the harness failed"),
+    };
+    println!("{}", keel_harness::run::table(&summary.report));
+    println!("report: {}", summary.dir.join("report.html").display());
+    Ok(summary.exit_code)
+}
