@@ -170,6 +170,16 @@ fn summary(rt: &Runtime, s: &mut Setup) {
         rate(proxied),
         rate(proxied) / rate(direct)
     );
+    println!(
+        "figure | proxy throughput, {mib} MiB one way | {:.0} | MiB/s | direct TCP | {:.0} | >= 0.5x | {}",
+        rate(proxied),
+        rate(direct),
+        if rate(proxied) / rate(direct) >= 0.5 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
     let n = 20_000;
     let d = rt.block_on(round_trips(s.echo, n));
     let p = rt.block_on(round_trips(s.echo_proxy.listen_addr(), n));
@@ -181,6 +191,16 @@ fn summary(rt: &Runtime, s: &mut Setup) {
         us(&p, 0.5),
         us(&p, 0.99),
         us(&p, 0.5) - us(&d, 0.5)
+    );
+    println!(
+        "figure | proxy round trip p50, 100 B | {:.1} | us | direct TCP | {:.1} | <= +50 us | {}",
+        us(&p, 0.5),
+        us(&d, 0.5),
+        if us(&p, 0.5) - us(&d, 0.5) <= 50.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
     );
 }
 

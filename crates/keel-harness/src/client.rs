@@ -401,13 +401,13 @@ impl Publisher {
 // ----------------------------------------------------------- subscriber
 
 /// What a subscriber does with each delivered payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum PayloadCheck {
     /// Nothing.
     None,
     /// Reads `"t"` (microseconds of the run clock when it was meant to be
-    /// sent) and records publish-to-deliver latency.
-    Latency,
+    /// sent) and records publish-to-deliver latency into the sink.
+    Latency(crate::load::LatencySink),
     /// Hashes the payload text (FNV-1a 64) and records it, to compare byte
     /// for byte with what was published.
     Digest,
@@ -444,8 +444,6 @@ pub struct SubscriberReport {
     pub closes: Vec<Option<u16>>,
     /// Deliveries seen.
     pub delivered: u64,
-    /// Publish-to-deliver latency (with [`PayloadCheck::Latency`]).
-    pub latency: crate::load::Latency,
     /// (id, digest) per delivery (with [`PayloadCheck::Digest`]).
     pub digests: Vec<(MsgId, u64)>,
     /// Why it stopped early, if it did.
@@ -510,6 +508,7 @@ async fn subscribe_loop(
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     let mut token: Option<String> = None;
     let mut buffer: Vec<Delivery> = Vec::with_capacity(1024);
+    let mut latencies: Vec<(Duration, u64)> = Vec::new();
     let epoch = recorder.epoch();
     let result = loop {
         report.connections += 1;
@@ -601,13 +600,14 @@ async fn subscribe_loop(
             *seen = (*seen).max(offset);
             report.delivered += 1;
             counter.fetch_add(1, Ordering::Relaxed);
-            match (spec.payloads, f.payload) {
-                (PayloadCheck::Latency, Some(p)) => {
+            match (&spec.payloads, f.payload) {
+                (PayloadCheck::Latency(sink), Some(p)) => {
                     if let Some(t) = payload_time(p.get()) {
                         let now = at.saturating_duration_since(epoch).as_micros() as u64;
-                        report
-                            .latency
-                            .record(Duration::from_micros(t), now.saturating_sub(t));
+                        latencies.push((Duration::from_micros(t), now.saturating_sub(t)));
+                        if latencies.len() >= 512 {
+                            sink.record_all(&mut latencies);
+                        }
                     }
                 }
                 (PayloadCheck::Digest, Some(p)) => {
@@ -635,6 +635,9 @@ async fn subscribe_loop(
         }
     };
     recorder.deliveries(&mut buffer);
+    if let PayloadCheck::Latency(sink) = &spec.payloads {
+        sink.record_all(&mut latencies);
+    }
     result
 }
 

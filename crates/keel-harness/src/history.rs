@@ -322,6 +322,11 @@ impl Recorder {
 
     /// Records another operation.
     pub fn op(&self, op: Op) {
+        let counter = match op.outcome {
+            Outcome::Ok { .. } => &self.counts.acked,
+            _ => &self.counts.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         self.lock().ops.push(op);
     }
 
@@ -335,8 +340,9 @@ impl Recorder {
         });
     }
 
-    /// Counts so far: publishes acknowledged, refused or unknown,
-    /// deliveries recorded, and suspicious deliveries seen by clients.
+    /// Counts so far: operations (publishes and others) acknowledged,
+    /// refused or unknown, deliveries recorded, and suspicious deliveries
+    /// seen by clients.
     pub fn counts(&self) -> (u64, u64, u64, u64) {
         let c = &self.counts;
         (

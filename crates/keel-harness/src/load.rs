@@ -92,8 +92,14 @@ pub struct Latency {
 }
 
 fn histogram() -> Histogram<u64> {
-    // 1 us to 10 min, 3 significant figures.
+    // 1 us to 10 min, 3 significant figures (about 170 KB).
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn window() -> Histogram<u64> {
+    // Per-second windows only feed charts: 2 significant figures (about
+    // 24 KB), so that a long run's hundreds of windows stay small.
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
 }
 
 impl Default for Latency {
@@ -112,7 +118,7 @@ impl Latency {
         let _ = self.all.record(v);
         let w = at.as_secs() as usize;
         if self.windows.len() <= w {
-            self.windows.resize_with(w + 1, histogram);
+            self.windows.resize_with(w + 1, window);
         }
         let _ = self.windows[w].record(v);
     }
@@ -121,7 +127,7 @@ impl Latency {
     pub fn merge(&mut self, other: &Latency) {
         let _ = self.all.add(&other.all);
         if self.windows.len() < other.windows.len() {
-            self.windows.resize_with(other.windows.len(), histogram);
+            self.windows.resize_with(other.windows.len(), window);
         }
         for (mine, theirs) in self.windows.iter_mut().zip(&other.windows) {
             let _ = mine.add(theirs);
@@ -148,6 +154,26 @@ impl Latency {
                 )
             })
             .collect()
+    }
+}
+
+/// A [`Latency`] many tasks record into, in batches (one histogram per
+/// client would cost hundreds of MB across thousands of subscribers).
+#[derive(Debug, Clone, Default)]
+pub struct LatencySink(std::sync::Arc<std::sync::Mutex<Latency>>);
+
+impl LatencySink {
+    /// Records a batch of (when, microseconds) and empties it.
+    pub fn record_all(&self, batch: &mut Vec<(Duration, u64)>) {
+        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (at, v) in batch.drain(..) {
+            l.record(at, v);
+        }
+    }
+
+    /// A copy of what was recorded.
+    pub fn snapshot(&self) -> Latency {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

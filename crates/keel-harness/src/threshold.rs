@@ -68,6 +68,24 @@ pub struct Threshold {
     pub target: Bound,
 }
 
+impl Threshold {
+    /// A threshold on `metric` (in `unit`): the seed's floor, if it names
+    /// one, and keel's target.
+    pub const fn new(
+        metric: &'static str,
+        unit: &'static str,
+        seed: Option<Bound>,
+        target: Bound,
+    ) -> Threshold {
+        Threshold {
+            metric,
+            unit,
+            seed,
+            target,
+        }
+    }
+}
+
 /// A judgement band.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -273,6 +273,12 @@ async fn sessions() -> String {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (raw, relay) = (&rows[0], &rows[1]);
+    println!(
+        "figure | relay RSS per idle session, {n} sessions | {:.1} | KiB | raw tokio-tungstenite server | {:.1} | <= 16 KiB | {}",
+        relay.2,
+        raw.2,
+        if relay.2 <= 16.0 { "MET" } else { "NOT MET" }
+    );
     format!(
         "1. {n} sessions: relay {:.2?} to connect, {:.1} KiB per idle session (raw server {:.2?}, {:.1} KiB; {:.2}x); target <= 16 KiB: {}",
         relay.1,
@@ -472,6 +478,14 @@ async fn fanout() -> String {
     }
     println!("fan-out keel-relay: {rate:.0} deliveries/s ({took:.2?})");
     let ratio = rate / raw_rate;
+    println!(
+        "figure | durable fan-out, {subs} subscribers | {rate:.0} | deliveries/s | bare broadcast server | {raw_rate:.0} | >= 0.5x and >= 1,000,000/s | {}",
+        if ratio >= 0.5 && rate >= 1_000_000.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
     format!(
         "2. fan-out {messages} x {subs} subscribers, durable: relay {rate:.0} deliveries/s vs bare broadcast {raw_rate:.0}/s = {ratio:.2}x; target >= 0.5x and >= 1,000,000/s: {}",
         if ratio >= 0.5 && rate >= 1_000_000.0 {
@@ -535,6 +549,10 @@ async fn publishes() -> String {
     while tasks.join_next().await.is_some() {}
     let rate = (per * publishers) as f64 / started.elapsed().as_secs_f64();
     println!("publishes keel-relay, 64 publishers: {rate:.0} acknowledged/s");
+    println!(
+        "figure | durable acknowledged publishes, 64 publishers | {rate:.0} | /s | keel-session in-process | {base_rate:.0} | >= 50,000/s | {}",
+        if rate >= 50_000.0 { "MET" } else { "NOT MET" }
+    );
     format!(
         "3. durable acknowledged publishes, 64 publishers: {rate:.0}/s ({:.2}x keel-session in-process {base_rate:.0}/s); target >= 50,000/s: {}",
         rate / base_rate,
@@ -563,6 +581,10 @@ async fn latency() -> String {
     {
         println!("  relay metric {line}");
     }
+    println!(
+        "figure | publish-to-deliver p99, {rate} msgs/s to {subs} subscribers | {p99:.2} | ms | bare broadcast (no durability) | {r99:.2} | <= 5 ms | {}",
+        if p99 <= 5.0 { "MET" } else { "NOT MET" }
+    );
     format!(
         "4. publish-to-deliver at {rate} msgs/s to {subs} subscribers: relay p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms (bare broadcast, no durability: p50 {r50:.2}, p99 {r99:.2}, max {rmax:.1}); target p99 <= 5 ms: {}",
         if p99 <= 5.0 { "MET" } else { "NOT MET" }

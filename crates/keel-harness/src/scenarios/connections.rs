@@ -30,36 +30,26 @@ pub(crate) const CONNECTIONS_10K: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold {
-                metric: "connected_ratio",
-                unit: "",
-                seed: Some(Bound::Ge(0.99)),
-                target: Bound::Ge(1.0),
-            },
-            Threshold {
-                metric: "connect_seconds",
-                unit: "s",
-                seed: Some(Bound::Le(30.0)),
-                target: Bound::Le(2.0),
-            },
-            Threshold {
-                metric: "relay_rss_mib",
-                unit: "MiB",
-                seed: Some(Bound::Le(2048.0)),
-                target: Bound::Le(2048.0),
-            },
-            Threshold {
-                metric: "kib_per_session",
-                unit: "KiB",
-                seed: None,
-                target: Bound::Le(16.0),
-            },
-            Threshold {
-                metric: "alive_after_idle_ratio",
-                unit: "",
-                seed: Some(Bound::Ge(0.99)),
-                target: Bound::Ge(1.0),
-            },
+            Threshold::new("connected_ratio", "", Some(Bound::Ge(0.99)), Bound::Ge(1.0)),
+            Threshold::new(
+                "connect_seconds",
+                "s",
+                Some(Bound::Le(30.0)),
+                Bound::Le(2.0),
+            ),
+            Threshold::new(
+                "relay_rss_mib",
+                "MiB",
+                Some(Bound::Le(2048.0)),
+                Bound::Le(2048.0),
+            ),
+            Threshold::new("kib_per_session", "KiB", None, Bound::Le(16.0)),
+            Threshold::new(
+                "alive_after_idle_ratio",
+                "",
+                Some(Bound::Ge(0.99)),
+                Bound::Ge(1.0),
+            ),
         ]
     },
     plan: |input| {
@@ -95,18 +85,8 @@ pub(crate) const CONNECTIONS_MAX: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold {
-                metric: "connected_ratio",
-                unit: "",
-                seed: None,
-                target: Bound::Ge(1.0),
-            },
-            Threshold {
-                metric: "alive_after_idle_ratio",
-                unit: "",
-                seed: None,
-                target: Bound::Ge(1.0),
-            },
+            Threshold::new("connected_ratio", "", None, Bound::Ge(1.0)),
+            Threshold::new("alive_after_idle_ratio", "", None, Bound::Ge(1.0)),
         ]
     },
     plan: |input| {
@@ -207,24 +187,19 @@ pub(crate) const SUBSCRIPTIONS_50K: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold {
-                metric: "active_ratio",
-                unit: "",
-                seed: Some(Bound::Ge(1.0)),
-                target: Bound::Ge(1.0),
-            },
-            Threshold {
-                metric: "subscribe_seconds",
-                unit: "s",
-                seed: Some(Bound::Le(60.0)),
-                target: Bound::Le(10.0),
-            },
-            Threshold {
-                metric: "count_exact",
-                unit: "",
-                seed: Some(Bound::Within(1.0, 0.0)),
-                target: Bound::Within(1.0, 0.0),
-            },
+            Threshold::new("active_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "subscribe_seconds",
+                "s",
+                Some(Bound::Le(60.0)),
+                Bound::Le(10.0),
+            ),
+            Threshold::new(
+                "count_exact",
+                "",
+                Some(Bound::Within(1.0, 0.0)),
+                Bound::Within(1.0, 0.0),
+            ),
         ]
     },
     plan: |input: &PlanInput| {

@@ -34,36 +34,21 @@ pub(crate) const CONCURRENT_SESSIONS: Scenario = Scenario {
     thresholds: |plan| {
         let n = plan.num("sessions");
         vec![
-            Threshold {
-                metric: "sessions_ok",
-                unit: "",
-                seed: Some(Bound::Ge(n.min(100.0))),
-                target: Bound::Ge(n),
-            },
-            Threshold {
-                metric: "errors",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "cross_talk",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "commands_delivered_ratio",
-                unit: "",
-                seed: Some(Bound::Ge(1.0)),
-                target: Bound::Ge(1.0),
-            },
-            Threshold {
-                metric: "create_seconds",
-                unit: "s",
-                seed: Some(Bound::Le(30.0)),
-                target: Bound::Le(5.0),
-            },
+            Threshold::new(
+                "sessions_ok",
+                "",
+                Some(Bound::Ge(n.min(100.0))),
+                Bound::Ge(n),
+            ),
+            Threshold::new("errors", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new("cross_talk", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new(
+                "commands_delivered_ratio",
+                "",
+                Some(Bound::Ge(1.0)),
+                Bound::Ge(1.0),
+            ),
+            Threshold::new("create_seconds", "s", Some(Bound::Le(30.0)), Bound::Le(5.0)),
         ]
     },
     plan: plan_concurrent,
@@ -257,24 +242,14 @@ pub(crate) const SESSION_ISOLATION: Scenario = Scenario {
     thresholds: |plan| {
         let n = plan.num("sessions");
         vec![
-            Threshold {
-                metric: "isolated_sessions",
-                unit: "",
-                seed: Some(Bound::Ge(n.min(10.0))),
-                target: Bound::Ge(n),
-            },
-            Threshold {
-                metric: "cross_talk",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "cursor_errors",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
+            Threshold::new(
+                "isolated_sessions",
+                "",
+                Some(Bound::Ge(n.min(10.0))),
+                Bound::Ge(n),
+            ),
+            Threshold::new("cross_talk", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new("cursor_errors", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
         ]
     },
     plan: plan_isolation,
@@ -540,24 +515,19 @@ pub(crate) const DATABASE_CONTENTION: Scenario = Scenario {
     thresholds: |plan| {
         let total = plan.num("sessions") * 5.0;
         vec![
-            Threshold {
-                metric: "updates_ok",
-                unit: "",
-                seed: Some(Bound::Ge(total.min(50.0))),
-                target: Bound::Ge(total),
-            },
-            Threshold {
-                metric: "errors",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "wrong_final_state",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
+            Threshold::new(
+                "updates_ok",
+                "",
+                Some(Bound::Ge(total.min(50.0))),
+                Bound::Ge(total),
+            ),
+            Threshold::new("errors", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new(
+                "wrong_final_state",
+                "",
+                Some(Bound::Le(0.0)),
+                Bound::Le(0.0),
+            ),
         ]
     },
     plan: plan_contention,

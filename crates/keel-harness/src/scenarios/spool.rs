@@ -31,48 +31,23 @@ pub(crate) const BURN_IN: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold {
-                metric: "job_p95_ms",
-                unit: "ms",
-                seed: Some(Bound::Le(500.0)),
-                target: Bound::Le(20.0),
-            },
-            Threshold {
-                metric: "duplicates",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "stale_claims",
-                unit: "",
-                seed: Some(Bound::Le(0.0)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "failed_ratio",
-                unit: "",
-                seed: Some(Bound::Le(0.001)),
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "completed_ratio",
-                unit: "",
-                seed: Some(Bound::Ge(1.0)),
-                target: Bound::Ge(1.0),
-            },
-            Threshold {
-                metric: "health_log_valid",
-                unit: "",
-                seed: Some(Bound::Within(1.0, 0.0)),
-                target: Bound::Within(1.0, 0.0),
-            },
-            Threshold {
-                metric: "idle_cpu_percent",
-                unit: "%",
-                seed: Some(Bound::Le(2.0)),
-                target: Bound::Le(0.5),
-            },
+            Threshold::new("job_p95_ms", "ms", Some(Bound::Le(500.0)), Bound::Le(20.0)),
+            Threshold::new("duplicates", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new("stale_claims", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::new("failed_ratio", "", Some(Bound::Le(0.001)), Bound::Le(0.0)),
+            Threshold::new("completed_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "health_log_valid",
+                "",
+                Some(Bound::Within(1.0, 0.0)),
+                Bound::Within(1.0, 0.0),
+            ),
+            Threshold::new(
+                "idle_cpu_percent",
+                "%",
+                Some(Bound::Le(2.0)),
+                Bound::Le(0.5),
+            ),
         ]
     },
     plan: plan_burn_in,

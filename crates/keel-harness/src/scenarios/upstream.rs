@@ -48,8 +48,7 @@ impl Sender {
                 }
             }
         });
-        let waiting: Waiting =
-            Arc::default();
+        let waiting: Waiting = Arc::default();
         let w = waiting.clone();
         tokio::spawn(async move {
             while let Ok(Some(t)) = next_text(&mut stream).await {
@@ -131,24 +130,24 @@ pub(crate) const BURST_HANDLING: Scenario = Scenario {
     thresholds: |plan| {
         let interval = plan.num("interval_ms");
         vec![
-            Threshold {
-                metric: "at_once",
-                unit: "",
-                seed: Some(Bound::Within(5.0, 0.0)),
-                target: Bound::Within(5.0, 0.0),
-            },
-            Threshold {
-                metric: "sent",
-                unit: "",
-                seed: Some(Bound::Within(10.0, 0.0)),
-                target: Bound::Within(10.0, 0.0),
-            },
-            Threshold {
-                metric: "max_slot_error_ms",
-                unit: "ms",
-                seed: Some(Bound::Le(interval / 2.0)),
-                target: Bound::Le(5.0),
-            },
+            Threshold::new(
+                "at_once",
+                "",
+                Some(Bound::Within(5.0, 0.0)),
+                Bound::Within(5.0, 0.0),
+            ),
+            Threshold::new(
+                "sent",
+                "",
+                Some(Bound::Within(10.0, 0.0)),
+                Bound::Within(10.0, 0.0),
+            ),
+            Threshold::new(
+                "max_slot_error_ms",
+                "ms",
+                Some(Bound::Le(interval / 2.0)),
+                Bound::Le(5.0),
+            ),
         ]
     },
     plan: |input| {
@@ -290,24 +289,9 @@ pub(crate) const SUSTAINED_LOAD: Scenario = Scenario {
             zero("api_errors"),
             zero("lost"),
             zero("duplicates"),
-            Threshold {
-                metric: "api_errors_10x",
-                unit: "",
-                seed: None,
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "lost_10x",
-                unit: "",
-                seed: None,
-                target: Bound::Le(0.0),
-            },
-            Threshold {
-                metric: "duplicates_10x",
-                unit: "",
-                seed: None,
-                target: Bound::Le(0.0),
-            },
+            Threshold::new("api_errors_10x", "", None, Bound::Le(0.0)),
+            Threshold::new("lost_10x", "", None, Bound::Le(0.0)),
+            Threshold::new("duplicates_10x", "", None, Bound::Le(0.0)),
         ]
     },
     plan: |input| {
