@@ -170,8 +170,15 @@ impl RelayProcess {
             .append(true)
             .open(&self.log)
             .map_err(|e| Error::io(&format!("open {}", self.log.display()), e))?;
+        // Through the relay's own exec helper, which arms the parent-death
+        // signal and then becomes the relay: a relay dies with the harness
+        // even if the harness is SIGKILLed and no teardown code runs.
         let mut cmd = Command::new(&self.binary.program);
         cmd.args(&self.binary.prefix)
+            .arg("__exec")
+            .arg(std::process::id().to_string())
+            .arg(&self.binary.program)
+            .args(&self.binary.prefix)
             .arg("serve")
             .arg("--data")
             .arg(self.dir.path().join("data"))

@@ -523,6 +523,9 @@ impl History {
             out.write_all(b"\n")?;
         }
         out.flush()?;
+        // On disk before the next scenario starts: hundreds of MB of dirty
+        // pages written back later would stall that scenario's fsyncs.
+        out.get_ref().sync_all()?;
         Ok((written, total))
     }
 }

@@ -213,6 +213,16 @@ impl RunReport {
             .map_err(|e| Error::io("write report.md", e))?;
         std::fs::write(dir.join("report.html"), self.html())
             .map_err(|e| Error::io("write report.html", e))?;
+        // Each chart also as a file of its own, to commit or embed.
+        for s in &self.scenarios {
+            let sdir = dir.join(&s.name);
+            if std::fs::create_dir_all(&sdir).is_ok() {
+                std::fs::write(sdir.join("latency.svg"), latency_chart(&s.series))
+                    .map_err(|e| Error::io("write latency.svg", e))?;
+                std::fs::write(sdir.join("resources.svg"), resources_chart(&s.series))
+                    .map_err(|e| Error::io("write resources.svg", e))?;
+            }
+        }
         Ok(())
     }
 

@@ -266,6 +266,8 @@ impl Conn {
                 let created = match store
                     .create_session(NewSession {
                         token_hash: auth::hash_secret(&secret),
+                        // Stored ACTIVE at once: one write, not two.
+                        connected: true,
                         ..Default::default()
                     })
                     .await
@@ -313,7 +315,9 @@ impl Conn {
         {
             old.notify_one();
         }
-        if previous != SessionState::Active {
+        // Created by this very hello (not merely stored as CREATED).
+        let fresh = new_token.is_some();
+        if previous != SessionState::Active && !fresh {
             let _ = store.transition(&session, SessionState::Active).await;
         }
         let private = session.private_channel();
@@ -325,7 +329,13 @@ impl Conn {
 
         // Channels to deliver: the stored subscriptions, the private channel,
         // and whatever the client says it was reading.
-        let stored = store.subscriptions(&session).await.unwrap_or_default();
+        // A session created by this hello has none, and nothing in its
+        // private channel yet: no reads.
+        let stored = if fresh {
+            Vec::new()
+        } else {
+            store.subscriptions(&session).await.unwrap_or_default()
+        };
         let mut wanted: BTreeMap<String, u64> = stored
             .iter()
             .map(|s| (s.channel.clone(), s.cursor + 1))
@@ -365,7 +375,9 @@ impl Conn {
         }
         let mut catch_up = serde_json::Map::new();
         for channel in wanted.keys() {
-            if let Ok(bounds) = store.channel_bounds(channel).await {
+            if fresh && *channel == private {
+                catch_up.insert(channel.clone(), 1.into());
+            } else if let Ok(bounds) = store.channel_bounds(channel).await {
                 catch_up.insert(channel.clone(), bounds.next.into());
             }
         }
@@ -386,7 +398,8 @@ impl Conn {
             }
         }
         for (channel, from) in &wanted {
-            self.start_channel(channel, *from).await;
+            self.start_channel(channel, *from, fresh && *channel == private)
+                .await;
         }
         metrics::counter!("keel_sessions_opened_total").increment(1);
         tracing::info!(
@@ -422,7 +435,7 @@ impl Conn {
 
     /// Registers `channel` with the hub, then has the writer replay the log
     /// from `from` and continue live: nothing between is missed.
-    async fn start_channel(&mut self, channel: &str, from: u64) {
+    async fn start_channel(&mut self, channel: &str, from: u64, fresh: bool) {
         let name = self
             .shared
             .hub
@@ -435,6 +448,7 @@ impl Conn {
             .send(Outbound::Start {
                 channel: name,
                 from,
+                fresh,
             })
             .await;
     }
@@ -488,7 +502,7 @@ impl Conn {
         {
             return self.session_error(&e, Some(&channel)).await;
         }
-        self.start_channel(&channel, from).await;
+        self.start_channel(&channel, from, false).await;
         None
     }
 
@@ -947,7 +961,15 @@ async fn write_loop(
                     next.insert(channel, expected);
                     ok
                 }
-                Outbound::Start { channel, from } => {
+                Outbound::Start {
+                    channel,
+                    from,
+                    fresh: true,
+                } => {
+                    next.insert(channel, from);
+                    true
+                }
+                Outbound::Start { channel, from, .. } => {
                     metrics::counter!("keel_start_replays_total").increment(1);
                     match replay(&mut sink, &store, &channel, from, None).await {
                         Ok((end, n)) => {

@@ -21,7 +21,13 @@ pub(crate) enum Outbound {
         batch: Arc<[(u64, Utf8Bytes)]>,
     },
     /// Start delivering `channel` from `from`: replay the log, then live.
-    Start { channel: Arc<str>, from: u64 },
+    /// `fresh`: the channel is known to hold nothing at `from` yet (a new
+    /// session's private channel), so there is nothing to read.
+    Start {
+        channel: Arc<str>,
+        from: u64,
+        fresh: bool,
+    },
     /// Stop delivering `channel`.
     Stop { channel: Arc<str> },
     /// Close with this code and reason, then end.

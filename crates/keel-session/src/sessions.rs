@@ -153,6 +153,10 @@ pub struct NewSession {
     pub token_hash: Vec<u8>,
     /// Opaque application data.
     pub meta: String,
+    /// Its first connection is already open: store it ACTIVE (the
+    /// CREATED -> ACTIVE transition in the same write). The returned
+    /// session's state is still CREATED: the state it was created in.
+    pub connected: bool,
 }
 
 /// One entry of a session's activity log.
@@ -234,17 +238,28 @@ pub(crate) fn load_session(conn: &Connection, id: &SessionId) -> Result<Session,
 }
 
 impl Store {
-    /// Creates a session in state CREATED.
+    /// Creates a session in state CREATED (ACTIVE with [`NewSession::connected`]).
     pub async fn create_session(&self, new: NewSession) -> Result<Session, SessionError> {
         let id = new.id.clone().unwrap_or_else(|| SessionId(random_hex(16)));
+        let stored = if new.connected {
+            SessionState::Active
+        } else {
+            SessionState::Created
+        };
         self.write(move |ctx| {
             let inserted = ctx
                 .conn
                 .prepare_cached(
                     "INSERT INTO sessions(id, token_hash, state, created_at, updated_at, meta)
-                     VALUES(?1, ?2, 'CREATED', ?3, ?3, ?4) ON CONFLICT(id) DO NOTHING",
+                     VALUES(?1, ?2, ?5, ?3, ?3, ?4) ON CONFLICT(id) DO NOTHING",
                 )?
-                .execute(params![id.as_str(), new.token_hash, ctx.now, new.meta])?;
+                .execute(params![
+                    id.as_str(),
+                    new.token_hash,
+                    ctx.now,
+                    new.meta,
+                    stored.as_str()
+                ])?;
             if inserted == 0 {
                 return Err(SessionError::AlreadyExists(id.clone()));
             }

@@ -16,6 +16,7 @@ async fn create_many(store: &Store, n: usize) -> Vec<SessionId> {
                     id: None,
                     token_hash: vec![i as u8; 32],
                     meta: format!("owner-{i}"),
+                    ..Default::default()
                 })
                 .await
         })
@@ -497,4 +498,26 @@ async fn mark_crashed_and_notify_appends_one_notice_per_crash() {
         .unwrap();
     let ids: Vec<_> = log.iter().map(|m| m.msg_id.as_str()).collect();
     assert_eq!(ids, ["crash-notice-1", "crash-notice-2"]);
+}
+
+/// A session created with its first connection open is stored ACTIVE in
+/// the same write: a crash right after marks it CRASHED like any other
+/// connected session.
+#[tokio::test]
+async fn created_connected_is_stored_active() {
+    let t = support::open().await;
+    let s = t
+        .store
+        .create_session(NewSession {
+            connected: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.state, SessionState::Created, "the state it was created in");
+    assert_eq!(
+        t.store.session(&s.id).await.unwrap().state,
+        SessionState::Active
+    );
+    assert_eq!(t.store.mark_crashed().await.unwrap().crashed, vec![s.id]);
 }
