@@ -509,6 +509,7 @@ async fn subscribe_loop(
     let mut token: Option<String> = None;
     let mut buffer: Vec<Delivery> = Vec::with_capacity(1024);
     let mut latencies: Vec<(Duration, u64)> = Vec::new();
+    let mut flushed = std::time::Instant::now();
     let epoch = recorder.epoch();
     let result = loop {
         report.connections += 1;
@@ -590,8 +591,11 @@ async fn subscribe_loop(
                 id: mid,
                 at: at.saturating_duration_since(epoch).as_micros() as Micros,
             });
-            if buffer.len() >= 1024 {
+            // Flushed in batches (one lock per batch), and at least twice a
+            // second so that the live display is current.
+            if buffer.len() >= 1024 || at.duration_since(flushed) >= Duration::from_millis(500) {
                 recorder.deliveries(&mut buffer);
+                flushed = at;
             }
             let seen = last.entry(channel.to_owned()).or_insert(0);
             if offset <= *seen {

@@ -556,10 +556,89 @@ const FAULT: RGBColor = RGBColor(230, 120, 40);
 
 /// Latency p50/p99 (ms, left axis) and throughput (ops/s, right axis).
 pub fn latency_chart(s: &Series) -> String {
+    let empty = s.latency.is_empty() && s.throughput.is_empty();
+    dual_chart(
+        s,
+        if empty {
+            "latency / throughput (no samples)"
+        } else {
+            "latency / throughput"
+        },
+        Axis {
+            desc: "ms",
+            lines: vec![
+                (
+                    "p50 ms",
+                    BLUE,
+                    s.latency.iter().map(|(t, p50, _)| (*t, *p50)).collect(),
+                ),
+                (
+                    "p99 ms",
+                    RED,
+                    s.latency.iter().map(|(t, _, p99)| (*t, *p99)).collect(),
+                ),
+            ],
+        },
+        Axis {
+            desc: "ops/s",
+            lines: vec![("ops/s", GREEN, s.throughput.clone())],
+        },
+    )
+}
+
+/// RSS (MiB, left axis) and open fds (right axis).
+pub fn resources_chart(s: &Series) -> String {
+    dual_chart(
+        s,
+        if s.resources.is_empty() {
+            "relay resources (no relay process sampled)"
+        } else {
+            "relay resources"
+        },
+        Axis {
+            desc: "RSS MiB",
+            lines: vec![(
+                "RSS MiB",
+                MAGENTA,
+                s.resources.iter().map(|r| (r.0, r.1)).collect(),
+            )],
+        },
+        Axis {
+            desc: "open fds",
+            lines: vec![(
+                "open fds",
+                CYAN,
+                s.resources.iter().map(|r| (r.0, r.2)).collect(),
+            )],
+        },
+    )
+}
+
+/// A labelled, coloured line of (x, y) points.
+type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// One y axis of a chart and the lines drawn against it.
+struct Axis<'a> {
+    desc: &'a str,
+    lines: Vec<Line<'a>>,
+}
+
+impl Axis<'_> {
+    fn max(&self) -> f64 {
+        self.lines
+            .iter()
+            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+            .fold(1.0, f64::max)
+            * 1.1
+    }
+}
+
+/// A chart over the scenario's time with two y axes, faults shaded.
+fn dual_chart(s: &Series, caption: &str, left: Axis<'_>, right: Axis<'_>) -> String {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
-        let _ = draw_latency(&root, s);
+        let _ = draw_dual(&root, s, caption, &left, &right);
         let _ = root.present();
     }
     svg
@@ -585,124 +664,48 @@ fn x_end(s: &Series) -> f64 {
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 type Failed = Box<dyn std::error::Error>;
 
-fn draw_latency(root: &Area<'_>, s: &Series) -> Result<(), Failed> {
+fn draw_dual(
+    root: &Area<'_>,
+    s: &Series,
+    caption: &str,
+    left: &Axis<'_>,
+    right: &Axis<'_>,
+) -> Result<(), Failed> {
     root.fill(&WHITE)?;
     let end = x_end(s);
-    let ymax = s.latency.iter().map(|(_, _, p99)| *p99).fold(1.0, f64::max) * 1.1;
-    let tmax = s.throughput.iter().map(|(_, r)| *r).fold(1.0, f64::max) * 1.1;
+    let (lmax, rmax) = (left.max(), right.max());
     let mut chart = ChartBuilder::on(root)
         .margin(8)
         .x_label_area_size(28)
         .y_label_area_size(48)
         .right_y_label_area_size(56)
-        .caption(
-            if s.latency.is_empty() && s.throughput.is_empty() {
-                "latency / throughput (no samples)"
-            } else {
-                "latency / throughput"
-            },
-            ("sans-serif", 14),
-        )
-        .build_cartesian_2d(0f64..end, 0f64..ymax)?
-        .set_secondary_coord(0f64..end, 0f64..tmax);
+        .caption(caption, ("sans-serif", 14))
+        .build_cartesian_2d(0f64..end, 0f64..lmax)?
+        .set_secondary_coord(0f64..end, 0f64..rmax);
     chart
         .configure_mesh()
         .x_desc("s")
-        .y_desc("ms")
+        .y_desc(left.desc)
         .light_line_style(WHITE)
         .draw()?;
-    chart.configure_secondary_axes().y_desc("ops/s").draw()?;
-    shade_faults(&mut chart, s, ymax)?;
-    chart
-        .draw_series(LineSeries::new(
-            s.latency.iter().map(|(t, p50, _)| (*t, *p50)),
-            BLUE,
-        ))?
-        .label("p50 ms")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(
-            s.latency.iter().map(|(t, _, p99)| (*t, *p99)),
-            RED,
-        ))?
-        .label("p99 ms")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], RED));
-    // Points too: a run of one window is one point, which a line hides.
-    chart.draw_series(
-        s.latency
-            .iter()
-            .map(|(t, _, p99)| Circle::new((*t, *p99), 2, RED.filled())),
-    )?;
-    chart.draw_series(
-        s.latency
-            .iter()
-            .map(|(t, p50, _)| Circle::new((*t, *p50), 2, BLUE.filled())),
-    )?;
-    chart
-        .draw_secondary_series(LineSeries::new(s.throughput.iter().copied(), GREEN))?
-        .label("ops/s")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], GREEN));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
-}
-
-/// RSS (MiB, left axis) and open fds (right axis).
-pub fn resources_chart(s: &Series) -> String {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
-        let _ = draw_resources(&root, s);
-        let _ = root.present();
+    chart.configure_secondary_axes().y_desc(right.desc).draw()?;
+    shade_faults(&mut chart, s, lmax)?;
+    for (label, color, points) in &left.lines {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color));
+        // Points too: a run of one window is one point, which a line hides.
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 2, color.filled())))?;
     }
-    svg
-}
-
-fn draw_resources(root: &Area<'_>, s: &Series) -> Result<(), Failed> {
-    root.fill(&WHITE)?;
-    let end = x_end(s);
-    let rmax = s.resources.iter().map(|r| r.1).fold(1.0, f64::max) * 1.1;
-    let fmax = s.resources.iter().map(|r| r.2).fold(1.0, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(root)
-        .margin(8)
-        .x_label_area_size(28)
-        .y_label_area_size(48)
-        .right_y_label_area_size(56)
-        .caption(
-            if s.resources.is_empty() {
-                "relay resources (no relay process sampled)"
-            } else {
-                "relay resources"
-            },
-            ("sans-serif", 14),
-        )
-        .build_cartesian_2d(0f64..end, 0f64..rmax)?
-        .set_secondary_coord(0f64..end, 0f64..fmax);
-    chart
-        .configure_mesh()
-        .x_desc("s")
-        .y_desc("RSS MiB")
-        .light_line_style(WHITE)
-        .draw()?;
-    chart.configure_secondary_axes().y_desc("open fds").draw()?;
-    shade_faults(&mut chart, s, rmax)?;
-    chart
-        .draw_series(LineSeries::new(
-            s.resources.iter().map(|r| (r.0, r.1)),
-            MAGENTA,
-        ))?
-        .label("RSS MiB")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], MAGENTA));
-    chart
-        .draw_secondary_series(LineSeries::new(
-            s.resources.iter().map(|r| (r.0, r.2)),
-            CYAN,
-        ))?
-        .label("open fds")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], CYAN));
+    for (label, color, points) in &right.lines {
+        let color = *color;
+        chart
+            .draw_secondary_series(LineSeries::new(points.iter().copied(), color))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color));
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

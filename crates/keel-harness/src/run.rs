@@ -280,6 +280,10 @@ async fn run_in(
             }
         }
         reports.push(report);
+        // What this scenario wrote and deleted (a soak's database, its
+        // history) reaches the disk now, not during the next scenario,
+        // whose fsyncs would wait behind it.
+        nix::unistd::sync();
     }
     let exit_code = exit_code(&reports);
     let comparison = match &opts.compare {

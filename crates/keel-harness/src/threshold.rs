@@ -86,6 +86,29 @@ impl Threshold {
     }
 }
 
+impl Threshold {
+    /// `metric` must be 0, by the seed and by keel (errors, losses, ...).
+    pub const fn zero(metric: &'static str) -> Threshold {
+        Threshold::new(metric, "", Some(Bound::Le(0.0)), Bound::Le(0.0))
+    }
+
+    /// `metric`, a ratio, must be 1, by the seed and by keel (everything
+    /// delivered, every session opened, ...).
+    pub const fn all(metric: &'static str) -> Threshold {
+        Threshold::new(metric, "", Some(Bound::Ge(1.0)), Bound::Ge(1.0))
+    }
+
+    /// `metric` must be exactly `v`, by the seed and by keel.
+    pub const fn exact(metric: &'static str, v: f64) -> Threshold {
+        Threshold::new(
+            metric,
+            "",
+            Some(Bound::Within(v, 0.0)),
+            Bound::Within(v, 0.0),
+        )
+    }
+}
+
 /// A judgement band.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -187,19 +187,14 @@ pub(crate) const SUBSCRIPTIONS_50K: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold::new("active_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::all("active_ratio"),
             Threshold::new(
                 "subscribe_seconds",
                 "s",
                 Some(Bound::Le(60.0)),
                 Bound::Le(10.0),
             ),
-            Threshold::new(
-                "count_exact",
-                "",
-                Some(Bound::Within(1.0, 0.0)),
-                Bound::Within(1.0, 0.0),
-            ),
+            Threshold::exact("count_exact", 1.0),
         ]
     },
     plan: |input: &PlanInput| {

@@ -96,9 +96,9 @@ pub(crate) const FANOUT_BACKPRESSURE: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold::new("delivered_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::all("delivered_ratio"),
             Threshold::new("relay_peak_rss_mib", "MiB", None, Bound::Le(512.0)),
-            Threshold::new("violations", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::zero("violations"),
             Threshold::new("dropped_ratio", "", Some(Bound::Le(0.01)), Bound::Le(0.0)),
         ]
     },
@@ -265,8 +265,8 @@ pub(crate) const LARGE_PAYLOADS: Scenario = Scenario {
     needs_process: true,
     thresholds: |_| {
         vec![
-            Threshold::new("corrupted", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
-            Threshold::new("delivered_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::zero("corrupted"),
+            Threshold::all("delivered_ratio"),
             Threshold::new(
                 "rss_growth_ratio",
                 "x",
@@ -425,7 +425,7 @@ pub(crate) const SOAK: Scenario = Scenario {
     needs_process: true,
     thresholds: |plan| {
         let mut t = vec![
-            Threshold::new("delivered_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::all("delivered_ratio"),
             // A soak that sheds its own load proves nothing: sends the
             // generator could not start (in-flight bound full) are counted.
             Threshold::new("dropped_ratio", "", Some(Bound::Le(0.01)), Bound::Le(0.0)),

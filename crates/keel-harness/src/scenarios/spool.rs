@@ -32,16 +32,11 @@ pub(crate) const BURN_IN: Scenario = Scenario {
     thresholds: |_| {
         vec![
             Threshold::new("job_p95_ms", "ms", Some(Bound::Le(500.0)), Bound::Le(20.0)),
-            Threshold::new("duplicates", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
-            Threshold::new("stale_claims", "", Some(Bound::Le(0.0)), Bound::Le(0.0)),
+            Threshold::zero("duplicates"),
+            Threshold::zero("stale_claims"),
             Threshold::new("failed_ratio", "", Some(Bound::Le(0.001)), Bound::Le(0.0)),
-            Threshold::new("completed_ratio", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
-            Threshold::new(
-                "health_log_valid",
-                "",
-                Some(Bound::Within(1.0, 0.0)),
-                Bound::Within(1.0, 0.0),
-            ),
+            Threshold::all("completed_ratio"),
+            Threshold::exact("health_log_valid", 1.0),
             Threshold::new(
                 "idle_cpu_percent",
                 "%",

@@ -130,18 +130,8 @@ pub(crate) const BURST_HANDLING: Scenario = Scenario {
     thresholds: |plan| {
         let interval = plan.num("interval_ms");
         vec![
-            Threshold::new(
-                "at_once",
-                "",
-                Some(Bound::Within(5.0, 0.0)),
-                Bound::Within(5.0, 0.0),
-            ),
-            Threshold::new(
-                "sent",
-                "",
-                Some(Bound::Within(10.0, 0.0)),
-                Bound::Within(10.0, 0.0),
-            ),
+            Threshold::exact("at_once", 5.0),
+            Threshold::exact("sent", 10.0),
             Threshold::new(
                 "max_slot_error_ms",
                 "ms",
@@ -279,16 +269,10 @@ pub(crate) const SUSTAINED_LOAD: Scenario = Scenario {
     target: "0 API errors, 0 lost, 0 duplicates, also at 10x",
     needs_process: true,
     thresholds: |_| {
-        let zero = |metric| Threshold {
-            metric,
-            unit: "",
-            seed: Some(Bound::Le(0.0)),
-            target: Bound::Le(0.0),
-        };
         vec![
-            zero("api_errors"),
-            zero("lost"),
-            zero("duplicates"),
+            Threshold::zero("api_errors"),
+            Threshold::zero("lost"),
+            Threshold::zero("duplicates"),
             Threshold::new("api_errors_10x", "", None, Bound::Le(0.0)),
             Threshold::new("lost_10x", "", None, Bound::Le(0.0)),
             Threshold::new("duplicates_10x", "", None, Bound::Le(0.0)),
@@ -499,17 +483,11 @@ pub(crate) const QUEUE_OVERFLOW: Scenario = Scenario {
     target: "exactly the oldest 10 dropped, 10 warnings, the newest 10 sent in order",
     needs_process: false,
     thresholds: |_| {
-        let exact = |metric, v| Threshold {
-            metric,
-            unit: "",
-            seed: Some(Bound::Within(v, 0.0)),
-            target: Bound::Within(v, 0.0),
-        };
         vec![
-            exact("dropped", 10.0),
-            exact("oldest_dropped", 1.0),
-            exact("warnings", 10.0),
-            exact("sent_in_order", 1.0),
+            Threshold::exact("dropped", 10.0),
+            Threshold::exact("oldest_dropped", 1.0),
+            Threshold::exact("warnings", 10.0),
+            Threshold::exact("sent_in_order", 1.0),
         ]
     },
     plan: |input| input.plan(OVERFLOW, &params(&[("bound", 10.0), ("submitted", 20.0)])),

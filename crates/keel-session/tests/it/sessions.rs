@@ -514,7 +514,11 @@ async fn created_connected_is_stored_active() {
         })
         .await
         .unwrap();
-    assert_eq!(s.state, SessionState::Created, "the state it was created in");
+    assert_eq!(
+        s.state,
+        SessionState::Created,
+        "the state it was created in"
+    );
     assert_eq!(
         t.store.session(&s.id).await.unwrap().state,
         SessionState::Active
