@@ -32,6 +32,8 @@ pub struct Config {
     pub sending: Sending,
     /// Supervised exec sessions.
     pub exec: Exec,
+    /// What the message logs and idle sessions may keep on disk.
+    pub retention: RetentionConfig,
     /// How long shutdown waits for in-flight work. Default 10,000 ms.
     pub shutdown_grace_ms: u64,
 }
@@ -48,6 +50,7 @@ impl Default for Config {
             limits: Limits::default(),
             sending: Sending::default(),
             exec: Exec::default(),
+            retention: RetentionConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -64,15 +67,54 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Subscriptions one session may hold. Default 256.
     pub max_subscriptions: usize,
-    /// Open connections per client IP. Default 1,024.
+    /// Open connections per client address (IPv6: per /64), counted from
+    /// TCP accept. Default 1,024.
     pub max_connections_per_ip: usize,
-    /// Time from the WebSocket opening to `hello`. Default 10,000 ms.
+    /// Open connections in all, counted from TCP accept; over it a
+    /// connection gets HTTP 503 and is closed. 0 (the default) means the
+    /// open-file limit minus 512 (the database, logs, children's pipes).
+    pub max_connections: usize,
+    /// Time from TCP accept to `hello` (the HTTP upgrade included). Default
+    /// 10,000 ms.
     pub handshake_timeout_ms: u64,
+    /// Time to read one HTTP request's headers (slowloris). Default 5,000 ms.
+    pub header_timeout_ms: u64,
+    /// Largest HTTP request head. Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// A write to a client that makes no progress for this long closes the
+    /// connection and frees all it held. Default 10,000 ms.
+    pub write_deadline_ms: u64,
+    /// Bytes of publish payloads one connection may have accepted and not
+    /// yet answered; past it the relay stops reading that socket until
+    /// answers go out (TCP backpressure). Default 8 MiB.
+    pub max_inbound_bytes: usize,
+    /// Bytes queued for writing to one connection; past it the connection
+    /// is a slow consumer, closed with 1013 (it resumes from the log).
+    /// Default 16 MiB.
+    pub max_outbound_bytes: usize,
+    /// Payload bytes held by the whole relay (publishes in flight and frames
+    /// queued for writing); past it reads pause, fairly, for everyone, and
+    /// subscribers that cannot queue are closed with 1013. Default 512 MiB.
+    pub global_buffer_bytes: usize,
+    /// Bytes of the log read per page when replaying to a connection.
+    /// Default 1 MiB (at least one message per page).
+    pub replay_page_bytes: usize,
+    /// `send`s per second per session. Default 20.
+    pub send_rate: u32,
+    /// `send`s at once per session. Default 100.
+    pub send_burst: u32,
+    /// Sends of one session waiting for the upstream (its outbox quota).
+    /// Default 1,000.
+    pub max_pending_sends: u64,
+    /// New sessions per second per client address. Default 20.
+    pub session_rate: u32,
+    /// New sessions at once per client address. Default 200.
+    pub session_burst: u32,
     /// A connection that sends nothing (not even `ping`) for this long is
     /// closed (4002). Default 120,000 ms.
     pub idle_timeout_ms: u64,
-    /// Frames queued for one connection before it counts as a slow consumer
-    /// and is closed (1013). Default 4,096.
+    /// Items (frames, delivery batches) queued for one connection, a bound
+    /// behind `max_outbound_bytes`; past it, 1013 as well. Default 4,096.
     pub outbound_queue: usize,
     /// Publishes per second per connection. Default 2,000.
     pub publish_rate: u32,
@@ -97,7 +139,20 @@ impl Default for Limits {
             max_frame_bytes: 1024 * 1024 + 64 * 1024,
             max_subscriptions: 256,
             max_connections_per_ip: 1024,
+            max_connections: 0,
             handshake_timeout_ms: 10_000,
+            header_timeout_ms: 5_000,
+            max_header_bytes: 16 * 1024,
+            write_deadline_ms: 10_000,
+            max_inbound_bytes: 8 << 20,
+            max_outbound_bytes: 16 << 20,
+            global_buffer_bytes: 512 << 20,
+            replay_page_bytes: 1 << 20,
+            send_rate: 20,
+            send_burst: 100,
+            max_pending_sends: 1_000,
+            session_rate: 20,
+            session_burst: 200,
             idle_timeout_ms: 120_000,
             outbound_queue: 4096,
             publish_rate: 2000,
@@ -118,6 +173,85 @@ impl Limits {
     /// [`Limits::idle_timeout_ms`] as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// [`Limits::write_deadline_ms`] as a duration.
+    pub fn write_deadline(&self) -> Duration {
+        Duration::from_millis(self.write_deadline_ms.max(1))
+    }
+
+    /// [`Limits::max_connections`], with 0 resolved against the open-file
+    /// limit.
+    pub fn connection_cap(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        (files.min(1 << 20) as usize).saturating_sub(512).max(64)
+    }
+}
+
+/// What the message logs and idle sessions may keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Messages kept per channel, the newest. Default 100,000.
+    pub max_messages: u64,
+    /// Messages older than this are removed. Default 604,800 s (7 days).
+    pub max_age_s: u64,
+    /// How often retention runs. Default 60 s.
+    pub interval_s: u64,
+    /// Sessions without a connection for this long are closed and purged
+    /// with their subscriptions and private channel. Default 604,800 s.
+    pub session_ttl_s: u64,
+    /// Rules for channels whose names start with a prefix (the longest
+    /// matching prefix wins); unset fields fall back to the defaults above.
+    pub rule: Vec<RetentionRule>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_messages: 100_000,
+            max_age_s: 7 * 24 * 3600,
+            interval_s: 60,
+            session_ttl_s: 7 * 24 * 3600,
+            rule: Vec::new(),
+        }
+    }
+}
+
+/// Retention for channels whose names start with `prefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// E.g. `"chat:"`.
+    pub prefix: String,
+    /// Messages kept per channel.
+    pub max_messages: Option<u64>,
+    /// Seconds a message is kept.
+    pub max_age_s: Option<u64>,
+}
+
+impl RetentionConfig {
+    /// The policy for `channel`: the longest matching rule over the defaults.
+    pub fn policy(&self, channel: &str) -> keel_session::Retention {
+        let rule = self
+            .rule
+            .iter()
+            .filter(|r| channel.starts_with(&r.prefix))
+            .max_by_key(|r| r.prefix.len());
+        keel_session::Retention {
+            max_count: Some(
+                rule.and_then(|r| r.max_messages)
+                    .unwrap_or(self.max_messages),
+            ),
+            max_age: Some(Duration::from_secs(
+                rule.and_then(|r| r.max_age_s).unwrap_or(self.max_age_s),
+            )),
+        }
     }
 }
 
@@ -249,6 +383,20 @@ impl Config {
         if self.sending.per_recipient_rate == 0 || self.sending.max_attempts == 0 {
             return bad("sending.per_recipient_rate and sending.max_attempts must be positive");
         }
+        let l = &self.limits;
+        if l.max_inbound_bytes < l.max_payload_bytes || l.max_outbound_bytes < l.max_frame_bytes {
+            return bad(
+                "limits.max_inbound_bytes must hold a payload and limits.max_outbound_bytes a frame",
+            );
+        }
+        if l.global_buffer_bytes < l.max_outbound_bytes.max(l.max_inbound_bytes) {
+            return bad("limits.global_buffer_bytes must be at least the per-connection budgets");
+        }
+        if self.retention.interval_s == 0 || l.send_rate == 0 || l.session_rate == 0 {
+            return bad(
+                "retention.interval_s, limits.send_rate and limits.session_rate must be positive",
+            );
+        }
         Ok(())
     }
 
@@ -280,5 +428,22 @@ mod tests {
         assert!(toml::from_str::<Config>("[limits]\nmax_subscription = 3\n").is_err());
         let c: Config = toml::from_str("durability = \"fast\"").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn retention_rules_take_the_longest_prefix() {
+        let c: Config = toml::from_str(
+            "[retention]\nmax_messages = 10\n[[retention.rule]]\nprefix = \"chat:\"\nmax_messages = 5\n[[retention.rule]]\nprefix = \"chat:vip:\"\nmax_age_s = 60\n",
+        )
+        .unwrap();
+        assert_eq!(c.retention.policy("room").max_count, Some(10));
+        assert_eq!(c.retention.policy("chat:1").max_count, Some(5));
+        let vip = c.retention.policy("chat:vip:1");
+        assert_eq!(
+            vip.max_count,
+            Some(10),
+            "unset fields fall back to the defaults"
+        );
+        assert_eq!(vip.max_age, Some(Duration::from_secs(60)));
     }
 }

@@ -8,15 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
-use keel_recovery::{CommandSpec, Stream, crash_session_on_exit};
+use keel_recovery::{CommandSpec, Stream, Supervisor, crash_session_on_exit};
 use keel_session::SessionId;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::protocol::{self, json_str};
-use crate::relay::Shared;
-use crate::upstream::publish_internal;
+use crate::channels::Channels;
+use crate::config::Exec;
+use crate::protocol::json_str;
 
 /// Running children by session: where to write their stdin.
 #[derive(Default)]
@@ -59,13 +58,21 @@ pub(crate) enum ExecRefused {
     Failed(String),
 }
 
+/// What starting an exec session uses.
+pub(crate) struct ExecCtx<'a> {
+    pub(crate) config: &'a Exec,
+    pub(crate) execs: &'a Arc<Execs>,
+    pub(crate) supervisor: &'a Supervisor,
+    pub(crate) channels: &'a Channels,
+}
+
 /// Starts the allowed command `name` for `session`.
 pub(crate) async fn start(
-    shared: &Arc<Shared>,
+    ctx: &ExecCtx<'_>,
     session: &SessionId,
     name: &str,
 ) -> Result<u32, ExecRefused> {
-    let exec = &shared.config.exec;
+    let exec = ctx.config;
     if !exec.enabled {
         return Err(ExecRefused::Disabled);
     }
@@ -73,7 +80,7 @@ pub(crate) async fn start(
         return Err(ExecRefused::NotAllowed);
     };
     let (stdin_tx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(256);
-    if !shared.execs.insert(session, stdin_tx) {
+    if !ctx.execs.insert(session, stdin_tx) {
         return Err(ExecRefused::AlreadyRunning);
     }
     let mut spec = CommandSpec::new(
@@ -81,26 +88,26 @@ pub(crate) async fn start(
         allowed.args.iter().map(String::as_str),
     );
     spec.timeout = allowed.timeout_ms.map(Duration::from_millis);
-    let mut child = match shared.supervisor.spawn(spec).await {
+    let mut child = match ctx.supervisor.spawn(spec).await {
         Ok(c) => c,
         Err(e) => {
-            shared.execs.remove(session);
+            ctx.execs.remove(session);
             return Err(ExecRefused::Failed(e.to_string()));
         }
     };
     let pid = child.pid();
     let channel = session.private_channel();
-    publish_internal(
-        shared,
-        &channel,
-        &format!("exec-started-{pid}-{}", child.start_time()),
-        format!(
-            r#"{{"type":"exec_started","command":{},"pid":{pid}}}"#,
-            json_str(name)
+    ctx.channels
+        .publish_internal(
+            &channel,
+            &format!("exec-started-{pid}-{}", child.start_time()),
+            format!(
+                r#"{{"type":"exec_started","command":{},"pid":{pid}}}"#,
+                json_str(name)
+            )
+            .as_bytes(),
         )
-        .as_bytes(),
-    )
-    .await;
+        .await;
 
     // stdin: what the owner publishes to its private channel.
     if let Some(mut stdin) = child.take_stdin() {
@@ -116,28 +123,20 @@ pub(crate) async fn start(
     // Death: CRASHED and a notice, delivered live too.
     let exit = child.exit_watch();
     {
-        let (shared, session) = (shared.clone(), session.clone());
+        let (channels, execs, session) = (ctx.channels.clone(), ctx.execs.clone(), session.clone());
         tokio::spawn(async move {
-            let ended = crash_session_on_exit(&shared.store, &session, exit).await;
-            shared.execs.remove(&session);
+            let ended = crash_session_on_exit(&channels.store, &session, exit).await;
+            execs.remove(&session);
             if let Ok(ended) = ended
                 && let Some(offset) = ended.notice
             {
-                let channel = session.private_channel();
-                if let Ok(msgs) = shared.store.read_channel(&channel, offset, 1).await
-                    && let Some(m) = msgs.first()
-                {
-                    let frame = protocol::deliver_frame(&channel, m.offset, &m.msg_id, &m.payload);
-                    shared
-                        .hub
-                        .publish(&channel, m.offset, Utf8Bytes::from(frame));
-                }
+                channels.announce(&session.private_channel(), offset).await;
             }
         });
     }
     // Output lines: published to the private channel.
     {
-        let shared = shared.clone();
+        let channels = ctx.channels.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
             let tag = child.start_time();
@@ -152,13 +151,13 @@ pub(crate) async fn start(
                     json_str(&line.text),
                     line.truncated
                 );
-                publish_internal(
-                    &shared,
-                    &channel,
-                    &format!("exec-{pid}-{tag}-{n}"),
-                    payload.as_bytes(),
-                )
-                .await;
+                channels
+                    .publish_internal(
+                        &channel,
+                        &format!("exec-{pid}-{tag}-{n}"),
+                        payload.as_bytes(),
+                    )
+                    .await;
             }
             // Keep the handle until output ends: dropping it terminates the child.
             let _ = child.wait().await;

@@ -20,7 +20,9 @@
 //! # }
 //! ```
 
+mod accept;
 mod auth;
+mod channels;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -29,8 +31,10 @@ pub mod doctor;
 mod exec;
 mod failpoints;
 mod hub;
+mod limits;
 pub mod protocol;
 mod relay;
+mod retention;
 pub mod spool;
 mod upstream;
 

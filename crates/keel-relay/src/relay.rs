@@ -1,135 +1,38 @@
 //! The daemon: startup recovery, the HTTP/WebSocket server, background loops,
 //! and graceful shutdown.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::ConnectInfo;
+use axum::extract::{Extension, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_recovery::{
-    DirLock, Health, HealthState, RecoveryReport, Shutdown, ShutdownReport, ShutdownToken,
-    StartOptions, Supervisor, SupervisorConfig,
+    DirLock, Health, HealthState, RecoveryReport, Shutdown, ShutdownReport, StartOptions,
+    Supervisor, SupervisorConfig,
 };
-use keel_session::{SessionId, Store};
+use keel_session::Store;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::accept::Admitted;
+use crate::channels::{BackgroundCtx, Channels};
 use crate::config::Config;
+use crate::conn::ConnCtx;
 use crate::hub::Hub;
+use crate::limits::{Budget, Caps};
 use crate::protocol::SUBPROTOCOL;
 
-/// Counts live things (connections, publish pipelines) so shutdown can wait for none.
-#[derive(Default)]
-pub(crate) struct Tracker {
-    count: AtomicUsize,
-    zero: Notify,
-}
-
-pub(crate) struct TrackerGuard<'a>(&'a Tracker);
-
-impl Tracker {
-    pub(crate) fn enter(&self) -> TrackerGuard<'_> {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        TrackerGuard(self)
-    }
-
-    pub(crate) fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    async fn wait_zero(&self) {
-        loop {
-            let notified = self.zero.notified();
-            if self.count() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackerGuard<'_> {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.zero.notify_waiters();
-        }
-    }
-}
-
-/// State every connection and loop shares.
+/// What the HTTP handlers share.
 pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) store: Store,
-    pub(crate) health: Health,
-    pub(crate) hub: Hub,
-    pub(crate) intake: ShutdownToken,
-    pub(crate) live: Tracker,
-    pub(crate) outbox_ready: Notify,
-    pub(crate) supervisor: Supervisor,
-    pub(crate) execs: crate::exec::Execs,
-    next_conn: AtomicU64,
-    sessions: Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    conns: Arc<ConnCtx>,
+    caps: Arc<Caps>,
     metrics: PrometheusHandle,
-}
-
-impl Shared {
-    pub(crate) fn next_conn(&self) -> u64 {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Binds `session` to connection `conn`; returns the previous
-    /// connection's replace signal, if one held it.
-    pub(crate) fn bind_session(
-        &self,
-        session: &SessionId,
-        conn: u64,
-        replaced: Arc<Notify>,
-    ) -> Option<Arc<Notify>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session.clone(), (conn, replaced))
-            .map(|(_, old)| old)
-    }
-
-    /// Unbinds `session` if `conn` still holds it; returns whether it did.
-    pub(crate) fn unbind_session(&self, session: &SessionId, conn: u64) -> bool {
-        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(session).is_some_and(|(c, _)| *c == conn) {
-            map.remove(session);
-            true
-        } else {
-            false
-        }
-    }
-
-    fn admit_ip(&self, ip: IpAddr) -> bool {
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_default();
-        if *n >= self.config.limits.max_connections_per_ip {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    pub(crate) fn release_ip(&self, ip: IpAddr) {
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&ip);
-            }
-        }
-    }
 }
 
 fn prometheus() -> PrometheusHandle {
@@ -169,6 +72,15 @@ fn register_metrics() {
     }
     for status in ["ok", "failed"] {
         metrics::counter!("keel_spool_jobs_total", "status" => status).increment(0);
+    }
+    for limit in crate::limits::LIMITS {
+        metrics::counter!("keel_limit_hits_total", "limit" => limit).increment(0);
+    }
+    for kind in ["retention", "session_ttl"] {
+        metrics::counter!("keel_evictions_total", "kind" => kind).increment(0);
+    }
+    for direction in ["inbound", "outbound", "global"] {
+        metrics::gauge!("keel_buffered_bytes", "direction" => direction).set(0.0);
     }
     metrics::gauge!("keel_connections").increment(0.0);
     metrics::gauge!("keel_channels_subscribed").set(0.0);
@@ -259,19 +171,26 @@ impl Relay {
             source,
         })?;
         let intake = Shutdown::new();
-        let shared = Arc::new(Shared {
-            config: config.clone(),
+        let channels = Channels {
             store: started.store.clone(),
+            hub: Arc::new(Hub::default()),
             health: started.health.clone(),
-            hub: Hub::default(),
-            intake: intake.token(),
-            live: Tracker::default(),
-            outbox_ready: Notify::new(),
+        };
+        let outbox_ready = Arc::new(Notify::new());
+        let limits = &config.limits;
+        let conns = Arc::new(ConnCtx::new(
+            config.clone(),
+            channels.clone(),
+            Budget::new(limits.global_buffer_bytes),
+            Arc::default(),
             supervisor,
-            execs: Default::default(),
-            next_conn: AtomicU64::new(1),
-            sessions: Mutex::new(HashMap::new()),
-            per_ip: Mutex::new(HashMap::new()),
+            intake.token(),
+            outbox_ready.clone(),
+        ));
+        let caps = Caps::new(limits);
+        let shared = Arc::new(Shared {
+            conns: conns.clone(),
+            caps: caps.clone(),
             metrics,
         });
         let app = Router::new()
@@ -280,21 +199,31 @@ impl Relay {
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_handler))
             .with_state(shared.clone());
-        let mut stop = intake.token();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.stopped().await })
-            .await;
+        let server = tokio::spawn(crate::accept::run(
+            listener,
+            app,
+            crate::accept::Serving {
+                caps,
+                header_timeout: Duration::from_millis(limits.header_timeout_ms.max(1)),
+                max_header_bytes: limits.max_header_bytes,
+            },
+            intake.token(),
+        ));
+        let background_ctx = Arc::new(BackgroundCtx {
+            config: config.clone(),
+            channels,
+            outbox_ready,
+            intake: intake.token(),
         });
-        let mut background = Vec::new();
+        let mut background = vec![tokio::spawn(crate::retention::run(background_ctx.clone()))];
         if let Some(url) = config.upstream.clone() {
-            background.push(tokio::spawn(crate::upstream::run(shared.clone(), url)));
+            background.push(tokio::spawn(crate::upstream::run(
+                background_ctx.clone(),
+                url,
+            )));
         }
         if let Some(dir) = config.spool.clone() {
-            background.push(tokio::spawn(crate::spool::run(shared.clone(), dir)));
+            background.push(tokio::spawn(crate::spool::run(background_ctx.clone(), dir)));
         }
         let _ = started.health.ready(&format!("listening on {addr}")).await;
         // Startup checked the state tables; the message log, whose size has
@@ -328,12 +257,12 @@ impl Relay {
 
     /// Its store.
     pub fn store(&self) -> &Store {
-        &self.shared.store
+        &self.shared.conns.channels.store
     }
 
     /// Its health machine.
     pub fn health(&self) -> &Health {
-        &self.shared.health
+        &self.shared.conns.channels.health
     }
 
     /// What startup recovery did.
@@ -354,10 +283,11 @@ impl Relay {
             background,
             ..
         } = self;
+        let conns = shared.conns.clone();
         let drain = {
-            let shared = shared.clone();
+            let conns = conns.clone();
             async move {
-                shared.live.wait_zero().await;
+                conns.live.wait_zero().await;
                 let _ = server.await;
                 for task in background {
                     let _ = task.await;
@@ -366,12 +296,12 @@ impl Relay {
         };
         keel_recovery::graceful_shutdown(
             reason,
-            &shared.health,
+            &conns.channels.health,
             &intake,
             drain,
-            Duration::from_millis(shared.config.shutdown_grace_ms),
-            Some(&shared.supervisor),
-            &shared.store,
+            Duration::from_millis(conns.config.shutdown_grace_ms),
+            Some(&conns.supervisor),
+            &conns.channels.store,
         )
         .await
     }
@@ -393,44 +323,38 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 async fn ws_handler(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(admitted): Extension<Admitted>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    if !shared.health.state().is_serving() || shared.intake.is_stopping() {
+    let conns = &shared.conns;
+    if !conns.channels.health.state().is_serving() || conns.intake.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not serving").into_response();
     }
-    let ip = peer.ip();
-    if !shared.admit_ip(ip) {
-        metrics::counter!("keel_connections_refused_total").increment(1);
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address",
-        )
-            .into_response();
-    }
-    let hard_cap = shared.config.limits.max_frame_bytes.saturating_mul(4);
+    let hard_cap = conns.config.limits.max_frame_bytes.saturating_mul(4);
     let upgrade = ws
         .protocols([SUBPROTOCOL])
         .read_buffer_size(4096)
         .write_buffer_size(4096)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap);
-    let guard = crate::conn::IpGuard {
-        shared: shared.clone(),
-        ip,
-    };
-    upgrade.on_upgrade(move |socket| crate::conn::serve(shared, socket, guard))
+    let conns = conns.clone();
+    upgrade.on_upgrade(move |socket| {
+        crate::conn::serve(conns, socket, peer.ip(), admitted.slot, admitted.at)
+    })
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    let state = shared.health.state();
-    let inputs = shared.health.inputs().await;
+    let health = &shared.conns.channels.health;
+    let state = health.state();
+    let inputs = health.inputs().await;
     let body = serde_json::json!({
         "state": state.as_str(),
         "upstream_reachable": inputs.upstream_reachable,
         "disk": format!("{:?}", inputs.disk).to_lowercase(),
         "database_ok": inputs.database_ok,
         "problems": inputs.problems(),
-        "connections": shared.live.count(),
+        "connections": shared.conns.live.count(),
+        "tcp_connections": shared.caps.open(),
     });
     let code = if state == HealthState::Stopped {
         StatusCode::SERVICE_UNAVAILABLE
@@ -441,8 +365,8 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    let state = shared.health.state();
-    if state.is_serving() && !shared.intake.is_stopping() {
+    let state = shared.conns.channels.health.state();
+    if state.is_serving() && !shared.conns.intake.is_stopping() {
         (StatusCode::OK, state.as_str()).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, state.as_str()).into_response()
@@ -450,7 +374,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
-    let state = shared.health.state();
+    let channels = &shared.conns.channels;
+    let state = channels.health.state();
     for s in [
         HealthState::Starting,
         HealthState::Operational,
@@ -460,16 +385,21 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     ] {
         metrics::gauge!("keel_health", "state" => s.as_str()).set(f64::from(u8::from(s == state)));
     }
-    metrics::gauge!("keel_channels_subscribed").set(shared.hub.channel_count() as f64);
-    metrics::gauge!("keel_subscriptions").set(shared.hub.subscription_count() as f64);
-    let w = shared.store.writer_stats();
+    metrics::gauge!("keel_channels_subscribed").set(channels.hub.channel_count() as f64);
+    metrics::gauge!("keel_subscriptions").set(channels.hub.subscription_count() as f64);
+    let (inbound, outbound) = crate::limits::buffered();
+    metrics::gauge!("keel_buffered_bytes", "direction" => "inbound").set(inbound as f64);
+    metrics::gauge!("keel_buffered_bytes", "direction" => "outbound").set(outbound as f64);
+    metrics::gauge!("keel_buffered_bytes", "direction" => "global")
+        .set(shared.conns.budget.held() as f64);
+    let w = channels.store.writer_stats();
     metrics::gauge!("keel_store_batches").set(w.batches as f64);
     metrics::gauge!("keel_store_writes").set(w.writes as f64);
     metrics::gauge!("keel_store_failed_batches").set(w.failed_batches as f64);
     metrics::gauge!("keel_store_checkpoints", "kind" => "passive")
         .set(w.passive_checkpoints as f64);
     metrics::gauge!("keel_store_checkpoints", "kind" => "truncate").set(w.checkpoints as f64);
-    if let Ok(counts) = shared.store.outbox_counts().await {
+    if let Ok(counts) = channels.store.outbox_counts().await {
         for (state, n) in [
             ("pending", counts.pending),
             ("claimed", counts.claimed),

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use keel_session::NewSend;
 
+use crate::channels::BackgroundCtx;
 use crate::protocol::{self, json_str};
-use crate::relay::Shared;
 
 const JOB: &str = ".job.json";
 const CLAIMED: &str = ".claimed";
@@ -91,7 +91,7 @@ pub fn requeue_stale(dir: &Path) -> std::io::Result<usize> {
 }
 
 /// Runs until shutdown begins.
-pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
+pub(crate) async fn run(ctx: Arc<BackgroundCtx>, dir: PathBuf) {
     if let Err(e) = std::fs::create_dir_all(dir.join("failed")) {
         tracing::error!(dir = %dir.display(), error = %e, "cannot use the spool directory");
         return;
@@ -101,7 +101,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
         Ok(n) => tracing::warn!(n, "re-queued spool claims left by an earlier run"),
         Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
     }
-    let mut stop = shared.intake.clone();
+    let mut stop = ctx.intake.clone();
     let wake = Arc::new(tokio::sync::Notify::new());
     let watching = watch(&dir, wake.clone());
     let dir = Arc::new(dir);
@@ -118,8 +118,8 @@ pub(crate) async fn run(shared: Arc<Shared>, dir: PathBuf) {
             if running.len() >= CONCURRENCY {
                 let _ = running.join_next().await;
             }
-            let (shared, dir) = (shared.clone(), dir.clone());
-            running.spawn(async move { handle(&shared, &dir, &stem).await });
+            let (ctx, dir) = (ctx.clone(), dir.clone());
+            running.spawn(async move { handle(&ctx, &dir, &stem).await });
         }
         while running.join_next().await.is_some() {}
         if found == 0 {
@@ -205,7 +205,7 @@ fn list_jobs(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(stems)
 }
 
-async fn handle(shared: &Shared, dir: &Path, stem: &str) {
+async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
     let job_path = dir.join(format!("{stem}{JOB}"));
     let claimed = dir.join(format!("{stem}{CLAIMED}"));
     // The claim: whoever renames first owns the job.
@@ -232,7 +232,8 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                 return fail(dir, stem, &claimed, "invalid channel name");
             }
             let msg_id = format!("spool-{job_id}");
-            match shared
+            match ctx
+                .channels
                 .store
                 .append(&channel, &msg_id, payload.as_bytes())
                 .await
@@ -245,7 +246,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                             &msg_id,
                             payload.as_bytes(),
                         );
-                        shared.hub.publish(
+                        ctx.channels.hub.publish(
                             &channel,
                             a.offset,
                             axum::extract::ws::Utf8Bytes::from(frame),
@@ -261,7 +262,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                 }
                 Err(e) => {
                     // Not handled: put it back for the next pass.
-                    shared.health.observe_store_error(&e).await;
+                    ctx.channels.health.observe_store_error(&e).await;
                     let _ = std::fs::rename(&claimed, &job_path);
                     return;
                 }
@@ -270,7 +271,8 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
         Job::Send { job_id, to, body } => {
             let job_id = job_id.unwrap_or_else(|| stem.to_owned());
             let payload = format!(r#"{{"to":{},"body":{}}}"#, json_str(&to), body);
-            match shared
+            match ctx
+                .channels
                 .store
                 .enqueue(NewSend {
                     session_id: None,
@@ -280,7 +282,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                 .await
             {
                 Ok(e) => {
-                    shared.outbox_ready.notify_one();
+                    ctx.outbox_ready.notify_one();
                     format!(
                         r#"{{"job_id":{},"status":"queued","outbox_id":{},"duplicate":{}}}"#,
                         json_str(&job_id),
@@ -290,7 +292,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
                 }
                 Err(e) => {
                     if let keel_session::OutboxError::Store(se) = &e {
-                        shared.health.observe_store_error(se).await;
+                        ctx.channels.health.observe_store_error(se).await;
                     }
                     let _ = std::fs::rename(&claimed, &job_path);
                     return;
@@ -305,7 +307,7 @@ async fn handle(shared: &Shared, dir: &Path, stem: &str) {
     // like the store's WAL, it is safe against a process crash (the page
     // cache survives it) and costs no fsync, whose latency on a busy disk
     // (p95 17 ms, spikes of 300 ms here) would be every job's latency.
-    let full = shared.config.durability == "full";
+    let full = ctx.config.durability == "full";
     let written = std::fs::write(&tmp, result.as_bytes())
         .and_then(|_| {
             if full {

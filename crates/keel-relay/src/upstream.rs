@@ -12,7 +12,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use keel_ratelimit::{Backoff, Delivery, Quota, Scope, SendOutcome, SendQueue, Sink};
 use keel_reconnect::Message;
 use keel_reconnect::{Inbound, Link, Protocol, ReconnectingClient, State};
@@ -20,8 +19,8 @@ use keel_session::{OutboxId, Retry, SessionId};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::protocol::{self, json_str};
-use crate::relay::Shared;
+use crate::channels::BackgroundCtx;
+use crate::protocol::json_str;
 
 /// An upstream answer to one send.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,8 +164,8 @@ fn nz(n: u32) -> NonZeroU32 {
 }
 
 /// Runs until shutdown begins.
-pub(crate) async fn run(shared: Arc<Shared>, url: String) {
-    let sending = shared.config.sending.clone();
+pub(crate) async fn run(ctx: Arc<BackgroundCtx>, url: String) {
+    let sending = ctx.config.sending.clone();
     let (client, mut frames) = ReconnectingClient::start(
         url,
         UpstreamProtocol,
@@ -184,7 +183,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
 
     // Upstream reachability drives health.
     let health_task = {
-        let health = shared.health.clone();
+        let health = ctx.channels.health.clone();
         let mut state = client.state();
         tokio::spawn(async move {
             loop {
@@ -207,7 +206,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
 
     // Answers to their senders; pushed messages to sessions.
     let router = {
-        let (shared, pending) = (shared.clone(), pending.clone());
+        let (ctx, pending) = (ctx.clone(), pending.clone());
         tokio::spawn(async move {
             while let Some(frame) = frames.recv().await {
                 let Message::Text(text) = frame else { continue };
@@ -230,7 +229,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
                         message: f.message.clone().unwrap_or_default(),
                     },
                     "message" => {
-                        route_inbound(&shared, &f).await;
+                        route_inbound(&ctx, &f).await;
                         continue;
                     }
                     _ => continue,
@@ -273,8 +272,8 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
     let worker = format!("relay-{}", std::process::id());
     let lease = Duration::from_millis(sending.lease_ms);
     let in_queue: Arc<Mutex<HashSet<OutboxId>>> = Arc::default();
-    let mut stop = shared.intake.clone();
-    let store = shared.store.clone();
+    let mut stop = ctx.intake.clone();
+    let store = ctx.channels.store.clone();
     while !stop.is_stopping() {
         let room = max_queued.saturating_sub(in_queue.lock().map(|s| s.len()).unwrap_or(0));
         let items = if room == 0 {
@@ -284,7 +283,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
                 Ok(items) => items,
                 Err(e) => {
                     if let keel_session::OutboxError::Store(se) = &e {
-                        shared.health.observe_store_error(se).await;
+                        ctx.channels.health.observe_store_error(se).await;
                     }
                     tracing::warn!(error = %e, "cannot claim outbox items");
                     Vec::new()
@@ -327,11 +326,10 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
             };
             match queue.submit(to, envelope).await {
                 Ok(receipt) => {
-                    let (shared, worker, in_queue) =
-                        (shared.clone(), worker.clone(), in_queue.clone());
+                    let (ctx, worker, in_queue) = (ctx.clone(), worker.clone(), in_queue.clone());
                     tokio::spawn(async move {
                         let delivery = receipt.await;
-                        finish(&shared, &worker, &item, delivery).await;
+                        finish(&ctx, &worker, &item, delivery).await;
                         in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
                     });
                 }
@@ -343,7 +341,7 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
         }
         if took == 0 {
             tokio::select! {
-                _ = shared.outbox_ready.notified() => {}
+                _ = ctx.outbox_ready.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = stop.stopped() => {}
             }
@@ -360,12 +358,12 @@ pub(crate) async fn run(shared: Arc<Shared>, url: String) {
 }
 
 async fn finish(
-    shared: &Shared,
+    ctx: &BackgroundCtx,
     worker: &str,
     item: &keel_session::OutboxItem,
     delivery: Delivery,
 ) {
-    let store = &shared.store;
+    let store = &ctx.channels.store;
     let status = match &delivery {
         Delivery::Sent { .. } => match store.complete(item.id, worker).await {
             Ok(_) => "SENT",
@@ -395,33 +393,19 @@ async fn finish(
             r#"{{"type":"send_result","id":{},"status":"{status}"}}"#,
             json_str(&item.idem_key)
         );
-        publish_internal(shared, &channel, &msg_id, payload.as_bytes()).await;
+        ctx.channels
+            .publish_internal(&channel, &msg_id, payload.as_bytes())
+            .await;
     }
 }
 
-/// Appends a relay-made message and fans it out.
-pub(crate) async fn publish_internal(shared: &Shared, channel: &str, msg_id: &str, payload: &[u8]) {
-    match shared.store.append(channel, msg_id, payload).await {
-        Ok(a) if !a.duplicate => {
-            let frame = protocol::deliver_frame(channel, a.offset, msg_id, payload);
-            shared
-                .hub
-                .publish(channel, a.offset, Utf8Bytes::from(frame));
-        }
-        Ok(_) => {}
-        Err(e) => {
-            shared.health.observe_store_error(&e).await;
-        }
-    }
-}
-
-async fn route_inbound(shared: &Shared, f: &UpFrame) {
+async fn route_inbound(ctx: &BackgroundCtx, f: &UpFrame) {
     let (Some(to), Some(id)) = (&f.to, &f.id) else {
         metrics::counter!("keel_upstream_unroutable_total").increment(1);
         return;
     };
     let session = SessionId::from(to.as_str());
-    if shared.store.session(&session).await.is_err() {
+    if ctx.channels.store.session(&session).await.is_err() {
         metrics::counter!("keel_upstream_unroutable_total").increment(1);
         tracing::warn!(to = %to, "upstream message for an unknown session dropped");
         return;
@@ -432,13 +416,13 @@ async fn route_inbound(shared: &Shared, f: &UpFrame) {
         json_str(f.from.as_deref().unwrap_or("")),
         f.body.as_ref().map_or("null", |b| b.get())
     );
-    publish_internal(
-        shared,
-        &session.private_channel(),
-        &format!("upstream-{id}"),
-        payload.as_bytes(),
-    )
-    .await;
+    ctx.channels
+        .publish_internal(
+            &session.private_channel(),
+            &format!("upstream-{id}"),
+            payload.as_bytes(),
+        )
+        .await;
     metrics::counter!("keel_upstream_inbound_total").increment(1);
 }
 

@@ -220,6 +220,14 @@ pub enum OutboxError {
         /// The state the operation needs.
         expected: &'static str,
     },
+    /// The session already has its quota of sends waiting; nothing was written.
+    #[error("{pending} sends are already waiting for this session (quota {max})")]
+    QuotaExceeded {
+        /// Sends of the session not yet ended.
+        pending: u64,
+        /// The quota.
+        max: u64,
+    },
     /// The storage layer failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -56,7 +56,9 @@ pub use crate::clock::{Clock, ManualClock, SystemClock, UnixMillis};
 pub use crate::config::{Config, Durability};
 pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};
 pub use crate::health::HealthTransition;
-pub use crate::messages::{Appended, ChannelBounds, Message, Offset, Retention, Subscription};
+pub use crate::messages::{
+    Appended, ChannelBounds, ChannelStats, Message, Offset, Retention, Subscription,
+};
 pub use crate::outbox::{
     Enqueued, NewSend, OutboxCounts, OutboxId, OutboxItem, OutboxState, Retry,
 };

@@ -58,6 +58,21 @@ pub struct Retention {
     pub max_age: Option<Duration>,
 }
 
+/// The size of one channel's log (see [`Store::channel_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The channel.
+    pub channel: String,
+    /// Messages retained.
+    pub messages: u64,
+    /// The oldest retained offset.
+    pub first: Offset,
+    /// The newest offset.
+    pub last: Offset,
+    /// Payload bytes retained.
+    pub payload_bytes: u64,
+}
+
 /// A session's subscription to a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
@@ -81,6 +96,43 @@ fn next_offset(conn: &rusqlite::Connection, channel: &str) -> Result<i64, StoreE
         .query_row([channel], |r| r.get(0))
         .optional()?;
     Ok(newest.map_or(1, |n| n + 1).max(floor.unwrap_or(1)))
+}
+
+/// Where retention cuts `channel`: `Some((cut, last))` when the messages at
+/// or below offset `cut` must go (at most `max_delete` of them), `None` when
+/// nothing must.
+fn retention_cut(
+    c: &rusqlite::Connection,
+    now: UnixMillis,
+    channel: &str,
+    policy: Retention,
+    max_delete: u64,
+) -> Result<Option<(i64, i64)>, StoreError> {
+    let (first, last): (Option<i64>, Option<i64>) = c
+        .prepare_cached("SELECT MIN(offset), MAX(offset) FROM messages WHERE channel = ?1")?
+        .query_row([channel], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(None);
+    };
+    let mut cut = first - 1;
+    if let Some(max) = policy.max_count {
+        cut = cut.max(last - to_sql(max));
+    }
+    if let Some(age) = policy.max_age {
+        let cutoff = now.saturating_sub(millis(age));
+        // Appends are in time order within a channel: the first message
+        // young enough bounds the old ones.
+        let young: Option<i64> = c
+            .prepare_cached(
+                "SELECT offset FROM messages WHERE channel = ?1 AND at >= ?2
+                 ORDER BY offset LIMIT 1",
+            )?
+            .query_row(params![channel, cutoff], |r| r.get(0))
+            .optional()?;
+        cut = cut.max(young.map_or(last, |y| y - 1));
+    }
+    cut = cut.min(first - 1 + to_sql(max_delete));
+    Ok((cut >= first).then_some((cut, last)))
 }
 
 /// Appends inside the writer's current transaction (see [`Store::append`]).
@@ -181,6 +233,145 @@ impl Store {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+        .await
+    }
+
+    /// [`Store::read_channel`] bounded in bytes too: stops after the message
+    /// that brings the page's payload bytes to `max_bytes` (a page always
+    /// holds at least one message, whatever its size). A reader that holds
+    /// a page while it writes it out holds at most about `max_bytes`.
+    pub async fn read_channel_bounded(
+        &self,
+        channel: &str,
+        from: Offset,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let channel = channel.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT offset, msg_id, at, payload FROM messages
+                 WHERE channel = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![channel, to_sql(from), limit as i64])?;
+            let (mut page, mut bytes) = (Vec::new(), 0usize);
+            while let Some(r) = rows.next()? {
+                let payload: Vec<u8> = r.get(3)?;
+                bytes += payload.len();
+                page.push(Message {
+                    channel: channel.clone(),
+                    offset: r.get::<_, i64>(0)? as Offset,
+                    msg_id: r.get(1)?,
+                    at: r.get(2)?,
+                    payload,
+                });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    /// Up to `limit` channel names that hold messages, in name order, after
+    /// `after` (from the first with `None`): one index seek each, so a
+    /// caller can walk every channel in pages without scanning the log.
+    pub async fn channels_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut cursor = after.map(str::to_owned);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT channel FROM messages WHERE channel > ?1 ORDER BY channel LIMIT 1",
+            )?;
+            let mut out = Vec::new();
+            while out.len() < limit {
+                let next: Option<String> = stmt
+                    .query_row([cursor.as_deref().unwrap_or("")], |r| r.get(0))
+                    .optional()?;
+                let Some(name) = next else { break };
+                cursor = Some(name.clone());
+                out.push(name);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Applies `policy` to one channel; returns how many messages were
+    /// removed. Deletes a prefix of the log by offset range (an index range,
+    /// not a scan of the table), and first records where the log ends so
+    /// that offsets are never reused even if this empties it. At most
+    /// `max_delete` messages go per call, so that one call never holds the
+    /// writer long; call again while it returns `max_delete`.
+    pub async fn apply_retention_to(
+        &self,
+        channel: &str,
+        policy: Retention,
+        max_delete: u64,
+    ) -> Result<u64, StoreError> {
+        // Most calls find nothing to remove: decide on a read connection
+        // first, and take the writer only when there is work.
+        let now = self.now();
+        let probe = channel.to_owned();
+        let due = self
+            .read(move |conn| {
+                retention_cut(conn, now, &probe, policy, max_delete).map(|c| c.is_some())
+            })
+            .await?;
+        if !due {
+            return Ok(0);
+        }
+        let channel = channel.to_owned();
+        self.write(move |ctx| {
+            let Some((cut, last)) = retention_cut(ctx.conn, ctx.now, &channel, policy, max_delete)? else {
+                return Ok(0);
+            };
+            ctx.conn
+                .prepare_cached(
+                    "INSERT INTO channels(name, next_offset) VALUES(?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+                )?
+                .execute(params![channel, last + 1])?;
+            let removed = ctx
+                .conn
+                .prepare_cached("DELETE FROM messages WHERE channel = ?1 AND offset <= ?2")?
+                .execute(params![channel, cut])?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    /// The `limit` channels holding the most messages, with their sizes
+    /// (for `doctor`: reads the whole log).
+    pub async fn channel_stats(
+        &self,
+        limit: usize,
+    ) -> Result<(u64, Vec<ChannelStats>), StoreError> {
+        self.read(move |conn| {
+            let total: i64 = conn
+                .prepare_cached("SELECT COUNT(DISTINCT channel) FROM messages")?
+                .query_row([], |r| r.get(0))?;
+            let rows = conn
+                .prepare_cached(
+                    "SELECT channel, COUNT(*), MIN(offset), MAX(offset), SUM(length(payload))
+                     FROM messages GROUP BY channel ORDER BY COUNT(*) DESC, channel LIMIT ?1",
+                )?
+                .query_map([limit as i64], |r| {
+                    Ok(ChannelStats {
+                        channel: r.get(0)?,
+                        messages: r.get::<_, i64>(1)? as u64,
+                        first: r.get::<_, i64>(2)? as Offset,
+                        last: r.get::<_, i64>(3)? as Offset,
+                        payload_bytes: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((total as u64, rows))
         })
         .await
     }

@@ -184,6 +184,18 @@ impl Store {
     /// Adds a send to the outbox, or returns the existing item with the same
     /// idempotency key.
     pub async fn enqueue(&self, send: NewSend) -> Result<Enqueued, OutboxError> {
+        self.enqueue_within(send, None).await
+    }
+
+    /// [`Store::enqueue`], refused with [`OutboxError::QuotaExceeded`] when
+    /// the send's session already has `max_pending` sends not yet ended
+    /// (PENDING or CLAIMED). A repeated idempotency key still returns the
+    /// existing item: the quota counts new work only.
+    pub async fn enqueue_within(
+        &self,
+        send: NewSend,
+        max_pending: Option<u64>,
+    ) -> Result<Enqueued, OutboxError> {
         self.write(move |ctx| {
             let existing: Option<i64> = ctx
                 .conn
@@ -195,6 +207,21 @@ impl Store {
                     id: OutboxId(id),
                     duplicate: true,
                 });
+            }
+            if let (Some(max), Some(session)) = (max_pending, &send.session_id) {
+                let pending: i64 = ctx
+                    .conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM outbox
+                         WHERE session_id = ?1 AND state IN ('PENDING', 'CLAIMED')",
+                    )?
+                    .query_row([session.as_str()], |r| r.get(0))?;
+                if pending as u64 >= max {
+                    return Err(OutboxError::QuotaExceeded {
+                        pending: pending as u64,
+                        max,
+                    });
+                }
             }
             let id: i64 = ctx
                 .conn

@@ -82,6 +82,11 @@ const MIGRATIONS: &[&str] = &[
         reason     TEXT NOT NULL
     );
     "#,
+    // 1 -> 2: counting a session's pending sends (its outbox quota) without
+    // a scan.
+    r#"
+    CREATE INDEX outbox_by_session ON outbox(session_id, state);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -513,6 +513,43 @@ impl Store {
         .await
     }
 
+    /// Deletes up to `limit` sessions that have had no connection for
+    /// `idle_for` (any state but ACTIVE, last changed before then), with
+    /// their subscriptions, activity and private channel; returns their
+    /// ids. Their outbox items stay (their session becomes none). A session
+    /// deleted this way is gone: its token no longer opens anything.
+    pub async fn purge_idle_sessions(
+        &self,
+        idle_for: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        self.write(move |ctx| {
+            let cutoff = ctx.now.saturating_sub(crate::clock::millis(idle_for));
+            let ids: Vec<SessionId> = ctx
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM sessions WHERE state <> 'ACTIVE' AND updated_at < ?1
+                     ORDER BY updated_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, limit as i64], |r| Ok(SessionId(r.get(0)?)))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                let channel = id.private_channel();
+                ctx.conn
+                    .prepare_cached("DELETE FROM messages WHERE channel = ?1")?
+                    .execute([&channel])?;
+                ctx.conn
+                    .prepare_cached("DELETE FROM channels WHERE name = ?1")?
+                    .execute([&channel])?;
+                ctx.conn
+                    .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+                    .execute([id.as_str()])?;
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Appends to a session's activity log, keeping only the newest
     /// [`Config::activity_limit`](crate::Config::activity_limit) entries.
     pub async fn record_activity(

@@ -28,8 +28,8 @@ pub(crate) const CONNECTIONS_10K: Scenario = Scenario {
     what: "10,000 WebSocket sessions open at once (500 handshakes in flight), then stay idle; all must still answer",
     target: "100% in <= 2 s, <= 16 KiB of relay RSS per idle session",
     needs_process: true,
-    thresholds: |_| {
-        vec![
+    thresholds: |plan| {
+        let mut t = vec![
             Threshold::new("connected_ratio", "", Some(Bound::Ge(0.99)), Bound::Ge(1.0)),
             Threshold::new(
                 "connect_seconds",
@@ -43,14 +43,25 @@ pub(crate) const CONNECTIONS_10K: Scenario = Scenario {
                 Some(Bound::Le(2048.0)),
                 Bound::Le(2048.0),
             ),
-            Threshold::new("kib_per_session", "KiB", None, Bound::Le(16.0)),
             Threshold::new(
                 "alive_after_idle_ratio",
                 "",
                 Some(Bound::Ge(0.99)),
                 Bound::Ge(1.0),
             ),
-        ]
+        ];
+        // Memory per session is measured from the relay's RSS: over a few
+        // hundred sessions that is mostly the allocator's own growth, so it
+        // is judged from thousands on (and reported either way).
+        if plan.num("connections") >= 5_000.0 {
+            t.push(Threshold::new(
+                "kib_per_session",
+                "KiB",
+                None,
+                Bound::Le(16.0),
+            ));
+        }
+        t
     },
     plan: |input| {
         let n = input.scale.pick(200, 10_000);

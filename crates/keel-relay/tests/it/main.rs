@@ -1,5 +1,6 @@
 //! keel-relay as a real process on 127.0.0.1, with real clients.
 
+mod abuse;
 mod bad_input;
 mod conformance;
 mod doctor;

@@ -176,6 +176,14 @@ impl RawWs {
         RawWs { ws }
     }
 
+    /// The WebSocket itself, for tests that split it.
+    pub(crate) fn into_inner(
+        self,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+    {
+        self.ws
+    }
+
     pub(crate) async fn send_text(&mut self, text: String) {
         use futures::SinkExt;
         self.ws

@@ -1,0 +1,130 @@
+//! The relay's own accept loop: connection caps checked at TCP accept (a
+//! refused connection gets a one-line HTTP answer and is closed), HTTP/1.1
+//! served by hyper with a header-read timeout and a bound on the request
+//! head (slowloris), upgrades for the WebSocket endpoint, and every
+//! connection's admission time and slot handed to the handlers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use keel_recovery::ShutdownToken;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::limits::{Caps, Refused, Slot, hit};
+
+/// What the handlers learn about their connection.
+#[derive(Clone)]
+pub(crate) struct Admitted {
+    /// Its place under the caps; the connection holds it until it ends.
+    pub(crate) slot: Arc<Slot>,
+    /// When it was accepted: the handshake timeout counts from here.
+    pub(crate) at: tokio::time::Instant,
+}
+
+/// How connections are served.
+pub(crate) struct Serving {
+    pub(crate) caps: Arc<Caps>,
+    pub(crate) header_timeout: Duration,
+    pub(crate) max_header_bytes: usize,
+}
+
+/// Accepts until `stop`, serving each connection with `app`.
+pub(crate) async fn run(
+    listener: TcpListener,
+    app: Router,
+    serving: Serving,
+    mut stop: ShutdownToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors or a transient error: wait a
+                    // little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.stopped() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = match serving.caps.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(why) => {
+                refuse(stream, why);
+                continue;
+            }
+        };
+        let admitted = Admitted {
+            slot,
+            at: tokio::time::Instant::now(),
+        };
+        let app = app.clone();
+        let (header_timeout, max_header_bytes) = (serving.header_timeout, serving.max_header_bytes);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service =
+                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(admitted.clone());
+                    app.clone().oneshot(req)
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_header_bytes.max(8192))
+                .keep_alive(true);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.stopped() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// Answers a refused connection with one HTTP line and closes it; never
+/// waits on the client for more than a second.
+fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
+    let (limit, status, text) = match why {
+        Refused::Total => (
+            "connections_total",
+            "503 Service Unavailable",
+            "the relay holds all the connections it may; retry later",
+        ),
+        Refused::PerIp => (
+            "connections_per_ip",
+            "429 Too Many Requests",
+            "too many connections from this address",
+        ),
+    };
+    hit(limit);
+    metrics::counter!("keel_connections_refused_total").increment(1);
+    tokio::spawn(async move {
+        let body = format!("{text}\n");
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}

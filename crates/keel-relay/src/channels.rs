@@ -1,0 +1,67 @@
+//! Where channels live: the store's logs and the hub's live fan-out, and the
+//! relay's own publishing (upstream messages, send results, exec output,
+//! spool jobs) through one path.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use keel_recovery::{Health, ShutdownToken};
+use keel_session::{Offset, Store};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::protocol;
+
+/// The store, the hub and the health machine the store's errors feed.
+#[derive(Clone)]
+pub(crate) struct Channels {
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) health: Health,
+}
+
+impl Channels {
+    /// Appends a relay-made message and fans it out; returns its offset.
+    /// Idempotent by `msg_id` (a repeat appends and delivers nothing).
+    pub(crate) async fn publish_internal(
+        &self,
+        channel: &str,
+        msg_id: &str,
+        payload: &[u8],
+    ) -> Option<Offset> {
+        match self.store.append(channel, msg_id, payload).await {
+            Ok(a) => {
+                if !a.duplicate {
+                    let frame = protocol::deliver_frame(channel, a.offset, msg_id, payload);
+                    self.hub.publish(channel, a.offset, Utf8Bytes::from(frame));
+                }
+                Some(a.offset)
+            }
+            Err(e) => {
+                self.health.observe_store_error(&e).await;
+                None
+            }
+        }
+    }
+
+    /// Fans out the message at `offset` that someone else appended (crash
+    /// notices written inside another transaction).
+    pub(crate) async fn announce(&self, channel: &str, offset: Offset) {
+        if let Ok(msgs) = self.store.read_channel(channel, offset, 1).await
+            && let Some(m) = msgs.first()
+        {
+            let frame = protocol::deliver_frame(channel, m.offset, &m.msg_id, &m.payload);
+            self.hub.publish(channel, m.offset, Utf8Bytes::from(frame));
+        }
+    }
+}
+
+/// What the background loops (the upstream sender, the spool, retention)
+/// use: the configuration, the channels, the outbox's wake-up and the
+/// shutdown signal.
+pub(crate) struct BackgroundCtx {
+    pub(crate) config: Config,
+    pub(crate) channels: Channels,
+    pub(crate) outbox_ready: Arc<tokio::sync::Notify>,
+    pub(crate) intake: ShutdownToken,
+}

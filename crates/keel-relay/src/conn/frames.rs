@@ -1,0 +1,580 @@
+//! Each client frame: decoded, checked against the session and the limits,
+//! handled.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keel_session::{NewSend, NewSession, OutboxError, SessionError, SessionId, SessionState};
+use tokio::sync::{Notify, mpsc};
+
+use super::{Bound, Conn, End, PublishJob};
+use crate::auth;
+use crate::hub::Outbound;
+use crate::limits::{hit, ip_key};
+use crate::protocol::{self, ClientFrame, ErrorCode, close, json_str};
+
+/// Semaphore permits for `bytes` (at least one; at most what a u32 holds).
+fn permits(bytes: usize) -> u32 {
+    bytes.clamp(1, u32::MAX as usize) as u32
+}
+
+impl Conn {
+    pub(super) async fn on_text(&mut self, text: &str) -> End {
+        let limits = &self.ctx.config.limits;
+        let frame = match protocol::decode(text, limits.max_frame_bytes) {
+            Ok(f) => f,
+            Err(e) => return self.error(e.code, &e.message, e.reference.as_deref()).await,
+        };
+        if self.session.is_none() && !matches!(frame, ClientFrame::Hello { .. } | ClientFrame::Ping)
+        {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    &format!("send hello before {}", frame.kind()),
+                    frame.reference(),
+                )
+                .await;
+        }
+        match frame {
+            ClientFrame::Ping => {
+                self.send(r#"{"type":"pong"}"#.to_owned()).await;
+                None
+            }
+            // Boxed: it runs once and its state is large; unboxed it would
+            // sit in every connection's future for its whole life.
+            ClientFrame::Hello { token, resume } => Box::pin(self.on_hello(token, resume)).await,
+            ClientFrame::Subscribe { channel, from } => self.on_subscribe(channel, from).await,
+            ClientFrame::Unsubscribe { channel } => self.on_unsubscribe(channel).await,
+            ClientFrame::Publish {
+                channel,
+                id,
+                payload,
+            } => self.on_publish(channel, id, payload).await,
+            ClientFrame::Send { id, to, body } => self.on_send(id, to, body.get()).await,
+            ClientFrame::Ack { channel, offset } => self.on_ack(channel, offset).await,
+            ClientFrame::Exec { command } => self.on_exec(command).await,
+        }
+    }
+
+    async fn on_hello(
+        &mut self,
+        token: Option<String>,
+        resume: Option<BTreeMap<String, u64>>,
+    ) -> End {
+        if self.session.is_some() {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    "this connection already has a session",
+                    None,
+                )
+                .await;
+        }
+        let store = self.ctx.channels.store.clone();
+        let (session, previous, new_token) = match token {
+            None => {
+                // New sessions are rows on disk: their rate per client
+                // address is bounded (a resumed session costs nothing new).
+                if let Err(wait) = self.ctx.session_rate.check(&ip_key(self.ip)) {
+                    hit("session_rate");
+                    let msg = format!(
+                        "too many new sessions from this address; retry in {} ms",
+                        wait.as_millis().max(1)
+                    );
+                    return self.error(ErrorCode::RateLimited, &msg, None).await;
+                }
+                let secret = auth::new_secret();
+                let created = match store
+                    .create_session(NewSession {
+                        token_hash: auth::hash_secret(&secret),
+                        // Stored ACTIVE at once: one write, not two.
+                        connected: true,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => return self.session_error(&e, None).await,
+                };
+                let token = auth::token(created.id.as_str(), &secret);
+                (created.id, SessionState::Created, Some(token))
+            }
+            Some(token) => {
+                let Some((id, secret)) = auth::split_token(&token) else {
+                    return self
+                        .error(ErrorCode::Unauthorized, "malformed token", None)
+                        .await;
+                };
+                let id = SessionId::from(id);
+                let found = match store.session(&id).await {
+                    Ok(s) => s,
+                    Err(SessionError::NotFound(_)) => {
+                        return self
+                            .error(ErrorCode::Unauthorized, "unknown token", None)
+                            .await;
+                    }
+                    Err(e) => return self.session_error(&e, None).await,
+                };
+                if !auth::verify(secret, &found.token_hash) {
+                    return self
+                        .error(ErrorCode::Unauthorized, "unknown token", None)
+                        .await;
+                }
+                if found.state == SessionState::Closed {
+                    return self
+                        .error(ErrorCode::InvalidState, "session is closed", None)
+                        .await;
+                }
+                (found.id, found.state, None)
+            }
+        };
+        // One connection per session: a newer one replaces the older.
+        let replaced = Arc::new(Notify::new());
+        if let Some(old) = self.ctx.sessions.bind(&session, self.id, replaced.clone()) {
+            old.notify_one();
+        }
+        // Created by this very hello (not merely stored as CREATED).
+        let fresh = new_token.is_some();
+        if previous != SessionState::Active && !fresh {
+            let _ = store.transition(&session, SessionState::Active).await;
+        }
+        let private = session.private_channel();
+        self.session = Some(Bound {
+            id: session.clone(),
+            channels: HashSet::new(),
+            replaced,
+        });
+
+        // Channels to deliver: the stored subscriptions, the private channel,
+        // and whatever the client says it was reading.
+        // A session created by this hello has none, and nothing in its
+        // private channel yet: no reads.
+        let stored = if fresh {
+            Vec::new()
+        } else {
+            store.subscriptions(&session).await.unwrap_or_default()
+        };
+        let mut wanted: BTreeMap<String, u64> = stored
+            .iter()
+            .map(|s| (s.channel.clone(), s.cursor + 1))
+            .collect();
+        wanted.entry(private.clone()).or_insert(1);
+        let limit = self.ctx.config.limits.max_subscriptions;
+        // Channels of `resume` that cannot be read are answered with an
+        // error frame each, after the welcome; the rest of the hello stands.
+        let mut refused: Vec<(ErrorCode, String, String)> = Vec::new();
+        for (channel, seen) in resume.unwrap_or_default() {
+            if let Some((code, message)) = self.channel_refusal(&channel) {
+                refused.push((code, format!("resume: {message}"), channel));
+                continue;
+            }
+            if !wanted.contains_key(&channel) {
+                // Resuming a channel subscribes to it, within the limit, so
+                // that a later hello without offsets still has it.
+                if wanted.len() >= limit {
+                    refused.push((
+                        ErrorCode::LimitExceeded,
+                        format!("resume: at most {limit} subscriptions per session"),
+                        channel,
+                    ));
+                    continue;
+                }
+                if let Err(e) = store.subscribe(&session, &channel, seen).await {
+                    let code = match e {
+                        SessionError::Store(_) => ErrorCode::Unavailable,
+                        _ => ErrorCode::InvalidState,
+                    };
+                    refused.push((code, format!("resume: {e}"), channel));
+                    continue;
+                }
+            }
+            // The decoder refused offsets over MAX_OFFSET: no overflow.
+            wanted.insert(channel, seen + 1);
+        }
+        let mut catch_up = serde_json::Map::new();
+        for channel in wanted.keys() {
+            if fresh && *channel == private {
+                catch_up.insert(channel.clone(), 1.into());
+            } else if let Ok(bounds) = store.channel_bounds(channel).await {
+                catch_up.insert(channel.clone(), bounds.next.into());
+            }
+        }
+        let mut welcome = serde_json::json!({
+            "type": "welcome",
+            "session_id": session.as_str(),
+            "state": previous.as_str(),
+            "catch_up": catch_up,
+        });
+        if let Some(t) = new_token {
+            welcome["token"] = t.into();
+        }
+        // The welcome goes first: refusals and deliveries follow it.
+        self.send(welcome.to_string()).await;
+        for (code, message, channel) in refused {
+            if let Some(end) = self.error(code, &message, Some(&channel)).await {
+                return Some(end);
+            }
+        }
+        for (channel, from) in &wanted {
+            self.start_channel(channel, *from, fresh && *channel == private)
+                .await;
+        }
+        metrics::counter!("keel_sessions_opened_total").increment(1);
+        tracing::info!(
+            conn = self.id,
+            session = %session,
+            previous = previous.as_str(),
+            channels = wanted.len(),
+            "session {}",
+            if previous == SessionState::Created { "opened" } else { "resumed" }
+        );
+        None
+    }
+
+    /// Why this session may not use `channel`, if it may not: a bad name, or
+    /// another session's private channel.
+    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, &'static str)> {
+        if !protocol::valid_channel(channel) {
+            Some((ErrorCode::BadRequest, "invalid channel name"))
+        } else if !self.may_read(channel) {
+            Some((ErrorCode::Forbidden, "another session's private channel"))
+        } else {
+            None
+        }
+    }
+
+    fn may_read(&self, channel: &str) -> bool {
+        match (channel.strip_prefix("session:"), &self.session) {
+            (Some(owner), Some(s)) => owner == s.id.as_str(),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+
+    /// Registers `channel` with the hub, then has the writer replay the log
+    /// from `from` and continue live: nothing between is missed.
+    async fn start_channel(&mut self, channel: &str, from: u64, fresh: bool) {
+        let name = self
+            .ctx
+            .channels
+            .hub
+            .subscribe(channel, self.id, self.out.clone());
+        if let Some(s) = &mut self.session {
+            s.channels.insert(channel.to_owned());
+        }
+        self.out
+            .send(Outbound::Start {
+                channel: name,
+                from,
+                fresh,
+            })
+            .await;
+    }
+
+    async fn on_subscribe(&mut self, channel: String, from: Option<u64>) -> End {
+        if let Some((code, message)) = self.channel_refusal(&channel) {
+            return self.error(code, message, Some(&channel)).await;
+        }
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let (sid, count) = (session.id.clone(), session.channels.len());
+        if session.channels.contains(&channel) {
+            return self
+                .error(
+                    ErrorCode::InvalidState,
+                    "already subscribed",
+                    Some(&channel),
+                )
+                .await;
+        }
+        if count >= self.ctx.config.limits.max_subscriptions {
+            hit("subscriptions");
+            return self
+                .error(
+                    ErrorCode::LimitExceeded,
+                    &format!(
+                        "at most {} subscriptions per session",
+                        self.ctx.config.limits.max_subscriptions
+                    ),
+                    Some(&channel),
+                )
+                .await;
+        }
+        let store = self.ctx.channels.store.clone();
+        let from = match from {
+            Some(f) => f.max(1),
+            None => match store.subscriptions(&sid).await {
+                Ok(subs) => match subs.iter().find(|s| s.channel == channel) {
+                    Some(s) => s.cursor + 1,
+                    None => match store.channel_bounds(&channel).await {
+                        Ok(b) => b.next,
+                        Err(e) => return self.storage_error(&e, Some(&channel)).await,
+                    },
+                },
+                Err(e) => return self.storage_error(&e, Some(&channel)).await,
+            },
+        };
+        if let Err(e) = store
+            .subscribe(&sid, &channel, from.saturating_sub(1))
+            .await
+        {
+            return self.session_error(&e, Some(&channel)).await;
+        }
+        self.start_channel(&channel, from, false).await;
+        None
+    }
+
+    async fn on_unsubscribe(&mut self, channel: String) -> End {
+        let Some(session) = &mut self.session else {
+            return None;
+        };
+        if !session.channels.remove(&channel) {
+            return self
+                .error(ErrorCode::InvalidState, "not subscribed", Some(&channel))
+                .await;
+        }
+        let sid = session.id.clone();
+        self.ctx.channels.hub.unsubscribe(&channel, self.id);
+        self.out
+            .send(Outbound::Stop {
+                channel: Arc::from(channel.as_str()),
+            })
+            .await;
+        if let Err(e) = self.ctx.channels.store.unsubscribe(&sid, &channel).await {
+            return self.storage_error(&e, Some(&channel)).await;
+        }
+        None
+    }
+
+    async fn on_publish(
+        &mut self,
+        channel: String,
+        id: String,
+        payload: Box<serde_json::value::RawValue>,
+    ) -> End {
+        let limits = &self.ctx.config.limits;
+        if let Some((code, msg)) = payload_refusal(payload.get(), limits, "payload") {
+            return self.error(code, &msg, Some(&id)).await;
+        }
+        if !protocol::valid_id(&id) {
+            return self
+                .error(ErrorCode::BadRequest, "invalid message id", Some(&id))
+                .await;
+        }
+        if let Some((code, message)) = self.channel_refusal(&channel) {
+            return self.error(code, message, Some(&id)).await;
+        }
+        if let Err(wait) = self.limiter.check() {
+            hit("publish_rate");
+            let msg = format!(
+                "publish rate exceeded; retry in {} ms",
+                wait.as_millis().max(1)
+            );
+            return self.error(ErrorCode::RateLimited, &msg, Some(&id)).await;
+        }
+        // Room for the payload in this connection's inbound budget and the
+        // relay's: while there is none, this waits, and so the socket is not
+        // read (TCP pushes back on the client) until answers go out.
+        let bytes = payload.get().len();
+        let local = match self.inbound.clone().try_acquire_many_owned(permits(bytes)) {
+            Ok(p) => p,
+            Err(_) => {
+                hit("inbound_bytes");
+                match self
+                    .inbound
+                    .clone()
+                    .acquire_many_owned(permits(bytes))
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(_) => return None,
+                }
+            }
+        };
+        let global = match self.ctx.budget.try_acquire(bytes) {
+            Some(p) => Some(p),
+            None => {
+                hit("global_bytes");
+                self.ctx.budget.acquire(bytes).await
+            }
+        };
+        let stdin = self
+            .session
+            .as_ref()
+            .filter(|s| channel == s.id.private_channel())
+            .and_then(|s| self.ctx.execs.stdin(&s.id));
+        let publish = self.publish.get_or_insert_with(|| {
+            let (publish, publish_rx) = mpsc::channel(self.ctx.config.limits.max_in_flight);
+            tokio::spawn(super::publish::publish_loop(
+                self.ctx.channels.clone(),
+                self.ctx.config.limits.max_in_flight,
+                publish_rx,
+                self.out.clone(),
+            ));
+            publish
+        });
+        let _ = publish
+            .send(PublishJob {
+                channel,
+                id,
+                // The payload text is shared from here on (the store
+                // keeps a handle until it commits), never copied.
+                payload: Bytes::from(String::from(Box::<str>::from(payload))),
+                stdin,
+                received: std::time::Instant::now(),
+                _budget: (local, global, crate::limits::Buffered::inbound(bytes)),
+            })
+            .await;
+        None
+    }
+
+    async fn on_send(&mut self, id: String, to: String, body: &str) -> End {
+        let limits = &self.ctx.config.limits;
+        if let Some((code, msg)) = payload_refusal(body, limits, "body") {
+            return self.error(code, &msg, Some(&id)).await;
+        }
+        if !protocol::valid_id(&id) || to.is_empty() || to.len() > 200 {
+            return self
+                .error(ErrorCode::BadRequest, "invalid id or recipient", Some(&id))
+                .await;
+        }
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let sid = session.id.clone();
+        if let Err(wait) = self.ctx.send_rate.check(&sid) {
+            hit("send_rate");
+            let msg = format!(
+                "send rate exceeded; retry in {} ms",
+                wait.as_millis().max(1)
+            );
+            return self.error(ErrorCode::RateLimited, &msg, Some(&id)).await;
+        }
+        let payload = format!(r#"{{"to":{},"body":{body}}}"#, json_str(&to)).into_bytes();
+        let quota = Some(self.ctx.config.limits.max_pending_sends);
+        match self
+            .ctx
+            .channels
+            .store
+            .enqueue_within(
+                NewSend {
+                    session_id: Some(sid),
+                    idem_key: id.clone(),
+                    payload,
+                },
+                quota,
+            )
+            .await
+        {
+            Ok(_) => {
+                self.ctx.outbox_ready.notify_one();
+                metrics::counter!("keel_sends_queued_total").increment(1);
+                self.send(format!(r#"{{"type":"sent","id":{}}}"#, json_str(&id)))
+                    .await;
+                None
+            }
+            Err(OutboxError::Store(e)) => self.storage_error(&e, Some(&id)).await,
+            Err(e @ OutboxError::QuotaExceeded { .. }) => {
+                hit("send_quota");
+                self.error(ErrorCode::LimitExceeded, &e.to_string(), Some(&id))
+                    .await
+            }
+            Err(e) => {
+                self.error(ErrorCode::BadRequest, &e.to_string(), Some(&id))
+                    .await
+            }
+        }
+    }
+
+    async fn on_exec(&mut self, command: String) -> End {
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let sid = session.id.clone();
+        use crate::exec::ExecRefused;
+        let exec = crate::exec::ExecCtx {
+            config: &self.ctx.config.exec,
+            execs: &self.ctx.execs,
+            supervisor: &self.ctx.supervisor,
+            channels: &self.ctx.channels,
+        };
+        let (code, message) = match crate::exec::start(&exec, &sid, &command).await {
+            Ok(_) => return None,
+            Err(ExecRefused::Disabled) => (
+                ErrorCode::Forbidden,
+                "exec sessions are disabled on this relay".to_owned(),
+            ),
+            Err(ExecRefused::NotAllowed) => (
+                ErrorCode::Forbidden,
+                "command not in the allow-list".to_owned(),
+            ),
+            Err(ExecRefused::AlreadyRunning) => (
+                ErrorCode::InvalidState,
+                "this session already runs a command".to_owned(),
+            ),
+            Err(ExecRefused::Failed(e)) => (ErrorCode::Unavailable, format!("cannot start: {e}")),
+        };
+        self.error(code, &message, Some(&command)).await
+    }
+
+    async fn on_ack(&mut self, channel: String, offset: u64) -> End {
+        let Some(session) = &self.session else {
+            return None;
+        };
+        let sid = session.id.clone();
+        match self.ctx.channels.store.ack(&sid, &channel, offset).await {
+            Ok(_) => None,
+            Err(e) => self.session_error(&e, Some(&channel)).await,
+        }
+    }
+}
+
+/// The close for a connection whose WebSocket stream failed: 1007 for a
+/// text frame that is not UTF-8, 1009 for a message over the hard cap (four
+/// times the frame limit, whole or fragmented); a broken link gets none.
+pub(super) fn read_error_close(e: axum::Error, max_frame: usize) -> End {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let inner = e.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Utf8(_)) => Some((
+            close::INVALID_DATA,
+            "text frame is not valid UTF-8".to_owned(),
+        )),
+        Some(WsError::Capacity(_)) => Some((
+            close::TOO_BIG,
+            format!("message over {} bytes", max_frame.saturating_mul(4)),
+        )),
+        _ => None,
+    }
+}
+
+/// Why a `publish` payload or `send` body is refused, if it is: over the
+/// byte limit, or nested deeper than common JSON parsers can read.
+fn payload_refusal(
+    raw: &str,
+    limits: &crate::config::Limits,
+    what: &str,
+) -> Option<(ErrorCode, String)> {
+    if raw.len() > limits.max_payload_bytes {
+        return Some((
+            ErrorCode::TooLarge,
+            format!(
+                "{what} of {} bytes is over the {}-byte limit",
+                raw.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    let depth = protocol::nesting_depth(raw, limits.max_payload_depth);
+    (depth > limits.max_payload_depth).then(|| {
+        (
+            ErrorCode::BadRequest,
+            format!(
+                "{what} nests arrays and objects deeper than {} levels",
+                limits.max_payload_depth
+            ),
+        )
+    })
+}

@@ -1,0 +1,388 @@
+//! One client connection, split by concern: this module runs it (the read
+//! loop, its timeouts and its end); `frames` handles each client frame;
+//! `publish` is the publish pipeline; `write` the writer with replay, byte
+//! budgets and the write deadline.
+
+mod frames;
+mod publish;
+mod write;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures::StreamExt;
+use keel_ratelimit::{Limiter, Quota};
+use keel_recovery::{ShutdownToken, Supervisor};
+use keel_session::{SessionError, SessionId, SessionState, StoreError};
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::channels::Channels;
+use crate::config::Config;
+use crate::exec::Execs;
+use crate::hub::{EndFlag, Ending, OutQueue, Outbound};
+use crate::limits::{Budget, Keyed, Slot, hit};
+use crate::protocol::{ErrorCode, close, error_frame};
+
+pub(crate) use publish::PublishJob;
+
+/// Counts live things (connections, publish pipelines) so shutdown can wait for none.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+pub(crate) struct TrackerGuard<'a>(&'a Tracker);
+
+impl Tracker {
+    pub(crate) fn enter(&self) -> TrackerGuard<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        TrackerGuard(self)
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackerGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// Which connection holds each session (one at a time).
+#[derive(Default)]
+pub(crate) struct SessionMap(Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>);
+
+impl SessionMap {
+    /// Binds `session` to connection `conn`; returns the previous
+    /// connection's replace signal, if one held it.
+    fn bind(&self, session: &SessionId, conn: u64, replaced: Arc<Notify>) -> Option<Arc<Notify>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.clone(), (conn, replaced))
+            .map(|(_, old)| old)
+    }
+
+    /// Unbinds `session` if `conn` still holds it; returns whether it did.
+    fn unbind(&self, session: &SessionId, conn: u64) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(session).is_some_and(|(c, _)| *c == conn) {
+            map.remove(session);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What connections use: the channels, the session map, the budgets and
+/// rate limits, exec sessions, and the shutdown signal.
+pub(crate) struct ConnCtx {
+    pub(crate) config: Config,
+    pub(crate) channels: Channels,
+    pub(crate) sessions: SessionMap,
+    pub(crate) budget: Budget,
+    /// New sessions per client address.
+    pub(crate) session_rate: Keyed<IpAddr>,
+    /// Sends per session.
+    pub(crate) send_rate: Keyed<SessionId>,
+    pub(crate) execs: Arc<Execs>,
+    pub(crate) supervisor: Supervisor,
+    pub(crate) intake: ShutdownToken,
+    pub(crate) live: Tracker,
+    pub(crate) outbox_ready: Arc<Notify>,
+    next_conn: AtomicU64,
+}
+
+impl ConnCtx {
+    #[allow(clippy::too_many_arguments)] // built once, in Relay::start
+    pub(crate) fn new(
+        config: Config,
+        channels: Channels,
+        budget: Budget,
+        execs: Arc<Execs>,
+        supervisor: Supervisor,
+        intake: ShutdownToken,
+        outbox_ready: Arc<Notify>,
+    ) -> ConnCtx {
+        let l = &config.limits;
+        ConnCtx {
+            session_rate: Keyed::new(l.session_rate, l.session_burst),
+            send_rate: Keyed::new(l.send_rate, l.send_burst),
+            config,
+            channels,
+            sessions: SessionMap::default(),
+            budget,
+            execs,
+            supervisor,
+            intake,
+            live: Tracker::default(),
+            outbox_ready,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The session a connection is bound to after `hello`.
+struct Bound {
+    id: SessionId,
+    channels: HashSet<String>,
+    replaced: Arc<Notify>,
+}
+
+/// What the read loop ends with: a close to send, if any.
+type End = Option<(u16, String)>;
+
+struct Conn {
+    ctx: Arc<ConnCtx>,
+    id: u64,
+    ip: IpAddr,
+    out: OutQueue,
+    end: Arc<EndFlag>,
+    /// Publish payload bytes this connection may hold unanswered.
+    inbound: Arc<Semaphore>,
+    session: Option<Bound>,
+    errors: u32,
+    limiter: Limiter,
+    /// The publish pipeline, started on the first publish: idle sessions
+    /// (most of them) never pay for its task and channel.
+    publish: Option<mpsc::Sender<PublishJob>>,
+}
+
+/// Runs one connection to its end. `slot` is its place under the
+/// connection caps (taken at TCP accept, freed when this returns) and
+/// `accepted` when that was: the handshake timeout counts from there.
+pub(crate) async fn serve(
+    ctx: Arc<ConnCtx>,
+    socket: WebSocket,
+    ip: IpAddr,
+    slot: Arc<Slot>,
+    accepted: tokio::time::Instant,
+) {
+    let _slot = slot;
+    let _live = ctx.live.enter();
+    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (sink, mut stream) = socket.split();
+    let limits = ctx.config.limits.clone();
+    let end = Arc::new(EndFlag::default());
+    let (out, rx) = OutQueue::new(
+        limits.outbound_queue,
+        limits.max_outbound_bytes,
+        ctx.budget.clone(),
+        end.clone(),
+    );
+    let mut writer = tokio::spawn(write::write_loop(
+        sink,
+        rx,
+        write::WriteCtx {
+            store: ctx.channels.store.clone(),
+            budget: ctx.budget.clone(),
+            page_bytes: limits.replay_page_bytes,
+            deadline: limits.write_deadline(),
+        },
+        end.clone(),
+    ));
+    let nz = |n: u32| NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN);
+    let limiter = Limiter::new(
+        Quota::per_second(nz(limits.publish_rate)).allow_burst(nz(limits.publish_burst)),
+    );
+    let mut conn = Conn {
+        ctx: ctx.clone(),
+        id,
+        ip,
+        out,
+        end: end.clone(),
+        inbound: Arc::new(Semaphore::new(limits.max_inbound_bytes.max(1))),
+        session: None,
+        errors: 0,
+        limiter,
+        publish: None,
+    };
+    metrics::gauge!("keel_connections").increment(1.0);
+    tracing::debug!(conn = id, %ip, "connection opened");
+    let ending = conn
+        .read_loop(&mut stream, accepted + limits.handshake_timeout())
+        .await;
+    match (&ending, end.get()) {
+        (Some((code, reason)), _) if *code == close::POLICY => {
+            tracing::warn!(conn = id, %ip, code, reason = %reason, "connection closed for policy")
+        }
+        (Some((code, reason)), _) => {
+            tracing::debug!(conn = id, code, reason = %reason, "closing connection")
+        }
+        (None, Some(Ending::Slow)) => {
+            tracing::warn!(conn = id, %ip, "slow consumer closed (1013); it resumes from the log")
+        }
+        (None, Some(Ending::Stuck)) => {
+            tracing::warn!(conn = id, %ip, "a write made no progress for the write deadline; connection dropped")
+        }
+        (None, _) => tracing::debug!(conn = id, "connection closed by the client"),
+    }
+    if let Some((code, reason)) = ending {
+        let _ = tokio::time::timeout(
+            limits.write_deadline(),
+            conn.out.send(Outbound::Close { code, reason }),
+        )
+        .await;
+    }
+    conn.detach().await;
+    drop(conn);
+    // The writer ends once every sender is gone (the publish pipeline
+    // drains first) and its queue is written, or at its write deadline;
+    // past that it is aborted, and everything it held goes with it.
+    let grace = limits.write_deadline() + Duration::from_secs(1);
+    if tokio::time::timeout(grace, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    metrics::gauge!("keel_connections").decrement(1.0);
+}
+
+impl Conn {
+    /// Reads frames until the connection ends; returns the close to send, if any.
+    async fn read_loop(
+        &mut self,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
+        handshake_deadline: tokio::time::Instant,
+    ) -> End {
+        let limits = self.ctx.config.limits.clone();
+        let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
+        let mut stopping = self.ctx.intake.clone();
+        let replaced = Arc::new(Notify::new());
+        let frames_in = metrics::counter!("keel_frames_in_total");
+        let end = self.end.clone();
+        loop {
+            let deadline = if self.session.is_none() {
+                handshake_deadline.min(idle_deadline)
+            } else {
+                idle_deadline
+            };
+            let replaced_now = self
+                .session
+                .as_ref()
+                .map(|s| s.replaced.clone())
+                .unwrap_or_else(|| replaced.clone());
+            tokio::select! {
+                msg = stream.next() => {
+                    let msg = match msg {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => return frames::read_error_close(e, limits.max_frame_bytes),
+                        None => return None,
+                    };
+                    idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
+                    match msg {
+                        Message::Text(text) => {
+                            frames_in.increment(1);
+                            if let Some(end) = self.on_text(&text).await {
+                                return Some(end);
+                            }
+                        }
+                        Message::Binary(_) => {
+                            if let Some(end) = self.error(ErrorCode::BadJson, "binary frames are not part of keel.v1; send JSON text", None).await {
+                                return Some(end);
+                            }
+                        }
+                        Message::Close(_) => return None,
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Some(if self.session.is_none() {
+                        (close::POLICY, "no hello before the handshake timeout".to_owned())
+                    } else {
+                        (close::IDLE, "idle timeout".to_owned())
+                    });
+                }
+                _ = stopping.stopped() => {
+                    return Some((close::GOING_AWAY, "relay shutting down; resume later".to_owned()));
+                }
+                // The writer closes a slow consumer itself; a stuck or gone
+                // writer can send nothing more.
+                _ = end.wait() => return None,
+                _ = replaced_now.notified() => {
+                    return Some((close::REPLACED, "another connection resumed this session".to_owned()));
+                }
+            }
+        }
+    }
+
+    async fn send(&self, frame: String) {
+        self.out.send(Outbound::Frame(Utf8Bytes::from(frame))).await;
+    }
+
+    /// Sends an error frame; returns the close to send when the connection
+    /// has misbehaved too often.
+    async fn error(&mut self, code: ErrorCode, message: &str, reference: Option<&str>) -> End {
+        metrics::counter!("keel_errors_total", "code" => code.as_str()).increment(1);
+        self.send(error_frame(code, message, reference)).await;
+        self.errors += 1;
+        (self.errors >= self.ctx.config.limits.max_errors).then(|| {
+            hit("errors");
+            (
+                close::POLICY,
+                format!("{} bad frames; closing", self.errors),
+            )
+        })
+    }
+
+    async fn session_error(&mut self, e: &SessionError, reference: Option<&str>) -> End {
+        match e {
+            SessionError::Store(se) => self.storage_error(se, reference).await,
+            SessionError::BeyondHead { .. } => {
+                self.error(ErrorCode::BadRequest, &e.to_string(), reference)
+                    .await
+            }
+            other => {
+                self.error(ErrorCode::InvalidState, &other.to_string(), reference)
+                    .await
+            }
+        }
+    }
+
+    async fn storage_error(&mut self, e: &StoreError, reference: Option<&str>) -> End {
+        self.ctx.channels.health.observe_store_error(e).await;
+        self.error(
+            ErrorCode::Unavailable,
+            &format!("cannot store right now ({e}); retry"),
+            reference,
+        )
+        .await
+    }
+
+    /// The session goes DETACHED (unless a newer connection took it over).
+    async fn detach(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        for channel in &session.channels {
+            self.ctx.channels.hub.unsubscribe(channel, self.id);
+        }
+        if self.ctx.sessions.unbind(&session.id, self.id) {
+            let _ = self
+                .ctx
+                .channels
+                .store
+                .transition(&session.id, SessionState::Detached)
+                .await;
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The writer: batches frames, keeps each channel's deliveries in offset
+//! order (replaying the log for starts and gaps, page by page, each page
+//! bounded in bytes and counted in the relay's budget), holds every queued
+//! item's bytes until it is flushed, and gives up on a write that makes no
+//! progress for the write deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::SinkExt;
+use futures::stream::SplitSink;
+use keel_session::Store;
+use tokio::sync::mpsc;
+
+use crate::failpoints::Delivery;
+use crate::hub::{EndFlag, Ending, Held, Outbound, Queued};
+use crate::limits::{Budget, hit};
+use crate::protocol::{self, close, json_str};
+
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 64;
+/// Messages read from the log per query when replaying (also bounded in bytes).
+const REPLAY_ROWS: usize = 256;
+
+/// What the writer needs besides its socket and queue.
+pub(super) struct WriteCtx {
+    pub(super) store: Store,
+    pub(super) budget: Budget,
+    pub(super) page_bytes: usize,
+    pub(super) deadline: Duration,
+}
+
+/// A write failed: the link broke, or it made no progress for the deadline.
+struct Failed;
+
+type Sink = SplitSink<WebSocket, Message>;
+
+/// One write, bounded by the deadline; a write that times out marks the
+/// connection stuck.
+async fn bounded<F>(deadline: Duration, end: &EndFlag, write: F) -> Result<(), Failed>
+where
+    F: std::future::Future<Output = Result<(), axum::Error>>,
+{
+    match tokio::time::timeout(deadline, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => {
+            end.raise(Ending::Gone);
+            Err(Failed)
+        }
+        Err(_) => {
+            hit("write_deadline");
+            end.raise(Ending::Stuck);
+            Err(Failed)
+        }
+    }
+}
+
+/// Writes frames in batches; replays logs and fills gaps so that each
+/// channel's offsets go out in order, each once. Ends when every sender is
+/// gone and the queue is written, at a close, when the connection must end
+/// (slow: it sends 1013 first), or when a write fails or times out.
+pub(super) async fn write_loop(
+    mut sink: Sink,
+    mut rx: mpsc::Receiver<Queued>,
+    ctx: WriteCtx,
+    end: Arc<EndFlag>,
+) {
+    let mut next: HashMap<Arc<str>, u64> = HashMap::new();
+    let frames_out = metrics::counter!("keel_frames_out_total");
+    // Grows to what bursts need; an idle connection keeps it small.
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut holding: Vec<Held> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            why = end.wait() => {
+                if why == Ending::Slow {
+                    metrics::counter!("keel_slow_consumers_total").increment(1);
+                    let _ = bounded(ctx.deadline, &end, sink.send(close_message(
+                        close::SLOW_CONSUMER,
+                        "slow consumer: resume from your last offset",
+                    )))
+                    .await;
+                }
+                return;
+            }
+            m = rx.recv() => m,
+        };
+        let Some(first) = first else {
+            let _ = tokio::time::timeout(ctx.deadline, sink.close()).await;
+            return;
+        };
+        batch.push(first);
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut written = 0u64;
+        for Queued { item, held } in batch.drain(..) {
+            // Its bytes stay counted until the flush below.
+            holding.push(held);
+            let done = match item {
+                Outbound::Frame(f) => {
+                    written += 1;
+                    bounded(ctx.deadline, &end, sink.feed(Message::Text(f))).await
+                }
+                Outbound::Live { channel, batch } => {
+                    let Some(expected) = next.get(&channel).copied() else {
+                        continue; // not started yet: the replay will cover it
+                    };
+                    match live(&mut sink, &ctx, &end, &channel, expected, &batch).await {
+                        Ok((now, n)) => {
+                            written += n;
+                            next.insert(channel, now);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Outbound::Start {
+                    channel,
+                    from,
+                    fresh: true,
+                } => {
+                    next.insert(channel, from);
+                    Ok(())
+                }
+                Outbound::Start { channel, from, .. } => {
+                    metrics::counter!("keel_start_replays_total").increment(1);
+                    match replay(&mut sink, &ctx, &end, &channel, from, None).await {
+                        Ok((now, n)) => {
+                            written += n;
+                            next.insert(channel, now);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Outbound::Stop { channel } => {
+                    next.remove(&channel);
+                    Ok(())
+                }
+                Outbound::Close { code, reason } => {
+                    let _ =
+                        bounded(ctx.deadline, &end, sink.send(close_message(code, &reason))).await;
+                    return;
+                }
+            };
+            if done.is_err() {
+                return;
+            }
+        }
+        frames_out.increment(written);
+        if bounded(ctx.deadline, &end, sink.flush()).await.is_err() {
+            return;
+        }
+        holding.clear();
+    }
+}
+
+/// Writes a live batch from `expected` on, filling any gap before it from
+/// the log; returns the next offset to expect and how many were written.
+async fn live(
+    sink: &mut Sink,
+    ctx: &WriteCtx,
+    end: &EndFlag,
+    channel: &str,
+    mut expected: u64,
+    batch: &[(u64, Utf8Bytes)],
+) -> Result<(u64, u64), Failed> {
+    let mut written = 0;
+    // A delivery held back by the `reorder_delivery` failpoint.
+    let mut held: Option<Utf8Bytes> = None;
+    for (offset, frame) in batch {
+        let offset = *offset;
+        if offset < expected {
+            continue; // already delivered
+        }
+        if offset > expected {
+            // Another publisher's earlier offset has not reached the hub
+            // yet: it is committed, so read it.
+            metrics::counter!("keel_gap_replays_total").increment(1);
+            written += replay(sink, ctx, end, channel, expected, Some(offset))
+                .await?
+                .1;
+        }
+        expected = offset + 1;
+        written += 1;
+        let copies = match crate::failpoints::delivery() {
+            Delivery::Write => 1,
+            Delivery::Drop => 0,
+            Delivery::Duplicate => 2,
+            Delivery::Reorder => {
+                held = Some(frame.clone());
+                continue;
+            }
+        };
+        for _ in 0..copies {
+            bounded(ctx.deadline, end, sink.feed(Message::Text(frame.clone()))).await?;
+        }
+        if let Some(late) = held.take() {
+            bounded(ctx.deadline, end, sink.feed(Message::Text(late))).await?;
+        }
+    }
+    if let Some(late) = held.take() {
+        bounded(ctx.deadline, end, sink.feed(Message::Text(late))).await?;
+    }
+    Ok((expected, written))
+}
+
+/// Writes `channel` from `from` up to (not including) `until`, or to the end
+/// of the log, a page at a time: each page at most `page_bytes` (at least
+/// one message), its bytes counted in the relay's budget while held.
+/// Offsets retention removed are announced with a `truncated` notice
+/// naming the first offset the log still holds, then skipped. Returns the
+/// next offset to expect and how many deliveries were written.
+async fn replay(
+    sink: &mut Sink,
+    ctx: &WriteCtx,
+    end: &EndFlag,
+    channel: &str,
+    from: u64,
+    until: Option<u64>,
+) -> Result<(u64, u64), Failed> {
+    let mut next = from;
+    let mut written = 0;
+    let mut first_page = true;
+    loop {
+        let want = match until {
+            Some(u) if u <= next => break,
+            Some(u) => ((u - next) as usize).min(REPLAY_ROWS),
+            None => REPLAY_ROWS,
+        };
+        let permit = ctx.budget.acquire(ctx.page_bytes).await;
+        let page = ctx
+            .store
+            .read_channel_bounded(channel, next, want, ctx.page_bytes)
+            .await
+            .map_err(|_| Failed)?;
+        if first_page {
+            first_page = false;
+            // Offsets are contiguous: a page that starts after `from` means
+            // retention removed what came before. An empty page means the
+            // log holds nothing from `from` on; it was cut only if what it
+            // retains now (read after the page, so an append racing the
+            // read shows up here at `from` itself) starts past `from`, or
+            // it retains nothing while its next offset is past `from`.
+            let first = match page.first() {
+                Some(m) if m.offset > next => Some(m.offset),
+                None if until.is_none() => match ctx.store.channel_bounds(channel).await {
+                    Ok(b) => match b.first {
+                        Some(f) if f > next => Some(f),
+                        Some(_) => None,
+                        None if b.next > next => Some(b.next),
+                        None => None,
+                    },
+                    Err(_) => None,
+                },
+                _ => None,
+            };
+            if let Some(first) = first {
+                let notice = format!(
+                    r#"{{"type":"truncated","channel":{},"from":{next},"first":{first}}}"#,
+                    json_str(channel)
+                );
+                bounded(
+                    ctx.deadline,
+                    end,
+                    sink.feed(Message::Text(Utf8Bytes::from(notice))),
+                )
+                .await?;
+                next = first;
+            }
+        }
+        let got = page.len();
+        let full = page.iter().map(|m| m.payload.len()).sum::<usize>() >= ctx.page_bytes;
+        for m in page {
+            if until.is_some_and(|u| m.offset >= u) {
+                break;
+            }
+            let frame = protocol::deliver_frame(channel, m.offset, &m.msg_id, &m.payload);
+            bounded(
+                ctx.deadline,
+                end,
+                sink.feed(Message::Text(Utf8Bytes::from(frame))),
+            )
+            .await?;
+            next = m.offset + 1;
+            written += 1;
+        }
+        // The page's frames are in the socket's buffer: flush before the
+        // next page, so that a reader that does not read meets the write
+        // deadline here instead of letting pages pile up.
+        bounded(ctx.deadline, end, sink.flush()).await?;
+        drop(permit);
+        // A short page that was not cut by its byte bound is the log's end.
+        if got == 0 || (got < want && !full) {
+            break;
+        }
+    }
+    // Offsets retention removed (or never written, at the end) are skipped.
+    Ok((until.map_or(next, |u| u.max(next)), written))
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_owned()),
+    }))
+}
