@@ -142,6 +142,11 @@ fn burn_in() {
     scenario("burn_in");
 }
 
+#[test]
+fn abuse_memory() {
+    scenario("abuse_memory");
+}
+
 /// Every scenario of the catalogue has a test above (a new scenario without
 /// one fails here).
 #[test]

@@ -16,7 +16,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::limits::{Caps, Refused, Slot, hit};
+use crate::gate::{Gated, ReadGate};
+use crate::limits::{Budget, Caps, Refused, Slot, hit};
 
 /// What the handlers learn about their connection.
 #[derive(Clone)]
@@ -25,6 +26,8 @@ pub(crate) struct Admitted {
     pub(crate) slot: Arc<Slot>,
     /// When it was accepted: the handshake timeout counts from here.
     pub(crate) at: tokio::time::Instant,
+    /// Its account with the inbound budget (charged once it is a WebSocket).
+    pub(crate) gate: Arc<ReadGate>,
 }
 
 /// How connections are served.
@@ -32,6 +35,8 @@ pub(crate) struct Serving {
     pub(crate) caps: Arc<Caps>,
     pub(crate) header_timeout: Duration,
     pub(crate) max_header_bytes: usize,
+    /// The inbound byte budget socket reads are charged to.
+    pub(crate) inbound: Budget,
 }
 
 /// Accepts until `stop`, serving each connection with `app`.
@@ -63,9 +68,11 @@ pub(crate) async fn run(
                 continue;
             }
         };
+        let gate = ReadGate::new(serving.inbound.clone());
         let admitted = Admitted {
             slot,
             at: tokio::time::Instant::now(),
+            gate: gate.clone(),
         };
         let app = app.clone();
         let (header_timeout, max_header_bytes) = (serving.header_timeout, serving.max_header_bytes);
@@ -84,7 +91,10 @@ pub(crate) async fn run(
                 .max_buf_size(max_header_bytes.max(8192))
                 .keep_alive(true);
             let conn = builder
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .serve_connection(
+                    TokioIo::new(Gated::new(stream, gate)),
+                    TowerToHyperService::new(service),
+                )
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {

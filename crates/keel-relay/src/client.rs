@@ -91,6 +91,17 @@ pub enum Event {
         /// The payload.
         payload: Value,
     },
+    /// The relay's log no longer holds what the client asked for (its
+    /// retention removed it): delivery of `channel` goes on from `first`.
+    /// The client resumes from there after a reconnect, too.
+    Truncated {
+        /// The channel.
+        channel: String,
+        /// The offset asked for.
+        from: u64,
+        /// The oldest offset the log still holds (delivery goes on there).
+        first: u64,
+    },
     /// An error the relay sent that no pending call was waiting for.
     Error {
         /// The stable code.
@@ -488,6 +499,20 @@ fn route(inner: &Mutex<Inner>, events: &mpsc::UnboundedSender<Event>, text: &str
                 offset,
                 id: v["id"].as_str().unwrap_or_default().to_owned(),
                 payload: v["payload"].clone(),
+            });
+        }
+        Some("truncated") => {
+            let channel = v["channel"].as_str().unwrap_or_default().to_owned();
+            let (from, first) = (
+                v["from"].as_u64().unwrap_or(0),
+                v["first"].as_u64().unwrap_or(0),
+            );
+            let seen = inner.offsets.entry(channel.clone()).or_insert(0);
+            *seen = (*seen).max(first.saturating_sub(1));
+            let _ = events.send(Event::Truncated {
+                channel,
+                from,
+                first,
             });
         }
         Some("published") | Some("sent") => {

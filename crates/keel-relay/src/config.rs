@@ -86,7 +86,7 @@ pub struct Limits {
     pub write_deadline_ms: u64,
     /// Bytes of publish payloads one connection may have accepted and not
     /// yet answered; past it the relay stops reading that socket until
-    /// answers go out (TCP backpressure). Default 8 MiB.
+    /// answers go out (TCP backpressure). Default 2 MiB.
     pub max_inbound_bytes: usize,
     /// Bytes queued for writing to one connection; past it the connection
     /// is a slow consumer, closed with 1013 (it resumes from the log).
@@ -144,7 +144,7 @@ impl Default for Limits {
             header_timeout_ms: 5_000,
             max_header_bytes: 16 * 1024,
             write_deadline_ms: 10_000,
-            max_inbound_bytes: 8 << 20,
+            max_inbound_bytes: 2 << 20,
             max_outbound_bytes: 16 << 20,
             global_buffer_bytes: 512 << 20,
             replay_page_bytes: 1 << 20,
@@ -389,8 +389,10 @@ impl Config {
                 "limits.max_inbound_bytes must hold a payload and limits.max_outbound_bytes a frame",
             );
         }
-        if l.global_buffer_bytes < l.max_outbound_bytes.max(l.max_inbound_bytes) {
-            return bad("limits.global_buffer_bytes must be at least the per-connection budgets");
+        if l.global_buffer_bytes / 2 < l.max_outbound_bytes.max(l.max_inbound_bytes) {
+            return bad(
+                "limits.global_buffer_bytes must be at least twice the per-connection budgets (it is split in halves: inbound, outbound)",
+            );
         }
         if self.retention.interval_s == 0 || l.send_rate == 0 || l.session_rate == 0 {
             return bad(

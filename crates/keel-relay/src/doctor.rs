@@ -96,6 +96,15 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
         "{}",
         health_log_line(&store.health_transitions(100_000).await?)
     )?;
+    let (channels, largest) = store.channel_stats(10).await?;
+    writeln!(out, "channels with messages: {channels}")?;
+    for c in &largest {
+        writeln!(
+            out,
+            "  {}: {} messages, oldest offset {}, newest {}, {} payload bytes",
+            c.channel, c.messages, c.first, c.last, c.payload_bytes
+        )?;
+    }
     let mut quarantined: Vec<String> = std::fs::read_dir(data)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.contains(".corrupt-"))

@@ -5,13 +5,13 @@
 //! subscriber that cannot keep up is closed (1013) and resumes from the log.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, mpsc};
 
-use crate::limits::{Budget, Buffered, hit};
+use crate::limits::{Buffered, hit};
 
 /// What a connection's writer receives.
 #[derive(Debug)]
@@ -95,20 +95,166 @@ impl EndFlag {
     }
 }
 
-/// Bytes one queued item holds, counted against its connection's outbound
-/// budget (and, for deliveries, the relay's global budget) until the writer
-/// has flushed it.
+/// The relay's outbound byte budget (half of `global_buffer_bytes`): what
+/// every connection's queue and writer hold. It never makes a delivery
+/// wait; when it is overdrawn, the connections holding the most are closed
+/// as slow consumers (1013, they resume from the log) until what remains
+/// fits, so a well-behaved reader holding little is never the one to go
+/// because others stopped reading.
+#[derive(Clone)]
+pub(crate) struct OutBudget(Arc<OutInner>);
+
+struct OutInner {
+    limit: usize,
+    held: AtomicUsize,
+    /// Bytes still held by connections already closed for it, not yet freed.
+    evicting: AtomicI64,
+    accounts: Mutex<HashMap<u64, Weak<Account>>>,
+    next: AtomicU64,
+}
+
+impl OutBudget {
+    pub(crate) fn new(limit: usize) -> OutBudget {
+        OutBudget(Arc::new(OutInner {
+            limit: limit.max(1),
+            held: AtomicUsize::new(0),
+            evicting: AtomicI64::new(0),
+            accounts: Mutex::default(),
+            next: AtomicU64::new(1),
+        }))
+    }
+
+    /// Bytes held now.
+    pub(crate) fn held(&self) -> usize {
+        self.0.held.load(Ordering::Acquire)
+    }
+
+    /// A connection's account.
+    pub(crate) fn open(&self, end: Arc<EndFlag>) -> Arc<Account> {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let account = Arc::new(Account {
+            id,
+            bytes: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            end,
+            budget: self.clone(),
+        });
+        self.0
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::downgrade(&account));
+        account
+    }
+
+    /// While more is held than the limit (not counting what evicted
+    /// connections are about to free), closes the connection holding the
+    /// most.
+    fn evict(&self) {
+        let over = |b: &OutInner| {
+            b.held.load(Ordering::Acquire) as i64 - b.evicting.load(Ordering::Acquire).max(0)
+                > b.limit as i64
+        };
+        if !over(&self.0) {
+            return;
+        }
+        let accounts = self.0.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        while over(&self.0) {
+            let largest = accounts
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|a| !a.evicted.load(Ordering::Acquire))
+                .max_by_key(|a| a.bytes.load(Ordering::Acquire));
+            let Some(a) = largest else { return };
+            // Flagged first: its bytes freed from now on are taken off
+            // `evicting` as they go.
+            a.evicted.store(true, Ordering::Release);
+            let bytes = a.bytes.load(Ordering::Acquire);
+            self.0.evicting.fetch_add(bytes as i64, Ordering::AcqRel);
+            hit("global_bytes");
+            a.end.raise(Ending::Slow);
+        }
+    }
+}
+
+/// One connection's standing with the outbound budget.
+pub(crate) struct Account {
+    id: u64,
+    /// Bytes its queue and its writer hold now.
+    bytes: AtomicUsize,
+    evicted: AtomicBool,
+    end: Arc<EndFlag>,
+    budget: OutBudget,
+}
+
+impl Account {
+    /// Counts `bytes` held by this connection (in the relay's budget too
+    /// when `global`), until the returned [`Held`] is dropped. Overdrawing
+    /// the budget closes the largest holders, perhaps this one.
+    pub(crate) fn hold(self: &Arc<Self>, bytes: usize, global: bool) -> Held {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if global {
+            self.budget.0.held.fetch_add(bytes, Ordering::AcqRel);
+            self.budget.evict();
+        }
+        Held {
+            account: self.clone(),
+            bytes,
+            global,
+            _total: Buffered::outbound(bytes),
+        }
+    }
+
+    /// Bytes held now.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        self.budget
+            .0
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Bytes one queued item (or a replay page) holds, counted against its
+/// connection's outbound bytes (and, for deliveries and pages, the relay's
+/// outbound budget) until the writer has flushed it.
 #[derive(Debug)]
 pub(crate) struct Held {
-    counter: Arc<AtomicUsize>,
+    account: Arc<Account>,
     bytes: usize,
-    _global: Option<OwnedSemaphorePermit>,
+    global: bool,
     _total: Buffered,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("id", &self.id)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+        let a = &self.account;
+        a.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.global {
+            a.budget.0.held.fetch_sub(self.bytes, Ordering::AcqRel);
+            if a.evicted.load(Ordering::Acquire) {
+                a.budget
+                    .0
+                    .evicting
+                    .fetch_sub(self.bytes as i64, Ordering::AcqRel);
+            }
+        }
     }
 }
 
@@ -123,49 +269,35 @@ pub(crate) struct Queued {
 #[derive(Debug, Clone)]
 pub(crate) struct OutQueue {
     tx: mpsc::Sender<Queued>,
-    bytes: Arc<AtomicUsize>,
+    account: Arc<Account>,
     max_bytes: usize,
-    global: Budget,
     end: Arc<EndFlag>,
 }
 
-impl std::fmt::Debug for Budget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Budget")
-            .field("held", &self.held())
-            .finish()
-    }
-}
-
 impl OutQueue {
-    /// A queue of at most `max_items` items and `max_bytes` bytes.
+    /// A queue of at most `max_items` items and `max_bytes` bytes, with its
+    /// account in `budget`.
     pub(crate) fn new(
         max_items: usize,
         max_bytes: usize,
-        global: Budget,
+        budget: &OutBudget,
         end: Arc<EndFlag>,
     ) -> (OutQueue, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(max_items.max(1));
         (
             OutQueue {
                 tx,
-                bytes: Arc::default(),
+                account: budget.open(end.clone()),
                 max_bytes,
-                global,
                 end,
             },
             rx,
         )
     }
 
-    fn held(&self, bytes: usize, global: Option<OwnedSemaphorePermit>) -> Held {
-        self.bytes.fetch_add(bytes, Ordering::AcqRel);
-        Held {
-            counter: self.bytes.clone(),
-            bytes,
-            _global: global,
-            _total: Buffered::outbound(bytes),
-        }
+    /// The connection's account (its writer charges replay pages to it).
+    pub(crate) fn account(&self) -> Arc<Account> {
+        self.account.clone()
     }
 
     /// Queues the connection's own frame (a reply, an error), waiting for
@@ -176,29 +308,27 @@ impl OutQueue {
             Outbound::Frame(f) => f.len(),
             _ => 64,
         };
-        let held = self.held(bytes, None);
+        let held = self.account.hold(bytes, false);
         self.tx.send(Queued { item, held }).await.is_ok()
     }
 
     /// Queues a delivery batch without waiting: a connection over its byte
-    /// budget, or one the relay's global budget cannot cover, or one whose
-    /// queue is full, is flagged slow instead (closed with 1013; it resumes
-    /// from the log). Returns whether it was queued.
+    /// budget, or whose queue is full, is flagged slow instead (closed with
+    /// 1013; it resumes from the log), as are the largest holders when the
+    /// relay's outbound budget is overdrawn. Returns whether it was queued.
     pub(crate) fn offer(&self, item: Outbound, bytes: usize) -> bool {
         if self.end.get().is_some() {
             return false;
         }
-        if self.bytes.load(Ordering::Acquire) + bytes > self.max_bytes {
+        if self.account.bytes() + bytes > self.max_bytes {
             hit("outbound_bytes");
             self.end.raise(Ending::Slow);
             return false;
         }
-        let Some(permit) = self.global.try_acquire(bytes) else {
-            hit("global_bytes");
-            self.end.raise(Ending::Slow);
-            return false;
-        };
-        let held = self.held(bytes, Some(permit));
+        let held = self.account.hold(bytes, true);
+        if self.end.get().is_some() {
+            return false; // it was the largest holder
+        }
         match self.tx.try_send(Queued { item, held }) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -295,5 +425,46 @@ impl Hub {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Overdrawing the outbound budget closes the largest holder, not the
+    /// connection that happened to ask last; what it held is taken off as
+    /// it is freed.
+    #[test]
+    fn overdraft_evicts_the_largest_holder() {
+        let budget = OutBudget::new(100);
+        let (big_end, small_end) = (Arc::new(EndFlag::default()), Arc::new(EndFlag::default()));
+        let (big, small) = (budget.open(big_end.clone()), budget.open(small_end.clone()));
+        let big_held = big.hold(80, true);
+        let small_held = small.hold(10, true);
+        assert_eq!(big_end.get(), None);
+        let more = small.hold(20, true);
+        assert_eq!(big_end.get(), Some(Ending::Slow), "the largest holder goes");
+        assert_eq!(small_end.get(), None, "the small reader stays");
+        assert_eq!(budget.held(), 110);
+        // Still over the limit until the evicted queue is freed, but no one
+        // else is closed for it.
+        let again = small.hold(5, true);
+        assert_eq!(small_end.get(), None);
+        drop(big_held);
+        assert_eq!(budget.held(), 35);
+        assert_eq!(budget.0.evicting.load(Ordering::Acquire), 0);
+        drop((small_held, more, again));
+        assert_eq!(budget.held(), 0);
+        // Replies (not global) never count against the relay's budget.
+        let reply = small.hold(1_000, false);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(small.bytes(), 1_000);
+        drop(reply);
+        drop(big);
+        assert!(
+            budget.0.accounts.lock().unwrap().len() == 1,
+            "a dropped account unregisters"
+        );
     }
 }

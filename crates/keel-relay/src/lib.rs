@@ -30,6 +30,7 @@ mod conn;
 pub mod doctor;
 mod exec;
 mod failpoints;
+mod gate;
 mod hub;
 mod limits;
 pub mod protocol;

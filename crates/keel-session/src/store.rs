@@ -12,7 +12,7 @@ use crate::clock::UnixMillis;
 use crate::config::{Config, Durability};
 use crate::error::{OpError, OpenError, StoreError};
 use crate::schema;
-use crate::writer::{Checkpointer, Counters, Ctx, Msg, Op, Writer};
+use crate::writer::{Checkpointer, Counters, Ctx, Msg, Op, Queued, Writer};
 
 /// What [`Store::open`] found in the database before it started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,13 +281,34 @@ impl Store {
         E: OpError,
         F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
     {
+        self.submit_in(0, 0, f).await
+    }
+
+    /// [`Store::submit`] in a lane, counted at `bytes` against the
+    /// per-commit byte bound. Writes in one lane run in the order queued;
+    /// lanes are served in fair order (see [`Store::queue_append_in`]).
+    pub(crate) async fn submit_in<T, E, F>(
+        &self,
+        lane: u64,
+        bytes: usize,
+        f: F,
+    ) -> Result<Committing<T, E>, E>
+    where
+        T: Send + 'static,
+        E: OpError,
+        F: Fn(&Ctx<'_>) -> Result<T, E> + Send + 'static,
+    {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed.into());
         }
         let (tx, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Msg::Job(Box::new(Op::new(f, tx))))
+            .send(Msg::Job(Queued {
+                job: Box::new(Op::new(f, tx)),
+                lane,
+                bytes,
+            }))
             .await
             .map_err(|_| E::from(StoreError::Closed))?;
         Ok(Committing { rx })
@@ -449,7 +470,8 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError>
     Ok(())
 }
 
-/// A fixed set of read-only connections handed out to blocking tasks.
+/// A fixed set of read-only connections handed out to blocking tasks; each
+/// read runs in one read transaction, so it sees one snapshot.
 pub(crate) struct ReadPool {
     conns: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
@@ -499,7 +521,13 @@ impl ReadPool {
                 pool: &pool,
                 conn: Some(conn),
             };
-            let out = f(guard.conn.as_ref().expect("connection present"));
+            let conn = guard.conn.as_ref().expect("connection present");
+            // One read transaction: every statement of `f` sees the same
+            // snapshot (two statements in autocommit mode may straddle a
+            // commit). Dropped at the end, it rolls back: nothing to undo.
+            let tx = conn.unchecked_transaction().map_err(StoreError::from)?;
+            let out = f(&tx);
+            drop(tx);
             drop(guard);
             drop(permit);
             out

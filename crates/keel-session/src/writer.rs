@@ -1,15 +1,20 @@
 //! The single writer thread: owns the write connection and group-commits queued writes.
 //!
-//! Every write is a closure queued on a bounded channel. The writer takes the
-//! first waiting write, then everything else already queued (up to
-//! `max_batch`, optionally waiting up to `max_batch_delay` for more), and runs
-//! them in one `BEGIN IMMEDIATE` transaction; a write that fails rolls back
-//! alone (see [`Writer::commit`]). Callers are answered only after
+//! Every write is a closure queued on a bounded channel, in a lane (lane 0
+//! unless the caller names one, e.g. a connection's appends). The writer
+//! moves what is queued into its lanes (FIFO each), then builds a batch by
+//! taking writes from the lanes in fair order (see [`Lanes`]), up to
+//! `max_batch` writes and
+//! `max_batch_bytes` payload bytes (optionally waiting up to
+//! `max_batch_delay` for more), and runs them in one `BEGIN IMMEDIATE`
+//! transaction; a write that fails rolls back alone (see [`Writer::commit`]).
+//! Lanes keep a flood of large writes from one caller from delaying another
+//! caller's write by more than about one commit. Callers are answered only after
 //! `COMMIT` returned. A fatal error (disk full, corruption, I/O) rolls back the
 //! whole batch and fails every write that ran in it; the writes that had not
 //! run yet go into the next batch.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,8 +102,87 @@ type CloseReply = oneshot::Sender<Result<(), StoreError>>;
 /// A close request: where to answer, and whether to record a clean shutdown.
 type CloseRequest = (CloseReply, bool);
 
+/// A write and where it queues: its lane, and the payload bytes it writes
+/// (what the per-commit byte bound counts).
+pub(crate) struct Queued {
+    pub(crate) job: Box<dyn Job>,
+    pub(crate) lane: u64,
+    pub(crate) bytes: usize,
+}
+
+/// What a write costs its lane in the fair order besides its payload bytes,
+/// so that writes without a payload still take turns.
+const WRITE_COST: u64 = 256;
+
+fn cost(q: &Queued) -> u64 {
+    q.bytes as u64 + WRITE_COST
+}
+
+/// Writes waiting, one FIFO per lane, served in weighted fair order (WFQ,
+/// equal weights): each lane's next write is tagged with the virtual time
+/// at which it would finish (where the lane's last write finished, or the
+/// virtual time now if that is later, plus the write's bytes and
+/// [`WRITE_COST`]), and the smallest tag goes first. The virtual time
+/// advances by each write served divided among the lanes waiting, as if
+/// they were all served at once at equal rates. A lane of small writes is
+/// thus served next to fifty lanes of 1 MiB writes after about one of
+/// them, not after a round of all of them, even when those move in
+/// lockstep.
+#[derive(Default)]
+struct Lanes {
+    /// Each lane's writes and the finish tag of its last write.
+    queues: HashMap<u64, (VecDeque<Queued>, u64)>,
+    /// (finish tag of its next write, lane) of every non-empty lane.
+    order: BTreeSet<(u64, u64)>,
+    /// The virtual time.
+    now: u64,
+    len: usize,
+}
+
+impl Lanes {
+    fn push(&mut self, q: Queued) {
+        let lane = q.lane;
+        let now = self.now;
+        let (queue, last) = self
+            .queues
+            .entry(lane)
+            .or_insert_with(|| (VecDeque::new(), now));
+        if queue.is_empty() {
+            *last = (*last).max(now) + cost(&q);
+            self.order.insert((*last, lane));
+        }
+        queue.push_back(q);
+        self.len += 1;
+    }
+
+    /// The oldest write of the lane with the smallest tag.
+    fn pop(&mut self) -> Option<Queued> {
+        let (tag, lane) = self.order.pop_first()?;
+        let waiting = self.order.len() as u64 + 1;
+        let (queue, last) = self.queues.get_mut(&lane)?;
+        let q = queue.pop_front()?;
+        self.now += cost(&q) / waiting;
+        if let Some(next) = queue.front() {
+            *last = tag + cost(next);
+            self.order.insert((*last, lane));
+        } else if self.order.is_empty() {
+            // Nothing waits: virtual time catches up with the last write.
+            self.now = self.now.max(tag);
+        }
+        if self.queues.len() > 2 * self.order.len() + 64 {
+            // An idle lane keeps its tag while it is ahead of the virtual
+            // time (it had its share; coming back at once must not jump
+            // the queue); the others are forgotten.
+            let now = self.now;
+            self.queues.retain(|_, (q, t)| !q.is_empty() || *t > now);
+        }
+        self.len -= 1;
+        Some(q)
+    }
+}
+
 pub(crate) enum Msg {
-    Job(Box<dyn Job>),
+    Job(Queued),
     /// Finish queued writes and stop; `true` also records a clean shutdown.
     Close(CloseReply, bool),
 }
@@ -121,7 +205,12 @@ pub(crate) struct Writer {
     clock: Arc<dyn Clock>,
     wal_path: PathBuf,
     counters: Arc<Counters>,
-    backlog: VecDeque<Box<dyn Job>>,
+    /// Writes of a failed batch that never ran: first in the next batch.
+    backlog: VecDeque<Queued>,
+    lanes: Lanes,
+    closing: Option<CloseRequest>,
+    /// Every sender is gone.
+    gone: bool,
     checkpointer: Option<Checkpointer>,
 }
 
@@ -198,70 +287,95 @@ impl Writer {
             wal_path,
             counters,
             backlog: VecDeque::new(),
+            lanes: Lanes::default(),
+            closing: None,
+            gone: false,
             checkpointer,
         }
     }
 
-    /// Runs until every `Store` handle is gone or `close` is requested.
+    /// Runs until every `Store` handle is gone or `close` is requested
+    /// (then everything queued before the request commits first).
     pub(crate) fn run(mut self) {
         loop {
-            let (batch, close) = self.collect();
-            if batch.is_empty() && close.is_none() && self.backlog.is_empty() {
-                // Every sender is gone: the store was dropped without `close`,
-                // which leaves `clean_shutdown` false on purpose.
-                return;
-            }
-            if !batch.is_empty() {
-                self.commit(batch);
-                self.maybe_checkpoint();
-            }
-            if let Some((reply, clean)) = close {
-                while !self.backlog.is_empty() {
-                    let batch: Vec<_> = self.backlog.drain(..).collect();
-                    self.commit(batch);
+            let batch = self.collect();
+            if batch.is_empty() {
+                if let Some((reply, clean)) = self.closing.take() {
+                    let result = self.shutdown(clean);
+                    let _ = reply.send(result);
+                    return;
                 }
-                let result = self.shutdown(clean);
-                let _ = reply.send(result);
-                return;
+                if self.gone {
+                    // Every sender is gone: the store was dropped without
+                    // `close`, which leaves `clean_shutdown` false on purpose.
+                    return;
+                }
+                continue;
             }
+            self.commit(batch);
+            self.maybe_checkpoint();
         }
     }
 
-    /// Takes the backlog or the next queued write, then whatever else is queued.
-    fn collect(&mut self) -> (Vec<Box<dyn Job>>, Option<CloseRequest>) {
+    /// Moves what is queued into the lanes (waiting for the first write
+    /// when nothing waits), then takes the next batch: the backlog first,
+    /// then the lanes in fair order.
+    fn collect(&mut self) -> Vec<Queued> {
         let max = self.config.max_batch.max(1);
-        let mut batch: Vec<Box<dyn Job>> = Vec::new();
-        while batch.len() < max {
-            match self.backlog.pop_front() {
-                Some(job) => batch.push(job),
-                None => break,
-            }
-        }
-        if batch.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Msg::Job(job)) => batch.push(job),
-                Some(Msg::Close(reply, clean)) => return (batch, Some((reply, clean))),
-                None => return (batch, None),
-            }
-        }
-        // With a delay configured, a batch that runs dry early sleeps once
-        // (a thread sleep, precise to tens of microseconds) and takes whatever
-        // arrived meanwhile: the writers answered by the previous commit are
-        // usually about to send their next write.
-        let mut slept = self.config.max_batch_delay.is_zero();
-        while batch.len() < max {
-            match self.rx.try_recv() {
-                Ok(Msg::Job(job)) => batch.push(job),
-                Ok(Msg::Close(reply, clean)) => return (batch, Some((reply, clean))),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) if slept => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    std::thread::sleep(self.config.max_batch_delay);
-                    slept = true;
+        if self.closing.is_none() && !self.gone {
+            if self.backlog.is_empty() && self.lanes.len == 0 {
+                match self.rx.blocking_recv() {
+                    Some(m) => self.take(m),
+                    None => self.gone = true,
                 }
             }
+            self.drain();
+            // With a delay configured, a batch that runs dry early sleeps
+            // once (a thread sleep, precise to tens of microseconds) and
+            // takes whatever arrived meanwhile: the writers answered by the
+            // previous commit are usually about to send their next write.
+            if !self.config.max_batch_delay.is_zero()
+                && self.backlog.len() + self.lanes.len < max
+                && self.closing.is_none()
+                && !self.gone
+            {
+                std::thread::sleep(self.config.max_batch_delay);
+                self.drain();
+            }
         }
-        (batch, None)
+        let max_bytes = self.config.max_batch_bytes.max(1);
+        let (mut batch, mut bytes) = (Vec::new(), 0usize);
+        while batch.len() < max && (batch.is_empty() || bytes < max_bytes) {
+            let Some(q) = self.backlog.pop_front().or_else(|| self.lanes.pop()) else {
+                break;
+            };
+            bytes += q.bytes;
+            batch.push(q);
+        }
+        batch
+    }
+
+    fn take(&mut self, m: Msg) {
+        match m {
+            Msg::Job(q) => self.lanes.push(q),
+            Msg::Close(reply, clean) => self.closing = Some((reply, clean)),
+        }
+    }
+
+    /// Moves queued writes into the lanes, up to `write_queue` of them
+    /// waiting there, and stops at a close request.
+    fn drain(&mut self) {
+        let cap = self.config.write_queue.max(1);
+        while self.closing.is_none() && self.lanes.len < cap {
+            match self.rx.try_recv() {
+                Ok(m) => self.take(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.gone = true;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
     }
 
     /// Runs one batch in one transaction and answers every caller in it.
@@ -270,9 +384,9 @@ impl Writer {
     /// fails has usually changed nothing and the batch goes on without a
     /// savepoint (savepoints cost a statement journal per write). If a failed
     /// write did change rows, the batch is rolled back and re-run without it.
-    fn commit(&mut self, mut jobs: Vec<Box<dyn Job>>) {
+    fn commit(&mut self, mut jobs: Vec<Queued>) {
         // Writes that failed on their own; they hold their error and wrote nothing.
-        let mut failed: Vec<Box<dyn Job>> = Vec::new();
+        let mut failed: Vec<Queued> = Vec::new();
         let result = loop {
             if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                 break Err(StoreError::from(e));
@@ -309,17 +423,17 @@ impl Writer {
             }
         }
         let commit = result.as_ref().map(|_| ());
-        for job in jobs {
-            job.finish(commit);
+        for q in jobs {
+            q.job.finish(commit);
         }
-        for job in failed {
-            job.finish(Ok(()));
+        for q in failed {
+            q.job.finish(Ok(()));
         }
     }
 
     /// Runs every write of the batch inside the open transaction.
-    fn run_all(&self, jobs: &mut [Box<dyn Job>]) -> Step {
-        for (i, job) in jobs.iter_mut().enumerate() {
+    fn run_all(&self, jobs: &mut [Queued]) -> Step {
+        for (i, Queued { job, .. }) in jobs.iter_mut().enumerate() {
             let ctx = Ctx {
                 conn: &self.conn,
                 now: self.clock.now_millis(),
@@ -475,5 +589,186 @@ mod tests {
         assert_eq!(stats.writes, 300);
         assert!(stats.batches < 300, "{stats:?}");
         store.close().await.expect("close");
+    }
+
+    /// A small append queued behind a flood of large ones from another
+    /// lane commits in the next batch, not after the flood; each lane keeps
+    /// its own order; commits stay under the byte bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lanes_are_served_in_turn_within_the_byte_bound() {
+        let (store, _dir) = open(Config {
+            max_batch_bytes: 256 * 1024,
+            ..Config::default()
+        })
+        .await;
+        // Hold the writer inside a batch while everything else queues.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, release_rx) = (
+            std::sync::Mutex::new(started_tx),
+            std::sync::Mutex::new(release_rx),
+        );
+        let blocker = store
+            .submit(move |_ctx| {
+                let _ = started_tx.lock().unwrap().send(());
+                let _ = release_rx.lock().unwrap().recv();
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .expect("queued");
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let big = vec![b'x'; 64 * 1024];
+        let mut flood = Vec::new();
+        for i in 0..400 {
+            flood.push(
+                store
+                    .queue_append_in(1, "c", &format!("big{i}"), big.clone())
+                    .await
+                    .expect("queued"),
+            );
+        }
+        let small = store
+            .queue_append_in(2, "c", "small", b"{}".to_vec())
+            .await
+            .expect("queued");
+        let before = store.writer_stats().batches;
+        release_tx.send(()).unwrap();
+        blocker.await.expect("blocker");
+        let small = small.await.expect("small");
+        let mut last = 0;
+        for (i, f) in flood.into_iter().enumerate() {
+            let a = f.await.expect("big");
+            assert!(a.offset > last, "lane 1 keeps its order at {i}");
+            last = a.offset;
+        }
+        // Fair order: the small append finishes first in virtual time.
+        assert_eq!(small.offset, 1, "the small append waited for the flood");
+        let stats = store.writer_stats();
+        let batches = stats.batches - before;
+        // 400 x 64 KiB at 256 KiB per commit: about 100 commits, not one.
+        assert!(batches >= 90, "{batches} commits for 25 MiB");
+        assert!(stats.max_batch <= 5, "{stats:?}");
+    }
+
+    struct Nothing;
+
+    impl super::Job for Nothing {
+        fn run(&mut self, _ctx: &super::Ctx<'_>) -> super::Outcome {
+            super::Outcome::Done
+        }
+        fn finish(self: Box<Self>, _commit: Result<(), &StoreError>) {}
+    }
+
+    fn write(lane: u64, bytes: usize) -> super::Queued {
+        super::Queued {
+            job: Box::new(Nothing),
+            lane,
+            bytes,
+        }
+    }
+
+    /// Fair order, not turns: a lane that becomes active while fifty lanes
+    /// flood large writes is served next, not after a write of each; a
+    /// flooding lane's writes keep their order.
+    #[test]
+    fn a_new_small_lane_goes_next_among_many_flooding_lanes() {
+        let mut lanes = super::Lanes::default();
+        for i in 0..8 {
+            for lane in 1..=50 {
+                lanes.push(write(lane, 1 << 20 | i));
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..100 {
+            let q = lanes.pop().expect("queued");
+            let last = seen.insert(q.lane, q.bytes).unwrap_or(0);
+            assert!(q.bytes > last, "lane {} in order", q.lane);
+        }
+        lanes.push(write(999, 2));
+        assert_eq!(lanes.pop().map(|q| q.lane), Some(999));
+        assert_eq!(lanes.len, 300);
+        let mut left = 0;
+        while lanes.pop().is_some() {
+            left += 1;
+        }
+        assert_eq!((left, lanes.len), (300, 0));
+    }
+
+    /// Lanes that empty and refill at once (a pipelining connection with a
+    /// write or two queued at a time) keep their place in virtual time:
+    /// they cannot starve a lane that arrives between their writes.
+    #[test]
+    fn refilling_lanes_do_not_starve_a_new_one() {
+        let mut lanes = super::Lanes::default();
+        for lane in 1..=50 {
+            lanes.push(write(lane, 1 << 20));
+        }
+        for _ in 0..100 {
+            let q = lanes.pop().expect("queued");
+            lanes.push(write(q.lane, 1 << 20));
+        }
+        lanes.push(write(999, 2));
+        assert_eq!(lanes.pop().map(|q| q.lane), Some(999));
+    }
+
+    /// Fifty lanes of equal 1 MiB writes move in lockstep; a lane of small
+    /// writes that queues its next write as soon as one is served waits
+    /// for about one large write each time, not for a round of fifty.
+    #[test]
+    fn a_small_lane_keeps_up_beside_lanes_in_lockstep() {
+        let mut lanes = super::Lanes::default();
+        for _ in 0..20 {
+            for lane in 1..=50 {
+                lanes.push(write(lane, 1 << 20));
+            }
+        }
+        lanes.push(write(999, 2));
+        let (mut since, mut worst, mut small) = (0, 0, 0);
+        for _ in 0..300 {
+            let q = lanes.pop().expect("queued");
+            if q.lane == 999 {
+                worst = worst.max(since);
+                since = 0;
+                small += 1;
+                lanes.push(write(999, 2));
+            } else {
+                since += 1;
+            }
+        }
+        assert!(worst <= 1, "{worst} large writes between two small ones");
+        assert!(small >= 100, "{small} small writes served of 300");
+    }
+
+    /// A hundred pipelining lanes with two 1 MiB writes queued each, each
+    /// refilled as soon as one is served (their tags end up equal), and a
+    /// lane that queues a small write now and then: it waits for at most
+    /// about one large write, not for the hundred.
+    #[test]
+    fn a_small_write_arriving_mid_round_goes_next() {
+        let mut lanes = super::Lanes::default();
+        for _ in 0..2 {
+            for lane in 1..=100 {
+                lanes.push(write(lane, 1 << 20));
+            }
+        }
+        let (mut queued_at, mut worst, mut served) = (None, 0, 0);
+        for i in 0..2_000 {
+            if queued_at.is_none() && i % 7 == 3 {
+                lanes.push(write(999, 20));
+                queued_at = Some(i);
+            }
+            let q = lanes.pop().expect("queued");
+            if q.lane == 999 {
+                worst = worst.max(i - queued_at.take().expect("it was queued"));
+                served += 1;
+            } else {
+                lanes.push(write(q.lane, 1 << 20));
+            }
+        }
+        assert!(served > 200, "{served} small writes served");
+        assert!(worst <= 1, "a small write waited for {worst} large ones");
     }
 }

@@ -12,6 +12,7 @@ use crate::client::{Welcome, Ws, open_session};
 use crate::fixture::Resources;
 use crate::scenario::Scenario;
 
+mod abuse;
 mod connections;
 mod fanout;
 mod sessions;
@@ -34,6 +35,7 @@ pub fn catalogue() -> Vec<Scenario> {
         fanout::LARGE_PAYLOADS,
         fanout::SOAK,
         spool::BURN_IN,
+        abuse::ABUSE_MEMORY,
     ]
 }
 

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use keel_session::{NewSend, NewSession, OutboxError, SessionError, SessionId, SessionState};
 use tokio::sync::{Notify, mpsc};
@@ -20,9 +21,13 @@ fn permits(bytes: usize) -> u32 {
 }
 
 impl Conn {
-    pub(super) async fn on_text(&mut self, text: &str) -> End {
+    /// Handles one text frame; the frame itself is dropped once decoded,
+    /// so that a publish waiting for room holds its payload only once.
+    pub(super) async fn on_text(&mut self, text: Utf8Bytes) -> End {
         let limits = &self.ctx.config.limits;
-        let frame = match protocol::decode(text, limits.max_frame_bytes) {
+        let decoded = protocol::decode(&text, limits.max_frame_bytes);
+        drop(text);
+        let frame = match decoded {
             Ok(f) => f,
             Err(e) => return self.error(e.code, &e.message, e.reference.as_deref()).await,
         };
@@ -393,12 +398,17 @@ impl Conn {
                 }
             }
         };
-        let global = match self.ctx.budget.try_acquire(bytes) {
+        // Reading the frame was charged to the relay's inbound budget
+        // already: the payload keeps its share of that.
+        let global = match self.gate.take(bytes) {
             Some(p) => Some(p),
-            None => {
-                hit("global_bytes");
-                self.ctx.budget.acquire(bytes).await
-            }
+            None => match self.ctx.budget.inbound.try_acquire(bytes) {
+                Some(p) => Some(p),
+                None => {
+                    hit("global_bytes");
+                    self.ctx.budget.inbound.acquire(bytes).await
+                }
+            },
         };
         let stdin = self
             .session
@@ -409,6 +419,7 @@ impl Conn {
             let (publish, publish_rx) = mpsc::channel(self.ctx.config.limits.max_in_flight);
             tokio::spawn(super::publish::publish_loop(
                 self.ctx.channels.clone(),
+                self.id,
                 self.ctx.config.limits.max_in_flight,
                 publish_rx,
                 self.out.clone(),
@@ -567,8 +578,7 @@ fn payload_refusal(
             ),
         ));
     }
-    let depth = protocol::nesting_depth(raw, limits.max_payload_depth);
-    (depth > limits.max_payload_depth).then(|| {
+    protocol::nests_deeper_than(raw, limits.max_payload_depth).then(|| {
         (
             ErrorCode::BadRequest,
             format!(

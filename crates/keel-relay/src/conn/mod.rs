@@ -21,11 +21,13 @@ use keel_recovery::{ShutdownToken, Supervisor};
 use keel_session::{SessionError, SessionId, SessionState, StoreError};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
+use crate::accept::Admitted;
 use crate::channels::Channels;
 use crate::config::Config;
 use crate::exec::Execs;
+use crate::gate::ReadGate;
 use crate::hub::{EndFlag, Ending, OutQueue, Outbound};
-use crate::limits::{Budget, Keyed, Slot, hit};
+use crate::limits::{Budgets, Keyed, hit};
 use crate::protocol::{ErrorCode, close, error_frame};
 
 pub(crate) use publish::PublishJob;
@@ -101,7 +103,7 @@ pub(crate) struct ConnCtx {
     pub(crate) config: Config,
     pub(crate) channels: Channels,
     pub(crate) sessions: SessionMap,
-    pub(crate) budget: Budget,
+    pub(crate) budget: Budgets,
     /// New sessions per client address.
     pub(crate) session_rate: Keyed<IpAddr>,
     /// Sends per session.
@@ -119,7 +121,7 @@ impl ConnCtx {
     pub(crate) fn new(
         config: Config,
         channels: Channels,
-        budget: Budget,
+        budget: Budgets,
         execs: Arc<Execs>,
         supervisor: Supervisor,
         intake: ShutdownToken,
@@ -158,6 +160,8 @@ struct Conn {
     id: u64,
     ip: IpAddr,
     out: OutQueue,
+    /// Socket reads charged to the inbound budget until their frame is handled.
+    gate: Arc<ReadGate>,
     end: Arc<EndFlag>,
     /// Publish payload bytes this connection may hold unanswered.
     inbound: Arc<Semaphore>,
@@ -169,17 +173,17 @@ struct Conn {
     publish: Option<mpsc::Sender<PublishJob>>,
 }
 
-/// Runs one connection to its end. `slot` is its place under the
-/// connection caps (taken at TCP accept, freed when this returns) and
-/// `accepted` when that was: the handshake timeout counts from there.
-pub(crate) async fn serve(
-    ctx: Arc<ConnCtx>,
-    socket: WebSocket,
-    ip: IpAddr,
-    slot: Arc<Slot>,
-    accepted: tokio::time::Instant,
-) {
-    let _slot = slot;
+/// Runs one connection to its end. `admitted` holds its place under the
+/// connection caps (taken at TCP accept, freed when this returns), when
+/// that was (the handshake timeout counts from there) and its socket's
+/// account with the inbound budget, charged from now on.
+pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admitted: Admitted) {
+    let Admitted {
+        slot: _slot,
+        at: accepted,
+        gate,
+    } = admitted;
+    gate.activate();
     let _live = ctx.live.enter();
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = socket.split();
@@ -188,7 +192,7 @@ pub(crate) async fn serve(
     let (out, rx) = OutQueue::new(
         limits.outbound_queue,
         limits.max_outbound_bytes,
-        ctx.budget.clone(),
+        &ctx.budget.outbound,
         end.clone(),
     );
     let mut writer = tokio::spawn(write::write_loop(
@@ -196,7 +200,7 @@ pub(crate) async fn serve(
         rx,
         write::WriteCtx {
             store: ctx.channels.store.clone(),
-            budget: ctx.budget.clone(),
+            account: out.account(),
             page_bytes: limits.replay_page_bytes,
             deadline: limits.write_deadline(),
         },
@@ -210,6 +214,7 @@ pub(crate) async fn serve(
         ctx: ctx.clone(),
         id,
         ip,
+        gate,
         out,
         end: end.clone(),
         inbound: Arc::new(Semaphore::new(limits.max_inbound_bytes.max(1))),
@@ -289,20 +294,22 @@ impl Conn {
                         None => return None,
                     };
                     idle_deadline = tokio::time::Instant::now() + limits.idle_timeout();
-                    match msg {
+                    let ending = match msg {
                         Message::Text(text) => {
                             frames_in.increment(1);
-                            if let Some(end) = self.on_text(&text).await {
-                                return Some(end);
-                            }
+                            self.on_text(text).await
                         }
                         Message::Binary(_) => {
-                            if let Some(end) = self.error(ErrorCode::BadJson, "binary frames are not part of keel.v1; send JSON text", None).await {
-                                return Some(end);
-                            }
+                            self.error(ErrorCode::BadJson, "binary frames are not part of keel.v1; send JSON text", None).await
                         }
                         Message::Close(_) => return None,
-                        Message::Ping(_) | Message::Pong(_) => {}
+                        Message::Ping(_) | Message::Pong(_) => None,
+                    };
+                    // The frame is handled: what reading it was charged
+                    // goes back (a publish took its payload's share).
+                    self.gate.release();
+                    if ending.is_some() {
+                        return ending;
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {

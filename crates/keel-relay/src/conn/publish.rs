@@ -40,9 +40,13 @@ pub(crate) struct PublishJob {
 /// Order: each append enters the store's writer queue before the next one
 /// (queueing is awaited, committing is not), so one connection's publishes
 /// get offsets in the order they were sent, even when many share a commit;
-/// answers go out in that same order, duplicates included.
+/// answers go out in that same order, duplicates included. The appends
+/// queue in the store writer's lane `lane` (the connection's id), so that a
+/// connection flooding the store delays other connections' publishes by
+/// about one commit, not by its whole backlog.
 pub(super) async fn publish_loop(
     channels: Channels,
+    lane: u64,
     limit: usize,
     mut rx: mpsc::Receiver<PublishJob>,
     out: OutQueue,
@@ -76,7 +80,7 @@ pub(super) async fn publish_loop(
                     for job in batch {
                         let queued = channels
                             .store
-                            .queue_append(&job.channel, &job.id, job.payload.clone())
+                            .queue_append_in(lane, &job.channel, &job.id, job.payload.clone())
                             .await;
                         in_flight.push_back(async move {
                             let result = match queued {

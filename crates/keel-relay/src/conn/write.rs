@@ -15,8 +15,8 @@ use keel_session::Store;
 use tokio::sync::mpsc;
 
 use crate::failpoints::Delivery;
-use crate::hub::{EndFlag, Ending, Held, Outbound, Queued};
-use crate::limits::{Budget, hit};
+use crate::hub::{Account, EndFlag, Ending, Held, Outbound, Queued};
+use crate::limits::hit;
 use crate::protocol::{self, close, json_str};
 
 /// Frames written per flush at most.
@@ -27,7 +27,8 @@ const REPLAY_ROWS: usize = 256;
 /// What the writer needs besides its socket and queue.
 pub(super) struct WriteCtx {
     pub(super) store: Store,
-    pub(super) budget: Budget,
+    /// The connection's outbound account (replay pages are charged to it).
+    pub(super) account: Arc<Account>,
     pub(super) page_bytes: usize,
     pub(super) deadline: Duration,
 }
@@ -37,35 +38,67 @@ struct Failed;
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// One write, bounded by the deadline; a write that times out marks the
-/// connection stuck.
+/// How long a slow consumer's 1013 close may take to go out: what is
+/// already in its socket must drain first, and a reader that far behind is
+/// dropped without it (it resumes from the log all the same).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// One write, bounded by the deadline (a write that times out marks the
+/// connection stuck) and abandoned as soon as the connection must end for
+/// any reason, so that a writer blocked on a reader that does not read lets
+/// go of its queue at once.
 async fn bounded<F>(deadline: Duration, end: &EndFlag, write: F) -> Result<(), Failed>
 where
     F: std::future::Future<Output = Result<(), axum::Error>>,
 {
-    match tokio::time::timeout(deadline, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => {
-            end.raise(Ending::Gone);
-            Err(Failed)
-        }
-        Err(_) => {
-            hit("write_deadline");
-            end.raise(Ending::Stuck);
-            Err(Failed)
-        }
+    tokio::select! {
+        biased;
+        r = tokio::time::timeout(deadline, write) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => {
+                end.raise(Ending::Gone);
+                Err(Failed)
+            }
+            Err(_) => {
+                hit("write_deadline");
+                end.raise(Ending::Stuck);
+                Err(Failed)
+            }
+        },
+        _ = end.wait() => Err(Failed),
     }
 }
 
 /// Writes frames in batches; replays logs and fills gaps so that each
 /// channel's offsets go out in order, each once. Ends when every sender is
 /// gone and the queue is written, at a close, when the connection must end
-/// (slow: it sends 1013 first), or when a write fails or times out.
+/// (slow: it drops its queue, then sends 1013 if the socket takes it within
+/// [`CLOSE_GRACE`]), or when a write fails or times out.
 pub(super) async fn write_loop(
     mut sink: Sink,
-    mut rx: mpsc::Receiver<Queued>,
+    rx: mpsc::Receiver<Queued>,
     ctx: WriteCtx,
     end: Arc<EndFlag>,
+) {
+    write_queue(&mut sink, rx, &ctx, &end).await;
+    if end.get() == Some(Ending::Slow) {
+        // The queue and everything it held are gone by now.
+        metrics::counter!("keel_slow_consumers_total").increment(1);
+        let close = close_message(
+            close::SLOW_CONSUMER,
+            "slow consumer: resume from your last offset",
+        );
+        let _ = tokio::time::timeout(CLOSE_GRACE.min(ctx.deadline), sink.send(close)).await;
+    }
+}
+
+/// The writer's loop; returns when the connection is done writing (its
+/// queue, and what it held, dropped with it).
+async fn write_queue(
+    sink: &mut Sink,
+    mut rx: mpsc::Receiver<Queued>,
+    ctx: &WriteCtx,
+    end: &EndFlag,
 ) {
     let mut next: HashMap<Arc<str>, u64> = HashMap::new();
     let frames_out = metrics::counter!("keel_frames_out_total");
@@ -75,17 +108,7 @@ pub(super) async fn write_loop(
     loop {
         let first = tokio::select! {
             biased;
-            why = end.wait() => {
-                if why == Ending::Slow {
-                    metrics::counter!("keel_slow_consumers_total").increment(1);
-                    let _ = bounded(ctx.deadline, &end, sink.send(close_message(
-                        close::SLOW_CONSUMER,
-                        "slow consumer: resume from your last offset",
-                    )))
-                    .await;
-                }
-                return;
-            }
+            _ = end.wait() => return,
             m = rx.recv() => m,
         };
         let Some(first) = first else {
@@ -106,13 +129,13 @@ pub(super) async fn write_loop(
             let done = match item {
                 Outbound::Frame(f) => {
                     written += 1;
-                    bounded(ctx.deadline, &end, sink.feed(Message::Text(f))).await
+                    bounded(ctx.deadline, end, sink.feed(Message::Text(f))).await
                 }
                 Outbound::Live { channel, batch } => {
                     let Some(expected) = next.get(&channel).copied() else {
                         continue; // not started yet: the replay will cover it
                     };
-                    match live(&mut sink, &ctx, &end, &channel, expected, &batch).await {
+                    match live(sink, ctx, end, &channel, expected, &batch).await {
                         Ok((now, n)) => {
                             written += n;
                             next.insert(channel, now);
@@ -131,7 +154,7 @@ pub(super) async fn write_loop(
                 }
                 Outbound::Start { channel, from, .. } => {
                     metrics::counter!("keel_start_replays_total").increment(1);
-                    match replay(&mut sink, &ctx, &end, &channel, from, None).await {
+                    match replay(sink, ctx, end, &channel, from, None).await {
                         Ok((now, n)) => {
                             written += n;
                             next.insert(channel, now);
@@ -146,7 +169,7 @@ pub(super) async fn write_loop(
                 }
                 Outbound::Close { code, reason } => {
                     let _ =
-                        bounded(ctx.deadline, &end, sink.send(close_message(code, &reason))).await;
+                        bounded(ctx.deadline, end, sink.send(close_message(code, &reason))).await;
                     return;
                 }
             };
@@ -155,7 +178,7 @@ pub(super) async fn write_loop(
             }
         }
         frames_out.increment(written);
-        if bounded(ctx.deadline, &end, sink.flush()).await.is_err() {
+        if bounded(ctx.deadline, end, sink.flush()).await.is_err() {
             return;
         }
         holding.clear();
@@ -235,7 +258,13 @@ async fn replay(
             Some(u) => ((u - next) as usize).min(REPLAY_ROWS),
             None => REPLAY_ROWS,
         };
-        let permit = ctx.budget.acquire(ctx.page_bytes).await;
+        // The page's bytes count against the connection and the relay's
+        // outbound budget while it is written; overdrawing the budget
+        // closes the largest holders, perhaps this one.
+        let permit = ctx.account.hold(ctx.page_bytes, true);
+        if end.get().is_some() {
+            return Err(Failed);
+        }
         let page = ctx
             .store
             .read_channel_bounded(channel, next, want, ctx.page_bytes)

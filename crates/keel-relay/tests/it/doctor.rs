@@ -67,6 +67,16 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
     assert!(text.contains("dead 1"), "{text}");
     assert!(text.contains("key=doomed-1"), "{text}");
     assert!(text.contains("quarantined files: none"), "{text}");
+    // The session's private channel holds the send result: sizes are listed.
+    assert!(text.contains("channels with messages: 1"), "{text}");
+    assert!(
+        text.contains("1 messages, oldest offset 1, newest 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("health log:") && text.contains("chain valid"),
+        "{text}"
+    );
 
     let (ok, text) = run(&["redrive", "--data", data_arg]);
     assert!(ok && text.contains("re-queued 1"), "{text}");

@@ -211,3 +211,38 @@ async fn cursors_only_move_forward() {
         Err(SessionError::NotFound(ghost))
     );
 }
+
+/// A read sees one snapshot: bounds read while the first message of a log
+/// commits say "empty" or "holds offset 1", never "empty but offset 1 was
+/// written" (which a reader takes for retention having cut the log, and
+/// skips the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_are_one_snapshot_while_a_log_starts() {
+    let t = support::open().await;
+    let mut torn = 0;
+    for round in 0..200 {
+        let channel = format!("new-{round}");
+        let pollers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, channel) = (t.store.clone(), channel.clone());
+                tokio::spawn(async move {
+                    let mut torn = 0;
+                    loop {
+                        let b = store.channel_bounds(&channel).await.unwrap();
+                        if b.first.is_none() && b.next > 1 {
+                            torn += 1;
+                        }
+                        if b.next > 1 {
+                            return torn;
+                        }
+                    }
+                })
+            })
+            .collect();
+        t.store.append(&channel, "m1", b"p").await.unwrap();
+        for p in join_all(pollers).await {
+            torn += p.unwrap();
+        }
+    }
+    assert_eq!(torn, 0, "bounds mixed two snapshots {torn} times");
+}

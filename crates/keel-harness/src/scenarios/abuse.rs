@@ -1,0 +1,217 @@
+//! Abusive clients against the relay's byte budgets, beside a well-behaved
+//! one: pipelined maximum-size publishes, subscribers that never read, and
+//! replays of a large backlog that are never read either.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{body, params, peak_rss_mib, rss_mib, wait_until};
+use crate::Error;
+use crate::client::{self, Answer, PayloadCheck, Publisher, SubscriberSpec, spawn_subscriber};
+use crate::fixture::RelayOptions;
+use crate::load::{LatencySink, Schedule};
+use crate::scenario::{Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
+use crate::threshold::{Bound, Threshold};
+
+const ABUSE: &str = "abuse_memory";
+
+/// The relay's default budget of payload bytes held, MiB.
+const GLOBAL_BUDGET_MIB: f64 = 512.0;
+
+pub(crate) const ABUSE_MEMORY: Scenario = Scenario {
+    name: ABUSE,
+    suite: Suite::Load,
+    seed: SeedRef {
+        seed: "003",
+        test: "test_stress_memory_saturation_event_queue (under abuse)",
+        threshold: "no OOM crash, memory stabilizes under a backlog the consumers cannot take",
+    },
+    what: "100 connections pipelining 1 MiB publishes, 100 subscribers that never read the channel they flood, 100 replays of a 100 MiB backlog never read, beside a well-behaved client publishing and receiving 50 messages/s",
+    target: "relay RSS within its baseline plus the 512 MiB global budget plus 10%; the well-behaved client's p99 < 100 ms, nothing of it lost",
+    needs_process: true,
+    thresholds: |_| {
+        vec![
+            Threshold::new("growth_over_budget", "x", None, Bound::Le(1.1)),
+            Threshold::new("calm_p99_ms", "ms", None, Bound::Le(100.0)),
+            Threshold::all("calm_delivered_ratio"),
+        ]
+    },
+    plan: |input: &PlanInput| {
+        let each = input.scale.pick(5, 100);
+        let secs = input
+            .duration
+            .unwrap_or_else(|| {
+                input
+                    .scale
+                    .duration(Duration::from_secs(4), Duration::from_secs(12))
+            })
+            .as_secs_f64();
+        let backlog = input.scale.pick(10, 100);
+        let payload = input.scale.pick(256 * 1024, 1024 * 1024);
+        input.plan(
+            ABUSE,
+            &params(&[
+                ("connections_per_kind", each as f64),
+                ("seconds", secs),
+                ("backlog_messages", backlog as f64),
+                ("payload_bytes", payload as f64),
+                ("calm_rate", 50.0),
+            ]),
+        )
+    },
+    run: body!(run_abuse),
+    budget: Duration::from_secs(240),
+};
+
+async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let relay = ctx.relay(RelayOptions::default()).await?;
+    let (each, secs) = (plan.count("connections_per_kind"), plan.num("seconds"));
+    let payload_bytes = plan.count("payload_bytes");
+    let big = format!("\"{}\"", "a".repeat(payload_bytes - 2));
+    // The backlog, written before the baseline (it also fills the store's
+    // page cache, which is not what is measured).
+    ctx.phase("writing the backlog");
+    let filler = Publisher::open(&relay.url(), 7_000, None, &ctx.recorder).await?;
+    let backlog = ctx.recorder.channel("abuse-backlog");
+    for _ in 0..plan.count("backlog_messages") {
+        filler.publish(backlog, "abuse-backlog", &big, None).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = rss_mib(relay.pid());
+    let t0 = ctx.recorder.now();
+
+    // The well-behaved client, measured throughout.
+    let sink = LatencySink::default();
+    let (stop_calm, stop) = tokio::sync::watch::channel(false);
+    let calm_rate = plan.num("calm_rate");
+    let calm_events = (calm_rate * secs) as u64;
+    let (calm_progress, calm_sub) = spawn_subscriber(
+        SubscriberSpec {
+            sub: 1,
+            url: relay.url(),
+            source: None,
+            channels: vec![("calm".into(), 1)],
+            read_delay: None,
+            resume: true,
+            payloads: PayloadCheck::Latency(sink.clone()),
+            stop_after: Some(calm_events),
+        },
+        ctx.recorder.clone(),
+        stop,
+        Duration::from_secs(2),
+    );
+    let calm_pub = Publisher::open(&relay.url(), 7_001, None, &ctx.recorder).await?;
+    let calm = ctx.recorder.channel("calm");
+
+    ctx.phase("abusers connecting");
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+    let mut abusers = Vec::new();
+    for i in 0..each {
+        let (url, big) = (relay.url(), big.clone());
+        // Pipelined maximum-size publishes, answers read and dropped.
+        abusers.push(tokio::spawn(async move {
+            let Ok((ws, _)) = client::open_session(&url, client::source_ip(i)).await else { return };
+            let (mut tx, mut rx) = ws.split();
+            let drain = tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < until {
+                let f = format!(r#"{{"type":"publish","channel":"abuse-firehose","id":"a{i}-{n}","payload":{big}}}"#);
+                match tokio::time::timeout_at(until, tx.send(Message::text(f))).await {
+                    Ok(Ok(())) => n += 1,
+                    _ => break,
+                }
+            }
+            drain.abort();
+        }));
+        // A subscriber of the firehose that never reads.
+        let url = relay.url();
+        abusers.push(tokio::spawn(async move {
+            let Ok((mut ws, _)) = client::open_session(&url, client::source_ip(i + 1)).await else {
+                return;
+            };
+            let sub = r#"{"type":"subscribe","channel":"abuse-firehose","from":1}"#;
+            let _ = ws.send(Message::text(sub)).await;
+            tokio::time::sleep_until(until).await;
+            drop(ws);
+        }));
+        // A replay of the whole backlog that is never read.
+        let url = relay.url();
+        abusers.push(tokio::spawn(async move {
+            let Ok((mut ws, _)) = client::open_session(&url, client::source_ip(i + 2)).await else {
+                return;
+            };
+            let sub = r#"{"type":"subscribe","channel":"abuse-backlog","from":1}"#;
+            let _ = ws.send(Message::text(sub)).await;
+            tokio::time::sleep_until(until).await;
+            drop(ws);
+        }));
+    }
+    ctx.phase("abuse, and a calm client beside it");
+    let schedule = Schedule::constant(calm_rate, Duration::from_secs_f64(secs));
+    let intended = schedule.intended();
+    let start = tokio::time::Instant::now();
+    let recorder = ctx.recorder.clone();
+    let calm_stats = crate::load::run(&schedule, start, 1_000, Duration::from_millis(10), |i| {
+        let at = start + intended[i as usize];
+        let payload = format!(r#"{{"t":{}}}"#, recorder.micros(at.into_std()));
+        let p = &calm_pub;
+        async move {
+            matches!(
+                p.publish(calm, "calm", &payload, Some(at)).await,
+                Answer::Published(_)
+            )
+        }
+    })
+    .await;
+    for a in abusers {
+        let _ = a.await;
+    }
+    let t1 = ctx.recorder.now();
+    ctx.phase("the calm client drains");
+    wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        let done = calm_progress.get() >= calm_stats.ok;
+        async move { done }
+    })
+    .await;
+    let _ = stop_calm.send(true);
+    let _ = calm_sub.await;
+    let peak = peak_rss_mib(&ctx.resources, t0 as f64 / 1e6, t1 as f64 / 1e6).max(baseline);
+    let growth = peak - baseline;
+    let latency = sink.snapshot();
+    let hits = relay.metrics().await.unwrap_or_default();
+    let limit = |name: &str| {
+        crate::fixture::metric_value(&hits, &format!("keel_limit_hits_total{{limit=\"{name}\"}}"))
+    };
+    let mut m = Measured::default();
+    m.set("baseline_rss_mib", baseline)
+        .set("peak_rss_mib", peak)
+        .set("growth_mib", growth)
+        .set("growth_over_budget", growth / GLOBAL_BUDGET_MIB)
+        .set("calm_p50_ms", latency.ms(0.5))
+        .set("calm_p99_ms", latency.ms(0.99))
+        .set("calm_ack_p50_ms", calm_stats.latency.ms(0.5))
+        .set("calm_ack_p99_ms", calm_stats.latency.ms(0.99))
+        .set(
+            "calm_delivered_ratio",
+            calm_progress.get() as f64 / calm_stats.ok.max(1) as f64,
+        )
+        .set("inbound_pauses", limit("inbound_bytes"))
+        .set("global_pauses", limit("global_bytes"))
+        .set("outbound_closes", limit("outbound_bytes"))
+        .set("write_deadlines", limit("write_deadline"));
+    m.note(format!(
+        "{each} abusers of each kind for {secs:.0} s: relay RSS {baseline:.0} -> peak {peak:.0} MiB (+{growth:.0} MiB; budget {GLOBAL_BUDGET_MIB:.0} MiB); calm client p50 {:.1} ms, p99 {:.1} ms",
+        latency.ms(0.5),
+        latency.ms(0.99)
+    ));
+    m.latency = Some(latency);
+    m.throughput = calm_stats
+        .latency
+        .series()
+        .iter()
+        .map(|(t, _, _, n)| (*t, *n as f64))
+        .collect();
+    Ok(m)
+}

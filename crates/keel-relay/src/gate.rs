@@ -1,0 +1,392 @@
+//! Socket reads charged to the relay's inbound byte budget before they
+//! happen. Every WebSocket connection's TCP stream is wrapped in a
+//! [`Gated`] stream: once the connection is open, each read from the
+//! kernel first takes room in the budget (in [`CHUNK`]-byte steps), and the
+//! bytes stay charged until the frame they belong to has been handled. A
+//! frame being read, or read and waiting for its publish to get room, is
+//! therefore inside the budget however many connections send one at once;
+//! when the budget is spent, reads pause for everyone, first come first
+//! served, and TCP pushes back on the clients.
+//!
+//! Light connections do not queue behind heavy ones: a connection with at
+//! most [`LIGHT`] bytes charged (a client sending small frames) that finds
+//! the budget spent takes room from the budget's reserve instead, and
+//! waits for whichever frees first. The reserve is an eighth of the
+//! inbound budget, so it takes thousands of connections, each in the
+//! middle of a large frame, to spend it.
+//!
+//! What is not charged: the HTTP request before the upgrade (bounded by
+//! `max_header_bytes`) and, after a frame is handled, the start of the next
+//! one if the same kernel read brought it in (at most one read buffer, 4
+//! KiB, per connection).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::limits::Budget;
+
+/// Room taken from the budget at a time. Small, so that a client that
+/// trickles a frame holds only about what it sent.
+pub(crate) const CHUNK: usize = 8 * 1024;
+
+/// Bytes charged at most for a connection to count as light.
+pub(crate) const LIGHT: usize = 2 * CHUNK;
+
+/// Room from the budget; `true` when it came from the reserve.
+type Acquire = Pin<Box<dyn Future<Output = Option<(OwnedSemaphorePermit, bool)>> + Send>>;
+
+#[derive(Default)]
+struct State {
+    active: bool,
+    /// Bytes charged: read since the last release, plus unused room.
+    charge: Option<OwnedSemaphorePermit>,
+    /// The part of the charge taken from the reserve.
+    light: Option<OwnedSemaphorePermit>,
+    /// Of the charge (both parts), bytes read.
+    used: usize,
+    /// Waiting for room.
+    waiting: Option<Acquire>,
+}
+
+impl State {
+    /// Bytes charged, both parts.
+    fn charged(&self) -> usize {
+        let n = |p: &Option<OwnedSemaphorePermit>| p.as_ref().map_or(0, |p| p.num_permits());
+        n(&self.charge) + n(&self.light)
+    }
+}
+
+/// One connection's account with the inbound budget.
+pub(crate) struct ReadGate {
+    budget: Budget,
+    state: Mutex<State>,
+}
+
+impl ReadGate {
+    pub(crate) fn new(budget: Budget) -> Arc<ReadGate> {
+        Arc::new(ReadGate {
+            budget,
+            state: Mutex::default(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads are charged from now on.
+    pub(crate) fn activate(&self) {
+        self.state().active = true;
+    }
+
+    /// Bytes charged now (read and not released, plus unused room).
+    #[cfg(test)]
+    pub(crate) fn charged(&self) -> usize {
+        self.state().charged()
+    }
+
+    /// The frame that was read is handled: what it was charged goes back.
+    pub(crate) fn release(&self) {
+        let mut s = self.state();
+        s.charge = None;
+        s.light = None;
+        s.used = 0;
+    }
+
+    /// Moves `n` bytes of the charge to the caller (a publish that holds
+    /// its payload until it is answered), if the charge covers them.
+    pub(crate) fn take(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let mut s = self.state();
+        let n = n.max(1);
+        let covers =
+            |p: &Option<OwnedSemaphorePermit>| p.as_ref().is_some_and(|p| p.num_permits() >= n);
+        let part = if covers(&s.charge) {
+            s.charge.as_mut()?
+        } else if covers(&s.light) {
+            s.light.as_mut()?
+        } else {
+            return None;
+        };
+        let taken = part.split(n);
+        s.used = s.used.saturating_sub(n);
+        taken
+    }
+
+    /// Room to read now, in bytes: 0 means it is waiting for the budget
+    /// (the waker is registered).
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<usize> {
+        let mut s = self.state();
+        if !s.active {
+            return Poll::Ready(usize::MAX);
+        }
+        loop {
+            let room = s.charged() - s.used;
+            if room > 0 {
+                return Poll::Ready(room);
+            }
+            let light = s.charged() + CHUNK <= LIGHT;
+            let more = match s.waiting.as_mut() {
+                Some(w) => ready!(w.as_mut().poll(cx)),
+                None => match self.budget.try_acquire(CHUNK) {
+                    Some(p) => Some((p, false)),
+                    None => match self.budget.try_reserve(CHUNK).filter(|_| light) {
+                        Some(p) => Some((p, true)),
+                        None => {
+                            crate::limits::hit("global_bytes");
+                            let budget = self.budget.clone();
+                            s.waiting = Some(if light {
+                                Box::pin(async move { budget.acquire_light(CHUNK).await })
+                            } else {
+                                Box::pin(
+                                    async move { budget.acquire(CHUNK).await.map(|p| (p, false)) },
+                                )
+                            });
+                            continue;
+                        }
+                    },
+                },
+            };
+            s.waiting = None;
+            let Some((more, reserved)) = more else {
+                // The budget is closed: read uncharged rather than hang.
+                return Poll::Ready(usize::MAX);
+            };
+            let part = if reserved {
+                &mut s.light
+            } else {
+                &mut s.charge
+            };
+            match part.as_mut() {
+                Some(c) => c.merge(more),
+                None => *part = Some(more),
+            }
+        }
+    }
+
+    /// Whether the next read must first take room (it then waits for the
+    /// socket to hold data: an idle connection holds no room).
+    fn needs_room(&self) -> bool {
+        let s = self.state();
+        s.active && s.waiting.is_none() && s.charged() <= s.used
+    }
+
+    /// A read found no data: room taken for nothing read goes back, so an
+    /// idle connection holds none.
+    fn idle(&self) {
+        let mut s = self.state();
+        if s.used == 0 {
+            s.charge = None;
+            s.light = None;
+        }
+    }
+
+    fn used(&self, n: usize) {
+        let mut s = self.state();
+        if s.active && (s.charge.is_some() || s.light.is_some()) {
+            s.used += n;
+        }
+    }
+}
+
+/// A TCP stream whose reads are charged through its [`ReadGate`].
+pub(crate) struct Gated {
+    inner: TcpStream,
+    gate: Arc<ReadGate>,
+}
+
+impl Gated {
+    pub(crate) fn new(inner: TcpStream, gate: Arc<ReadGate>) -> Gated {
+        Gated { inner, gate }
+    }
+}
+
+impl AsyncRead for Gated {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.gate.needs_room() {
+            ready!(self.inner.poll_read_ready(cx))?;
+        }
+        let room = ready!(self.gate.poll_room(cx));
+        if room >= buf.remaining() {
+            let before = buf.filled().len();
+            if Pin::new(&mut self.inner).poll_read(cx, buf)?.is_pending() {
+                self.gate.idle();
+                return Poll::Pending;
+            }
+            let n = buf.filled().len() - before;
+            self.gate.used(n);
+            return Poll::Ready(Ok(()));
+        }
+        // Read no more than the room charged (through a small copy: the
+        // caller's buffer is larger than one chunk only rarely).
+        let mut tmp = [0u8; CHUNK];
+        let k = room.min(CHUNK);
+        let mut part = ReadBuf::new(&mut tmp[..k]);
+        if Pin::new(&mut self.inner)
+            .poll_read(cx, &mut part)?
+            .is_pending()
+        {
+            self.gate.idle();
+            return Poll::Pending;
+        }
+        let n = part.filled().len();
+        buf.put_slice(part.filled());
+        self.gate.used(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Gated {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(gate: Arc<ReadGate>) -> (TcpStream, Gated) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, Gated::new(server, gate))
+    }
+
+    #[tokio::test]
+    async fn reads_pause_when_the_budget_is_spent_and_resume_on_release() {
+        let budget = Budget::new(CHUNK * 2);
+        let a = ReadGate::new(budget.clone());
+        a.activate();
+        let (mut client, mut a_io) = pair(a.clone()).await;
+        // An idle connection holds nothing.
+        let idle = tokio::time::timeout(Duration::from_millis(50), a_io.read(&mut [0u8; 16])).await;
+        assert!(idle.is_err());
+        assert_eq!(budget.held(), 0, "no data, no charge");
+        client.write_all(&vec![7u8; CHUNK * 3]).await.unwrap();
+        let mut buf = vec![0u8; CHUNK * 3];
+        // Two chunks of room: two chunks read, then it waits.
+        let mut got = 0;
+        while got < CHUNK * 2 {
+            got += a_io.read(&mut buf[got..]).await.unwrap();
+        }
+        assert_eq!(got, CHUNK * 2);
+        assert_eq!(a.charged(), CHUNK * 2);
+        assert_eq!(budget.held(), CHUNK * 2);
+        let more =
+            tokio::time::timeout(Duration::from_millis(50), a_io.read(&mut buf[got..])).await;
+        assert!(more.is_err(), "a read past the budget waits");
+        // A publish keeps one chunk; the rest goes back, straight to the
+        // read that waits for it, and reading resumes.
+        let kept = a.take(CHUNK).expect("the charge covers it");
+        a.release();
+        assert_eq!(
+            budget.held(),
+            2 * CHUNK,
+            "the kept chunk and the waiting read's"
+        );
+        let n = a_io.read(&mut buf[got..]).await.unwrap();
+        assert!(n > 0 && n <= CHUNK);
+        drop(kept);
+        a.release();
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// A connection sending a small frame reads at once from the reserve
+    /// while a heavy one waits for the spent budget; the heavy one never
+    /// takes the reserve past its first chunks.
+    #[tokio::test]
+    async fn light_connections_do_not_queue_behind_heavy_ones() {
+        let budget = Budget::with_reserve(4 * CHUNK, 2 * CHUNK);
+        let heavy = ReadGate::new(budget.clone());
+        heavy.activate();
+        let (mut heavy_client, mut heavy_io) = pair(heavy.clone()).await;
+        heavy_client.write_all(&vec![7u8; CHUNK * 5]).await.unwrap();
+        let mut buf = vec![0u8; CHUNK * 5];
+        let mut got = 0;
+        while got < CHUNK * 2 {
+            got += heavy_io.read(&mut buf[got..]).await.unwrap();
+        }
+        let more =
+            tokio::time::timeout(Duration::from_millis(50), heavy_io.read(&mut buf[got..])).await;
+        assert!(more.is_err(), "the heavy reader waits for the budget");
+        assert_eq!(
+            heavy.charged(),
+            2 * CHUNK,
+            "from the budget, not the reserve"
+        );
+
+        let light = ReadGate::new(budget.clone());
+        light.activate();
+        let (mut light_client, mut light_io) = pair(light.clone()).await;
+        light_client.write_all(&[1u8; 100]).await.unwrap();
+        let mut small = [0u8; 100];
+        let n = tokio::time::timeout(Duration::from_secs(5), light_io.read(&mut small))
+            .await
+            .expect("a light reader does not wait behind the heavy one")
+            .unwrap();
+        assert_eq!(n, 100);
+        assert_eq!(budget.held(), 3 * CHUNK);
+        // Its publish keeps its payload's share; the rest goes back.
+        let kept = light.take(100).expect("the reserve's chunk covers it");
+        light.release();
+        assert_eq!(budget.held(), 2 * CHUNK + 100);
+        drop(kept);
+        heavy.release();
+        assert_eq!(
+            budget.held(),
+            CHUNK,
+            "only the heavy reader's waiting read's"
+        );
+    }
+
+    #[tokio::test]
+    async fn inactive_gate_reads_uncharged() {
+        let budget = Budget::new(CHUNK);
+        let gate = ReadGate::new(budget.clone());
+        let (mut client, mut io) = pair(gate.clone()).await;
+        client.write_all(&[1u8; 3 * CHUNK]).await.unwrap();
+        let mut buf = vec![0u8; 3 * CHUNK];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(budget.held(), 0);
+        assert_eq!(gate.charged(), 0);
+    }
+}
