@@ -37,6 +37,8 @@ pub(crate) struct Serving {
     pub(crate) max_header_bytes: usize,
     /// The inbound byte budget socket reads are charged to.
     pub(crate) inbound: Budget,
+    /// Time a WebSocket frame may take to arrive from its first byte.
+    pub(crate) frame_timeout: Duration,
 }
 
 /// Accepts until `stop`, serving each connection with `app`.
@@ -68,7 +70,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let gate = ReadGate::new(serving.inbound.clone());
+        let gate = ReadGate::new(serving.inbound.clone(), serving.frame_timeout);
         let admitted = Admitted {
             slot,
             at: tokio::time::Instant::now(),

@@ -84,6 +84,11 @@ pub struct Limits {
     /// A write to a client that makes no progress for this long closes the
     /// connection and frees all it held. Default 10,000 ms.
     pub write_deadline_ms: u64,
+    /// Time a WebSocket frame may take to arrive, from its first byte to its
+    /// last; past it the connection is dropped (a client that starts frames
+    /// and stops holds the bytes read so far). Default 30,000 ms (a 1 MiB
+    /// frame at 35 KB/s).
+    pub frame_timeout_ms: u64,
     /// Bytes of publish payloads one connection may have accepted and not
     /// yet answered; past it the relay stops reading that socket until
     /// answers go out (TCP backpressure). Default 2 MiB.
@@ -144,6 +149,7 @@ impl Default for Limits {
             header_timeout_ms: 5_000,
             max_header_bytes: 16 * 1024,
             write_deadline_ms: 10_000,
+            frame_timeout_ms: 30_000,
             max_inbound_bytes: 2 << 20,
             max_outbound_bytes: 16 << 20,
             global_buffer_bytes: 512 << 20,

@@ -15,6 +15,11 @@
 //! inbound budget, so it takes thousands of connections, each in the
 //! middle of a large frame, to spend it.
 //!
+//! A frame must arrive within the frame timeout of its first byte: a
+//! connection that starts frames and stops sending would otherwise hold
+//! its charge until the idle timeout, and a few hundred of them the whole
+//! budget. Past it, the read fails (`TimedOut`) and the connection ends.
+//!
 //! What is not charged: the HTTP request before the upgrade (bounded by
 //! `max_header_bytes`) and, after a frame is handled, the start of the next
 //! one if the same kernel read brought it in (at most one read buffer, 4
@@ -29,6 +34,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Duration, Instant, Sleep};
 
 use crate::limits::Budget;
 
@@ -53,6 +59,8 @@ struct State {
     used: usize,
     /// Waiting for room.
     waiting: Option<Acquire>,
+    /// When the first byte of the frame being read was read.
+    started: Option<Instant>,
 }
 
 impl State {
@@ -66,13 +74,32 @@ impl State {
 /// One connection's account with the inbound budget.
 pub(crate) struct ReadGate {
     budget: Budget,
+    frame_timeout: Duration,
     state: Mutex<State>,
 }
 
+/// Room a publish keeps until it is answered: taken from its frame's
+/// charge (the budget's part, the reserve's, or both) and, for what the
+/// charge did not cover, from the budget.
+#[derive(Default)]
+pub(crate) struct Room(Vec<OwnedSemaphorePermit>);
+
+impl Room {
+    /// Bytes it holds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.0.iter().map(|p| p.num_permits()).sum()
+    }
+
+    pub(crate) fn add(&mut self, p: OwnedSemaphorePermit) {
+        self.0.push(p);
+    }
+}
+
 impl ReadGate {
-    pub(crate) fn new(budget: Budget) -> Arc<ReadGate> {
+    pub(crate) fn new(budget: Budget, frame_timeout: Duration) -> Arc<ReadGate> {
         Arc::new(ReadGate {
             budget,
+            frame_timeout,
             state: Mutex::default(),
         })
     }
@@ -98,25 +125,47 @@ impl ReadGate {
         s.charge = None;
         s.light = None;
         s.used = 0;
+        s.started = None;
     }
 
-    /// Moves `n` bytes of the charge to the caller (a publish that holds
-    /// its payload until it is answered), if the charge covers them.
-    pub(crate) fn take(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+    /// The connection's reads are over: everything charged, and any wait
+    /// for room, goes back at once (not when the socket is dropped).
+    pub(crate) fn close(&self) {
         let mut s = self.state();
-        let n = n.max(1);
-        let covers =
-            |p: &Option<OwnedSemaphorePermit>| p.as_ref().is_some_and(|p| p.num_permits() >= n);
-        let part = if covers(&s.charge) {
-            s.charge.as_mut()?
-        } else if covers(&s.light) {
-            s.light.as_mut()?
-        } else {
+        *s = State::default();
+    }
+
+    /// Moves up to `n` bytes of the charge to the caller (a publish that
+    /// holds its payload until it is answered); the room returned may hold
+    /// less when the frame's start was read uncharged.
+    pub(crate) fn take(&self, n: usize) -> Room {
+        let mut guard = self.state();
+        let s = &mut *guard;
+        let mut room = Room::default();
+        let mut want = n.max(1);
+        for part in [&mut s.charge, &mut s.light] {
+            let Some(p) = part.as_mut() else { continue };
+            let k = want.min(p.num_permits());
+            if k == 0 {
+                continue;
+            }
+            if let Some(t) = p.split(k) {
+                room.add(t);
+                want -= k;
+            }
+        }
+        let taken = room.bytes();
+        s.used = s.used.saturating_sub(taken);
+        room
+    }
+
+    /// When the frame being read must be complete.
+    fn frame_deadline(&self) -> Option<Instant> {
+        let s = self.state();
+        if !s.active {
             return None;
-        };
-        let taken = part.split(n);
-        s.used = s.used.saturating_sub(n);
-        taken
+        }
+        s.started.map(|t| t + self.frame_timeout)
     }
 
     /// Room to read now, in bytes: 0 means it is waiting for the budget
@@ -136,7 +185,7 @@ impl ReadGate {
                 Some(w) => ready!(w.as_mut().poll(cx)),
                 None => match self.budget.try_acquire(CHUNK) {
                     Some(p) => Some((p, false)),
-                    None => match self.budget.try_reserve(CHUNK).filter(|_| light) {
+                    None => match light.then(|| self.budget.try_reserve(CHUNK)).flatten() {
                         Some(p) => Some((p, true)),
                         None => {
                             crate::limits::hit("global_bytes");
@@ -191,6 +240,9 @@ impl ReadGate {
         let mut s = self.state();
         if s.active && (s.charge.is_some() || s.light.is_some()) {
             s.used += n;
+            if n > 0 && s.started.is_none() {
+                s.started = Some(Instant::now());
+            }
         }
     }
 }
@@ -199,11 +251,41 @@ impl ReadGate {
 pub(crate) struct Gated {
     inner: TcpStream,
     gate: Arc<ReadGate>,
+    /// Armed at the frame deadline while a started frame waits for data.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Gated {
     pub(crate) fn new(inner: TcpStream, gate: Arc<ReadGate>) -> Gated {
-        Gated { inner, gate }
+        Gated {
+            inner,
+            gate,
+            timer: None,
+        }
+    }
+
+    /// The socket has no data: fails once a started frame is past its
+    /// deadline, else makes sure the task wakes then.
+    fn starved(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.gate.idle();
+        let Some(deadline) = self.gate.frame_deadline() else {
+            self.timer = None;
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            crate::limits::hit("frame_timeout");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a frame was not complete within the frame timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -213,15 +295,14 @@ impl AsyncRead for Gated {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.gate.needs_room() {
-            ready!(self.inner.poll_read_ready(cx))?;
+        if self.gate.needs_room() && self.inner.poll_read_ready(cx)?.is_pending() {
+            return self.starved(cx);
         }
         let room = ready!(self.gate.poll_room(cx));
         if room >= buf.remaining() {
             let before = buf.filled().len();
             if Pin::new(&mut self.inner).poll_read(cx, buf)?.is_pending() {
-                self.gate.idle();
-                return Poll::Pending;
+                return self.starved(cx);
             }
             let n = buf.filled().len() - before;
             self.gate.used(n);
@@ -236,8 +317,7 @@ impl AsyncRead for Gated {
             .poll_read(cx, &mut part)?
             .is_pending()
         {
-            self.gate.idle();
-            return Poll::Pending;
+            return self.starved(cx);
         }
         let n = part.filled().len();
         buf.put_slice(part.filled());
@@ -294,7 +374,7 @@ mod tests {
     #[tokio::test]
     async fn reads_pause_when_the_budget_is_spent_and_resume_on_release() {
         let budget = Budget::new(CHUNK * 2);
-        let a = ReadGate::new(budget.clone());
+        let a = ReadGate::new(budget.clone(), Duration::from_secs(60));
         a.activate();
         let (mut client, mut a_io) = pair(a.clone()).await;
         // An idle connection holds nothing.
@@ -316,7 +396,8 @@ mod tests {
         assert!(more.is_err(), "a read past the budget waits");
         // A publish keeps one chunk; the rest goes back, straight to the
         // read that waits for it, and reading resumes.
-        let kept = a.take(CHUNK).expect("the charge covers it");
+        let kept = a.take(CHUNK);
+        assert_eq!(kept.bytes(), CHUNK, "the charge covers it");
         a.release();
         assert_eq!(
             budget.held(),
@@ -336,7 +417,7 @@ mod tests {
     #[tokio::test]
     async fn light_connections_do_not_queue_behind_heavy_ones() {
         let budget = Budget::with_reserve(4 * CHUNK, 2 * CHUNK);
-        let heavy = ReadGate::new(budget.clone());
+        let heavy = ReadGate::new(budget.clone(), Duration::from_secs(60));
         heavy.activate();
         let (mut heavy_client, mut heavy_io) = pair(heavy.clone()).await;
         heavy_client.write_all(&vec![7u8; CHUNK * 5]).await.unwrap();
@@ -354,7 +435,7 @@ mod tests {
             "from the budget, not the reserve"
         );
 
-        let light = ReadGate::new(budget.clone());
+        let light = ReadGate::new(budget.clone(), Duration::from_secs(60));
         light.activate();
         let (mut light_client, mut light_io) = pair(light.clone()).await;
         light_client.write_all(&[1u8; 100]).await.unwrap();
@@ -366,7 +447,8 @@ mod tests {
         assert_eq!(n, 100);
         assert_eq!(budget.held(), 3 * CHUNK);
         // Its publish keeps its payload's share; the rest goes back.
-        let kept = light.take(100).expect("the reserve's chunk covers it");
+        let kept = light.take(100);
+        assert_eq!(kept.bytes(), 100, "the reserve's chunk covers it");
         light.release();
         assert_eq!(budget.held(), 2 * CHUNK + 100);
         drop(kept);
@@ -378,10 +460,60 @@ mod tests {
         );
     }
 
+    /// A frame that stops arriving fails the read at the frame timeout,
+    /// and closing the gate gives its charge back at once; a connection
+    /// idle between frames is never timed out.
+    #[tokio::test]
+    async fn a_stalled_frame_times_out_and_close_frees_its_charge() {
+        let budget = Budget::new(4 * CHUNK);
+        let gate = ReadGate::new(budget.clone(), Duration::from_millis(200));
+        gate.activate();
+        let (mut client, mut io) = pair(gate.clone()).await;
+        let mut buf = vec![0u8; CHUNK];
+        let idle = tokio::time::timeout(Duration::from_millis(400), io.read(&mut buf)).await;
+        assert!(idle.is_err(), "no frame started: no timeout");
+        client.write_all(&[1u8; 100]).await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 100);
+        let stalled = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf))
+            .await
+            .expect("the frame timeout ends the read");
+        assert_eq!(
+            stalled.unwrap_err().kind(),
+            io::ErrorKind::TimedOut,
+            "the stalled frame fails"
+        );
+        assert_eq!(budget.held(), CHUNK);
+        gate.close();
+        assert_eq!(budget.held(), 0, "closed: nothing charged");
+    }
+
+    /// A publish keeps what its frame was charged, from both parts, and
+    /// says how much that covers.
+    #[tokio::test]
+    async fn take_moves_room_from_both_parts() {
+        let budget = Budget::with_reserve(4 * CHUNK, 2 * CHUNK);
+        let gate = ReadGate::new(budget.clone(), Duration::from_secs(60));
+        gate.activate();
+        {
+            let mut s = gate.state();
+            s.charge = budget.try_acquire(CHUNK);
+            s.light = budget.try_reserve(CHUNK);
+            s.used = 2 * CHUNK;
+        }
+        let room = gate.take(CHUNK + 100);
+        assert_eq!(room.bytes(), CHUNK + 100);
+        let short = gate.take(2 * CHUNK);
+        assert_eq!(short.bytes(), CHUNK - 100, "only what was left");
+        gate.release();
+        assert_eq!(budget.held(), 2 * CHUNK);
+        drop((room, short));
+        assert_eq!(budget.held(), 0);
+    }
+
     #[tokio::test]
     async fn inactive_gate_reads_uncharged() {
         let budget = Budget::new(CHUNK);
-        let gate = ReadGate::new(budget.clone());
+        let gate = ReadGate::new(budget.clone(), Duration::from_secs(60));
         let (mut client, mut io) = pair(gate.clone()).await;
         client.write_all(&[1u8; 3 * CHUNK]).await.unwrap();
         let mut buf = vec![0u8; 3 * CHUNK];

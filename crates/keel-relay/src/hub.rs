@@ -5,8 +5,8 @@
 //! subscriber that cannot keep up is closed (1013) and resumes from the log.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
@@ -107,10 +107,28 @@ pub(crate) struct OutBudget(Arc<OutInner>);
 struct OutInner {
     limit: usize,
     held: AtomicUsize,
-    /// Bytes still held by connections already closed for it, not yet freed.
-    evicting: AtomicI64,
-    accounts: Mutex<HashMap<u64, Weak<Account>>>,
+    registry: Mutex<Registry>,
     next: AtomicU64,
+}
+
+/// The open accounts, by id, and those closed for the budget whose bytes
+/// are not freed yet. It holds [`Stats`], never an [`Account`], so that
+/// nothing dropped under its lock can come back to take it.
+#[derive(Default)]
+struct Registry {
+    open: HashMap<u64, Arc<Stats>>,
+    evicted: HashMap<u64, Arc<Stats>>,
+}
+
+/// What one connection holds.
+#[derive(Debug)]
+struct Stats {
+    /// Bytes its queue and its writer hold now.
+    bytes: AtomicUsize,
+    /// Of those, bytes counted in the relay's budget.
+    global: AtomicUsize,
+    evicted: AtomicBool,
+    end: Arc<EndFlag>,
 }
 
 impl OutBudget {
@@ -118,8 +136,7 @@ impl OutBudget {
         OutBudget(Arc::new(OutInner {
             limit: limit.max(1),
             held: AtomicUsize::new(0),
-            evicting: AtomicI64::new(0),
-            accounts: Mutex::default(),
+            registry: Mutex::default(),
             next: AtomicU64::new(1),
         }))
     }
@@ -129,50 +146,57 @@ impl OutBudget {
         self.0.held.load(Ordering::Acquire)
     }
 
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.0.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A connection's account.
     pub(crate) fn open(&self, end: Arc<EndFlag>) -> Arc<Account> {
         let id = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let account = Arc::new(Account {
-            id,
+        let stats = Arc::new(Stats {
             bytes: AtomicUsize::new(0),
+            global: AtomicUsize::new(0),
             evicted: AtomicBool::new(false),
             end,
-            budget: self.clone(),
         });
-        self.0
-            .accounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::downgrade(&account));
-        account
+        self.registry().open.insert(id, stats.clone());
+        Arc::new(Account {
+            id,
+            stats,
+            budget: self.clone(),
+        })
     }
 
-    /// While more is held than the limit (not counting what evicted
-    /// connections are about to free), closes the connection holding the
-    /// most.
+    /// While more is held than the limit, not counting what connections
+    /// already closed for it still hold (they are freeing it), closes the
+    /// connection holding the most.
     fn evict(&self) {
-        let over = |b: &OutInner| {
-            b.held.load(Ordering::Acquire) as i64 - b.evicting.load(Ordering::Acquire).max(0)
-                > b.limit as i64
-        };
-        if !over(&self.0) {
+        if self.held() <= self.0.limit {
             return;
         }
-        let accounts = self.0.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        while over(&self.0) {
-            let largest = accounts
+        let mut registry = self.registry();
+        loop {
+            let freeing: usize = registry
+                .evicted
                 .values()
-                .filter_map(Weak::upgrade)
-                .filter(|a| !a.evicted.load(Ordering::Acquire))
-                .max_by_key(|a| a.bytes.load(Ordering::Acquire));
-            let Some(a) = largest else { return };
-            // Flagged first: its bytes freed from now on are taken off
-            // `evicting` as they go.
-            a.evicted.store(true, Ordering::Release);
-            let bytes = a.bytes.load(Ordering::Acquire);
-            self.0.evicting.fetch_add(bytes as i64, Ordering::AcqRel);
+                .map(|s| s.global.load(Ordering::Acquire))
+                .sum();
+            if self.held().saturating_sub(freeing) <= self.0.limit {
+                return;
+            }
+            let largest = registry
+                .open
+                .iter()
+                .max_by_key(|(_, s)| s.global.load(Ordering::Acquire))
+                .map(|(id, _)| *id);
+            let Some(id) = largest else { return };
+            let Some(stats) = registry.open.remove(&id) else {
+                return;
+            };
+            stats.evicted.store(true, Ordering::Release);
             hit("global_bytes");
-            a.end.raise(Ending::Slow);
+            stats.end.raise(Ending::Slow);
+            registry.evicted.insert(id, stats);
         }
     }
 }
@@ -180,10 +204,7 @@ impl OutBudget {
 /// One connection's standing with the outbound budget.
 pub(crate) struct Account {
     id: u64,
-    /// Bytes its queue and its writer hold now.
-    bytes: AtomicUsize,
-    evicted: AtomicBool,
-    end: Arc<EndFlag>,
+    stats: Arc<Stats>,
     budget: OutBudget,
 }
 
@@ -192,8 +213,9 @@ impl Account {
     /// when `global`), until the returned [`Held`] is dropped. Overdrawing
     /// the budget closes the largest holders, perhaps this one.
     pub(crate) fn hold(self: &Arc<Self>, bytes: usize, global: bool) -> Held {
-        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.stats.bytes.fetch_add(bytes, Ordering::AcqRel);
         if global {
+            self.stats.global.fetch_add(bytes, Ordering::AcqRel);
             self.budget.0.held.fetch_add(bytes, Ordering::AcqRel);
             self.budget.evict();
         }
@@ -207,18 +229,16 @@ impl Account {
 
     /// Bytes held now.
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
+        self.stats.bytes.load(Ordering::Acquire)
     }
 }
 
 impl Drop for Account {
     fn drop(&mut self) {
-        self.budget
-            .0
-            .accounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        // Every `Held` keeps its account alive: nothing is held any more.
+        let mut registry = self.budget.registry();
+        registry.open.remove(&self.id);
+        registry.evicted.remove(&self.id);
     }
 }
 
@@ -244,16 +264,15 @@ impl std::fmt::Debug for Account {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let a = &self.account;
-        a.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        let stats = &self.account.stats;
+        stats.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
         if self.global {
-            a.budget.0.held.fetch_sub(self.bytes, Ordering::AcqRel);
-            if a.evicted.load(Ordering::Acquire) {
-                a.budget
-                    .0
-                    .evicting
-                    .fetch_sub(self.bytes as i64, Ordering::AcqRel);
-            }
+            stats.global.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.account
+                .budget
+                .0
+                .held
+                .fetch_sub(self.bytes, Ordering::AcqRel);
         }
     }
 }
@@ -453,7 +472,6 @@ mod tests {
         assert_eq!(small_end.get(), None);
         drop(big_held);
         assert_eq!(budget.held(), 35);
-        assert_eq!(budget.0.evicting.load(Ordering::Acquire), 0);
         drop((small_held, more, again));
         assert_eq!(budget.held(), 0);
         // Replies (not global) never count against the relay's budget.
@@ -462,9 +480,45 @@ mod tests {
         assert_eq!(small.bytes(), 1_000);
         drop(reply);
         drop(big);
-        assert!(
-            budget.0.accounts.lock().unwrap().len() == 1,
-            "a dropped account unregisters"
+        let registry = budget.registry();
+        assert_eq!(registry.open.len(), 1, "a dropped account unregisters");
+        assert!(registry.evicted.is_empty(), "an evicted one too");
+    }
+    /// What evicted connections still hold is known exactly: their replies
+    /// (outside the budget) are not mistaken for budget bytes being freed,
+    /// and a page charged after the eviction is counted as freeing too; once
+    /// it is all freed, the next overdraft evicts again.
+    #[test]
+    fn evictions_count_exactly_what_is_being_freed() {
+        let budget = OutBudget::new(100);
+        let ends: Vec<Arc<EndFlag>> = (0..3).map(|_| Arc::new(EndFlag::default())).collect();
+        let (a, b, c) = (
+            budget.open(ends[0].clone()),
+            budget.open(ends[1].clone()),
+            budget.open(ends[2].clone()),
         );
+        let a_reply = a.hold(500, false);
+        let a_held = a.hold(90, true);
+        let b_held = b.hold(20, true);
+        assert_eq!(
+            ends[0].get(),
+            Some(Ending::Slow),
+            "the largest in the budget"
+        );
+        assert_eq!(ends[1].get(), None);
+        let a_late = a.hold(50, true);
+        assert_eq!(ends[1].get(), None, "a's late page is a's, being freed");
+        // Its budget bytes are freed; a reply is still queued.
+        drop((a_held, a_late));
+        assert_eq!(budget.held(), 20);
+        let c_held = c.hold(85, true);
+        assert_eq!(
+            ends[2].get(),
+            Some(Ending::Slow),
+            "over again: the largest goes"
+        );
+        assert_eq!(ends[1].get(), None);
+        drop((b_held, c_held, a_reply));
+        assert_eq!(budget.held(), 0);
     }
 }

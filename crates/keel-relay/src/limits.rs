@@ -66,13 +66,14 @@ pub(crate) fn hit(limit: &'static str) {
 }
 
 /// Every limit `keel_limit_hits_total` names, for registering them at zero.
-pub(crate) const LIMITS: [&str; 13] = [
+pub(crate) const LIMITS: [&str; 14] = [
     "connections_total",
     "connections_per_ip",
     "inbound_bytes",
     "global_bytes",
     "outbound_bytes",
     "write_deadline",
+    "frame_timeout",
     "publish_rate",
     "send_rate",
     "send_quota",

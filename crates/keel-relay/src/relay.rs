@@ -208,6 +208,7 @@ impl Relay {
                 header_timeout: Duration::from_millis(limits.header_timeout_ms.max(1)),
                 max_header_bytes: limits.max_header_bytes,
                 inbound: budgets.inbound.clone(),
+                frame_timeout: Duration::from_millis(limits.frame_timeout_ms.max(1)),
             },
             intake.token(),
         ));

@@ -50,7 +50,18 @@ async fn pass(ctx: &BackgroundCtx) -> u64 {
                 return removed;
             }
         };
-        for channel in &page {
+        let candidates = page
+            .iter()
+            .map(|c| (c.clone(), ctx.config.retention.policy(c)))
+            .collect();
+        let due = match store.retention_due(candidates).await {
+            Ok(d) => d,
+            Err(e) => {
+                ctx.channels.health.observe_store_error(&e).await;
+                return removed;
+            }
+        };
+        for channel in &due {
             let policy = ctx.config.retention.policy(channel);
             loop {
                 match store.apply_retention_to(channel, policy, CHUNK).await {

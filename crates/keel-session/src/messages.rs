@@ -325,6 +325,26 @@ impl Store {
         .await
     }
 
+    /// Of `channels`, each with its policy, those retention would cut now:
+    /// one read for the lot (a pass over thousands of channels, most with
+    /// nothing to remove, costs a read per page instead of one per channel).
+    pub async fn retention_due(
+        &self,
+        channels: Vec<(String, Retention)>,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = self.now();
+        self.read(move |conn| {
+            let mut due = Vec::new();
+            for (channel, policy) in channels {
+                if retention_cut(conn, now, &channel, policy, 1)?.is_some() {
+                    due.push(channel);
+                }
+            }
+            Ok(due)
+        })
+        .await
+    }
+
     /// Applies `policy` to one channel; returns how many messages were
     /// removed. Deletes a prefix of the log by offset range (an index range,
     /// not a scan of the table), and first records where the log ends so

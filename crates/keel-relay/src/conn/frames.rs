@@ -381,35 +381,40 @@ impl Conn {
         }
         // Room for the payload in this connection's inbound budget and the
         // relay's: while there is none, this waits, and so the socket is not
-        // read (TCP pushes back on the client) until answers go out.
+        // read (TCP pushes back on the client) until answers go out. The
+        // wait ends with the connection.
         let bytes = payload.get().len();
         let local = match self.inbound.clone().try_acquire_many_owned(permits(bytes)) {
             Ok(p) => p,
             Err(_) => {
                 hit("inbound_bytes");
-                match self
-                    .inbound
-                    .clone()
-                    .acquire_many_owned(permits(bytes))
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(_) => return None,
+                let wait = self.inbound.clone().acquire_many_owned(permits(bytes));
+                match self.until_ended(wait).await {
+                    Some(Ok(p)) => p,
+                    _ => return None,
                 }
             }
         };
         // Reading the frame was charged to the relay's inbound budget
-        // already: the payload keeps its share of that.
-        let global = match self.gate.take(bytes) {
-            Some(p) => Some(p),
-            None => match self.ctx.budget.inbound.try_acquire(bytes) {
+        // already: the payload keeps its share of that, and takes what the
+        // charge did not cover (the frame's start, read with the previous
+        // frame) from the budget.
+        let mut room = self.gate.take(bytes);
+        let short = bytes.saturating_sub(room.bytes());
+        if short > 0 {
+            let more = match self.ctx.budget.inbound.try_acquire(short) {
                 Some(p) => Some(p),
                 None => {
                     hit("global_bytes");
-                    self.ctx.budget.inbound.acquire(bytes).await
+                    let wait = self.ctx.budget.inbound.acquire(short);
+                    self.until_ended(wait).await.flatten()
                 }
-            },
-        };
+            };
+            match more {
+                Some(p) => room.add(p),
+                None => return None,
+            }
+        }
         let stdin = self
             .session
             .as_ref()
@@ -435,7 +440,7 @@ impl Conn {
                 payload: Bytes::from(String::from(Box::<str>::from(payload))),
                 stdin,
                 received: std::time::Instant::now(),
-                _budget: (local, global, crate::limits::Buffered::inbound(bytes)),
+                _budget: (local, room, crate::limits::Buffered::inbound(bytes)),
             })
             .await;
         None

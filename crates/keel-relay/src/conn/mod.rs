@@ -228,6 +228,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
     let ending = conn
         .read_loop(&mut stream, accepted + limits.handshake_timeout())
         .await;
+    // Nothing more is read: what reading held goes back now, not when the
+    // socket is dropped after the writer's last write.
+    conn.gate.close();
     match (&ending, end.get()) {
         (Some((code, reason)), _) if *code == close::POLICY => {
             tracing::warn!(conn = id, %ip, code, reason = %reason, "connection closed for policy")
@@ -263,6 +266,18 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
 }
 
 impl Conn {
+    /// Runs `f` unless the connection must end or the relay shuts down
+    /// first (then `None`): a wait for a budget never outlives its
+    /// connection.
+    async fn until_ended<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        let mut stopping = self.ctx.intake.clone();
+        tokio::select! {
+            out = f => Some(out),
+            _ = self.end.wait() => None,
+            _ = stopping.stopped() => None,
+        }
+    }
+
     /// Reads frames until the connection ends; returns the close to send, if any.
     async fn read_loop(
         &mut self,

@@ -27,7 +27,7 @@ pub(crate) struct PublishJob {
     /// one, given back when it is answered (the job is dropped).
     pub(super) _budget: (
         OwnedSemaphorePermit,
-        Option<OwnedSemaphorePermit>,
+        crate::gate::Room,
         crate::limits::Buffered,
     ),
 }

@@ -258,10 +258,6 @@ async fn replay(
             Some(u) => ((u - next) as usize).min(REPLAY_ROWS),
             None => REPLAY_ROWS,
         };
-        // The page's bytes count against the connection and the relay's
-        // outbound budget while it is written; overdrawing the budget
-        // closes the largest holders, perhaps this one.
-        let permit = ctx.account.hold(ctx.page_bytes, true);
         if end.get().is_some() {
             return Err(Failed);
         }
@@ -270,6 +266,16 @@ async fn replay(
             .read_channel_bounded(channel, next, want, ctx.page_bytes)
             .await
             .map_err(|_| Failed)?;
+        // The page (at most `page_bytes`, or one message) counts against
+        // the connection and the relay's outbound budget, by what it holds,
+        // while it is written; overdrawing the budget closes the largest
+        // holders, perhaps this one. (Charging `page_bytes` up front made
+        // a thousand subscribes of small channels look like a gigabyte.)
+        let held: usize = page.iter().map(|m| m.payload.len() + m.msg_id.len()).sum();
+        let permit = ctx.account.hold(held, true);
+        if end.get().is_some() {
+            return Err(Failed);
+        }
         if first_page {
             first_page = false;
             // Offsets are contiguous: a page that starts after `from` means

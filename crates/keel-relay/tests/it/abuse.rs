@@ -495,3 +495,51 @@ async fn session_ttl_purges() {
         1.0
     );
 }
+
+/// Replay pages count what they hold, not the page size they may reach:
+/// hundreds of subscribes of small logs at once fit a small outbound
+/// budget, and nobody is closed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_replays_count_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            config: Some(
+                "[limits]\nglobal_buffer_bytes = 3145728\nmax_inbound_bytes = 1048576\nmax_outbound_bytes = 1572864\nreplay_page_bytes = 1048576\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let publisher = client(&relay.url()).await;
+    let channels = 10;
+    for c in 0..channels {
+        publisher
+            .publish(&format!("small-{c}"), "m1", &json!("x"))
+            .await
+            .unwrap();
+    }
+    // 40 sessions subscribe to all ten at once: 400 replays of a few bytes
+    // (at a whole page each, they would claim 400 MiB of a 1.5 MiB half).
+    let mut readers = Vec::new();
+    for _ in 0..40 {
+        let mut ws = session(&relay.url()).await;
+        for c in 0..channels {
+            ws.send(json!({"type": "subscribe", "channel": format!("small-{c}"), "from": 1}))
+                .await;
+        }
+        readers.push(ws);
+    }
+    for ws in &mut readers {
+        let mut got = 0;
+        while got < channels {
+            if ws.next_json().await["type"] == "deliver" {
+                got += 1;
+            }
+        }
+    }
+    let evicted = metric(&relay, "keel_limit_hits_total{limit=\"global_bytes\"}").await;
+    assert_eq!(evicted, 0.0, "nobody closed for the budget");
+}

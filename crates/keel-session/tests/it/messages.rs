@@ -246,3 +246,49 @@ async fn bounds_are_one_snapshot_while_a_log_starts() {
     }
     assert_eq!(torn, 0, "bounds mixed two snapshots {torn} times");
 }
+
+/// One read says which of many channels retention would cut, each by its
+/// own policy.
+#[tokio::test]
+async fn retention_due_names_only_the_channels_to_cut() {
+    let t = support::open().await;
+    for i in 0..5 {
+        t.store
+            .append("long", &format!("l{i}"), b"p")
+            .await
+            .unwrap();
+    }
+    t.store.append("short", "s0", b"p").await.unwrap();
+    t.store.append("old", "o0", b"p").await.unwrap();
+    t.clock.advance(Duration::from_secs(10));
+    let count = |n| Retention {
+        max_count: Some(n),
+        max_age: None,
+    };
+    let age = Retention {
+        max_count: None,
+        max_age: Some(Duration::from_secs(5)),
+    };
+    let due = t
+        .store
+        .retention_due(vec![
+            ("long".into(), count(3)),
+            ("short".into(), count(3)),
+            ("old".into(), age),
+            ("empty".into(), count(1)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(due, ["long", "old"]);
+    // Applied, nothing is due any more.
+    for c in &due {
+        let policy = if c == "old" { age } else { count(3) };
+        t.store.apply_retention_to(c, policy, 100).await.unwrap();
+    }
+    let again = t
+        .store
+        .retention_due(vec![("long".into(), count(3)), ("old".into(), age)])
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}
