@@ -65,6 +65,18 @@ pub(crate) const ABUSE_MEMORY: Scenario = Scenario {
     budget: Duration::from_secs(240),
 };
 
+/// A session that subscribes to `channel` from its first offset and never
+/// reads, until `until`.
+async fn non_reader(url: String, i: usize, channel: &'static str, until: tokio::time::Instant) {
+    let Ok((mut ws, _)) = client::open_session(&url, client::source_ip(i)).await else {
+        return;
+    };
+    let sub = format!(r#"{{"type":"subscribe","channel":"{channel}","from":1}}"#);
+    let _ = ws.send(Message::text(sub)).await;
+    tokio::time::sleep_until(until).await;
+    drop(ws);
+}
+
 async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let relay = ctx.relay(RelayOptions::default()).await?;
     let (each, secs) = (plan.count("connections_per_kind"), plan.num("seconds"));
@@ -126,27 +138,19 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             drain.abort();
         }));
         // A subscriber of the firehose that never reads.
-        let url = relay.url();
-        abusers.push(tokio::spawn(async move {
-            let Ok((mut ws, _)) = client::open_session(&url, client::source_ip(i + 1)).await else {
-                return;
-            };
-            let sub = r#"{"type":"subscribe","channel":"abuse-firehose","from":1}"#;
-            let _ = ws.send(Message::text(sub)).await;
-            tokio::time::sleep_until(until).await;
-            drop(ws);
-        }));
+        abusers.push(tokio::spawn(non_reader(
+            relay.url(),
+            i + 1,
+            "abuse-firehose",
+            until,
+        )));
         // A replay of the whole backlog that is never read.
-        let url = relay.url();
-        abusers.push(tokio::spawn(async move {
-            let Ok((mut ws, _)) = client::open_session(&url, client::source_ip(i + 2)).await else {
-                return;
-            };
-            let sub = r#"{"type":"subscribe","channel":"abuse-backlog","from":1}"#;
-            let _ = ws.send(Message::text(sub)).await;
-            tokio::time::sleep_until(until).await;
-            drop(ws);
-        }));
+        abusers.push(tokio::spawn(non_reader(
+            relay.url(),
+            i + 2,
+            "abuse-backlog",
+            until,
+        )));
     }
     ctx.phase("abuse, and a calm client beside it");
     let schedule = Schedule::constant(calm_rate, Duration::from_secs_f64(secs));

@@ -603,8 +603,8 @@ async fn run_soak(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         stats.elapsed.as_secs_f64(),
         stats.throughput(),
         slope_per_s * 3600.0,
-        late_slope_per_s * 3600.0,
         samples.len(),
+        late_slope_per_s * 3600.0,
         stats.late,
         stats.dropped
     ));
