@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -55,13 +56,24 @@ impl DirLock {
             dir: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // The data directory and the lock are its owner's only (0700,
+        // 0600), whatever the umask: the database holds private channels
+        // and exec output.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
         let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
@@ -93,5 +105,29 @@ impl DirLock {
     /// The locked directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::stat::{Mode, umask};
+
+    /// The data directory is its owner's only (0700), and so is the lock
+    /// (0600), whatever the umask and whatever the directory was before.
+    #[test]
+    fn data_dir_and_lock_are_owner_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let old = umask(Mode::empty());
+        let lock = DirLock::acquire(&dir).unwrap();
+        umask(old);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+        drop(lock);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _again = DirLock::acquire(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700, "narrowed at start");
     }
 }

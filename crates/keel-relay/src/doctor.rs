@@ -28,6 +28,23 @@ async fn close(store: Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The data directory and its files whose mode lets anyone but the owner
+/// in, as `path (mode)`.
+fn loose_modes(data: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut paths = vec![data.to_path_buf(), data.join(keel_recovery::LOCK_FILE)];
+    for suffix in ["", "-wal", "-shm"] {
+        paths.push(data.join(format!("{DB_FILE}{suffix}")));
+    }
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let mode = std::fs::metadata(&p).ok()?.permissions().mode() & 0o777;
+            (mode & 0o077 != 0).then(|| format!("{} ({mode:o})", p.display()))
+        })
+        .collect()
+}
+
 /// The doctor's report as text.
 pub async fn run(data: &Path) -> anyhow::Result<String> {
     let mut out = String::new();
@@ -49,6 +66,17 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
     )?;
     if integrity != "ok" {
         return Ok(out);
+    }
+    // Before opening: taking the lock and opening the store narrow them.
+    let loose = loose_modes(data);
+    if loose.is_empty() {
+        writeln!(out, "permissions: owner only")?;
+    } else {
+        writeln!(
+            out,
+            "permissions: WARNING readable or writable by others: {} (narrowed to owner only now; check who could read them)",
+            loose.join(", ")
+        )?;
     }
     let (_lock, store) = open(data).await?;
     writeln!(

@@ -129,6 +129,11 @@ impl Store {
         let existed = std::fs::metadata(path)
             .map(|m| m.len() > 0)
             .unwrap_or(false);
+        owner_only(path).map_err(|e| {
+            fail(StoreError::Io {
+                detail: format!("cannot make the database owner-only: {e}"),
+            })
+        })?;
         let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -467,6 +472,35 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError>
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
     )?
     .execute([key, value])?;
+    Ok(())
+}
+
+/// Creates the database file readable and writable by its owner only
+/// (0600, whatever the umask), or narrows an existing one and its WAL and
+/// shared-memory files to that. SQLite gives the files it creates beside the
+/// database the database's mode, so they follow.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(name.into());
+    }
+    for f in files {
+        match std::fs::metadata(&f) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 

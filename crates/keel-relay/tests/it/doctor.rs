@@ -60,8 +60,21 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
     c.close().await;
     relay.terminate().await;
 
+    // Files left readable by others are named, and narrowed.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let loose = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(data.join("keel.db"), loose).unwrap();
+    }
     let (ok, text) = run(&["doctor", "--data", data_arg]);
     assert!(ok, "{text}");
+    assert!(
+        text.contains("permissions: WARNING") && text.contains("keel.db (644)"),
+        "{text}"
+    );
+    let (ok, text) = run(&["doctor", "--data", data_arg]);
+    assert!(ok, "{text}");
+    assert!(text.contains("permissions: owner only"), "{text}");
     assert!(text.contains("quick_check: ok"), "{text}");
     assert!(text.contains("previous shutdown: clean"), "{text}");
     assert!(text.contains("dead 1"), "{text}");

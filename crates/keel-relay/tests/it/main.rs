@@ -9,4 +9,5 @@ mod protocol;
 mod resilience;
 mod spool;
 mod support;
+mod trust;
 mod upstream;

@@ -253,3 +253,28 @@ async fn wal_stays_bounded_under_constant_reads() {
         "WAL grew to {max} bytes under constant reads"
     );
 }
+
+/// The database, its WAL and its shared-memory file are their owner's only
+/// (0600) whatever the umask, and a file left readable by others is
+/// narrowed when the store opens it.
+#[tokio::test]
+async fn database_files_are_owner_only_whatever_the_umask() {
+    use nix::sys::stat::{Mode, umask};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let old = umask(Mode::empty());
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    store.append("c", "m1", b"private").await.unwrap();
+    umask(old);
+    let side = |suffix: &str| dir.path().join(format!("keel.db{suffix}"));
+    for p in [path.clone(), side("-wal"), side("-shm")] {
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    store.close().await.unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = Store::open(&path, Config::default()).await.unwrap();
+    assert_eq!(mode(&path), 0o600, "narrowed on open");
+    store.close().await.unwrap();
+}
