@@ -61,6 +61,9 @@ pub struct CommandSpec {
     pub args: Vec<OsString>,
     /// Extra environment variables.
     pub env: Vec<(OsString, OsString)>,
+    /// Start from an empty environment (then only [`CommandSpec::env`]):
+    /// the child inherits none of the supervisor's variables.
+    pub clear_env: bool,
     /// Its working directory (default: the supervisor's).
     pub cwd: Option<PathBuf>,
     /// Terminate the group (TERM, then KILL after the grace period) if it
@@ -251,6 +254,9 @@ impl Supervisor {
             }
             None => Command::new(&spec.program),
         };
+        if spec.clear_env {
+            command.env_clear();
+        }
         command
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))

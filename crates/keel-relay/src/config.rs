@@ -307,13 +307,35 @@ impl Default for Sending {
 }
 
 /// Supervised exec sessions: off unless `enabled` and the command is allowed.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Exec {
     /// Default false.
     pub enabled: bool,
     /// Commands a session may start, by name.
     pub allow: Vec<ExecCommand>,
+    /// The only environment variables a child gets from the relay's (its
+    /// environment is cleared first). Default `["PATH", "LANG"]`.
+    pub pass_env: Vec<String>,
+    /// Children running at once, in all (one per session at most); past
+    /// it, `exec` is refused with `limit_exceeded`. Default 64.
+    pub max_children: usize,
+    /// How long a child outlives its session's connection (a client that
+    /// resumes within it keeps its child); then it is terminated (TERM,
+    /// then KILL). Default 10,000 ms.
+    pub detach_grace_ms: u64,
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Exec {
+            enabled: false,
+            allow: Vec::new(),
+            pass_env: vec!["PATH".to_owned(), "LANG".to_owned()],
+            max_children: 64,
+            detach_grace_ms: 10_000,
+        }
+    }
 }
 
 /// One allowed command.

@@ -66,7 +66,7 @@ pub(crate) fn hit(limit: &'static str) {
 }
 
 /// Every limit `keel_limit_hits_total` names, for registering them at zero.
-pub(crate) const LIMITS: [&str; 14] = [
+pub(crate) const LIMITS: [&str; 15] = [
     "connections_total",
     "connections_per_ip",
     "inbound_bytes",
@@ -81,6 +81,7 @@ pub(crate) const LIMITS: [&str; 14] = [
     "subscriptions",
     "frame_size",
     "errors",
+    "exec_children",
 ];
 
 /// The key a client address is counted under: the address itself for

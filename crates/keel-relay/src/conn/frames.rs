@@ -139,6 +139,7 @@ impl Conn {
         if let Some(old) = self.ctx.sessions.bind(&session, self.id, replaced.clone()) {
             old.notify_one();
         }
+        self.ctx.execs.attached(&session);
         // Created by this very hello (not merely stored as CREATED).
         let fresh = new_token.is_some();
         if previous != SessionState::Active && !fresh {
@@ -530,6 +531,13 @@ impl Conn {
                 ErrorCode::InvalidState,
                 "this session already runs a command".to_owned(),
             ),
+            Err(ExecRefused::TooMany(max)) => {
+                crate::limits::hit("exec_children");
+                (
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max} exec children run at once on this relay"),
+                )
+            }
             Err(ExecRefused::Failed(e)) => (ErrorCode::Unavailable, format!("cannot start: {e}")),
         };
         self.error(code, &message, Some(&command)).await

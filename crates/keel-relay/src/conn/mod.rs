@@ -399,6 +399,8 @@ impl Conn {
             self.ctx.channels.hub.unsubscribe(channel, self.id);
         }
         if self.ctx.sessions.unbind(&session.id, self.id) {
+            let grace = Duration::from_millis(self.ctx.config.exec.detach_grace_ms);
+            self.ctx.execs.detached(&session.id, grace);
             let _ = self
                 .ctx
                 .channels

@@ -23,6 +23,8 @@ pub(crate) struct Opts {
     pub(crate) upstream: Option<String>,
     pub(crate) spool: Option<PathBuf>,
     pub(crate) config: Option<String>,
+    /// Extra environment variables for the relay process.
+    pub(crate) env: Vec<(&'static str, &'static str)>,
 }
 
 impl RelayProcess {
@@ -38,6 +40,7 @@ impl RelayProcess {
                     .to_string(),
             )
             .env("RUST_LOG", "warn")
+            .envs(opts.env.iter().copied())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         if let Some(u) = &opts.upstream {
