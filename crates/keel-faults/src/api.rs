@@ -16,7 +16,14 @@
 //! | POST | /proxies/{name}/partition | `{"duration_ms", "mode": "hang"\|"refuse"}` | partition |
 //! | POST | /reset | | every proxy: no toxics, no partition, enabled |
 //!
-//! Errors are `{"error": "...", "code": "not_found"|"exists"|"invalid"|"bind"}`.
+//! Errors are `{"error": "...", "code": "not_found"|"exists"|"invalid"|"bind"|"remote"|"host"}`.
+//!
+//! It is a test tool, loopback only by default: a proxy's listen and
+//! upstream addresses must be loopback ones (`remote`, 403) unless the set
+//! was made with [`Proxies::allowing_remote`] (`--allow-remote`), and every
+//! request must name the API by an IP address or `localhost` in its `Host`
+//! header (`host`, 403), so that a web page cannot reach it through a DNS
+//! name rebound to 127.0.0.1.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,16 +45,33 @@ use crate::proxy::{PartitionMode, Proxy, ProxyConfig, ProxyError, ProxyStats, To
 #[derive(Debug, Default)]
 pub struct Proxies {
     proxies: Mutex<BTreeMap<String, Proxy>>,
+    allow_remote: bool,
 }
 
 impl Proxies {
-    /// An empty set.
+    /// An empty set whose proxies listen on and forward to loopback
+    /// addresses only.
     pub fn new() -> Arc<Proxies> {
         Arc::new(Proxies::default())
     }
 
+    /// An empty set whose proxies may listen on and forward to any address.
+    pub fn allowing_remote() -> Arc<Proxies> {
+        Arc::new(Proxies {
+            allow_remote: true,
+            ..Proxies::default()
+        })
+    }
+
     /// Creates a proxy (also used to load a config file at start).
     pub async fn create(&self, config: ProxyConfig) -> Result<ProxyView, ApiError> {
+        if !self.allow_remote {
+            for addr in [config.listen, config.upstream] {
+                if !addr.ip().is_loopback() {
+                    return Err(ApiError::Remote(addr));
+                }
+            }
+        }
         let mut proxies = self.proxies.lock().await;
         if proxies.contains_key(&config.name) {
             return Err(ApiError::Exists(config.name));
@@ -134,6 +158,9 @@ pub enum ApiError {
     /// The proxy refused the change.
     #[error(transparent)]
     Proxy(ProxyError),
+    /// A non-loopback address without `--allow-remote`.
+    #[error("{0} is not a loopback address; start the proxy with --allow-remote to use it")]
+    Remote(SocketAddr),
 }
 
 impl IntoResponse for ApiError {
@@ -147,6 +174,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Proxy(ProxyError::InvalidToxic(_)) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::Proxy(ProxyError::Bind { .. }) => (StatusCode::CONFLICT, "bind"),
+            ApiError::Remote(_) => (StatusCode::FORBIDDEN, "remote"),
         };
         (
             status,
@@ -171,7 +199,40 @@ pub fn router(proxies: Arc<Proxies>) -> Router {
         .route("/proxies/{name}/cut", post(cut))
         .route("/proxies/{name}/partition", post(partition))
         .route("/reset", post(reset))
+        .layer(axum::middleware::from_fn(check_host))
         .with_state(proxies)
+}
+
+/// Whether a `Host` header names the server by an IP address or as
+/// `localhost` (with or without a port), not by a DNS name that could be
+/// rebound to this machine.
+pub fn host_is_direct(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+async fn check_host(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_is_direct(host) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": format!("Host {host:?} is not an IP address or localhost"), "code": "host"})),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn list(State(p): Shared) -> Json<BTreeMap<String, ProxyView>> {

@@ -1,7 +1,7 @@
 //! `keel-chaos-proxy`: a Toxiproxy-style chaos proxy with an HTTP JSON API.
 //!
 //! ```text
-//! keel-chaos-proxy --api 127.0.0.1:8474 [--config proxies.json]
+//! keel-chaos-proxy --api 127.0.0.1:8474 [--config proxies.json] [--allow-remote]
 //! ```
 //!
 //! `--config` takes a JSON array of `{"name","listen","upstream","seed"?}`.
@@ -25,6 +25,11 @@ struct Args {
     /// JSON file with proxies to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Let the API and proxies listen on, and proxies forward to,
+    /// non-loopback addresses (a chaos proxy is a test tool: by default it
+    /// exposes nothing beyond this machine).
+    #[arg(long)]
+    allow_remote: bool,
 }
 
 #[tokio::main]
@@ -35,7 +40,17 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let proxies = Proxies::new();
+    if !args.allow_remote && !args.api.ip().is_loopback() {
+        anyhow::bail!(
+            "--api {} is not a loopback address; pass --allow-remote to expose the API",
+            args.api
+        );
+    }
+    let proxies = if args.allow_remote {
+        Proxies::allowing_remote()
+    } else {
+        Proxies::new()
+    };
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

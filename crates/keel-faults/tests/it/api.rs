@@ -19,9 +19,20 @@ async fn api() -> SocketAddr {
 
 /// One HTTP/1.1 request; returns the status and the JSON body (Null if empty).
 async fn call(api: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    call_as(api, &api.to_string(), method, path, body).await
+}
+
+/// [`call`] with this `Host` header.
+async fn call_as(
+    api: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.0\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut s = TcpStream::connect(api).await.unwrap();
@@ -122,4 +133,62 @@ async fn manage_proxies_and_toxics_over_http() {
     assert_eq!((status, all.as_object().unwrap().len()), (200, 1));
     assert_eq!(call(api, "DELETE", "/proxies/db", None).await.0, 204);
     assert_eq!(call(api, "GET", "/proxies/db", None).await.0, 404);
+}
+
+/// A chaos proxy exposes nothing beyond loopback unless told to, and its
+/// API answers only requests that name it by address (no DNS rebinding).
+#[tokio::test]
+async fn proxy_refuses_remote_listen() {
+    let api = api().await;
+    let echo = echo_server().await;
+    for (listen, upstream) in [
+        ("0.0.0.0:0".to_owned(), echo.to_string()),
+        ("127.0.0.1:0".to_owned(), "10.1.2.3:80".to_owned()),
+    ] {
+        let (status, body) = call(
+            api,
+            "POST",
+            "/proxies",
+            Some(json!({"name": "p", "listen": listen, "upstream": upstream})),
+        )
+        .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (403, Some("remote")),
+            "{body}"
+        );
+    }
+    let (status, list) = call(api, "GET", "/proxies", None).await;
+    assert_eq!((status, list), (200, json!({})), "nothing was created");
+    for host in ["evil.example", "evil.example:8474", "x"] {
+        let (status, body) = call_as(api, host, "GET", "/proxies", None).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (403, Some("host")),
+            "{host}"
+        );
+    }
+    for host in ["localhost:8474", "127.0.0.1", "[::1]:8474"] {
+        assert_eq!(
+            call_as(api, host, "GET", "/proxies", None).await.0,
+            200,
+            "{host}"
+        );
+    }
+    // Allowed explicitly, a proxy may listen on every address.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router(Proxies::allowing_remote()))
+            .await
+            .unwrap()
+    });
+    let (status, body) = call(
+        open,
+        "POST",
+        "/proxies",
+        Some(json!({"name": "p", "listen": "0.0.0.0:0", "upstream": echo.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
 }
