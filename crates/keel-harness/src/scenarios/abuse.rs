@@ -31,12 +31,21 @@ pub(crate) const ABUSE_MEMORY: Scenario = Scenario {
     what: "100 connections pipelining 1 MiB publishes, 100 subscribers that never read the channel they flood, 100 replays of a 100 MiB backlog never read, beside a well-behaved client publishing and receiving 50 messages/s",
     target: "relay RSS within its baseline plus the 512 MiB global budget plus 10%; the well-behaved client's p99 < 100 ms, nothing of it lost",
     needs_process: true,
-    thresholds: |_| {
-        vec![
+    thresholds: |plan| {
+        let mut t = vec![
             Threshold::new("growth_over_budget", "x", None, Bound::Le(1.1)),
-            Threshold::new("calm_p99_ms", "ms", None, Bound::Le(100.0)),
             Threshold::all("calm_delivered_ratio"),
-        ]
+        ];
+        // The calm client's latency is real speed on a shared machine: it
+        // is judged at full scale (xtask), and at small scale (`cargo test`,
+        // a handful of abusers) only printed, never a wall-clock verdict.
+        if plan.scale != "small" {
+            t.insert(
+                1,
+                Threshold::new("calm_p99_ms", "ms", None, Bound::Le(100.0)),
+            );
+        }
+        t
     },
     plan: |input: &PlanInput| {
         let each = input.scale.pick(5, 100);
