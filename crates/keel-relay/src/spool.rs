@@ -8,6 +8,16 @@
 //! is the idempotency key), so re-running a job changes nothing. A job file
 //! that cannot be parsed is moved to `DIR/failed/` with a `.reason.txt`.
 //!
+//! Whoever can write to the spool is not trusted with more than a job: a
+//! job file is opened without following symlinks and without blocking
+//! (`O_NOFOLLOW | O_NONBLOCK`) and must be a regular file no larger than
+//! `limits.max_frame_bytes`, its payload within `limits.max_payload_bytes`;
+//! the relay's own files (result temporaries, reasons) are created afresh
+//! (`O_EXCL`, after removing whatever had the name), so a planted symlink
+//! is never written through; all file I/O runs on blocking threads, never
+//! on the runtime's workers. A spool directory other users may write to is
+//! warned about at start.
+//!
 //! Jobs:
 //! ```text
 //! {"job_id":"j1","type":"publish","channel":"room:1","payload":{...}}
@@ -90,23 +100,52 @@ pub fn requeue_stale(dir: &Path) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Runs `f` on a blocking thread (file I/O never runs on the runtime's
+/// workers: a slow disk or a device file must not stall connections).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// Runs until shutdown begins.
 pub(crate) async fn run(ctx: Arc<BackgroundCtx>, dir: PathBuf) {
-    if let Err(e) = std::fs::create_dir_all(dir.join("failed")) {
-        tracing::error!(dir = %dir.display(), error = %e, "cannot use the spool directory");
-        return;
-    }
-    match requeue_stale(&dir) {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(n, "re-queued spool claims left by an earlier run"),
-        Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
+    let setup = dir.clone();
+    let prepared = blocking(move || {
+        std::fs::create_dir_all(setup.join("failed"))?;
+        let loose = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&setup)?.permissions().mode() & 0o002 != 0
+        };
+        Ok::<_, std::io::Error>((loose, requeue_stale(&setup)))
+    })
+    .await;
+    match prepared {
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot use the spool directory");
+            return;
+        }
+        Ok((loose, requeued)) => {
+            if loose {
+                tracing::warn!(dir = %dir.display(), "the spool directory is writable by every user: anyone on this machine can submit jobs");
+            }
+            match requeued {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(n, "re-queued spool claims left by an earlier run"),
+                Err(e) => tracing::error!(error = %e, "cannot re-queue stale spool claims"),
+            }
+        }
     }
     let mut stop = ctx.intake.clone();
     let wake = Arc::new(tokio::sync::Notify::new());
     let watching = watch(&dir, wake.clone());
     let dir = Arc::new(dir);
     while !stop.is_stopping() {
-        let jobs = list_jobs(&dir).unwrap_or_default();
+        let listing = dir.clone();
+        let jobs = blocking(move || list_jobs(&listing))
+            .await
+            .unwrap_or_default();
         let found = jobs.len();
         // Up to CONCURRENCY jobs at a time: each result is fsynced, and
         // one after another those syncs would add up across a burst.
@@ -205,22 +244,98 @@ fn list_jobs(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(stems)
 }
 
+/// Reads a claimed job file: a regular file (not followed through a
+/// symlink, not a FIFO or device, opened without blocking) of at most `cap`
+/// bytes.
+fn read_job(path: &Path, cap: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags::NOFOLLOW | libc_flags::NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open (symlinks are not followed): {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    if meta.len() > cap as u64 {
+        return Err(format!(
+            "too large: {} bytes, the limit is {cap}",
+            meta.len()
+        ));
+    }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.take(cap as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() > cap {
+        return Err(format!("too large: over {cap} bytes"));
+    }
+    Ok(text)
+}
+
+/// Open flags, from nix (which the relay uses already).
+mod libc_flags {
+    use nix::fcntl::OFlag;
+    pub(super) const NOFOLLOW: i32 = OFlag::O_NOFOLLOW.bits();
+    pub(super) const NONBLOCK: i32 = OFlag::O_NONBLOCK.bits();
+}
+
+/// Writes `bytes` to a new file at `path`: whatever had the name (a
+/// planted symlink, a leftover) is removed first, and the file is created
+/// exclusively, so nothing is ever written through a link.
+fn write_new(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc_flags::NOFOLLOW)
+        .mode(0o644)
+        .open(path)?;
+    file.write_all(bytes)?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
 async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
     let job_path = dir.join(format!("{stem}{JOB}"));
     let claimed = dir.join(format!("{stem}{CLAIMED}"));
-    // The claim: whoever renames first owns the job.
-    if std::fs::rename(&job_path, &claimed).is_err() {
-        return;
-    }
     let started = std::time::Instant::now();
-    let text = match std::fs::read(&claimed) {
-        Ok(t) => t,
-        Err(e) => return fail(dir, stem, &claimed, &format!("cannot read: {e}")),
+    let cap = ctx.config.limits.max_frame_bytes;
+    // The claim: whoever renames first owns the job.
+    let (from, to) = (job_path.clone(), claimed.clone());
+    let read = blocking(move || {
+        std::fs::rename(&from, &to).ok()?;
+        Some(read_job(&to, cap))
+    })
+    .await;
+    let text = match read {
+        None => return,
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return fail(dir, stem, &claimed, &e).await,
     };
     let job = match parse_job(&text) {
         Ok(j) => j,
-        Err(e) => return fail(dir, stem, &claimed, &e),
+        Err(e) => return fail(dir, stem, &claimed, &e).await,
     };
+    let max_payload = ctx.config.limits.max_payload_bytes;
+    let payload_len = match &job {
+        Job::Publish { payload, .. } => payload.len(),
+        Job::Send { body, .. } => body.len(),
+    };
+    if payload_len > max_payload {
+        let reason = format!("payload of {payload_len} bytes over the limit of {max_payload}");
+        return fail(dir, stem, &claimed, &reason).await;
+    }
     let result = match job {
         Job::Publish {
             job_id,
@@ -229,7 +344,7 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
         } => {
             let job_id = job_id.unwrap_or_else(|| stem.to_owned());
             if !protocol::valid_channel(&channel) {
-                return fail(dir, stem, &claimed, "invalid channel name");
+                return fail(dir, stem, &claimed, "invalid channel name").await;
             }
             let msg_id = format!("spool-{job_id}");
             match ctx
@@ -263,7 +378,9 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
                 Err(e) => {
                     // Not handled: put it back for the next pass.
                     ctx.channels.health.observe_store_error(&e).await;
-                    let _ = std::fs::rename(&claimed, &job_path);
+                    blocking(move || std::fs::rename(&claimed, &job_path))
+                        .await
+                        .ok();
                     return;
                 }
             }
@@ -294,7 +411,9 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
                     if let keel_session::OutboxError::Store(se) = &e {
                         ctx.channels.health.observe_store_error(se).await;
                     }
-                    let _ = std::fs::rename(&claimed, &job_path);
+                    blocking(move || std::fs::rename(&claimed, &job_path))
+                        .await
+                        .ok();
                     return;
                 }
             }
@@ -308,17 +427,16 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
     // cache survives it) and costs no fsync, whose latency on a busy disk
     // (p95 17 ms, spikes of 300 ms here) would be every job's latency.
     let full = ctx.config.durability == "full";
-    let written = std::fs::write(&tmp, result.as_bytes())
-        .and_then(|_| {
-            if full {
-                std::fs::File::open(&tmp)?.sync_all()?;
-            }
-            Ok(())
-        })
-        .and_then(|_| std::fs::rename(&tmp, &done));
+    let claim = claimed.clone();
+    let written = blocking(move || {
+        write_new(&tmp, result.as_bytes(), full)?;
+        std::fs::rename(&tmp, &done)?;
+        let _ = std::fs::remove_file(&claim);
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
     match written {
         Ok(()) => {
-            let _ = std::fs::remove_file(&claimed);
             metrics::counter!("keel_spool_jobs_total", "status" => "ok").increment(1);
             metrics::histogram!("keel_spool_job_seconds").record(started.elapsed().as_secs_f64());
         }
@@ -328,10 +446,19 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
     }
 }
 
-fn fail(dir: &Path, stem: &str, claimed: &Path, reason: &str) {
+async fn fail(dir: &Path, stem: &str, claimed: &Path, reason: &str) {
     let failed = dir.join("failed");
-    let _ = std::fs::rename(claimed, failed.join(format!("{stem}{JOB}")));
-    let _ = std::fs::write(failed.join(format!("{stem}.reason.txt")), reason);
+    let (claimed, stem_owned, text) = (claimed.to_path_buf(), stem.to_owned(), reason.to_owned());
+    blocking(move || {
+        // A rename replaces a link at the destination, never its target.
+        let _ = std::fs::rename(&claimed, failed.join(format!("{stem_owned}{JOB}")));
+        let _ = write_new(
+            &failed.join(format!("{stem_owned}.reason.txt")),
+            text.as_bytes(),
+            false,
+        );
+    })
+    .await;
     metrics::counter!("keel_spool_jobs_total", "status" => "failed").increment(1);
     tracing::warn!(job = stem, reason, "spool job moved to failed/");
 }

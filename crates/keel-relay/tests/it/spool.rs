@@ -176,3 +176,84 @@ async fn spool_stale_claim_requeued() {
     let got = collect(&mut reader, "j", 3, Duration::from_secs(2)).await;
     assert_eq!(got.len(), 2, "two jobs, two messages: {got:?}");
 }
+
+/// Whoever can write to the spool cannot make the relay write through a
+/// symlink, stall on a FIFO, or take a job larger than a client could send;
+/// ordinary jobs keep flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_symlink_fifo_and_size_refused() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let failed = spool.join("failed");
+    std::fs::create_dir_all(&failed).unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let victim = |name: &str| {
+        let p = outside.join(name);
+        std::fs::write(&p, "untouched").unwrap();
+        p
+    };
+    // A job that is a symlink to a file elsewhere (readable, valid JSON).
+    let target = outside.join("target.json");
+    std::fs::write(
+        &target,
+        json!({"type": "publish", "channel": "room", "payload": 1}).to_string(),
+    )
+    .unwrap();
+    symlink(&target, spool.join("linked.job.json")).unwrap();
+    // Links planted where the relay writes its own files.
+    let (v1, v2) = (victim("v1"), victim("v2"));
+    symlink(&v1, spool.join(".ok.result.tmp")).unwrap();
+    symlink(&v2, failed.join("big.reason.txt")).unwrap();
+    // A FIFO job, and one larger than a client's frame.
+    nix::unistd::mkfifo(&spool.join("pipe.job.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let big = json!({"type": "publish", "channel": "room", "payload": "x".repeat(2 << 20)});
+    write_job(&spool, "big", big);
+
+    let relay = spooling_relay(&dir.path().join("data"), &spool).await;
+    write_job(
+        &spool,
+        "ok",
+        json!({"type": "publish", "channel": "room", "payload": {"n": 1}}),
+    );
+    wait_results(&spool, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&failed, ".reason.txt") < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reason =
+        |stem: &str| std::fs::read_to_string(failed.join(format!("{stem}.reason.txt"))).unwrap();
+    assert!(
+        reason("linked").contains("symlinks are not followed"),
+        "{}",
+        reason("linked")
+    );
+    assert!(
+        reason("pipe").contains("not a regular file"),
+        "{}",
+        reason("pipe")
+    );
+    assert!(reason("big").contains("too large"), "{}", reason("big"));
+    assert!(
+        spool.join("ok.result.json").exists(),
+        "the ordinary job was answered"
+    );
+    for v in [&v1, &v2] {
+        assert_eq!(
+            std::fs::read_to_string(v).unwrap(),
+            "untouched",
+            "{}",
+            v.display()
+        );
+    }
+    assert!(
+        !std::fs::symlink_metadata(failed.join("big.reason.txt"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // The relay still answers.
+    let health = http_get(&format!("http://{}/healthz", relay.addr)).await;
+    assert!(health.contains("200 OK"), "{health}");
+}
