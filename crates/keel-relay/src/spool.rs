@@ -252,7 +252,7 @@ fn read_job(path: &Path, cap: usize) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc_flags::NOFOLLOW | libc_flags::NONBLOCK)
+        .custom_flags(open_flags::NOFOLLOW | open_flags::NONBLOCK)
         .open(path)
         .map_err(|e| format!("cannot open (symlinks are not followed): {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
@@ -276,7 +276,7 @@ fn read_job(path: &Path, cap: usize) -> Result<Vec<u8>, String> {
 }
 
 /// Open flags, from nix (which the relay uses already).
-mod libc_flags {
+mod open_flags {
     use nix::fcntl::OFlag;
     pub(super) const NOFOLLOW: i32 = OFlag::O_NOFOLLOW.bits();
     pub(super) const NONBLOCK: i32 = OFlag::O_NONBLOCK.bits();
@@ -296,7 +296,7 @@ fn write_new(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .custom_flags(libc_flags::NOFOLLOW)
+        .custom_flags(open_flags::NOFOLLOW)
         .mode(0o644)
         .open(path)?;
     file.write_all(bytes)?;
