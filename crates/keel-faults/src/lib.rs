@@ -60,6 +60,7 @@ mod inject;
 mod monitor;
 pub mod process;
 mod proxy;
+pub mod tls;
 mod upstream;
 
 pub use crate::inject::{FailureInjector, LatencySimulator};

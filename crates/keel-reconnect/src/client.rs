@@ -13,12 +13,12 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -26,7 +26,7 @@ use crate::buffer::{Buffer, BufferConfig, SendError, SendHandle};
 use crate::frames::{Frames, Queue};
 use crate::state::{State, StateCell};
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What a close code from the server means for reconnecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,12 @@ pub struct Config {
     pub ws_buffer: usize,
     /// Inbound frames queued for the user before reading pauses. Default 1,024.
     pub inbound_queue: usize,
+    /// TLS settings for `wss://` URLs (e.g. a private certificate
+    /// authority). Default `None`: Mozilla's roots (webpki-roots), TLS 1.2
+    /// and 1.3, the ring provider. `ws://` URLs never use TLS and `wss://`
+    /// URLs never go without it.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Config {
@@ -169,6 +175,8 @@ impl Default for Config {
             close_timeout: Duration::from_secs(1),
             ws_buffer: 4096,
             inbound_queue: 1024,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -424,8 +432,33 @@ async fn connect<T: Target, P: Protocol>(
     state: &StateCell,
 ) -> Result<Ws, String> {
     let request = target.request().await?;
-    let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
-    let port = request.uri().port_u16().unwrap_or(80);
+    let secure = match request.uri().scheme_str() {
+        Some("wss") => true,
+        Some("ws") => false,
+        other => {
+            return Err(format!(
+                "unsupported URL scheme {other:?}: use ws:// or wss://"
+            ));
+        }
+    };
+    #[cfg(not(feature = "tls"))]
+    if secure {
+        return Err(
+            "wss:// needs keel-reconnect's `tls` feature, which this build lacks: refusing to connect without TLS"
+                .to_owned(),
+        );
+    }
+    let host = request
+        .uri()
+        .host()
+        .ok_or_else(|| "URL without a host".to_owned())?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = request
+        .uri()
+        .port_u16()
+        .unwrap_or(if secure { 443 } else { 80 });
     let tcp = timeout(
         config.connect_timeout,
         TcpStream::connect((host.as_str(), port)),
@@ -437,13 +470,31 @@ async fn connect<T: Target, P: Protocol>(
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.ws_buffer)
         .write_buffer_size(config.ws_buffer);
-    let (mut ws, _) = timeout(
-        config.handshake_timeout,
-        tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config)),
-    )
-    .await
-    .map_err(|_| "handshake timed out".to_owned())?
-    .map_err(|e| format!("handshake failed: {e}"))?;
+    #[cfg(feature = "tls")]
+    let handshake = {
+        use tokio_tungstenite::Connector;
+        let connector = if secure {
+            Connector::Rustls(config.tls.clone().unwrap_or_else(default_tls))
+        } else {
+            Connector::Plain
+        };
+        tokio_tungstenite::client_async_tls_with_config(
+            request,
+            tcp,
+            Some(ws_config),
+            Some(connector),
+        )
+    };
+    #[cfg(not(feature = "tls"))]
+    let handshake = tokio_tungstenite::client_async_with_config(
+        request,
+        MaybeTlsStream::Plain(tcp),
+        Some(ws_config),
+    );
+    let (mut ws, _) = timeout(config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| format!("handshake failed: {e}"))?;
     let _ = state.set(State::Resuming);
     timeout(
         config.resume_timeout,
@@ -453,6 +504,30 @@ async fn connect<T: Target, P: Protocol>(
     .map_err(|_| "resume timed out".to_owned())?
     .map_err(|e| format!("resume failed: {e}"))?;
     Ok(ws)
+}
+
+/// The default TLS settings: Mozilla's roots, made once per process.
+#[cfg(feature = "tls")]
+fn default_tls() -> Arc<rustls::ClientConfig> {
+    static DEFAULT: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            Arc::new(tls_config(roots))
+        })
+        .clone()
+}
+
+/// TLS settings that trust `roots`, on the ring provider (TLS 1.2 and 1.3).
+#[cfg(feature = "tls")]
+pub fn tls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 /// Runs a live link until it ends.

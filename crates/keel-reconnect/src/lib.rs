@@ -45,10 +45,15 @@ mod state;
 
 pub use crate::backoff::Backoff;
 pub use crate::buffer::{BufferConfig, Overflow, SendError, SendHandle};
+#[cfg(feature = "tls")]
+pub use crate::client::tls_config;
 pub use crate::client::{
     CloseAction, Config, Counters, Inbound, Link, Plain, Protocol, ReconnectingClient, Target,
     classify_close,
 };
 pub use crate::frames::Frames;
 pub use crate::state::{InvalidTransition, State, StateCell};
+/// The TLS library `wss://` uses (for [`Config::tls`]).
+#[cfg(feature = "tls")]
+pub use rustls;
 pub use tokio_tungstenite::tungstenite::Message;

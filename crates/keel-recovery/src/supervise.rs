@@ -289,10 +289,18 @@ impl Supervisor {
         let started = Instant::now();
         let pid = child.id().unwrap_or(0);
         let start_time = procfs::start_time(pid).unwrap_or(0);
-        let record = cfg
-            .registry
-            .as_ref()
-            .and_then(|dir| register(dir, pid, start_time, &spec).ok());
+        // The record is written and fsynced (twice) on a blocking thread,
+        // never on a runtime worker.
+        let record = match cfg.registry.clone() {
+            Some(dir) => {
+                let program = spec.program.clone();
+                tokio::task::spawn_blocking(move || register(&dir, pid, start_time, &program).ok())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
 
         let (line_tx, lines) = mpsc::channel(cfg.line_buffer.max(1));
         if let Some(out) = child.stdout.take() {
@@ -500,8 +508,8 @@ async fn monitor(mut m: Monitor) {
     };
     // The leader is gone; whatever it left in its group goes with it.
     signal_group(m.pgid, Signal::SIGKILL);
-    if let Some(record) = &m.record {
-        let _ = std::fs::remove_file(record);
+    if let Some(record) = m.record.take() {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(record)).await;
     }
     if let Some(sup) = m.supervisor.upgrade()
         && let Ok(mut live) = sup.live.lock()
@@ -595,14 +603,14 @@ fn register(
     dir: &Path,
     pgid: u32,
     start_time: u64,
-    spec: &CommandSpec,
+    program: &std::ffi::OsStr,
 ) -> std::io::Result<PathBuf> {
     let path = dir.join(format!("{pgid}-{start_time}.pgroup"));
     let body = serde_json::json!({
         "pgid": pgid,
         "start_time": start_time,
         "supervisor_pid": std::process::id(),
-        "program": spec.program.to_string_lossy(),
+        "program": program.to_string_lossy(),
     });
     let tmp = dir.join(format!(".{pgid}-{start_time}.tmp"));
     std::fs::write(&tmp, body.to_string())?;

@@ -39,6 +39,8 @@ pub(crate) struct Serving {
     pub(crate) inbound: Budget,
     /// Time a WebSocket frame may take to arrive from its first byte.
     pub(crate) frame_timeout: Duration,
+    /// TLS, when the relay terminates it (`--tls-cert`, `--tls-key`).
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Accepts until `stop`, serving each connection with `app`.
@@ -78,7 +80,8 @@ pub(crate) async fn run(
         };
         let app = app.clone();
         let (header_timeout, max_header_bytes) = (serving.header_timeout, serving.max_header_bytes);
-        let mut stop = stop.clone();
+        let stop = stop.clone();
+        let tls = serving.tls.clone();
         tokio::spawn(async move {
             let service =
                 tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
@@ -86,27 +89,65 @@ pub(crate) async fn run(
                     req.extensions_mut().insert(admitted.clone());
                     app.clone().oneshot(req)
                 });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(max_header_bytes.max(8192))
-                .keep_alive(true);
-            let conn = builder
-                .serve_connection(
-                    TokioIo::new(Gated::new(stream, gate)),
-                    TowerToHyperService::new(service),
-                )
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.stopped() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let io = Gated::new(stream, gate);
+            let http = Http {
+                header_timeout,
+                max_header_bytes,
+                stop,
+            };
+            match tls {
+                None => http.serve(io, service).await,
+                Some(tls) => {
+                    // The TLS handshake counts against the header timeout:
+                    // a client that stalls it holds nothing for long.
+                    match tokio::time::timeout(header_timeout, tls.accept(io)).await {
+                        Ok(Ok(io)) => http.serve(io, service).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
                 }
             }
         });
+    }
+}
+
+/// HTTP/1.1 on one connection, plain or TLS.
+struct Http {
+    header_timeout: Duration,
+    max_header_bytes: usize,
+    stop: ShutdownToken,
+}
+
+impl Http {
+    async fn serve<I, S>(mut self, io: I, service: S)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<
+                axum::http::Request<hyper::body::Incoming>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .max_buf_size(self.max_header_bytes.max(8192))
+            .keep_alive(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = self.stop.stopped() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            }
+        }
     }
 }
 

@@ -29,7 +29,13 @@ impl Channels {
         msg_id: &str,
         payload: &[u8],
     ) -> Option<Offset> {
-        match self.store.append(channel, msg_id, payload).await {
+        // The relay's own messages have their own id scope: no client's id
+        // can answer for them.
+        match self
+            .store
+            .append_scoped(keel_session::SYSTEM_SCOPE, channel, msg_id, payload)
+            .await
+        {
             Ok(a) => {
                 if !a.duplicate {
                     let frame = protocol::deliver_frame(channel, a.offset, msg_id, payload);

@@ -32,6 +32,16 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// PEM certificate chain: serve wss:// (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve `auth.mode = "open"` on a non-loopback address (anyone who
+        /// can reach it may read and write every channel).
+        #[arg(long)]
+        insecure_open: bool,
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
@@ -88,6 +98,9 @@ where
                 upstream,
                 spool,
                 config,
+                tls_cert,
+                tls_key,
+                insecure_open,
                 log_format,
             } => {
                 init_logs(log_format);
@@ -107,6 +120,10 @@ where
                 if spool.is_some() {
                     cfg.spool = spool;
                 }
+                if tls_cert.is_some() {
+                    (cfg.tls.cert_file, cfg.tls.key_file) = (tls_cert, tls_key);
+                }
+                cfg.auth.insecure_open |= insecure_open;
                 serve(cfg).await
             }
             Command::Doctor { data } => doctor(&data).await,

@@ -35,8 +35,12 @@ use tokio::sync::{mpsc, oneshot};
 /// How to reach the relay.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `ws://HOST:PORT/ws`.
+    /// `ws://HOST:PORT/ws`, or `wss://` for a relay that serves TLS
+    /// (trusted roots: `reconnect.tls`, by default Mozilla's).
     pub url: String,
+    /// A connection JWT, for a relay with `auth.mode = "jwt"`; sent in
+    /// every `hello` (replace it with [`Client::set_auth`] before it expires).
+    pub auth: Option<String>,
     /// A token from an earlier session, to resume it; `None` opens a new one.
     pub token: Option<String>,
     /// Last offsets seen per channel (from an earlier run), to resume from.
@@ -52,6 +56,7 @@ impl ClientConfig {
     pub fn new(url: &str) -> Self {
         ClientConfig {
             url: url.to_owned(),
+            auth: None,
             token: None,
             offsets: BTreeMap::new(),
             reconnect: keel_reconnect::Config {
@@ -140,6 +145,7 @@ type Waiters = HashMap<String, oneshot::Sender<Result<Value, ClientError>>>;
 
 #[derive(Default)]
 struct Inner {
+    auth: Option<String>,
     token: Option<String>,
     session_id: Option<String>,
     offsets: BTreeMap<String, u64>,
@@ -165,6 +171,9 @@ impl Protocol for KeelProtocol {
             let mut hello = serde_json::json!({"type": "hello"});
             if let Some(t) = &inner.token {
                 hello["token"] = t.clone().into();
+            }
+            if let Some(jwt) = &inner.auth {
+                hello["auth"] = jwt.clone().into();
             }
             if !inner.offsets.is_empty() {
                 hello["resume"] = serde_json::to_value(&inner.offsets).unwrap_or_default();
@@ -266,6 +275,7 @@ impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let inner = Arc::new(Mutex::new(Inner {
             token: config.token.clone(),
+            auth: config.auth.clone(),
             offsets: config.offsets.clone(),
             ..Default::default()
         }));
@@ -349,6 +359,12 @@ impl Client {
     /// resume should make this 0.
     pub fn duplicates_dropped(&self) -> u64 {
         self.lock().duplicates
+    }
+
+    /// Replaces the connection JWT sent by the next `hello` (each
+    /// reconnect), e.g. before the current one expires.
+    pub fn set_auth(&self, jwt: Option<String>) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).auth = jwt;
     }
 
     /// The underlying reconnecting client (state, counters).

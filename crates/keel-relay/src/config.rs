@@ -15,8 +15,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The data directory (database, lock, supervisor registry). Default `keel-data`.
     pub data: PathBuf,
-    /// The upstream messaging API's WebSocket URL. Default: none (sends stay queued).
+    /// The upstream messaging API's WebSocket URL (`ws://` or `wss://`).
+    /// Default: none (sends stay queued).
     pub upstream: Option<String>,
+    /// PEM file of certificate authorities trusted for a `wss://` upstream,
+    /// in place of the compiled-in Mozilla roots (webpki-roots). Default: none.
+    pub upstream_ca_file: Option<PathBuf>,
     /// A spool directory of `*.job.json` files to process. Default: none.
     pub spool: Option<PathBuf>,
     /// `normal` (default; durable against process crashes) or `full` (also
@@ -34,6 +38,10 @@ pub struct Config {
     pub exec: Exec,
     /// What the message logs and idle sessions may keep on disk.
     pub retention: RetentionConfig,
+    /// Who may connect and what they may do.
+    pub auth: Auth,
+    /// TLS for the relay's own listener.
+    pub tls: Tls,
     /// How long shutdown waits for in-flight work. Default 10,000 ms.
     pub shutdown_grace_ms: u64,
 }
@@ -51,6 +59,9 @@ impl Default for Config {
             sending: Sending::default(),
             exec: Exec::default(),
             retention: RetentionConfig::default(),
+            auth: Auth::default(),
+            tls: Tls::default(),
+            upstream_ca_file: None,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -306,6 +317,85 @@ impl Default for Sending {
     }
 }
 
+/// Who may connect and what they may do (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// `open` (default: anyone who can connect; allowed only when the relay
+    /// listens on a loopback address, unless `insecure_open`) or `jwt`
+    /// (`hello` must carry a JWT in `auth`).
+    pub mode: String,
+    /// Serve `open` on a non-loopback address anyway (`--insecure-open`).
+    /// Default false.
+    pub insecure_open: bool,
+    /// `HS256` (default; `jwt_secret_file`), `RS256` or `EdDSA`
+    /// (`jwt_public_key_file`, PEM).
+    pub jwt_algorithm: String,
+    /// File holding the HS256 secret (its bytes, a trailing newline removed;
+    /// at least 32 bytes).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256 or EdDSA.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default 5 s.
+    pub jwt_leeway_s: u64,
+    /// Browser origins allowed to open a WebSocket (e.g.
+    /// `https://app.example`; `*` allows any). A request that carries an
+    /// `Origin` header not listed is refused with 403 before the upgrade;
+    /// clients that send no `Origin` (non-browser clients) are unaffected.
+    /// Default: none.
+    pub allowed_origins: Vec<String>,
+    /// Whether clients may publish to channels no `publish_rule` covers.
+    /// Default true.
+    pub client_publish: bool,
+    /// Channels whose names start with `prefix` may be published to only by
+    /// holders of one of `roles` (a JWT's `roles` claim); the longest
+    /// matching prefix wins; empty `roles`: no client may publish there.
+    pub publish_rule: Vec<PublishRule>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            mode: "open".to_owned(),
+            insecure_open: false,
+            jwt_algorithm: "HS256".to_owned(),
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_s: 5,
+            allowed_origins: Vec::new(),
+            client_publish: true,
+            publish_rule: Vec::new(),
+        }
+    }
+}
+
+/// Who may publish to channels under `prefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRule {
+    /// E.g. `"news:"`.
+    pub prefix: String,
+    /// Roles allowed to publish there; empty: none.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// TLS for the relay's listener: both files, or neither (plain `ws://`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain (`--tls-cert`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (`--tls-key`).
+    pub key_file: Option<PathBuf>,
+}
+
 /// Supervised exec sessions: off unless `enabled` and the command is allowed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -421,6 +511,45 @@ impl Config {
             return bad(
                 "limits.global_buffer_bytes must be at least twice the per-connection budgets (it is split in halves: inbound, outbound)",
             );
+        }
+        match self.auth.mode.as_str() {
+            "open" => {
+                if !self.listen.ip().is_loopback() && !self.auth.insecure_open {
+                    return Err(ConfigError::Invalid(format!(
+                        "refusing to serve {} without authentication: anyone who can reach it could read and write every channel. \
+                         Set [auth] mode = \"jwt\" with jwt_secret_file (HS256) or jwt_public_key_file (RS256, EdDSA), \
+                         listen on a loopback address (127.0.0.1), or pass --insecure-open (auth.insecure_open = true)",
+                        self.listen
+                    )));
+                }
+            }
+            "jwt" => {
+                let a = &self.auth;
+                match (
+                    a.jwt_algorithm.as_str(),
+                    &a.jwt_secret_file,
+                    &a.jwt_public_key_file,
+                ) {
+                    ("HS256", Some(_), None) | ("RS256" | "EdDSA", None, Some(_)) => {}
+                    ("HS256", _, _) => {
+                        return bad(
+                            "auth.jwt_algorithm HS256 needs auth.jwt_secret_file (and no jwt_public_key_file)",
+                        );
+                    }
+                    ("RS256" | "EdDSA", _, _) => {
+                        return bad(
+                            "auth.jwt_algorithm RS256 and EdDSA need auth.jwt_public_key_file (and no jwt_secret_file)",
+                        );
+                    }
+                    _ => {
+                        return bad("auth.jwt_algorithm must be \"HS256\", \"RS256\" or \"EdDSA\"");
+                    }
+                }
+            }
+            _ => return bad("auth.mode must be \"open\" or \"jwt\""),
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls.cert_file and tls.key_file go together (--tls-cert, --tls-key)");
         }
         if self.retention.interval_s == 0 || l.send_rate == 0 || l.session_rate == 0 {
             return bad(

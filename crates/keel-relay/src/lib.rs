@@ -37,6 +37,7 @@ pub mod protocol;
 mod relay;
 mod retention;
 pub mod spool;
+mod tls;
 mod upstream;
 
 pub use crate::config::Config;

@@ -38,6 +38,8 @@ pub enum ClientFrame {
         token: Option<String>,
         /// Last offset the client has seen, per channel: delivery restarts after it.
         resume: Option<BTreeMap<String, u64>>,
+        /// The connection JWT (`auth.mode = "jwt"`).
+        auth: Option<String>,
     },
     /// Starts delivery of `channel` from offset `from` (default: after the
     /// session's stored cursor, or only new messages).
@@ -379,6 +381,7 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
             ClientFrame::Hello {
                 token: f.token,
                 resume: f.resume,
+                auth: f.auth,
             }
         }
         "subscribe" => {
@@ -446,6 +449,8 @@ mod wire {
         pub(super) token: Option<String>,
         #[serde(default)]
         pub(super) resume: Option<BTreeMap<String, u64>>,
+        #[serde(default)]
+        pub(super) auth: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -626,7 +631,8 @@ mod tests {
             decode(r#"{"type":"hello","resume":{"a":3}}"#, 100),
             Ok(ClientFrame::Hello {
                 token: None,
-                resume: Some(_)
+                resume: Some(_),
+                auth: None,
             })
         ));
     }

@@ -67,6 +67,9 @@ fn register_metrics() {
     for code in crate::protocol::ErrorCode::ALL {
         metrics::counter!("keel_errors_total", "code" => code.as_str()).increment(0);
     }
+    for why in crate::auth::REFUSALS {
+        metrics::counter!("keel_auth_refused_total", "why" => why).increment(0);
+    }
     for status in ["SENT", "DEAD"] {
         metrics::counter!("keel_upstream_sends_total", "status" => status).increment(0);
     }
@@ -110,6 +113,9 @@ pub enum RelayError {
     /// The supervisor could not start.
     #[error("cannot start the process supervisor: {0}")]
     Supervisor(std::io::Error),
+    /// A JWT key or TLS certificate file could not be used.
+    #[error("{0}")]
+    Security(String),
 }
 
 /// A running relay.
@@ -145,6 +151,26 @@ impl Relay {
         exec_helper: Option<(std::path::PathBuf, Vec<std::ffi::OsString>)>,
     ) -> Result<Relay, RelayError> {
         config.validate()?;
+        // Key and certificate files are read before anything starts: a bad
+        // one is a clear error at start, never a relay that refuses everyone.
+        let authority =
+            Arc::new(crate::auth::Authority::new(&config.auth).map_err(RelayError::Security)?);
+        let tls = crate::tls::acceptor(&config.tls).map_err(RelayError::Security)?;
+        let upstream_tls = match &config.upstream_ca_file {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in crate::tls::certificates(path).map_err(RelayError::Security)? {
+                    roots.add(cert).map_err(|e| {
+                        RelayError::Security(format!(
+                            "{}: unusable CA certificate: {e}",
+                            path.display()
+                        ))
+                    })?;
+                }
+                Some(Arc::new(keel_reconnect::tls_config(roots)))
+            }
+            None => None,
+        };
         let metrics = prometheus();
         register_metrics();
         let options = StartOptions {
@@ -187,6 +213,7 @@ impl Relay {
             supervisor,
             intake.token(),
             outbox_ready.clone(),
+            authority,
         ));
         let caps = Caps::new(limits);
         let shared = Arc::new(Shared {
@@ -209,6 +236,7 @@ impl Relay {
                 max_header_bytes: limits.max_header_bytes,
                 inbound: budgets.inbound.clone(),
                 frame_timeout: Duration::from_millis(limits.frame_timeout_ms.max(1)),
+                tls,
             },
             intake.token(),
         ));
@@ -223,6 +251,7 @@ impl Relay {
             background.push(tokio::spawn(crate::upstream::run(
                 background_ctx.clone(),
                 url,
+                upstream_tls,
             )));
         }
         if let Some(dir) = config.spool.clone() {
@@ -325,11 +354,28 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 async fn ws_handler(
     ws: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(admitted): Extension<Admitted>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
     let conns = &shared.conns;
+    // A browser says where the page that opens the socket came from; any
+    // page a user visits could otherwise drive a relay on their machine.
+    let origins: Vec<_> = headers.get_all(axum::http::header::ORIGIN).iter().collect();
+    let origin = match origins.as_slice() {
+        [] => None,
+        [one] => Some(one.to_str().unwrap_or("\u{fffd}")),
+        _ => Some("\u{fffd}"), // several: refused
+    };
+    if !conns.authority.origin_allowed(origin) {
+        crate::auth::refused("origin");
+        return (
+            StatusCode::FORBIDDEN,
+            "origin not allowed: add it to [auth] allowed_origins\n",
+        )
+            .into_response();
+    }
     if !conns.channels.health.state().is_serving() || conns.intake.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not serving").into_response();
     }

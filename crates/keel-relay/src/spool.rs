@@ -350,7 +350,7 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
             match ctx
                 .channels
                 .store
-                .append(&channel, &msg_id, payload.as_bytes())
+                .append_scoped("spool", &channel, &msg_id, payload.as_bytes())
                 .await
             {
                 Ok(a) => {

@@ -164,7 +164,11 @@ fn nz(n: u32) -> NonZeroU32 {
 }
 
 /// Runs until shutdown begins.
-pub(crate) async fn run(ctx: Arc<BackgroundCtx>, url: String) {
+pub(crate) async fn run(
+    ctx: Arc<BackgroundCtx>,
+    url: String,
+    tls: Option<Arc<keel_reconnect::rustls::ClientConfig>>,
+) {
     let sending = ctx.config.sending.clone();
     let (client, mut frames) = ReconnectingClient::start(
         url,
@@ -175,6 +179,7 @@ pub(crate) async fn run(ctx: Arc<BackgroundCtx>, url: String) {
                 cap: Duration::from_secs(5),
                 ..Default::default()
             },
+            tls,
             ..Default::default()
         },
     );
@@ -315,11 +320,19 @@ pub(crate) async fn run(ctx: Arc<BackgroundCtx>, url: String) {
                 in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
                 continue;
             };
+            // The upstream sees an id unique across sessions (two sessions
+            // may use the same key): `<session id>/<key>`, `-/<key>` for
+            // sends of no session (spool jobs).
+            let wire_id = format!(
+                "{}/{}",
+                item.session_id.as_ref().map_or("-", |s| s.as_str()),
+                item.idem_key
+            );
             let envelope = Envelope {
-                idem_key: item.idem_key.clone(),
+                idem_key: wire_id.clone(),
                 frame: format!(
                     r#"{{"type":"send","id":{},"to":{},"body":{}}}"#,
-                    json_str(&item.idem_key),
+                    json_str(&wire_id),
                     json_str(&to),
                     body.get()
                 ),

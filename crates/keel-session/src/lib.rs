@@ -57,7 +57,8 @@ pub use crate::config::{Config, Durability};
 pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};
 pub use crate::health::HealthTransition;
 pub use crate::messages::{
-    Appended, ChannelBounds, ChannelStats, Message, Offset, Retention, Subscription,
+    Appended, ChannelBounds, ChannelStats, Message, Offset, Retention, SHARED_SCOPE, SYSTEM_SCOPE,
+    Subscription,
 };
 pub use crate::outbox::{
     Enqueued, NewSend, OutboxCounts, OutboxId, OutboxItem, OutboxState, Retry,

@@ -9,6 +9,13 @@ use crate::error::{SessionError, StoreError};
 use crate::sessions::SessionId;
 use crate::store::{Committing, Store};
 
+/// The scope of message ids that name no publisher; ids written before
+/// ids were scoped (schema 3) are in it too.
+pub const SHARED_SCOPE: &str = "";
+
+/// The scope of messages the store writes itself (crash notices).
+pub const SYSTEM_SCOPE: &str = "system";
+
 /// A position in a channel's log. The first message of a channel has offset 1;
 /// offsets are never reused, even after retention removes messages.
 pub type Offset = u64;
@@ -20,7 +27,7 @@ pub struct Message {
     pub channel: String,
     /// Its offset in the channel.
     pub offset: Offset,
-    /// The publisher's id for it (unique per channel).
+    /// The publisher's id for it (unique per channel and publisher scope).
     pub msg_id: String,
     /// When it was appended.
     pub at: UnixMillis,
@@ -140,12 +147,20 @@ pub(crate) fn append_in(
     conn: &rusqlite::Connection,
     now: UnixMillis,
     channel: &str,
+    scope: &str,
     msg_id: &str,
     payload: &[u8],
 ) -> Result<Appended, StoreError> {
+    // The scope's own ids, and the shared scope's (ids written before
+    // ids were scoped are there).
     let existing = conn
-        .prepare_cached("SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?2")?
-        .query_row([channel, msg_id], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+        .prepare_cached(
+            "SELECT offset, at FROM messages
+             WHERE channel = ?1 AND publisher IN (?2, '') AND msg_id = ?3",
+        )?
+        .query_row([channel, scope, msg_id], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get(1)?))
+        })
         .optional()?;
     if let Some((offset, at)) = existing {
         return Ok(Appended {
@@ -162,10 +177,10 @@ pub(crate) fn append_in(
     let offset = next_offset(conn, channel)?;
     // The id was checked above and the offset is fresh, so IGNORE never fires.
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO messages(channel, offset, msg_id, at, payload)
-         VALUES(?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![channel, offset, msg_id, now, payload])?;
+    .execute(params![channel, offset, scope, msg_id, now, payload])?;
     Ok(Appended {
         offset: offset as Offset,
         at: now,
@@ -174,16 +189,33 @@ pub(crate) fn append_in(
 }
 
 impl Store {
-    /// Appends a message to `channel`. If `msg_id` is already in the channel
-    /// (and still retained) this writes nothing and returns the original offset
-    /// with `duplicate: true`.
+    /// Appends a message to `channel` in the shared scope (see
+    /// [`Store::append_scoped`]). If `msg_id` is already in the channel's
+    /// shared scope (and still retained) this writes nothing and returns
+    /// the original offset with `duplicate: true`.
     pub async fn append(
         &self,
         channel: &str,
         msg_id: &str,
         payload: &[u8],
     ) -> Result<Appended, StoreError> {
-        self.queue_append(channel, msg_id, payload.to_vec())
+        self.append_scoped(SHARED_SCOPE, channel, msg_id, payload)
+            .await
+    }
+
+    /// Appends a message to `channel` with `msg_id` unique per (channel,
+    /// `scope`): the scope is who publishes (a user, a session), so that
+    /// one publisher's id can never answer another's. An id is a duplicate
+    /// when it is in the channel under `scope` or under the shared scope
+    /// `""` (where ids written before schema 3 are).
+    pub async fn append_scoped(
+        &self,
+        scope: &str,
+        channel: &str,
+        msg_id: &str,
+        payload: &[u8],
+    ) -> Result<Appended, StoreError> {
+        self.queue_append_scoped(0, scope, channel, msg_id, payload.to_vec())
             .await?
             .await
     }
@@ -223,10 +255,34 @@ impl Store {
     where
         P: AsRef<[u8]> + Send + 'static,
     {
+        self.queue_append_scoped(lane, SHARED_SCOPE, channel, msg_id, payload)
+            .await
+    }
+
+    /// [`Store::queue_append_in`] with ids scoped to `scope` (see
+    /// [`Store::append_scoped`]).
+    pub async fn queue_append_scoped<P>(
+        &self,
+        lane: u64,
+        scope: &str,
+        channel: &str,
+        msg_id: &str,
+        payload: P,
+    ) -> Result<Committing<Appended>, StoreError>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
         let bytes = payload.as_ref().len();
-        let (channel, msg_id) = (channel.to_owned(), msg_id.to_owned());
+        let (channel, scope, msg_id) = (channel.to_owned(), scope.to_owned(), msg_id.to_owned());
         self.submit_in(lane, bytes, move |ctx| {
-            append_in(ctx.conn, ctx.now, &channel, &msg_id, payload.as_ref())
+            append_in(
+                ctx.conn,
+                ctx.now,
+                &channel,
+                &scope,
+                &msg_id,
+                payload.as_ref(),
+            )
         })
         .await
     }

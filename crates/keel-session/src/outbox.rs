@@ -75,7 +75,8 @@ pub struct OutboxItem {
     pub id: OutboxId,
     /// The session that asked for the send, if any.
     pub session_id: Option<SessionId>,
-    /// The caller's idempotency key, unique across the outbox.
+    /// The caller's idempotency key, unique per session (sends of no
+    /// session share one scope).
     pub idem_key: String,
     /// What to send.
     pub payload: Vec<u8>,
@@ -102,7 +103,8 @@ pub struct OutboxItem {
 pub struct NewSend {
     /// The session asking for it, if any (must exist).
     pub session_id: Option<SessionId>,
-    /// Idempotency key: enqueueing the same key twice yields the first item.
+    /// Idempotency key: enqueueing the same key twice for the same session
+    /// yields the first item; other sessions may use the same key.
     pub idem_key: String,
     /// What to send.
     pub payload: Vec<u8>,
@@ -199,8 +201,11 @@ impl Store {
         self.write(move |ctx| {
             let existing: Option<i64> = ctx
                 .conn
-                .prepare_cached("SELECT id FROM outbox WHERE idem_key = ?1")?
-                .query_row([&send.idem_key], |r| r.get(0))
+                .prepare_cached("SELECT id FROM outbox WHERE session_id IS ?1 AND idem_key = ?2")?
+                .query_row(
+                    params![send.session_id.as_ref().map(SessionId::as_str), send.idem_key],
+                    |r| r.get(0),
+                )
                 .optional()?;
             if let Some(id) = existing {
                 return Ok(Enqueued {

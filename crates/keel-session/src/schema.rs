@@ -87,6 +87,59 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX outbox_by_session ON outbox(session_id, state);
     "#,
+    // 2 -> 3: idempotency scoped to who wrote (trust boundaries). Message
+    // ids are unique per (channel, publisher, id), outbox keys per
+    // (session, key); before, one session's id could answer another's.
+    // Rows written before keep publisher '' (the shared scope, which every
+    // publisher's lookup also consults, so a retry across the upgrade is
+    // still a duplicate). The outbox's AUTOINCREMENT high-water mark is
+    // carried over: ids are never reused.
+    r#"
+    CREATE TABLE messages_v3 (
+        channel   TEXT NOT NULL,
+        offset    INTEGER NOT NULL,
+        publisher TEXT NOT NULL,
+        msg_id    TEXT NOT NULL,
+        at        INTEGER NOT NULL,
+        payload   BLOB NOT NULL,
+        PRIMARY KEY (channel, offset),
+        UNIQUE (channel, publisher, msg_id)
+    ) WITHOUT ROWID;
+    INSERT INTO messages_v3(channel, offset, publisher, msg_id, at, payload)
+        SELECT channel, offset, '', msg_id, at, payload FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v3 RENAME TO messages;
+
+    CREATE TEMP TABLE outbox_seq AS SELECT seq FROM sqlite_sequence WHERE name = 'outbox';
+    CREATE TABLE outbox_v3 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id      TEXT REFERENCES sessions(id) ON DELETE SET NULL,
+        idem_key        TEXT NOT NULL,
+        payload         BLOB NOT NULL,
+        state           TEXT NOT NULL,
+        claimed_by      TEXT,
+        claim_until     INTEGER,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_error      TEXT,
+        created_at      INTEGER NOT NULL,
+        sent_at         INTEGER,
+        UNIQUE (session_id, idem_key)
+    );
+    INSERT INTO outbox_v3(id, session_id, idem_key, payload, state, claimed_by, claim_until,
+                          attempts, next_attempt_at, last_error, created_at, sent_at)
+        SELECT id, session_id, idem_key, payload, state, claimed_by, claim_until,
+               attempts, next_attempt_at, last_error, created_at, sent_at FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v3 RENAME TO outbox;
+    DELETE FROM sqlite_sequence WHERE name = 'outbox';
+    INSERT INTO sqlite_sequence(name, seq)
+        SELECT 'outbox', max(coalesce((SELECT seq FROM temp.outbox_seq), 0),
+                             coalesce((SELECT max(id) FROM outbox), 0));
+    DROP TABLE temp.outbox_seq;
+    CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
+    CREATE INDEX outbox_by_session ON outbox(session_id, state);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -99,7 +152,17 @@ pub(crate) fn version(conn: &Connection) -> Result<u32, StoreError> {
 
 /// Applies every migration after `from`, each in its own transaction.
 pub(crate) fn migrate(conn: &mut Connection, from: u32) -> Result<(), StoreError> {
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+    migrate_until(conn, from, LATEST)
+}
+
+/// Applies the migrations from `from` up to version `to`.
+fn migrate_until(conn: &mut Connection, from: u32, to: u32) -> Result<(), StoreError> {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(to as usize)
+        .skip(from as usize)
+    {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)?;
@@ -107,4 +170,76 @@ pub(crate) fn migrate(conn: &mut Connection, from: u32) -> Result<(), StoreError
         tracing::info!(version = i + 1, "applied schema migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewSend, Store};
+
+    /// A database written by the previous version (schema 2: ids unique
+    /// per channel, outbox keys unique in all) opens, is upgraded, keeps
+    /// every row, and scopes ids from then on.
+    #[tokio::test]
+    async fn schema_2_database_upgrades_to_scoped_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate_until(&mut conn, 0, 2).unwrap();
+            assert_eq!(version(&conn).unwrap(), 2);
+            conn.execute_batch(
+                "INSERT INTO sessions(id, token_hash, state, created_at, updated_at)
+                     VALUES('s1', x'00', 'DETACHED', 1, 1), ('s2', x'00', 'DETACHED', 1, 1);
+                 INSERT INTO channels(name, next_offset) VALUES('room', 3);
+                 INSERT INTO messages(channel, offset, msg_id, at, payload)
+                     VALUES('room', 1, 'm1', 1, x'7b7d'), ('room', 2, 'm2', 1, x'7b7d');
+                 INSERT INTO outbox(session_id, idem_key, payload, state, next_attempt_at, created_at)
+                     VALUES('s1', 'k1', x'7b7d', 'SENT', 1, 1), ('s1', 'k2', x'7b7d', 'PENDING', 1, 1);
+                 DELETE FROM outbox WHERE idem_key = 'k2';",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, Default::default()).await.unwrap();
+        assert_eq!((store.startup().migrated_from, LATEST), (2, 3));
+        let log = store.read_channel("room", 1, 10).await.unwrap();
+        assert_eq!(
+            log.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>(),
+            ["m1", "m2"]
+        );
+        // An id written before the upgrade is a duplicate for any publisher
+        // (a retry across the upgrade), a new id is scoped.
+        let again = store
+            .append_scoped("user:a", "room", "m1", b"{}")
+            .await
+            .unwrap();
+        assert!(again.duplicate && again.offset == 1);
+        let a = store
+            .append_scoped("user:a", "room", "m3", b"{}")
+            .await
+            .unwrap();
+        let b = store
+            .append_scoped("user:b", "room", "m3", b"{}")
+            .await
+            .unwrap();
+        assert!(!a.duplicate && !b.duplicate);
+        assert_eq!((a.offset, b.offset), (3, 4));
+        let a_again = store
+            .append_scoped("user:a", "room", "m3", b"{}")
+            .await
+            .unwrap();
+        assert!(a_again.duplicate && a_again.offset == 3);
+
+        let send = |session: &str, key: &str| NewSend {
+            session_id: Some(session.into()),
+            idem_key: key.to_owned(),
+            payload: b"{}".to_vec(),
+        };
+        assert!(store.enqueue(send("s1", "k1")).await.unwrap().duplicate);
+        let other = store.enqueue(send("s2", "k1")).await.unwrap();
+        assert!(!other.duplicate);
+        // The deleted row's id (2) is not reused.
+        assert_eq!(other.id.0, 3);
+        store.close().await.unwrap();
+    }
 }

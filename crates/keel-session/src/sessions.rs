@@ -496,6 +496,7 @@ impl Store {
                         ctx.conn,
                         ctx.now,
                         &session.id.private_channel(),
+                        crate::messages::SYSTEM_SCOPE,
                         &msg_id,
                         &payload,
                     )?;

@@ -423,13 +423,17 @@ async fn sustained_variant(
     wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
         let (up, acked_ids) = (&up, &acked_ids);
         async move {
-            let got: HashSet<String> = up.accepted().into_iter().map(|a| a.id).collect();
+            let got: HashSet<String> = up
+                .accepted()
+                .into_iter()
+                .map(|a| send_key(&a.id).to_owned())
+                .collect();
             acked_ids.iter().all(|id| got.contains(id))
         }
     })
     .await;
     let accepted = up.accepted();
-    let got: HashSet<&str> = accepted.iter().map(|a| a.id.as_str()).collect();
+    let got: HashSet<&str> = accepted.iter().map(|a| send_key(&a.id)).collect();
     let lost = acked_ids
         .iter()
         .filter(|id| !got.contains(id.as_str()))
@@ -438,7 +442,7 @@ async fn sustained_variant(
     let map = acked_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut times = Vec::new();
     for a in &accepted {
-        if let Some(intended) = map.get(&a.id) {
+        if let Some(intended) = map.get(send_key(&a.id)) {
             let at = intended.duration_since(start);
             to_upstream.record(
                 at,
@@ -596,4 +600,11 @@ impl tracing::Subscriber for WarnCounter {
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The client's send id in the id the upstream sees (`<session>/<id>`).
+fn send_key(upstream_id: &str) -> &str {
+    upstream_id
+        .split_once('/')
+        .map_or(upstream_id, |(_, key)| key)
 }

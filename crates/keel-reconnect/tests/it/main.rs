@@ -4,4 +4,5 @@
 mod behaviour;
 mod herd;
 mod support;
+mod tls;
 mod units;

@@ -48,7 +48,11 @@ impl Conn {
             }
             // Boxed: it runs once and its state is large; unboxed it would
             // sit in every connection's future for its whole life.
-            ClientFrame::Hello { token, resume } => Box::pin(self.on_hello(token, resume)).await,
+            ClientFrame::Hello {
+                token,
+                resume,
+                auth,
+            } => Box::pin(self.on_hello(token, resume, auth)).await,
             ClientFrame::Subscribe { channel, from } => self.on_subscribe(channel, from).await,
             ClientFrame::Unsubscribe { channel } => self.on_unsubscribe(channel).await,
             ClientFrame::Publish {
@@ -66,6 +70,7 @@ impl Conn {
         &mut self,
         token: Option<String>,
         resume: Option<BTreeMap<String, u64>>,
+        jwt: Option<String>,
     ) -> End {
         if self.session.is_some() {
             return self
@@ -76,6 +81,14 @@ impl Conn {
                 )
                 .await;
         }
+        let principal = match self.ctx.authority.authenticate(jwt.as_deref()) {
+            Ok(p) => p,
+            Err(auth::Refusal(why)) => {
+                auth::refused("jwt");
+                return self.error(ErrorCode::Unauthorized, &why, None).await;
+            }
+        };
+        drop(jwt);
         let store = self.ctx.channels.store.clone();
         let (session, previous, new_token) = match token {
             None => {
@@ -93,6 +106,7 @@ impl Conn {
                 let created = match store
                     .create_session(NewSession {
                         token_hash: auth::hash_secret(&secret),
+                        meta: principal.owner_meta(),
                         // Stored ACTIVE at once: one write, not two.
                         connected: true,
                         ..Default::default()
@@ -126,6 +140,16 @@ impl Conn {
                         .error(ErrorCode::Unauthorized, "unknown token", None)
                         .await;
                 }
+                if !principal.owns(&found.meta) {
+                    auth::refused("owner");
+                    return self
+                        .error(
+                            ErrorCode::Forbidden,
+                            "this session belongs to another subject",
+                            None,
+                        )
+                        .await;
+                }
                 if found.state == SessionState::Closed {
                     return self
                         .error(ErrorCode::InvalidState, "session is closed", None)
@@ -148,6 +172,8 @@ impl Conn {
         let private = session.private_channel();
         self.session = Some(Bound {
             id: session.clone(),
+            id_scope: principal.id_scope(session.as_str()),
+            principal,
             channels: HashSet::new(),
             replaced,
         });
@@ -238,23 +264,46 @@ impl Conn {
         None
     }
 
-    /// Why this session may not use `channel`, if it may not: a bad name, or
-    /// another session's private channel.
-    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, &'static str)> {
+    /// Why this session may not read `channel`, if it may not: a bad name,
+    /// another session's private channel, or a channel its JWT does not list.
+    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
         if !protocol::valid_channel(channel) {
-            Some((ErrorCode::BadRequest, "invalid channel name"))
-        } else if !self.may_read(channel) {
-            Some((ErrorCode::Forbidden, "another session's private channel"))
-        } else {
-            None
+            return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
+        }
+        let session = self.session.as_ref()?;
+        match channel.strip_prefix("session:") {
+            Some(owner) if owner == session.id.as_str() => None,
+            Some(_) => Some((
+                ErrorCode::Forbidden,
+                "another session's private channel".to_owned(),
+            )),
+            None if !session.principal.may_read(channel) => Some((
+                ErrorCode::Forbidden,
+                "the JWT's channels.read does not list this channel".to_owned(),
+            )),
+            None => None,
         }
     }
 
-    fn may_read(&self, channel: &str) -> bool {
-        match (channel.strip_prefix("session:"), &self.session) {
-            (Some(owner), Some(s)) => owner == s.id.as_str(),
-            (Some(_), None) => false,
-            (None, _) => true,
+    /// Why this session may not publish to `channel`, if it may not: a bad
+    /// name, another session's private channel, the JWT's `channels.publish`
+    /// or the relay's publish rules.
+    fn publish_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
+        if !protocol::valid_channel(channel) {
+            return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
+        }
+        let session = self.session.as_ref()?;
+        match channel.strip_prefix("session:") {
+            Some(owner) if owner == session.id.as_str() => None,
+            Some(_) => Some((
+                ErrorCode::Forbidden,
+                "another session's private channel".to_owned(),
+            )),
+            None => self
+                .ctx
+                .authority
+                .publish_refusal(&session.principal, channel)
+                .map(|why| (ErrorCode::Forbidden, why)),
         }
     }
 
@@ -280,7 +329,7 @@ impl Conn {
 
     async fn on_subscribe(&mut self, channel: String, from: Option<u64>) -> End {
         if let Some((code, message)) = self.channel_refusal(&channel) {
-            return self.error(code, message, Some(&channel)).await;
+            return self.error(code, &message, Some(&channel)).await;
         }
         let Some(session) = &self.session else {
             return None;
@@ -369,8 +418,11 @@ impl Conn {
                 .error(ErrorCode::BadRequest, "invalid message id", Some(&id))
                 .await;
         }
-        if let Some((code, message)) = self.channel_refusal(&channel) {
-            return self.error(code, message, Some(&id)).await;
+        if let Some((code, message)) = self.publish_refusal(&channel) {
+            if code == ErrorCode::Forbidden {
+                auth::refused("publish");
+            }
+            return self.error(code, &message, Some(&id)).await;
         }
         if let Err(wait) = self.limiter.check() {
             hit("publish_rate");
@@ -421,11 +473,16 @@ impl Conn {
             .as_ref()
             .filter(|s| channel == s.id.private_channel())
             .and_then(|s| self.ctx.execs.stdin(&s.id));
+        let scope: Arc<str> = self
+            .session
+            .as_ref()
+            .map_or_else(|| Arc::from(""), |s| Arc::from(s.id_scope.as_str()));
         let publish = self.publish.get_or_insert_with(|| {
             let (publish, publish_rx) = mpsc::channel(self.ctx.config.limits.max_in_flight);
             tokio::spawn(super::publish::publish_loop(
                 self.ctx.channels.clone(),
                 self.id,
+                scope,
                 self.ctx.config.limits.max_in_flight,
                 publish_rx,
                 self.out.clone(),

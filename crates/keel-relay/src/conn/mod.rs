@@ -113,6 +113,8 @@ pub(crate) struct ConnCtx {
     pub(crate) intake: ShutdownToken,
     pub(crate) live: Tracker,
     pub(crate) outbox_ready: Arc<Notify>,
+    /// Authentication and authorisation.
+    pub(crate) authority: Arc<crate::auth::Authority>,
     next_conn: AtomicU64,
 }
 
@@ -126,6 +128,7 @@ impl ConnCtx {
         supervisor: Supervisor,
         intake: ShutdownToken,
         outbox_ready: Arc<Notify>,
+        authority: Arc<crate::auth::Authority>,
     ) -> ConnCtx {
         let l = &config.limits;
         ConnCtx {
@@ -140,6 +143,7 @@ impl ConnCtx {
             intake,
             live: Tracker::default(),
             outbox_ready,
+            authority,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -148,6 +152,10 @@ impl ConnCtx {
 /// The session a connection is bound to after `hello`.
 struct Bound {
     id: SessionId,
+    /// Who holds it (the JWT's subject and claims in `jwt` mode).
+    principal: crate::auth::Principal,
+    /// The scope of this connection's publish ids.
+    id_scope: String,
     channels: HashSet<String>,
     replaced: Arc<Notify>,
 }

@@ -43,10 +43,12 @@ pub(crate) struct PublishJob {
 /// answers go out in that same order, duplicates included. The appends
 /// queue in the store writer's lane `lane` (the connection's id), so that a
 /// connection flooding the store delays other connections' publishes by
-/// about one commit, not by its whole backlog.
+/// about one commit, not by its whole backlog. Ids are unique per
+/// (channel, `scope`): the publishing user or session.
 pub(super) async fn publish_loop(
     channels: Channels,
     lane: u64,
+    scope: Arc<str>,
     limit: usize,
     mut rx: mpsc::Receiver<PublishJob>,
     out: OutQueue,
@@ -80,7 +82,7 @@ pub(super) async fn publish_loop(
                     for job in batch {
                         let queued = channels
                             .store
-                            .queue_append_in(lane, &job.channel, &job.id, job.payload.clone())
+                            .queue_append_scoped(lane, &scope, &job.channel, &job.id, job.payload.clone())
                             .await;
                         in_flight.push_back(async move {
                             let result = match queued {

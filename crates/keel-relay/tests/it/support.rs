@@ -25,6 +25,8 @@ pub(crate) struct Opts {
     pub(crate) config: Option<String>,
     /// Extra environment variables for the relay process.
     pub(crate) env: Vec<(&'static str, &'static str)>,
+    /// Extra `serve` arguments.
+    pub(crate) args: Vec<String>,
 }
 
 impl RelayProcess {
@@ -41,6 +43,7 @@ impl RelayProcess {
             )
             .env("RUST_LOG", "warn")
             .envs(opts.env.iter().copied())
+            .args(&opts.args)
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         if let Some(u) = &opts.upstream {

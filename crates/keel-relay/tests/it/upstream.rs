@@ -81,7 +81,7 @@ async fn upstream_429_storm_exactly_once() {
     assert_eq!(done.len(), n, "every send finished: {done:?}");
     assert!(done.iter().all(|(_, s)| s == "SENT"), "{done:?}");
 
-    let accepted: Vec<String> = up.accepted().into_iter().map(|a| a.id).collect();
+    let accepted: Vec<String> = up.accepted().into_iter().map(|a| send_key(&a.id)).collect();
     let unique: HashSet<&String> = accepted.iter().collect();
     assert_eq!(unique.len(), accepted.len(), "each accepted once");
     assert_eq!(unique, ids.iter().collect::<HashSet<_>>(), "all of them");
@@ -141,7 +141,7 @@ async fn upstream_outage_then_sync() {
         sent_during,
         "all sent after the upstream returned"
     );
-    let accepted: Vec<String> = up.accepted().into_iter().map(|a| a.id).collect();
+    let accepted: Vec<String> = up.accepted().into_iter().map(|a| send_key(&a.id)).collect();
     assert_eq!(accepted.len(), 20 + sent_during, "nothing lost");
     assert_eq!(
         accepted.iter().collect::<HashSet<_>>().len(),
@@ -190,4 +190,13 @@ async fn upstream_messages_reach_the_private_channel() {
     assert_eq!(got["from"], "carol");
     assert_eq!(got["body"]["text"], "hi");
     assert!(got["id"].as_str().unwrap().starts_with("m-"));
+}
+
+/// The client's send id in the id the upstream sees: `<session id>/<id>`.
+fn send_key(upstream_id: &str) -> String {
+    let (session, key) = upstream_id
+        .split_once('/')
+        .expect("upstream ids are <session>/<key>");
+    assert_eq!(session.len(), 32, "a session id: {upstream_id}");
+    key.to_owned()
 }
