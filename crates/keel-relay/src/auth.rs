@@ -67,6 +67,9 @@ pub(crate) struct Principal {
     /// Channel patterns the holder may publish to; `None`: any the
     /// publish rules allow.
     pub(crate) publish: Option<Vec<String>>,
+    /// How long the JWT stays valid from now (its `exp`): the connection
+    /// is closed then (4003).
+    pub(crate) valid_for: Option<std::time::Duration>,
 }
 
 impl Principal {
@@ -112,6 +115,7 @@ fn matches_any(patterns: &[String], channel: &str) -> bool {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     roles: Vec<String>,
     #[serde(default)]
@@ -239,11 +243,15 @@ impl Authority {
             Some(c) => (c.read, c.publish),
             None => (None, None),
         };
+        let now = jsonwebtoken::get_current_timestamp();
         Ok(Principal {
             sub: Some(claims.sub),
             roles: claims.roles,
             read,
             publish,
+            valid_for: Some(std::time::Duration::from_secs(
+                claims.exp.saturating_sub(now),
+            )),
         })
     }
 

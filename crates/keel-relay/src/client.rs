@@ -246,8 +246,9 @@ impl Protocol for KeelProtocol {
         match code {
             // Slow consumer: resume from the log soon.
             1013 => CloseAction::RetryAfter(Duration::from_millis(100)),
-            // Idle timeout or shutdown: just come back.
-            1001 | 4002 => CloseAction::Retry,
+            // Idle timeout or shutdown: just come back. An expired JWT:
+            // come back with the one `set_auth` gave since.
+            1001 | 4002 | 4003 => CloseAction::Retry,
             other => keel_reconnect::classify_close(other),
         }
     }

@@ -27,6 +27,8 @@ pub mod close {
     pub const REPLACED: u16 = 4001;
     /// No frame for longer than the idle timeout.
     pub const IDLE: u16 = 4002;
+    /// The connection JWT expired: reconnect with a fresh one.
+    pub const EXPIRED: u16 = 4003;
 }
 
 /// A frame from a client.

@@ -173,6 +173,7 @@ impl Conn {
         self.session = Some(Bound {
             id: session.clone(),
             id_scope: principal.id_scope(session.as_str()),
+            expires: principal.valid_for.map(|d| tokio::time::Instant::now() + d),
             principal,
             channels: HashSet::new(),
             replaced,

@@ -156,6 +156,8 @@ struct Bound {
     principal: crate::auth::Principal,
     /// The scope of this connection's publish ids.
     id_scope: String,
+    /// When its JWT expires: the connection is closed then (4003).
+    expires: Option<tokio::time::Instant>,
     channels: HashSet<String>,
     replaced: Arc<Notify>,
 }
@@ -299,10 +301,11 @@ impl Conn {
         let frames_in = metrics::counter!("keel_frames_in_total");
         let end = self.end.clone();
         loop {
-            let deadline = if self.session.is_none() {
-                handshake_deadline.min(idle_deadline)
-            } else {
-                idle_deadline
+            let expires = self.session.as_ref().and_then(|s| s.expires);
+            let deadline = match (&self.session, expires) {
+                (None, _) => handshake_deadline.min(idle_deadline),
+                (Some(_), Some(at)) => idle_deadline.min(at),
+                (Some(_), None) => idle_deadline,
             };
             let replaced_now = self
                 .session
@@ -338,6 +341,8 @@ impl Conn {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Some(if self.session.is_none() {
                         (close::POLICY, "no hello before the handshake timeout".to_owned())
+                    } else if expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        (close::EXPIRED, "the connection JWT expired; reconnect with a fresh one".to_owned())
                     } else {
                         (close::IDLE, "idle timeout".to_owned())
                     });

@@ -433,3 +433,29 @@ async fn wss_upstream_with_test_ca() {
     let got: Vec<_> = up.accepted().into_iter().map(|a| (a.to, a.body)).collect();
     assert_eq!(got, [("alice".to_owned(), json!("over TLS"))]);
 }
+
+/// A connection does not outlive its JWT: at `exp` the relay closes it
+/// with 4003, and the session resumes with a fresh JWT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_expiry_closes_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            config: Some(jwt_config(dir.path(), "")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut ws = RawWs::connect(&relay.url()).await;
+    ws.send(json!({"type": "hello", "auth": jwt(json!({"sub": "carol", "exp": in_secs(2)}))}))
+        .await;
+    let welcome = ws.next_answer().await;
+    let token = welcome["token"].as_str().unwrap().to_owned();
+    // Nothing else comes (`next` gives up after 10 s without a frame).
+    assert_eq!(ws.close_code().await, Some(4003));
+    let mut ws = RawWs::connect(&relay.url()).await;
+    ws.send(json!({"type": "hello", "token": token, "auth": jwt(json!({"sub": "carol", "exp": in_secs(600)}))}))
+        .await;
+    assert_eq!(ws.next_answer().await["type"], "welcome");
+}
