@@ -154,8 +154,8 @@ fn fill_log(dir: &Path, n: usize) {
     conn.execute_batch(&format!(
         "BEGIN;
          WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < {n})
-         INSERT INTO messages(channel, offset, msg_id, at, payload)
-           SELECT 'room:' || (n % 1000), n / 1000 + 1, printf('m%09d', n), 0, randomblob(100) FROM i;
+         INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
+           SELECT 'room:' || (n % 1000), n / 1000 + 1, '', printf('m%09d', n), 0, randomblob(100) FROM i;
          COMMIT;"
     ))
     .unwrap();

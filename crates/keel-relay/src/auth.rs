@@ -421,3 +421,52 @@ mod authority_tests {
         assert!(open.publish_refusal(&anyone, "room:1").is_some());
     }
 }
+
+#[cfg(test)]
+mod eddsa_tests {
+    use super::*;
+    use crate::config::Auth;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    /// EdDSA: verified against the configured public key, refused when
+    /// signed by another key or with another algorithm than configured.
+    #[test]
+    fn eddsa_public_key_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let public = dir.path().join("jwt.pub.pem");
+        std::fs::write(&public, key.public_key_pem()).unwrap();
+        let a = Authority::new(&Auth {
+            mode: "jwt".into(),
+            jwt_algorithm: "EdDSA".into(),
+            jwt_public_key_file: Some(public),
+            ..Auth::default()
+        })
+        .unwrap();
+        let claims = serde_json::json!({
+            "sub": "dave",
+            "exp": jsonwebtoken::get_current_timestamp() + 60
+        });
+        let sign = |k: &rcgen::KeyPair| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::EdDSA),
+                &claims,
+                &EncodingKey::from_ed_pem(k.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap()
+        };
+        let who = a.authenticate(Some(&sign(&key))).unwrap();
+        assert_eq!(who.sub.as_deref(), Some("dave"));
+        assert!(a.authenticate(Some(&sign(&other))).is_err());
+        // An HS256 token made with the public key as its secret (the
+        // classic algorithm confusion) is refused.
+        let confused = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key.public_key_pem().as_bytes()),
+        )
+        .unwrap();
+        assert!(a.authenticate(Some(&confused)).is_err());
+    }
+}

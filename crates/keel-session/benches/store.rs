@@ -80,10 +80,11 @@ fn group_commit(rt: &Runtime, store: &Store, total: u64, ids: Ids) -> Duration {
         let tasks = (0..WRITERS as u64).map(|w| {
             let store = store.clone();
             tokio::spawn(async move {
+                let scope = scope(w);
                 for _ in 0..per {
                     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     store
-                        .append("bench", &ids.id(seq, w), &PAYLOAD)
+                        .append_scoped(&scope, "bench", &ids.id(seq, w), &PAYLOAD)
                         .await
                         .expect("append");
                 }
@@ -112,6 +113,11 @@ fn raw_connection(path: &Path, durability: Durability, rt: &Runtime) -> Connecti
     conn
 }
 
+/// Writer `w`'s id scope, as the relay scopes a session's publishes.
+fn scope(w: u64) -> String {
+    format!("session:{w:032x}")
+}
+
 /// Inserts the row that group commit would write for the `offset`-th append:
 /// the same channel, payload and message ids (writer `offset % 64`), so the
 /// baselines touch the same index pages.
@@ -119,10 +125,16 @@ fn raw_insert(conn: &Connection, offset: &mut i64, ids: Ids) {
     *offset += 1;
     let id = ids.id(*offset as u64, *offset as u64 % WRITERS as u64);
     conn.prepare_cached(
-        "INSERT INTO messages(channel, offset, msg_id, at, payload) VALUES('bench', ?1, ?2, 0, ?3)",
+        "INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
+         VALUES('bench', ?1, ?2, ?3, 0, ?4)",
     )
     .expect("prepare")
-    .execute(params![*offset, id, &PAYLOAD[..]])
+    .execute(params![
+        *offset,
+        scope(*offset as u64 % WRITERS as u64),
+        id,
+        &PAYLOAD[..]
+    ])
     .expect("insert");
 }
 

@@ -9,8 +9,8 @@ use crate::error::{SessionError, StoreError};
 use crate::sessions::SessionId;
 use crate::store::{Committing, Store};
 
-/// The scope of message ids that name no publisher; ids written before
-/// ids were scoped (schema 3) are in it too.
+/// The scope of message ids that name no publisher ([`Store::append`]);
+/// ids written before ids were scoped (schema 3) are in it too.
 pub const SHARED_SCOPE: &str = "";
 
 /// The scope of messages the store writes itself (crash notices).
@@ -142,22 +142,39 @@ fn retention_cut(
     Ok((cut >= first).then_some((cut, last)))
 }
 
+/// An id in its scope: one probe of the (channel, id, publisher) index
+/// (the id before the publisher: time-ordered ids from many publishers
+/// still append at the index's end).
+pub(crate) const FIND_ID: &str =
+    "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?3 AND publisher = ?2";
+
+/// An id in its scope or among the ids written before scopes: two probes.
+pub(crate) const FIND_ID_OR_LEGACY: &str =
+    "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?3 AND publisher = ?2
+     UNION ALL
+     SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?3 AND publisher = ''
+     LIMIT 1";
+
 /// Appends inside the writer's current transaction (see [`Store::append`]).
 pub(crate) fn append_in(
-    conn: &rusqlite::Connection,
-    now: UnixMillis,
+    ctx: &crate::writer::Ctx<'_>,
     channel: &str,
     scope: &str,
     msg_id: &str,
     payload: &[u8],
 ) -> Result<Appended, StoreError> {
-    // The scope's own ids, and the shared scope's (ids written before
-    // ids were scoped are there).
+    let (conn, now) = (ctx.conn, ctx.now);
+    // The scope's own ids, and in a log migrated from schema 2 the ids
+    // written before ids were scoped (scope ''). Two statements joined by
+    // UNION ALL: an `IN` on the index's middle column makes the planner
+    // pick the primary key and scan the channel.
+    let sql = if ctx.legacy_ids && !scope.is_empty() {
+        FIND_ID_OR_LEGACY
+    } else {
+        FIND_ID
+    };
     let existing = conn
-        .prepare_cached(
-            "SELECT offset, at FROM messages
-             WHERE channel = ?1 AND publisher IN (?2, '') AND msg_id = ?3",
-        )?
+        .prepare_cached(sql)?
         .query_row([channel, scope, msg_id], |r| {
             Ok((r.get::<_, i64>(0)?, r.get(1)?))
         })
@@ -206,8 +223,9 @@ impl Store {
     /// Appends a message to `channel` with `msg_id` unique per (channel,
     /// `scope`): the scope is who publishes (a user, a session), so that
     /// one publisher's id can never answer another's. An id is a duplicate
-    /// when it is in the channel under `scope` or under the shared scope
-    /// `""` (where ids written before schema 3 are).
+    /// when it is in the channel under `scope`, or was written before ids
+    /// were scoped (a database from before schema 3: those count for every
+    /// scope).
     pub async fn append_scoped(
         &self,
         scope: &str,
@@ -275,14 +293,7 @@ impl Store {
         let bytes = payload.as_ref().len();
         let (channel, scope, msg_id) = (channel.to_owned(), scope.to_owned(), msg_id.to_owned());
         self.submit_in(lane, bytes, move |ctx| {
-            append_in(
-                ctx.conn,
-                ctx.now,
-                &channel,
-                &scope,
-                &msg_id,
-                payload.as_ref(),
-            )
+            append_in(ctx, &channel, &scope, &msg_id, payload.as_ref())
         })
         .await
     }

@@ -90,9 +90,9 @@ const MIGRATIONS: &[&str] = &[
     // 2 -> 3: idempotency scoped to who wrote (trust boundaries). Message
     // ids are unique per (channel, publisher, id), outbox keys per
     // (session, key); before, one session's id could answer another's.
-    // Rows written before keep publisher '' (the shared scope, which every
-    // publisher's lookup also consults, so a retry across the upgrade is
-    // still a duplicate). The outbox's AUTOINCREMENT high-water mark is
+    // Rows written before keep publisher '' and, when there are any,
+    // `ids_before_scopes` in meta makes every publisher's lookup consult
+    // them too, so a retry across the upgrade is still a duplicate. The outbox's AUTOINCREMENT high-water mark is
     // carried over: ids are never reused.
     r#"
     CREATE TABLE messages_v3 (
@@ -103,12 +103,14 @@ const MIGRATIONS: &[&str] = &[
         at        INTEGER NOT NULL,
         payload   BLOB NOT NULL,
         PRIMARY KEY (channel, offset),
-        UNIQUE (channel, publisher, msg_id)
+        UNIQUE (channel, msg_id, publisher)
     ) WITHOUT ROWID;
     INSERT INTO messages_v3(channel, offset, publisher, msg_id, at, payload)
         SELECT channel, offset, '', msg_id, at, payload FROM messages;
     DROP TABLE messages;
     ALTER TABLE messages_v3 RENAME TO messages;
+    INSERT INTO meta(key, value)
+        SELECT 'ids_before_scopes', '1' WHERE EXISTS (SELECT 1 FROM messages);
 
     CREATE TEMP TABLE outbox_seq AS SELECT seq FROM sqlite_sequence WHERE name = 'outbox';
     CREATE TABLE outbox_v3 (
@@ -176,6 +178,54 @@ fn migrate_until(conn: &mut Connection, from: u32, to: u32) -> Result<(), StoreE
 mod tests {
     use super::*;
     use crate::{NewSend, Store};
+
+    /// Both id lookups probe the unique index with every column bound:
+    /// a lookup that scans the channel (as `publisher IN (?, '')` did,
+    /// the planner choosing the primary key) makes every append O(log size).
+    #[test]
+    fn id_lookups_probe_the_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, 0).unwrap();
+        for sql in [
+            crate::messages::FIND_ID,
+            crate::messages::FIND_ID_OR_LEGACY,
+            "SELECT offset, at FROM messages WHERE channel = ?1 AND publisher IN (?2, '') AND msg_id = ?3",
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(["c", "p", "m"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .filter(|d| d.starts_with("SEARCH") || d.starts_with("SCAN"))
+                .collect();
+            let probes = plan
+                .iter()
+                .all(|d| d.contains("(channel=? AND msg_id=? AND publisher=?)"));
+            if sql.contains(" IN ") {
+                assert!(!probes, "the planted lookup must be caught: {plan:?}");
+            } else {
+                assert!(probes && !plan.is_empty(), "{sql}: {plan:?}");
+            }
+        }
+    }
+
+    /// A new database has no ids from before scopes: the shared scope is
+    /// a scope like any other.
+    #[tokio::test]
+    async fn new_database_scopes_are_disjoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("keel.db"), Default::default())
+            .await
+            .unwrap();
+        let shared = store.append("room", "m1", b"{}").await.unwrap();
+        let scoped = store
+            .append_scoped("user:a", "room", "m1", b"{}")
+            .await
+            .unwrap();
+        assert!(!shared.duplicate && !scoped.duplicate);
+        assert!(store.append("room", "m1", b"{}").await.unwrap().duplicate);
+        store.close().await.unwrap();
+    }
 
     /// A database written by the previous version (schema 2: ids unique
     /// per channel, outbox keys unique in all) opens, is upgraded, keeps

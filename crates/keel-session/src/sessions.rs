@@ -493,8 +493,7 @@ impl Store {
                     let payload = notice(session);
                     let msg_id = format!("crash-notice-{}", session.crash_count);
                     let appended = append_in(
-                        ctx.conn,
-                        ctx.now,
+                        ctx,
                         &session.id.private_channel(),
                         crate::messages::SYSTEM_SCOPE,
                         &msg_id,

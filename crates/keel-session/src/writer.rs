@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, UnixMillis};
@@ -33,6 +33,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) conn: &'a Connection,
     pub(crate) now: UnixMillis,
     pub(crate) activity_limit: usize,
+    /// The log holds ids written before ids were scoped (schema 3): every
+    /// scope's lookup consults them too.
+    pub(crate) legacy_ids: bool,
 }
 
 pub(crate) enum Outcome {
@@ -199,6 +202,8 @@ pub(crate) struct Counters {
 }
 
 pub(crate) struct Writer {
+    /// See [`Ctx::legacy_ids`].
+    legacy_ids: bool,
     conn: Connection,
     rx: mpsc::Receiver<Msg>,
     config: Config,
@@ -279,7 +284,18 @@ impl Writer {
         checkpointer: Option<Checkpointer>,
     ) -> Self {
         let clock = config.clock.clone();
+        // Unreadable: assume there are (a second index probe, never a
+        // missed duplicate).
+        let legacy_ids = conn
+            .query_row(
+                "SELECT 1 FROM meta WHERE key = 'ids_before_scopes'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_or(true, |found| found.is_some());
         Self {
+            legacy_ids,
             conn,
             rx,
             config,
@@ -438,6 +454,7 @@ impl Writer {
                 conn: &self.conn,
                 now: self.clock.now_millis(),
                 activity_limit: self.config.activity_limit,
+                legacy_ids: self.legacy_ids,
             };
             let before = self.conn.total_changes();
             match job.run(&ctx) {
