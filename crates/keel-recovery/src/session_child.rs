@@ -59,7 +59,8 @@ pub async fn crash_session_on_exit(
         "crash_count": crash_count,
     });
     let appended = store
-        .append(
+        .append_scoped(
+            keel_session::SYSTEM_SCOPE,
             &session.private_channel(),
             &msg_id,
             payload.to_string().as_bytes(),

@@ -135,6 +135,7 @@ enum Mode {
     Jwt {
         key: Box<DecodingKey>,
         validation: Box<Validation>,
+        leeway: u64,
     },
 }
 
@@ -193,17 +194,25 @@ impl Authority {
                 let mut validation = Validation::new(alg);
                 validation.leeway = config.jwt_leeway_s;
                 validation.validate_nbf = true;
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                // jsonwebtoken checks `iss` and `aud` only when a token
+                // carries them: configured, they must also be required.
+                let mut required = vec!["exp", "sub"];
                 match &config.jwt_audience {
-                    Some(aud) => validation.set_audience(&[aud]),
+                    Some(aud) => {
+                        validation.set_audience(&[aud]);
+                        required.push("aud");
+                    }
                     None => validation.validate_aud = false,
                 }
                 if let Some(iss) = &config.jwt_issuer {
                     validation.set_issuer(&[iss]);
+                    required.push("iss");
                 }
+                validation.set_required_spec_claims(&required);
                 Mode::Jwt {
                     key: Box::new(key),
                     validation: Box::new(validation),
+                    leeway: config.jwt_leeway_s,
                 }
             }
             _ => Mode::Open,
@@ -222,7 +231,12 @@ impl Authority {
 
     /// Who presents `jwt` (the `auth` field of `hello`).
     pub(crate) fn authenticate(&self, jwt: Option<&str>) -> Result<Principal, Refusal> {
-        let Mode::Jwt { key, validation } = &self.mode else {
+        let Mode::Jwt {
+            key,
+            validation,
+            leeway,
+        } = &self.mode
+        else {
             return Ok(Principal::default());
         };
         let Some(jwt) = jwt else {
@@ -249,16 +263,19 @@ impl Authority {
             roles: claims.roles,
             read,
             publish,
+            // Accepted within the leeway, closed at its end: never a
+            // welcome followed at once by 4003.
             valid_for: Some(std::time::Duration::from_secs(
-                claims.exp.saturating_sub(now),
+                claims.exp.saturating_add(*leeway).saturating_sub(now),
             )),
         })
     }
 
-    /// Whether a request with this `Origin` header may open a WebSocket.
+    /// Whether a request with this `Origin` header may open a WebSocket
+    /// (`None`: a header that is not visible ASCII, allowed only by `*`).
     pub(crate) fn origin_allowed(&self, origin: Option<&str>) -> bool {
         let Some(origin) = origin else {
-            return true;
+            return self.origins.iter().any(|o| o == "*");
         };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         self.origins.iter().any(|o| o == "*" || *o == origin)
@@ -396,6 +413,53 @@ mod authority_tests {
         assert!(a.authenticate(Some(&forged)).is_err());
     }
 
+    /// Configured `iss` and `aud` are required, not only checked when
+    /// present; an `exp` within the leeway is accepted and closes at the
+    /// leeway's end; an `exp` far in the future does not overflow.
+    #[test]
+    fn issuer_audience_required_and_leeway() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, SECRET).unwrap();
+        let a = Authority::new(&Auth {
+            mode: "jwt".into(),
+            jwt_secret_file: Some(path),
+            jwt_issuer: Some("https://auth.example".into()),
+            jwt_audience: Some("keel".into()),
+            ..Auth::default()
+        })
+        .unwrap();
+        let ok = serde_json::json!({"sub": "a", "exp": exp(60), "iss": "https://auth.example", "aud": "keel"});
+        assert!(a.authenticate(Some(&sign(ok.clone()))).is_ok());
+        for missing in ["iss", "aud"] {
+            let mut claims = ok.clone();
+            claims.as_object_mut().unwrap().remove(missing);
+            assert!(
+                a.authenticate(Some(&sign(claims))).is_err(),
+                "{missing} missing"
+            );
+        }
+        let mut wrong = ok.clone();
+        wrong["aud"] = "other".into();
+        assert!(a.authenticate(Some(&sign(wrong))).is_err());
+        let mut late = ok.clone();
+        late["exp"] = exp(-2).into();
+        let who = a.authenticate(Some(&sign(late))).unwrap();
+        let left = who.valid_for.unwrap().as_secs();
+        assert!(
+            (2..=3).contains(&left),
+            "{left} s: the leeway (5 s) minus 2 s"
+        );
+        let mut forever = ok.clone();
+        forever["exp"] = u64::MAX.into();
+        let who = a.authenticate(Some(&sign(forever))).unwrap();
+        assert!(
+            tokio::time::Instant::now()
+                .checked_add(who.valid_for.unwrap())
+                .is_none()
+        );
+    }
+
     #[test]
     fn short_secrets_and_open_mode() {
         let dir = tempfile::tempdir().unwrap();
@@ -415,7 +479,10 @@ mod authority_tests {
         .unwrap();
         let anyone = open.authenticate(None).unwrap();
         assert_eq!(anyone.id_scope("s1"), "session:s1");
-        assert!(open.origin_allowed(None));
+        assert!(
+            !open.origin_allowed(None),
+            "an unreadable Origin is not listed"
+        );
         assert!(open.origin_allowed(Some("https://app.example")));
         assert!(!open.origin_allowed(Some("https://evil.example")));
         assert!(open.publish_refusal(&anyone, "room:1").is_some());

@@ -393,6 +393,7 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
                 .store
                 .enqueue(NewSend {
                     session_id: None,
+                    scope: "spool".to_owned(),
                     idem_key: job_id.clone(),
                     payload: payload.into_bytes(),
                 })

@@ -320,14 +320,7 @@ pub(crate) async fn run(
                 in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
                 continue;
             };
-            // The upstream sees an id unique across sessions (two sessions
-            // may use the same key): `<session id>/<key>`, `-/<key>` for
-            // sends of no session (spool jobs).
-            let wire_id = format!(
-                "{}/{}",
-                item.session_id.as_ref().map_or("-", |s| s.as_str()),
-                item.idem_key
-            );
+            let wire_id = upstream_id(&item);
             let envelope = Envelope {
                 idem_key: wire_id.clone(),
                 frame: format!(
@@ -368,6 +361,19 @@ pub(crate) async fn run(
     if let Ok(client) = Arc::try_unwrap(client) {
         client.close().await;
     }
+}
+
+/// The idempotency key the upstream sees: unique across scopes (two
+/// sessions or users may use the same key) and fixed at enqueue:
+/// `<scope>/<key>` with `%` and `/` of the scope percent-encoded
+/// (`session:9f2c…/order-42`, `user:alice/order-42`, `spool/job-7`); the
+/// bare key for items enqueued before keys were scoped.
+pub(crate) fn upstream_id(item: &keel_session::OutboxItem) -> String {
+    if item.scope.is_empty() {
+        return item.idem_key.clone();
+    }
+    let scope = item.scope.replace('%', "%25").replace('/', "%2F");
+    format!("{scope}/{}", item.idem_key)
 }
 
 async fn finish(
@@ -449,5 +455,36 @@ fn global_quota(sending: &crate::config::Sending) -> Quota {
     match sending.global_burst {
         Some(b) => quota.allow_burst(nz(b)),
         None => quota,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_are_unique_across_scopes() {
+        let item = |scope: &str, key: &str| keel_session::OutboxItem {
+            id: keel_session::OutboxId(1),
+            session_id: None,
+            scope: scope.to_owned(),
+            idem_key: key.to_owned(),
+            payload: Vec::new(),
+            state: keel_session::OutboxState::Pending,
+            claimed_by: None,
+            claim_until: None,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            created_at: 0,
+            sent_at: None,
+        };
+        assert_eq!(upstream_id(&item("", "k")), "k", "enqueued before scopes");
+        assert_eq!(upstream_id(&item("user:alice", "k")), "user:alice/k");
+        // A `/` in a subject cannot make two scopes' ids meet.
+        assert_ne!(
+            upstream_id(&item("user:a/b", "c")),
+            upstream_id(&item("user:a", "b/c"))
+        );
     }
 }

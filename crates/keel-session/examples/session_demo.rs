@@ -97,6 +97,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             session_id: Some(sessions[0].id.clone()),
             idem_key: "send-1".into(),
             payload: b"to upstream".to_vec(),
+            ..Default::default()
         })
         .await?
         .id;

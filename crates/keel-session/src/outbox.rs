@@ -75,8 +75,11 @@ pub struct OutboxItem {
     pub id: OutboxId,
     /// The session that asked for the send, if any.
     pub session_id: Option<SessionId>,
-    /// The caller's idempotency key, unique per session (sends of no
-    /// session share one scope).
+    /// Whose key space `idem_key` is in (`session:<id>`, a user, `spool`;
+    /// `""` for items enqueued before keys were scoped). Fixed at enqueue:
+    /// purging the session does not change it.
+    pub scope: String,
+    /// The caller's idempotency key, unique within `scope`.
     pub idem_key: String,
     /// What to send.
     pub payload: Vec<u8>,
@@ -103,8 +106,12 @@ pub struct OutboxItem {
 pub struct NewSend {
     /// The session asking for it, if any (must exist).
     pub session_id: Option<SessionId>,
-    /// Idempotency key: enqueueing the same key twice for the same session
-    /// yields the first item; other sessions may use the same key.
+    /// Whose key space `idem_key` is in, e.g. a user whose sessions all
+    /// share one (`user:<sub>`). Empty: the session's own
+    /// (`session:<id>`), or with no session the shared scope `""`.
+    pub scope: String,
+    /// Idempotency key: enqueueing the same key twice in the same scope
+    /// yields the first item; other scopes may use the same key.
     pub idem_key: String,
     /// What to send.
     pub payload: Vec<u8>,
@@ -142,7 +149,7 @@ pub struct OutboxCounts {
 }
 
 const ITEM_COLUMNS: &str = "id, session_id, idem_key, payload, state, claimed_by, claim_until, \
-                            attempts, next_attempt_at, last_error, created_at, sent_at";
+                            attempts, next_attempt_at, last_error, created_at, sent_at, scope";
 
 fn item_from_row(row: &Row<'_>) -> rusqlite::Result<OutboxItem> {
     let state: String = row.get(4)?;
@@ -159,6 +166,7 @@ fn item_from_row(row: &Row<'_>) -> rusqlite::Result<OutboxItem> {
         last_error: row.get(9)?,
         created_at: row.get(10)?,
         sent_at: row.get(11)?,
+        scope: row.get(12)?,
     })
 }
 
@@ -198,12 +206,29 @@ impl Store {
         send: NewSend,
         max_pending: Option<u64>,
     ) -> Result<Enqueued, OutboxError> {
+        let scope = match (&send.scope, &send.session_id) {
+            (s, _) if !s.is_empty() => s.clone(),
+            (_, Some(session)) => format!("session:{}", session.as_str()),
+            (_, None) => String::new(),
+        };
         self.write(move |ctx| {
+            // The key in its scope, or an item of the same session enqueued
+            // before keys were scoped (scope ''): a retry across the
+            // upgrade is still the same send.
             let existing: Option<i64> = ctx
                 .conn
-                .prepare_cached("SELECT id FROM outbox WHERE session_id IS ?1 AND idem_key = ?2")?
+                .prepare_cached(
+                    "SELECT id FROM outbox WHERE scope = ?1 AND idem_key = ?2
+                     UNION ALL
+                     SELECT id FROM outbox WHERE scope = '' AND idem_key = ?2 AND session_id IS ?3
+                     LIMIT 1",
+                )?
                 .query_row(
-                    params![send.session_id.as_ref().map(SessionId::as_str), send.idem_key],
+                    params![
+                        scope,
+                        send.idem_key,
+                        send.session_id.as_ref().map(SessionId::as_str)
+                    ],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -231,15 +256,16 @@ impl Store {
             let id: i64 = ctx
                 .conn
                 .prepare_cached(
-                    "INSERT INTO outbox(session_id, idem_key, payload, state, next_attempt_at, created_at)
-                     VALUES(?1, ?2, ?3, 'PENDING', ?4, ?4) RETURNING id",
+                    "INSERT INTO outbox(session_id, idem_key, payload, state, next_attempt_at, created_at, scope)
+                     VALUES(?1, ?2, ?3, 'PENDING', ?4, ?4, ?5) RETURNING id",
                 )?
                 .query_row(
                     params![
                         send.session_id.as_ref().map(SessionId::as_str),
                         send.idem_key,
                         send.payload,
-                        ctx.now
+                        ctx.now,
+                        scope
                     ],
                     |r| r.get(0),
                 )?;

@@ -88,11 +88,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_by_session ON outbox(session_id, state);
     "#,
     // 2 -> 3: idempotency scoped to who wrote (trust boundaries). Message
-    // ids are unique per (channel, publisher, id), outbox keys per
-    // (session, key); before, one session's id could answer another's.
-    // Rows written before keep publisher '' and, when there are any,
-    // `ids_before_scopes` in meta makes every publisher's lookup consult
-    // them too, so a retry across the upgrade is still a duplicate. The outbox's AUTOINCREMENT high-water mark is
+    // ids are unique per (channel, id, publisher), outbox keys per (scope,
+    // key) with the scope fixed at enqueue (a session, a user, the spool);
+    // before, one session's id could answer another's. Messages written
+    // before keep publisher '' and, when there are any, `ids_before_scopes`
+    // in meta makes every publisher's lookup consult them too; outbox items
+    // written before keep scope '' (their upstream key stays the bare key)
+    // and are found again by their session: a retry across the upgrade is
+    // still a duplicate. The outbox's AUTOINCREMENT high-water mark is
     // carried over: ids are never reused.
     r#"
     CREATE TABLE messages_v3 (
@@ -126,12 +129,13 @@ const MIGRATIONS: &[&str] = &[
         last_error      TEXT,
         created_at      INTEGER NOT NULL,
         sent_at         INTEGER,
-        UNIQUE (session_id, idem_key)
+        scope           TEXT NOT NULL,
+        UNIQUE (scope, idem_key)
     );
     INSERT INTO outbox_v3(id, session_id, idem_key, payload, state, claimed_by, claim_until,
-                          attempts, next_attempt_at, last_error, created_at, sent_at)
+                          attempts, next_attempt_at, last_error, created_at, sent_at, scope)
         SELECT id, session_id, idem_key, payload, state, claimed_by, claim_until,
-               attempts, next_attempt_at, last_error, created_at, sent_at FROM outbox;
+               attempts, next_attempt_at, last_error, created_at, sent_at, '' FROM outbox;
     DROP TABLE outbox;
     ALTER TABLE outbox_v3 RENAME TO outbox;
     DELETE FROM sqlite_sequence WHERE name = 'outbox';
@@ -284,12 +288,30 @@ mod tests {
             session_id: Some(session.into()),
             idem_key: key.to_owned(),
             payload: b"{}".to_vec(),
+            ..Default::default()
         };
-        assert!(store.enqueue(send("s1", "k1")).await.unwrap().duplicate);
+        // A key enqueued before scopes is found again by its session, and
+        // keeps scope '' (the upstream sees the bare key it saw before).
+        let legacy = store.enqueue(send("s1", "k1")).await.unwrap();
+        assert!(legacy.duplicate);
+        assert_eq!(store.outbox_item(legacy.id).await.unwrap().scope, "");
         let other = store.enqueue(send("s2", "k1")).await.unwrap();
         assert!(!other.duplicate);
+        assert_eq!(
+            store.outbox_item(other.id).await.unwrap().scope,
+            "session:s2"
+        );
+        let spool = store
+            .enqueue(NewSend {
+                scope: "spool".into(),
+                idem_key: "k1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!spool.duplicate, "another scope");
         // The deleted row's id (2) is not reused.
-        assert_eq!(other.id.0, 3);
+        assert_eq!((other.id.0, spool.id.0), (3, 4));
         store.close().await.unwrap();
     }
 }

@@ -173,7 +173,10 @@ impl Conn {
         self.session = Some(Bound {
             id: session.clone(),
             id_scope: principal.id_scope(session.as_str()),
-            expires: principal.valid_for.map(|d| tokio::time::Instant::now() + d),
+            // A far-future `exp` (or one that overflows) never closes.
+            expires: principal
+                .valid_for
+                .and_then(|d| tokio::time::Instant::now().checked_add(d)),
             principal,
             channels: HashSet::new(),
             replaced,
@@ -188,15 +191,24 @@ impl Conn {
         } else {
             store.subscriptions(&session).await.unwrap_or_default()
         };
-        let mut wanted: BTreeMap<String, u64> = stored
-            .iter()
-            .map(|s| (s.channel.clone(), s.cursor + 1))
-            .collect();
+        // Channels of `resume` (and stored subscriptions) that cannot be
+        // read are answered with an error frame each, after the welcome;
+        // the rest of the hello stands. A stored subscription the JWT no
+        // longer covers stays stored but is not delivered.
+        let mut refused: Vec<(ErrorCode, String, String)> = Vec::new();
+        let mut wanted: BTreeMap<String, u64> = BTreeMap::new();
+        for s in &stored {
+            match self.channel_refusal(&s.channel) {
+                Some((code, message)) => {
+                    refused.push((code, format!("subscription: {message}"), s.channel.clone()));
+                }
+                None => {
+                    wanted.insert(s.channel.clone(), s.cursor + 1);
+                }
+            }
+        }
         wanted.entry(private.clone()).or_insert(1);
         let limit = self.ctx.config.limits.max_subscriptions;
-        // Channels of `resume` that cannot be read are answered with an
-        // error frame each, after the welcome; the rest of the hello stands.
-        let mut refused: Vec<(ErrorCode, String, String)> = Vec::new();
         for (channel, seen) in resume.unwrap_or_default() {
             if let Some((code, message)) = self.channel_refusal(&channel) {
                 refused.push((code, format!("resume: {message}"), channel));
@@ -271,7 +283,9 @@ impl Conn {
         if !protocol::valid_channel(channel) {
             return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
         }
-        let session = self.session.as_ref()?;
+        let Some(session) = self.session.as_ref() else {
+            return Some((ErrorCode::InvalidState, "send hello first".to_owned()));
+        };
         match channel.strip_prefix("session:") {
             Some(owner) if owner == session.id.as_str() => None,
             Some(_) => Some((
@@ -293,7 +307,9 @@ impl Conn {
         if !protocol::valid_channel(channel) {
             return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
         }
-        let session = self.session.as_ref()?;
+        let Some(session) = self.session.as_ref() else {
+            return Some((ErrorCode::InvalidState, "send hello first".to_owned()));
+        };
         match channel.strip_prefix("session:") {
             Some(owner) if owner == session.id.as_str() => None,
             Some(_) => Some((
@@ -518,7 +534,7 @@ impl Conn {
         let Some(session) = &self.session else {
             return None;
         };
-        let sid = session.id.clone();
+        let (sid, scope) = (session.id.clone(), session.id_scope.clone());
         if let Err(wait) = self.ctx.send_rate.check(&sid) {
             hit("send_rate");
             let msg = format!(
@@ -536,6 +552,9 @@ impl Conn {
             .enqueue_within(
                 NewSend {
                     session_id: Some(sid),
+                    // A user's sends share one key space across its
+                    // sessions (jwt); a session's are its own (open).
+                    scope: scope.clone(),
                     idem_key: id.clone(),
                     payload,
                 },

@@ -217,14 +217,23 @@ async fn jwt_channel_claims_enforced() {
         .await;
     let a = ws.next_answer().await;
     assert_eq!(a["code"], "forbidden", "{a}");
-    let alice = jwt(json!({"sub": "alice", "exp": in_secs(600)}));
-    ws.send(json!({"type": "hello", "token": alice_token, "auth": alice}))
+    // A narrower JWT: the stored subscription it does not cover is
+    // refused after the welcome and not delivered.
+    let narrow = jwt(json!({"sub": "alice", "exp": in_secs(600), "channels": {"read": ["lobby"]}}));
+    ws.send(json!({"type": "hello", "token": alice_token, "auth": narrow}))
         .await;
     let a = ws.next_answer().await;
     assert_eq!(
         (&a["type"], &a["state"]),
         (&json!("welcome"), &json!("DETACHED")),
         "{a}"
+    );
+    assert!(a["catch_up"].get("room:7").is_none(), "{a}");
+    let refused = ws.next_answer().await;
+    assert_eq!(
+        (&refused["code"], &refused["ref"]),
+        (&json!("forbidden"), &json!("room:7")),
+        "{refused}"
     );
     let metrics = http_get(&format!("http://{}/metrics", relay.addr)).await;
     for why in ["jwt", "owner", "publish"] {
@@ -442,7 +451,7 @@ async fn jwt_expiry_closes_connection() {
     let relay = RelayProcess::start(
         &dir.path().join("data"),
         Opts {
-            config: Some(jwt_config(dir.path(), "")),
+            config: Some(jwt_config(dir.path(), "jwt_leeway_s = 0\n")),
             ..Default::default()
         },
     )

@@ -192,11 +192,12 @@ async fn upstream_messages_reach_the_private_channel() {
     assert!(got["id"].as_str().unwrap().starts_with("m-"));
 }
 
-/// The client's send id in the id the upstream sees: `<session id>/<id>`.
+/// The client's send id in the id the upstream sees: `session:<id>/<key>`.
 fn send_key(upstream_id: &str) -> String {
-    let (session, key) = upstream_id
+    let (scope, key) = upstream_id
         .split_once('/')
-        .expect("upstream ids are <session>/<key>");
+        .expect("upstream ids are <scope>/<key>");
+    let session = scope.strip_prefix("session:").expect("a session's scope");
     assert_eq!(session.len(), 32, "a session id: {upstream_id}");
     key.to_owned()
 }

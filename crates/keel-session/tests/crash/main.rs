@@ -84,6 +84,7 @@ fn child(db: &Path) {
                                 session_id: None,
                                 idem_key: format!("k{n}"),
                                 payload: n.to_le_bytes().to_vec(),
+                                ..Default::default()
                             })
                             .await
                             .expect("enqueue");
@@ -242,6 +243,7 @@ async fn verify(db: &Path, acked: &Acked, clean_close: bool) {
                 session_id: None,
                 idem_key: format!("k{n}"),
                 payload: Vec::new(),
+                ..Default::default()
             })
             .await
             .expect("enqueue probe");

@@ -180,6 +180,7 @@ async fn apply(t: &mut TestStore, m: &mut Model, op: Op, created: &mut usize) {
                     session_id: None,
                     idem_key: key.clone(),
                     payload: vec![k],
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -13,6 +13,7 @@ fn send(key: &str) -> NewSend {
         session_id: None,
         idem_key: key.to_owned(),
         payload: key.as_bytes().to_vec(),
+        ..Default::default()
     }
 }
 
