@@ -1,4 +1,100 @@
-//! Cross-crate chaos scenarios at small scale (`cargo test -p keel-tests --test chaos`).
-//!
-//! Empty until `keel-harness` provides the scenarios; per-crate fault tests
-//! (for example keel-session's SIGKILL crash test) live in each crate.
+//! Every scenario of `cargo xtask chaos` at small scale against a real
+//! relay process (`cargo test -p keel-tests --test chaos`).
+
+use std::path::Path;
+
+use keel_harness::scenario::PlanInput;
+use keel_harness::{Scale, Suite, catalogue};
+
+fn relay() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_keel-relay-test"))
+}
+
+#[track_caller]
+fn scenario(name: &'static str) {
+    keel_tests::small_run(Suite::Chaos, name, relay());
+}
+
+#[test]
+fn daemon_crash_recovery() {
+    scenario("daemon_crash_recovery");
+}
+
+/// Every chaos scenario of the catalogue has a test above.
+#[test]
+fn every_chaos_scenario_is_tested() {
+    let source = include_str!("main.rs");
+    for s in catalogue().into_iter().filter(|s| s.suite == Suite::Chaos) {
+        assert!(
+            source.contains(&format!("scenario(\"{}\")", s.name)),
+            "{} has no test",
+            s.name
+        );
+    }
+}
+
+/// The kill plan is data: one seed expands to the same kills, another
+/// seed to others, and `--iterations` sets their number.
+#[test]
+fn kill_plans_are_deterministic_per_seed() {
+    let crash = catalogue()
+        .into_iter()
+        .find(|s| s.name == "daemon_crash_recovery")
+        .expect("in the catalogue");
+    let plan = |seed, iterations| {
+        (crash.plan)(&PlanInput {
+            seed,
+            scale: Scale::Full,
+            duration: None,
+            iterations,
+        })
+    };
+    assert_eq!(plan(7, None).to_json(), plan(7, None).to_json());
+    assert_ne!(plan(7, None).to_json(), plan(8, None).to_json());
+    assert_eq!(plan(7, None).actions.len(), 50);
+    let three = plan(7, Some(3));
+    assert_eq!(three.actions.len(), 3);
+    assert!(three.actions.iter().all(|a| a.kind == "kill9"));
+}
+
+/// The scenario's state checks are trusted because they catch a planted
+/// bug: a relay that reports a crashed session as DETACHED (failpoint
+/// `hide_crash`) is a `session_state` violation; unarmed, none.
+#[test]
+fn crash_scenario_catches_a_hidden_crash() {
+    use keel_harness::check::check;
+    use keel_harness::fixture::{RelayBinary, Target};
+    use keel_harness::scenario::Ctx;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = keel_tests::ONE_AT_A_TIME.lock().await;
+        let crash = catalogue()
+            .into_iter()
+            .find(|s| s.name == "daemon_crash_recovery")
+            .unwrap();
+        let plan = (crash.plan)(&PlanInput {
+            seed: 11,
+            scale: Scale::Small,
+            duration: None,
+            iterations: Some(2),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::new(
+            Target::Spawn(RelayBinary::at(relay())),
+            dir.path(),
+            Scale::Small,
+        )
+        .with_relay_env(&[("KEEL_FAILPOINTS", "hide_crash=1")]);
+        (crash.run)(&ctx, &plan).await.unwrap();
+        let verdict = check(&ctx.recorder.take());
+        let hidden = verdict.count("session_state");
+        assert!(
+            hidden > 0,
+            "hide_crash planted, nothing caught: {verdict:?}"
+        );
+        assert_eq!(verdict.count("lost") + verdict.count("duplicated"), 0);
+    });
+}

@@ -8,73 +8,25 @@ use std::time::Duration;
 use keel_harness::check::check;
 use keel_harness::client::{PayloadCheck, Publisher, SubscriberSpec, spawn_subscriber};
 use keel_harness::fixture::{RelayBinary, RelayOptions, Target};
-use keel_harness::report::Status;
 use keel_harness::scenario::{Ctx, PlanInput};
 use keel_harness::{RunOptions, Scale, Suite, catalogue};
 
 mod browser;
 
-/// Scenarios share two cores: one at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use keel_tests::ONE_AT_A_TIME;
 
 fn relay() -> RelayBinary {
     RelayBinary::at(Path::new(env!("CARGO_BIN_EXE_keel-relay-test")))
 }
 
 fn options(scenarios: &[&str], report: &Path, seed: u64) -> RunOptions {
-    RunOptions {
-        suite: Suite::Load,
-        scenarios: scenarios.iter().map(|s| (*s).to_owned()).collect(),
-        scale: Scale::Small,
-        duration: None,
-        seed,
-        target: Target::Spawn(relay()),
-        report_root: report.to_path_buf(),
-        compare: None,
-        command: format!("cargo test (load: {})", scenarios.join(", ")),
-        verbose: false,
-    }
+    keel_tests::small_options(Suite::Load, scenarios, &relay().program, report, seed)
 }
 
-/// Runs one scenario at small scale; it must end without a violation, a
-/// red threshold or a harness error (yellow is allowed: a debug build on a
-/// shared machine may miss keel's own speed targets, never the seed floors).
+/// Runs one load scenario at small scale (see [`keel_tests::small_run`]).
 #[track_caller]
 fn scenario(name: &'static str) {
-    let caller = std::panic::Location::caller();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let _one = ONE_AT_A_TIME.lock().await;
-        let dir = tempfile::tempdir().unwrap();
-        let summary = keel_harness::run(options(&[name], dir.path(), 20261201))
-            .await
-            .unwrap();
-        let s = &summary.report.scenarios[0];
-        let table = keel_harness::run::table(&summary.report);
-        println!("{table}");
-        for n in &s.notes {
-            println!("note: {n}");
-        }
-        assert!(
-            matches!(s.status, Status::Green | Status::Yellow),
-            "{name} ended {} ({caller}): {:?}\n{table}\nwitnesses: {:?}",
-            s.status.as_str(),
-            s.error,
-            s.checks.as_ref().map(|c| c
-                .checks
-                .iter()
-                .flat_map(|c| c.witnesses.clone())
-                .collect::<Vec<_>>())
-        );
-        let checks = s.checks.as_ref().expect("checked");
-        assert!(!checks.violated());
-        assert!(summary.dir.join(name).join("plan.json").exists());
-        assert!(summary.dir.join(name).join("history.jsonl").exists());
-        assert!(summary.dir.join("report.html").exists());
-    });
+    keel_tests::small_run(Suite::Load, name, &relay().program);
 }
 
 #[test]
@@ -171,6 +123,7 @@ fn plans_are_deterministic_per_seed() {
                 seed: 42,
                 scale,
                 duration: None,
+                iterations: None,
             };
             let (a, b) = ((s.plan)(&input), (s.plan)(&input));
             assert_eq!(a.to_json(), b.to_json(), "{} {scale:?}", s.name);
@@ -185,6 +138,7 @@ fn plans_are_deterministic_per_seed() {
             seed,
             scale: Scale::Small,
             duration: None,
+            iterations: None,
         })
         .to_json()
     };

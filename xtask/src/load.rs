@@ -21,6 +21,10 @@ pub(crate) struct SuiteArgs {
     /// Length of scenarios whose length is a choice (e.g. 90s, 5m).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Repetitions of scenarios that repeat a fault (daemon_crash_recovery:
+    /// kills; default 50 at full scale).
+    #[arg(long)]
+    iterations: Option<usize>,
     /// Master seed (default: from the clock; printed either way).
     #[arg(long)]
     seed: Option<u64>,
@@ -153,6 +157,7 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
         scenarios: args.scenarios,
         scale: args.scale,
         duration: args.duration,
+        iterations: args.iterations,
         seed,
         target,
         report_root: args

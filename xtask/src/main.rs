@@ -10,7 +10,7 @@ use keel_harness::Suite;
 
 /// keel's tasks (`cargo xtask <task>`).
 ///
-/// Exit codes of load: 0 every scenario green or yellow, 3 an invariant was
+/// Exit codes of load and chaos: 0 every scenario green or yellow, 3 an invariant was
 /// violated, 4 a threshold is red, 1 the harness failed, 130 interrupted.
 #[derive(Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask")]
@@ -24,6 +24,9 @@ enum Task {
     /// Run the load suite against a real relay (exit 0 green/yellow, 3
     /// invariant violated, 4 threshold red, 1 harness error).
     Load(load::SuiteArgs),
+    /// Run the chaos suite against a real relay: faults from one seed,
+    /// each scenario healed and checked (exit codes as load).
+    Chaos(load::SuiteArgs),
     /// Run every benchmark and print one table of figures against their
     /// same-run baselines and targets.
     Bench(bench::BenchArgs),
@@ -40,12 +43,16 @@ fn main() -> Result<()> {
                 "  load    the load suite against a real relay: verdicts, report (cargo xtask load --list)"
             );
             println!(
+                "  chaos   the chaos suite: seeded faults against a real relay, verdicts, report (cargo xtask chaos --list)"
+            );
+            println!(
                 "  bench   every benchmark, one table of figures against baselines and targets"
             );
             println!("  ci      run exactly what CI runs (.ci/run): fmt check, clippy, tests");
             Ok(())
         }
         Some(Task::Load(args)) => std::process::exit(load::run(Suite::Load, args)?),
+        Some(Task::Chaos(args)) => std::process::exit(load::run(Suite::Chaos, args)?),
         Some(Task::Bench(args)) => std::process::exit(bench::run(args)?),
         Some(Task::Ci) => ci::run(),
     }

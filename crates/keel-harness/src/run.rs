@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub scale: Scale,
     /// `--duration`.
     pub duration: Option<Duration>,
+    /// `--iterations`.
+    pub iterations: Option<usize>,
     /// The master seed.
     pub seed: u64,
     /// What to run against.
@@ -148,6 +150,7 @@ async fn run_in(
             seed: opts.seed,
             scale: opts.scale,
             duration: opts.duration,
+            iterations: opts.iterations,
         };
         let plan = (s.plan)(&input);
         let sdir = dir.join(s.name);

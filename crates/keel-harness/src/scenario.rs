@@ -196,6 +196,8 @@ pub struct PlanInput {
     pub scale: Scale,
     /// `--duration`, for scenarios whose length is a choice.
     pub duration: Option<Duration>,
+    /// `--iterations`, for scenarios that repeat a fault.
+    pub iterations: Option<usize>,
 }
 
 impl PlanInput {

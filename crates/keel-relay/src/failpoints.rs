@@ -8,7 +8,8 @@
 //! `reorder_delivery` (swapped with the next live delivery of the same
 //! batch), each one in N; `reverse_batch` (one batch of pipelined publishes
 //! in N is queued to the store in reverse, so its offsets run against the
-//! send order).
+//! send order); `hide_crash` (a CRASHED session's welcome says DETACHED:
+//! the crash goes unreported).
 
 /// What the writer does with one live delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,11 @@ mod imp {
     pub(crate) fn reverse_batch() -> bool {
         false
     }
+
+    #[inline(always)]
+    pub(crate) fn hide_crash() -> bool {
+        false
+    }
 }
 
 #[cfg(feature = "failpoints")]
@@ -51,6 +57,7 @@ mod imp {
         duplicate: u64,
         reorder: u64,
         reverse: u64,
+        hide_crash: u64,
         deliveries: AtomicU64,
         batches: AtomicU64,
     }
@@ -68,6 +75,7 @@ mod imp {
                     "duplicate_delivery" => p.duplicate = n,
                     "reorder_delivery" => p.reorder = n,
                     "reverse_batch" => p.reverse = n,
+                    "hide_crash" => p.hide_crash = n,
                     other => tracing::error!(failpoint = other, "unknown failpoint ignored"),
                 }
             }
@@ -100,6 +108,10 @@ mod imp {
         let p = points();
         p.reverse > 0 && (p.batches.fetch_add(1, Ordering::Relaxed) + 1) % p.reverse == 0
     }
+
+    pub(crate) fn hide_crash() -> bool {
+        points().hide_crash > 0
+    }
 }
 
-pub(crate) use imp::{delivery, reverse_batch};
+pub(crate) use imp::{delivery, hide_crash, reverse_batch};

@@ -15,6 +15,7 @@ use crate::scenario::Scenario;
 mod abuse;
 mod connections;
 mod fanout;
+mod process;
 mod sessions;
 mod spool;
 mod upstream;
@@ -36,6 +37,8 @@ pub fn catalogue() -> Vec<Scenario> {
         fanout::SOAK,
         spool::BURN_IN,
         abuse::ABUSE_MEMORY,
+        // The chaos suite.
+        process::DAEMON_CRASH_RECOVERY,
     ]
 }
 

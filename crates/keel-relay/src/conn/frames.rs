@@ -245,10 +245,15 @@ impl Conn {
                 catch_up.insert(channel.clone(), bounds.next.into());
             }
         }
+        let reported = if previous == SessionState::Crashed && crate::failpoints::hide_crash() {
+            SessionState::Detached
+        } else {
+            previous
+        };
         let mut welcome = serde_json::json!({
             "type": "welcome",
             "session_id": session.as_str(),
-            "state": previous.as_str(),
+            "state": reported.as_str(),
             "catch_up": catch_up,
         });
         if let Some(t) = new_token {
