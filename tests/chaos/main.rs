@@ -20,6 +20,11 @@ fn daemon_crash_recovery() {
     scenario("daemon_crash_recovery");
 }
 
+#[test]
+fn pause_resume() {
+    scenario("pause_resume");
+}
+
 /// Every chaos scenario of the catalogue has a test above.
 #[test]
 fn every_chaos_scenario_is_tested() {

@@ -39,6 +39,7 @@ pub fn catalogue() -> Vec<Scenario> {
         abuse::ABUSE_MEMORY,
         // The chaos suite.
         process::DAEMON_CRASH_RECOVERY,
+        process::PAUSE_RESUME,
     ]
 }
 

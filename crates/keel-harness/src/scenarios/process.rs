@@ -1,6 +1,8 @@
-//! Process faults against the relay: `daemon_crash_recovery` SIGKILLs it at
-//! seeded moments under publish and subscribe load, checks the database
-//! after every kill, restarts it on the same data and address, and repeats.
+//! Process faults against the relay under publish and subscribe load:
+//! `daemon_crash_recovery` SIGKILLs it at seeded moments, checks the
+//! database after every kill, restarts it on the same data and address, and
+//! repeats; `pause_resume` SIGSTOPs it past the clients' liveness timeout
+//! and SIGCONTs it, repeatedly.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +52,98 @@ pub(crate) const DAEMON_CRASH_RECOVERY: Scenario = Scenario {
     run: body!(run_crash),
     budget: Duration::from_secs(900),
 };
+
+const PAUSE: &str = "pause_resume";
+
+pub(crate) const PAUSE_RESUME: Scenario = Scenario {
+    name: PAUSE,
+    suite: Suite::Chaos,
+    seed: SeedRef {
+        seed: "002",
+        test: "process termination / timeouts: signal handling, no deadlocks",
+        threshold: "95% no deadlocks; MTTR < 5 min",
+    },
+    what: "SIGSTOP the relay under publish/subscribe load for longer than the clients' liveness timeout, then SIGCONT; repeat (--iterations)",
+    target: "clients detect the dead links, resume after SIGCONT with nothing lost or duplicated; every publisher acknowledged again within 2 s of SIGCONT (p95)",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("pauses", plan.num("iterations")),
+            // Every client found every stopped link dead by liveness.
+            Threshold::new(
+                "links_dropped",
+                "",
+                None,
+                Bound::Ge(
+                    plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers")),
+                ),
+            ),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::new(
+                "recovery_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(2_000.0),
+            ),
+        ]
+    },
+    plan: plan_pause,
+    run: body!(run_pause),
+    budget: Duration::from_secs(600),
+};
+
+fn plan_pause(input: &PlanInput) -> Plan {
+    let iterations = input
+        .iterations
+        .unwrap_or_else(|| input.scale.pick(2, 10))
+        .max(1);
+    let pause_ms = input.scale.pick(1_500, 5_000) as u64;
+    let mut plan = input.plan(
+        PAUSE,
+        &params(&[
+            ("iterations", iterations as f64),
+            ("publishers", input.scale.pick(3, 16) as f64),
+            ("subscribers", input.scale.pick(2, 4) as f64),
+            ("channels", input.scale.pick(2, 4) as f64),
+            ("publish_interval_ms", 5.0),
+            ("heal_deadline_s", 30.0),
+            ("liveness_timeout_ms", (pause_ms / 3) as f64),
+        ]),
+    );
+    let mut rng = input.rng(PAUSE, "pauses");
+    let mut at = 0;
+    for k in 0..iterations {
+        let up = rng.random_range(500..=2_000);
+        at += up + pause_ms;
+        plan.actions.push(Action {
+            at_ms: at - pause_ms,
+            duration_ms: pause_ms,
+            kind: "sigstop".into(),
+            target: "relay".into(),
+            params: json!({"pause": k + 1, "up_ms": up}),
+        });
+    }
+    plan
+}
+
+async fn run_pause(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_faults(ctx, plan, Fault::Pause).await
+}
+
+async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_faults(ctx, plan, Fault::Kill).await
+}
+
+/// The process fault a scenario repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL, integrity check, restart.
+    Kill,
+    /// SIGSTOP for the action's duration, then SIGCONT.
+    Pause,
+}
 
 fn plan_crash(input: &PlanInput) -> Plan {
     let iterations = input
@@ -103,13 +197,31 @@ struct Shared {
     acked: AtomicU64,
     /// Highest acknowledged offset per channel.
     heads: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Whether welcome states are checked (after a pause the old link may
+    /// or may not have been seen closing: ACTIVE and DETACHED are both right).
+    check_states: bool,
+    /// When each publisher last had a publish acknowledged (run µs).
+    last_ack: Vec<AtomicU64>,
+    /// The clients' liveness timeout, when the scenario shortens it.
+    liveness: Option<Duration>,
+    /// Links the clients saw die (keel-reconnect's count).
+    drops: AtomicU64,
 }
 
-fn sdk_config(url: &str) -> ClientConfig {
+fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
     let mut config = ClientConfig::new(url);
     config.reconnect.backoff.base = Duration::from_millis(20);
     config.reconnect.backoff.cap = Duration::from_millis(500);
     config.connect_timeout = Duration::from_secs(30);
+    if let Some(l) = liveness {
+        // Dead links found within `l`: pings at a third of it, and the
+        // handshake to a stopped relay given up as fast.
+        config.reconnect.liveness_timeout = l;
+        config.reconnect.ping_interval = l / 3;
+        config.reconnect.handshake_timeout = l;
+        config.reconnect.resume_timeout = l;
+        config.reconnect.write_timeout = l;
+    }
     config
 }
 
@@ -117,6 +229,9 @@ fn sdk_config(url: &str) -> ClientConfig {
 /// relay was killed while the session was connected, or before it could
 /// reconnect) CRASHED.
 fn check_welcome(r: &Recorder, shared: &Shared, client: u32, session: &str, state: &str, n: u32) {
+    if !shared.check_states && n > 1 {
+        return;
+    }
     let expected = if n == 1 {
         "CREATED"
     } else if shared.kills.load(Ordering::Acquire) > 0 {
@@ -144,7 +259,7 @@ async fn subscriber(
     progress: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     ready: tokio::sync::mpsc::UnboundedSender<u32>,
 ) -> Result<u64, Error> {
-    let mut client = Client::connect(sdk_config(&url))
+    let mut client = Client::connect(sdk_config(&url, shared.liveness))
         .await
         .map_err(|e| setup("subscriber connect", e))?;
     let mut conns = 0;
@@ -201,6 +316,9 @@ async fn subscriber(
         }
     }
     r.deliveries(&mut batch);
+    shared
+        .drops
+        .fetch_add(client.link().counters().drops, Ordering::Relaxed);
     Ok(client.duplicates_dropped())
 }
 
@@ -214,7 +332,7 @@ async fn publisher(
     r: Recorder,
     shared: Arc<Shared>,
 ) -> Result<(), Error> {
-    let mut client = Client::connect(sdk_config(&url))
+    let mut client = Client::connect(sdk_config(&url, shared.liveness))
         .await
         .map_err(|e| setup("publisher connect", e))?;
     let mut conns = 0;
@@ -244,6 +362,9 @@ async fn publisher(
         let outcome = match answer {
             Ok(Ok(offset)) => {
                 shared.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(at) = shared.last_ack.get(client_no as usize) {
+                    at.store(r.now(), Ordering::Release);
+                }
                 let mut heads = shared.heads.lock().unwrap_or_else(|p| p.into_inner());
                 let head = heads.entry(channel.clone()).or_default();
                 *head = (*head).max(offset);
@@ -271,21 +392,32 @@ async fn publisher(
         });
         tokio::time::sleep(interval).await;
     }
+    shared
+        .drops
+        .fetch_add(client.link().counters().drops, Ordering::Relaxed);
     Ok(())
 }
 
-async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     let mut relay = ctx.relay(RelayOptions::default()).await?;
     let url = relay.url();
     let r = &ctx.recorder;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        check_states: fault == Fault::Kill,
+        last_ack: (0..plan.count("publishers"))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        liveness: (fault == Fault::Pause)
+            .then(|| Duration::from_millis(plan.num("liveness_timeout_ms") as u64)),
+        ..Shared::default()
+    });
     let channels: Vec<String> = (0..plan.count("channels"))
-        .map(|c| format!("crash:{c}"))
+        .map(|c| format!("{}:{c}", plan.scenario))
         .collect();
 
-    // A session that is not connected at any kill: it must stay DETACHED.
+    // A session that is not connected at any fault: it must stay DETACHED.
     ctx.phase("opening sessions");
-    let idle = Client::connect(sdk_config(&url))
+    let idle = Client::connect(sdk_config(&url, None))
         .await
         .map_err(|e| setup("idle session", e))?;
     let idle_token = idle.token().unwrap_or_default();
@@ -340,11 +472,52 @@ async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         let up = a.at_ms - previous;
         previous = a.at_ms;
         ctx.phase(&format!(
-            "kill {} of {}",
+            "{} {} of {}",
+            a.kind,
             kills + 1,
             plan.count("iterations")
         ));
         tokio::time::sleep(Duration::from_millis(up)).await;
+        if fault == Fault::Pause {
+            // Stopped past the clients' liveness timeout: they drop their
+            // links and retry against a relay that cannot answer.
+            let pid = relay.pid();
+            let t_stop = r.now();
+            keel_faults::process::pause(pid).map_err(|e| setup("SIGSTOP", e))?;
+            tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+            keel_faults::process::resume(pid).map_err(|e| setup("SIGCONT", e))?;
+            let t_cont = r.now();
+            previous += a.duration_ms;
+            kills += 1;
+            r.fault("sigstop", "relay", t_stop, t_cont);
+            // Recovered once every publisher has been acknowledged again.
+            let acked_again = wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
+                let shared = shared.clone();
+                async move {
+                    shared
+                        .last_ack
+                        .iter()
+                        .all(|t| t.load(Ordering::Acquire) > t_cont)
+                }
+            })
+            .await;
+            let took = Duration::from_micros(r.now().saturating_sub(t_cont));
+            if !acked_again {
+                r.op(Op {
+                    client: u32::MAX,
+                    kind: "recover".into(),
+                    invoke: t_cont,
+                    done: r.now(),
+                    outcome: Outcome::Fail {
+                        code: "a publisher was not acknowledged within 30 s of SIGCONT".into(),
+                    },
+                    detail: format!("after pause {kills}"),
+                });
+            }
+            mttr.record(Duration::from_micros(t_cont), took.as_micros() as u64);
+            mttrs.push(took);
+            continue;
+        }
         let t_kill = r.now();
         let killed = tokio::time::Instant::now();
         relay.kill9().await?;
@@ -417,7 +590,7 @@ async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     }
 
     // The session that was never connected at a kill is DETACHED.
-    let mut config = sdk_config(&relay.url());
+    let mut config = sdk_config(&relay.url(), None);
     config.token = Some(idle_token);
     let mut resumed = Client::connect(config)
         .await
@@ -441,25 +614,36 @@ async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             .get(((mttrs.len() as f64 * q).ceil() as usize).saturating_sub(1))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
+    let (count, figure, how) = match fault {
+        Fault::Kill => ("kills", "mttr", "kill to listening, recovery done"),
+        Fault::Pause => (
+            "pauses",
+            "recovery",
+            "SIGCONT to every publisher acknowledged again",
+        ),
+    };
+    let acked = shared.acked.load(Ordering::Relaxed);
     let mut m = Measured::default();
-    m.set("kills", f64::from(kills))
-        .set("integrity_failures", integrity_failures as f64)
+    m.set(count, f64::from(kills))
         .set(
             "publish_errors",
             shared.publish_errors.load(Ordering::Relaxed) as f64,
         )
-        .set("acked", shared.acked.load(Ordering::Relaxed) as f64)
+        .set("acked", acked as f64)
         .set("redelivered", redelivered as f64)
         .set("converged", if converged { 1.0 } else { 0.0 })
-        .set("mttr_p50_ms", pick(0.5))
-        .set("mttr_p95_ms", pick(0.95))
-        .set("mttr_max_ms", pick(1.0));
+        .set(&format!("{figure}_p50_ms"), pick(0.5))
+        .set(&format!("{figure}_p95_ms"), pick(0.95))
+        .set(&format!("{figure}_max_ms"), pick(1.0));
+    m.set("links_dropped", shared.drops.load(Ordering::Relaxed) as f64);
+    if fault == Fault::Kill {
+        m.set("integrity_failures", integrity_failures as f64);
+    }
     m.note(format!(
-        "{kills} kills; time to recover (kill to listening, recovery done) p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms; {} publishes acknowledged",
+        "{kills} {count}; time to recover ({how}) p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms; {acked} publishes acknowledged",
         pick(0.5),
         pick(0.95),
         pick(1.0),
-        shared.acked.load(Ordering::Relaxed)
     ));
     m.latency = Some(mttr);
     Ok(m)
