@@ -25,6 +25,11 @@ fn pause_resume() {
     scenario("pause_resume");
 }
 
+#[test]
+fn partition_heal() {
+    scenario("partition_heal");
+}
+
 /// Every chaos scenario of the catalogue has a test above.
 #[test]
 fn every_chaos_scenario_is_tested() {

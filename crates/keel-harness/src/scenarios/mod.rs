@@ -40,6 +40,7 @@ pub fn catalogue() -> Vec<Scenario> {
         // The chaos suite.
         process::DAEMON_CRASH_RECOVERY,
         process::PAUSE_RESUME,
+        process::PARTITION_HEAL,
     ]
 }
 

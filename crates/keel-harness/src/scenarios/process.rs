@@ -2,7 +2,9 @@
 //! `daemon_crash_recovery` SIGKILLs it at seeded moments, checks the
 //! database after every kill, restarts it on the same data and address, and
 //! repeats; `pause_resume` SIGSTOPs it past the clients' liveness timeout
-//! and SIGCONTs it, repeatedly.
+//! and SIGCONTs it, repeatedly; `partition_heal` blackholes every client's
+//! link through a chaos proxy (no FIN, no RST: half-open links) past the
+//! liveness timeout, then heals it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,14 +96,64 @@ pub(crate) const PAUSE_RESUME: Scenario = Scenario {
     budget: Duration::from_secs(600),
 };
 
+const PARTITION: &str = "partition_heal";
+
+pub(crate) const PARTITION_HEAL: Scenario = Scenario {
+    name: PARTITION,
+    suite: Suite::Chaos,
+    seed: SeedRef {
+        seed: "001/002",
+        test: "network partition: cut connections, behaviour without connection",
+        threshold: "85% graceful handling; MTTR < 5 min",
+    },
+    what: "every client's link blackholed through a chaos proxy (held, no FIN or RST: half-open) past the liveness timeout, then healed; repeat (--iterations)",
+    target: "every half-open link detected by liveness, clients resume after the heal with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("partitions", plan.num("iterations")),
+            Threshold::new(
+                "links_dropped",
+                "",
+                None,
+                Bound::Ge(
+                    plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers")),
+                ),
+            ),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::new(
+                "recovery_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(2_000.0),
+            ),
+        ]
+    },
+    plan: |input| plan_outages(input, PARTITION, "partition"),
+    run: body!(run_partition),
+    budget: Duration::from_secs(600),
+};
+
+async fn run_partition(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_faults(ctx, plan, Fault::Partition).await
+}
+
 fn plan_pause(input: &PlanInput) -> Plan {
+    plan_outages(input, PAUSE, "sigstop")
+}
+
+/// Outages (a pause, a partition) longer than the clients' liveness
+/// timeout, each after a seeded stretch of load.
+fn plan_outages(input: &PlanInput, scenario: &str, kind: &str) -> Plan {
     let iterations = input
         .iterations
         .unwrap_or_else(|| input.scale.pick(2, 10))
         .max(1);
     let pause_ms = input.scale.pick(1_500, 5_000) as u64;
     let mut plan = input.plan(
-        PAUSE,
+        scenario,
         &params(&[
             ("iterations", iterations as f64),
             ("publishers", input.scale.pick(3, 16) as f64),
@@ -112,7 +164,7 @@ fn plan_pause(input: &PlanInput) -> Plan {
             ("liveness_timeout_ms", (pause_ms / 3) as f64),
         ]),
     );
-    let mut rng = input.rng(PAUSE, "pauses");
+    let mut rng = input.rng(scenario, "outages");
     let mut at = 0;
     for k in 0..iterations {
         let up = rng.random_range(500..=2_000);
@@ -120,9 +172,14 @@ fn plan_pause(input: &PlanInput) -> Plan {
         plan.actions.push(Action {
             at_ms: at - pause_ms,
             duration_ms: pause_ms,
-            kind: "sigstop".into(),
-            target: "relay".into(),
-            params: json!({"pause": k + 1, "up_ms": up}),
+            kind: kind.into(),
+            target: if kind == "partition" {
+                "every client link"
+            } else {
+                "relay"
+            }
+            .into(),
+            params: json!({"outage": k + 1, "up_ms": up}),
         });
     }
     plan
@@ -143,6 +200,9 @@ enum Fault {
     Kill,
     /// SIGSTOP for the action's duration, then SIGCONT.
     Pause,
+    /// Every client link blackholed through the chaos proxy for the
+    /// action's duration, then healed.
+    Partition,
 }
 
 fn plan_crash(input: &PlanInput) -> Plan {
@@ -400,14 +460,31 @@ async fn publisher(
 
 async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     let mut relay = ctx.relay(RelayOptions::default()).await?;
-    let url = relay.url();
+    // Partitions happen in a chaos proxy between the clients and the relay.
+    let proxy = match fault {
+        Fault::Partition => Some(
+            keel_faults::Proxy::start(keel_faults::ProxyConfig {
+                name: "clients".into(),
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                upstream: relay.addr(),
+                seed: plan.seed,
+            })
+            .await
+            .map_err(|e| setup("chaos proxy", e))?,
+        ),
+        _ => None,
+    };
+    let url = match &proxy {
+        Some(p) => format!("ws://{}/ws", p.listen_addr()),
+        None => relay.url(),
+    };
     let r = &ctx.recorder;
     let shared = Arc::new(Shared {
         check_states: fault == Fault::Kill,
         last_ack: (0..plan.count("publishers"))
             .map(|_| AtomicU64::new(0))
             .collect(),
-        liveness: (fault == Fault::Pause)
+        liveness: (fault != Fault::Kill)
             .then(|| Duration::from_millis(plan.num("liveness_timeout_ms") as u64)),
         ..Shared::default()
     });
@@ -478,18 +555,28 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
             plan.count("iterations")
         ));
         tokio::time::sleep(Duration::from_millis(up)).await;
-        if fault == Fault::Pause {
-            // Stopped past the clients' liveness timeout: they drop their
-            // links and retry against a relay that cannot answer.
+        if fault != Fault::Kill {
+            // Stopped (or blackholed) past the clients' liveness timeout:
+            // they drop their links and retry against a relay that cannot
+            // answer.
             let pid = relay.pid();
             let t_stop = r.now();
-            keel_faults::process::pause(pid).map_err(|e| setup("SIGSTOP", e))?;
-            tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
-            keel_faults::process::resume(pid).map_err(|e| setup("SIGCONT", e))?;
+            let outage = Duration::from_millis(a.duration_ms);
+            match (&proxy, fault) {
+                (Some(p), _) => {
+                    p.partition(outage, keel_faults::PartitionMode::Hang);
+                    tokio::time::sleep(outage).await;
+                }
+                _ => {
+                    keel_faults::process::pause(pid).map_err(|e| setup("SIGSTOP", e))?;
+                    tokio::time::sleep(outage).await;
+                    keel_faults::process::resume(pid).map_err(|e| setup("SIGCONT", e))?;
+                }
+            }
             let t_cont = r.now();
             previous += a.duration_ms;
             kills += 1;
-            r.fault("sigstop", "relay", t_stop, t_cont);
+            r.fault(&a.kind, &a.target, t_stop, t_cont);
             // Recovered once every publisher has been acknowledged again.
             let acked_again = wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
                 let shared = shared.clone();
@@ -590,7 +677,7 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
     }
 
     // The session that was never connected at a kill is DETACHED.
-    let mut config = sdk_config(&relay.url(), None);
+    let mut config = sdk_config(&url, None);
     config.token = Some(idle_token);
     let mut resumed = Client::connect(config)
         .await
@@ -620,6 +707,11 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
             "pauses",
             "recovery",
             "SIGCONT to every publisher acknowledged again",
+        ),
+        Fault::Partition => (
+            "partitions",
+            "recovery",
+            "heal to every publisher acknowledged again",
         ),
     };
     let acked = shared.acked.load(Ordering::Relaxed);
