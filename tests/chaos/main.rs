@@ -30,6 +30,11 @@ fn partition_heal() {
     scenario("partition_heal");
 }
 
+#[test]
+fn upstream_outage() {
+    scenario("upstream_outage");
+}
+
 /// Every chaos scenario of the catalogue has a test above.
 #[test]
 fn every_chaos_scenario_is_tested() {

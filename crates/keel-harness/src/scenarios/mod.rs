@@ -15,6 +15,7 @@ use crate::scenario::Scenario;
 mod abuse;
 mod connections;
 mod fanout;
+mod outage;
 mod process;
 mod sessions;
 mod spool;
@@ -41,6 +42,7 @@ pub fn catalogue() -> Vec<Scenario> {
         process::DAEMON_CRASH_RECOVERY,
         process::PAUSE_RESUME,
         process::PARTITION_HEAL,
+        outage::UPSTREAM_OUTAGE,
     ]
 }
 
