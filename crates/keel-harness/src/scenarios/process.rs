@@ -68,29 +68,7 @@ pub(crate) const PAUSE_RESUME: Scenario = Scenario {
     what: "SIGSTOP the relay under publish/subscribe load for longer than the clients' liveness timeout, then SIGCONT; repeat (--iterations)",
     target: "clients detect the dead links, resume after SIGCONT with nothing lost or duplicated; every publisher acknowledged again within 2 s of SIGCONT (p95)",
     needs_process: true,
-    thresholds: |plan| {
-        vec![
-            Threshold::exact("pauses", plan.num("iterations")),
-            // Every client found every stopped link dead by liveness.
-            Threshold::new(
-                "links_dropped",
-                "",
-                None,
-                Bound::Ge(
-                    plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers")),
-                ),
-            ),
-            Threshold::zero("publish_errors"),
-            Threshold::zero("redelivered"),
-            Threshold::all("converged"),
-            Threshold::new(
-                "recovery_p95_ms",
-                "ms",
-                Some(Bound::Le(300_000.0)),
-                Bound::Le(2_000.0),
-            ),
-        ]
-    },
+    thresholds: |plan| outage_thresholds(plan, "pauses"),
     plan: plan_pause,
     run: body!(run_pause),
     budget: Duration::from_secs(600),
@@ -109,28 +87,7 @@ pub(crate) const PARTITION_HEAL: Scenario = Scenario {
     what: "every client's link blackholed through a chaos proxy (held, no FIN or RST: half-open) past the liveness timeout, then healed; repeat (--iterations)",
     target: "every half-open link detected by liveness, clients resume after the heal with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
     needs_process: true,
-    thresholds: |plan| {
-        vec![
-            Threshold::exact("partitions", plan.num("iterations")),
-            Threshold::new(
-                "links_dropped",
-                "",
-                None,
-                Bound::Ge(
-                    plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers")),
-                ),
-            ),
-            Threshold::zero("publish_errors"),
-            Threshold::zero("redelivered"),
-            Threshold::all("converged"),
-            Threshold::new(
-                "recovery_p95_ms",
-                "ms",
-                Some(Bound::Le(300_000.0)),
-                Bound::Le(2_000.0),
-            ),
-        ]
-    },
+    thresholds: |plan| outage_thresholds(plan, "partitions"),
     plan: |input| plan_outages(input, PARTITION, "partition"),
     run: body!(run_partition),
     budget: Duration::from_secs(600),
@@ -138,6 +95,30 @@ pub(crate) const PARTITION_HEAL: Scenario = Scenario {
 
 async fn run_partition(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     run_faults(ctx, plan, Fault::Partition).await
+}
+
+/// Thresholds of the outage scenarios: every outage happened, every client
+/// found every dead link by liveness, nothing failed or came twice,
+/// everyone caught up, publishers were acknowledged again soon.
+fn outage_thresholds(plan: &Plan, count: &'static str) -> Vec<Threshold> {
+    vec![
+        Threshold::exact(count, plan.num("iterations")),
+        Threshold::new(
+            "links_dropped",
+            "",
+            None,
+            Bound::Ge(plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers"))),
+        ),
+        Threshold::zero("publish_errors"),
+        Threshold::zero("redelivered"),
+        Threshold::all("converged"),
+        Threshold::new(
+            "recovery_p95_ms",
+            "ms",
+            Some(Bound::Le(300_000.0)),
+            Bound::Le(2_000.0),
+        ),
+    ]
 }
 
 fn plan_pause(input: &PlanInput) -> Plan {

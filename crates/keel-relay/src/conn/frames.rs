@@ -282,46 +282,49 @@ impl Conn {
         None
     }
 
-    /// Why this session may not read `channel`, if it may not: a bad name,
-    /// another session's private channel, or a channel its JWT does not list.
-    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
+    /// A bad name, no session yet, or another session's private channel:
+    /// refused for reading and publishing alike. Otherwise the session, and
+    /// whether `channel` is its own private channel.
+    fn name_refusal(&self, channel: &str) -> Result<(&Bound, bool), (ErrorCode, String)> {
         if !protocol::valid_channel(channel) {
-            return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
+            return Err((ErrorCode::BadRequest, "invalid channel name".to_owned()));
         }
         let Some(session) = self.session.as_ref() else {
-            return Some((ErrorCode::InvalidState, "send hello first".to_owned()));
+            return Err((ErrorCode::InvalidState, "send hello first".to_owned()));
         };
         match channel.strip_prefix("session:") {
-            Some(owner) if owner == session.id.as_str() => None,
-            Some(_) => Some((
+            Some(owner) if owner == session.id.as_str() => Ok((session, true)),
+            Some(_) => Err((
                 ErrorCode::Forbidden,
                 "another session's private channel".to_owned(),
             )),
-            None if !session.principal.may_read(channel) => Some((
-                ErrorCode::Forbidden,
-                "the JWT's channels.read does not list this channel".to_owned(),
-            )),
-            None => None,
+            None => Ok((session, false)),
         }
     }
 
-    /// Why this session may not publish to `channel`, if it may not: a bad
-    /// name, another session's private channel, the JWT's `channels.publish`
-    /// or the relay's publish rules.
-    fn publish_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
-        if !protocol::valid_channel(channel) {
-            return Some((ErrorCode::BadRequest, "invalid channel name".to_owned()));
+    /// Why this session may not read `channel`, if it may not: see
+    /// [`Conn::name_refusal`], or a channel its JWT does not list.
+    fn channel_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
+        match self.name_refusal(channel) {
+            Err(refused) => Some(refused),
+            Ok((_, true)) => None,
+            Ok((session, false)) => (!session.principal.may_read(channel)).then(|| {
+                (
+                    ErrorCode::Forbidden,
+                    "the JWT's channels.read does not list this channel".to_owned(),
+                )
+            }),
         }
-        let Some(session) = self.session.as_ref() else {
-            return Some((ErrorCode::InvalidState, "send hello first".to_owned()));
-        };
-        match channel.strip_prefix("session:") {
-            Some(owner) if owner == session.id.as_str() => None,
-            Some(_) => Some((
-                ErrorCode::Forbidden,
-                "another session's private channel".to_owned(),
-            )),
-            None => self
+    }
+
+    /// Why this session may not publish to `channel`, if it may not: see
+    /// [`Conn::name_refusal`], the JWT's `channels.publish` or the relay's
+    /// publish rules.
+    fn publish_refusal(&self, channel: &str) -> Option<(ErrorCode, String)> {
+        match self.name_refusal(channel) {
+            Err(refused) => Some(refused),
+            Ok((_, true)) => None,
+            Ok((session, false)) => self
                 .ctx
                 .authority
                 .publish_refusal(&session.principal, channel)
