@@ -718,7 +718,18 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
         pick(0.95),
         pick(1.0),
     ));
+    // The chart: time to recover at each fault, and acknowledged
+    // publishes per second around them.
     m.latency = Some(mttr);
+    let mut acks: Vec<f64> = r
+        .snapshot()
+        .publishes
+        .iter()
+        .filter(|p| matches!(p.outcome, Outcome::Ok { .. }))
+        .map(|p| p.done as f64 / 1e6)
+        .collect();
+    acks.sort_by(f64::total_cmp);
+    m.throughput = super::rate_series(&acks);
     Ok(m)
 }
 
