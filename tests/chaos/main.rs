@@ -35,6 +35,11 @@ fn upstream_outage() {
     scenario("upstream_outage");
 }
 
+#[test]
+fn sqlite_corruption() {
+    scenario("sqlite_corruption");
+}
+
 /// Every chaos scenario of the catalogue has a test above.
 #[test]
 fn every_chaos_scenario_is_tested() {

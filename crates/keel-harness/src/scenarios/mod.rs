@@ -19,6 +19,7 @@ mod outage;
 mod process;
 mod sessions;
 mod spool;
+mod storage;
 mod upstream;
 
 /// Every scenario, load suite first, in the order a full run takes them.
@@ -43,6 +44,7 @@ pub fn catalogue() -> Vec<Scenario> {
         process::PAUSE_RESUME,
         process::PARTITION_HEAL,
         outage::UPSTREAM_OUTAGE,
+        storage::SQLITE_CORRUPTION,
     ]
 }
 
