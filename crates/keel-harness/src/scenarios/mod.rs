@@ -85,6 +85,18 @@ pub(crate) async fn open_many(
     (ok, failed, started.elapsed())
 }
 
+/// A mock upstream whose own rate limit is far above any scenario's load
+/// (for scenarios about something else than rate limits).
+pub(crate) async fn unlimited_upstream() -> Result<keel_faults::MockUpstream, Error> {
+    keel_faults::MockUpstream::start(keel_faults::UpstreamConfig {
+        global_rate: 10_000.0,
+        global_burst: 10_000.0,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("mock upstream", e))
+}
+
 /// The relay's RSS now, MiB (from the scenario's resource samples, or /proc).
 pub(crate) fn rss_mib(pid: u32) -> f64 {
     keel_faults::sample(pid, Duration::ZERO).map_or(0.0, |s| s.rss_bytes as f64 / (1024.0 * 1024.0))

@@ -82,13 +82,7 @@ fn plan_outage(input: &PlanInput) -> Plan {
 }
 
 async fn run_outage(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let up = keel_faults::MockUpstream::start(keel_faults::UpstreamConfig {
-        global_rate: 10_000.0,
-        global_burst: 10_000.0,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| setup("mock upstream", e))?;
+    let up = super::unlimited_upstream().await?;
     let relay = ctx
         .relay(RelayOptions {
             upstream: Some(up.url()),

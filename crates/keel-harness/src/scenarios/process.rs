@@ -498,14 +498,11 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
     }
     // Subscribed before anything is published (each must see offset 1
     // on): the subscribers signal once their subscriptions are stored.
-    let mut ready = Vec::new();
     for _ in 0..plan.count("subscribers") {
-        ready.push(
-            ready_rx
-                .recv()
-                .await
-                .ok_or_else(|| setup("subscriber", "ended early"))?,
-        );
+        ready_rx
+            .recv()
+            .await
+            .ok_or_else(|| setup("subscriber", "ended early"))?;
     }
     let interval = Duration::from_millis(plan.num("publish_interval_ms") as u64);
     let mut pubs = Vec::new();

@@ -10,7 +10,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
-use super::{body, open_many, params, setup, wait_until};
+use super::{body, open_many, params, wait_until};
 use crate::Error;
 use crate::client::{self, Publisher, Ws, next_text, parse, text};
 use crate::fixture::RelayOptions;
@@ -76,13 +76,7 @@ fn plan_concurrent(input: &PlanInput) -> Plan {
 }
 
 async fn run_concurrent(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let up = keel_faults::MockUpstream::start(keel_faults::UpstreamConfig {
-        global_rate: 10_000.0,
-        global_burst: 10_000.0,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| setup("mock upstream", e))?;
+    let up = super::unlimited_upstream().await?;
     let relay = ctx
         .relay(RelayOptions {
             upstream: Some(up.url()),
