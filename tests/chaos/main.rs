@@ -31,6 +31,26 @@ fn partition_heal() {
 }
 
 #[test]
+fn half_open_links() {
+    scenario("half_open_links");
+}
+
+#[test]
+fn websocket_drop_reconnect() {
+    scenario("websocket_drop_reconnect");
+}
+
+#[test]
+fn latency_1000ms() {
+    scenario("latency_1000ms");
+}
+
+#[test]
+fn jitter_50_500ms() {
+    scenario("jitter_50_500ms");
+}
+
+#[test]
 fn upstream_outage() {
     scenario("upstream_outage");
 }

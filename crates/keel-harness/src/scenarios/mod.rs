@@ -15,6 +15,7 @@ use crate::scenario::Scenario;
 mod abuse;
 mod connections;
 mod fanout;
+mod network;
 mod outage;
 mod process;
 mod sessions;
@@ -43,6 +44,10 @@ pub fn catalogue() -> Vec<Scenario> {
         process::DAEMON_CRASH_RECOVERY,
         process::PAUSE_RESUME,
         process::PARTITION_HEAL,
+        network::HALF_OPEN_LINKS,
+        network::WEBSOCKET_DROP_RECONNECT,
+        network::LATENCY_1000MS,
+        network::JITTER_50_500MS,
         outage::UPSTREAM_OUTAGE,
         storage::SQLITE_CORRUPTION,
     ]

@@ -68,7 +68,7 @@ pub(crate) const PAUSE_RESUME: Scenario = Scenario {
     what: "SIGSTOP the relay under publish/subscribe load for longer than the clients' liveness timeout, then SIGCONT; repeat (--iterations)",
     target: "clients detect the dead links, resume after SIGCONT with nothing lost or duplicated; every publisher acknowledged again within 2 s of SIGCONT (p95)",
     needs_process: true,
-    thresholds: |plan| outage_thresholds(plan, "pauses"),
+    thresholds: |plan| outage_thresholds(plan, "pauses", true),
     plan: plan_pause,
     run: body!(run_pause),
     budget: Duration::from_secs(600),
@@ -84,11 +84,11 @@ pub(crate) const PARTITION_HEAL: Scenario = Scenario {
         test: "network partition: cut connections, behaviour without connection",
         threshold: "85% graceful handling; MTTR < 5 min",
     },
-    what: "every client's link blackholed through a chaos proxy (held, no FIN or RST: half-open) past the liveness timeout, then healed; repeat (--iterations)",
-    target: "every half-open link detected by liveness, clients resume after the heal with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
+    what: "every client's link cut by a chaos proxy, which then refuses new connections for the partition, then heals; repeat (--iterations)",
+    target: "every link seen dropping, clients retry until the heal and resume with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
     needs_process: true,
-    thresholds: |plan| outage_thresholds(plan, "partitions"),
-    plan: |input| plan_outages(input, PARTITION, "partition"),
+    thresholds: |plan| outage_thresholds(plan, "partitions", true),
+    plan: |input| plan_outages(input, PARTITION, "partition", &OutageShape::PROCESS),
     run: body!(run_partition),
     budget: Duration::from_secs(600),
 };
@@ -98,17 +98,23 @@ async fn run_partition(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 }
 
 /// Thresholds of the outage scenarios: every outage happened, every client
-/// found every dead link by liveness, nothing failed or came twice,
-/// everyone caught up, publishers were acknowledged again soon.
-fn outage_thresholds(plan: &Plan, count: &'static str) -> Vec<Threshold> {
+/// found every dead link (or, when `drops` is false, none lost its link),
+/// nothing failed or came twice, everyone caught up, publishers were
+/// acknowledged again soon.
+pub(super) fn outage_thresholds(plan: &Plan, count: &'static str, drops: bool) -> Vec<Threshold> {
+    let clients = plan.num("publishers") + plan.num("subscribers");
     vec![
         Threshold::exact(count, plan.num("iterations")),
-        Threshold::new(
-            "links_dropped",
-            "",
-            None,
-            Bound::Ge(plan.num("iterations") * (plan.num("publishers") + plan.num("subscribers"))),
-        ),
+        if drops {
+            Threshold::new(
+                "links_dropped",
+                "",
+                None,
+                Bound::Ge(plan.num("iterations") * clients),
+            )
+        } else {
+            Threshold::zero("links_dropped")
+        },
         Threshold::zero("publish_errors"),
         Threshold::zero("redelivered"),
         Threshold::all("converged"),
@@ -116,48 +122,91 @@ fn outage_thresholds(plan: &Plan, count: &'static str) -> Vec<Threshold> {
             "recovery_p95_ms",
             "ms",
             Some(Bound::Le(300_000.0)),
-            Bound::Le(2_000.0),
+            Bound::Le(plan.num("recovery_target_ms")),
         ),
     ]
 }
 
-fn plan_pause(input: &PlanInput) -> Plan {
-    plan_outages(input, PAUSE, "sigstop")
+/// The sizes of an outage scenario, (small, full) each.
+pub(super) struct OutageShape {
+    pub(super) iterations: (usize, usize),
+    pub(super) outage_ms: (usize, usize),
+    pub(super) publishers: (usize, usize),
+    pub(super) subscribers: (usize, usize),
+    pub(super) channels: (usize, usize),
+    pub(super) publish_interval_ms: f64,
+    /// keel's bound on the time from the heal to every publisher
+    /// acknowledged again (p95).
+    pub(super) recovery_target_ms: f64,
+    /// The clients' liveness timeout is shortened to a third of the outage
+    /// (for faults only liveness can find).
+    pub(super) short_liveness: bool,
 }
 
-/// Outages (a pause, a partition) longer than the clients' liveness
-/// timeout, each after a seeded stretch of load.
-fn plan_outages(input: &PlanInput, scenario: &str, kind: &str) -> Plan {
+impl OutageShape {
+    pub(super) const PROCESS: OutageShape = OutageShape {
+        iterations: (2, 10),
+        outage_ms: (1_500, 5_000),
+        publishers: (3, 16),
+        subscribers: (2, 4),
+        channels: (2, 4),
+        publish_interval_ms: 5.0,
+        recovery_target_ms: 2_000.0,
+        short_liveness: true,
+    };
+}
+
+fn plan_pause(input: &PlanInput) -> Plan {
+    plan_outages(input, PAUSE, "sigstop", &OutageShape::PROCESS)
+}
+
+/// Outages (a pause, a partition, a slow link) of the shape's length, each
+/// after a seeded stretch of load.
+pub(super) fn plan_outages(
+    input: &PlanInput,
+    scenario: &str,
+    kind: &str,
+    shape: &OutageShape,
+) -> Plan {
     let iterations = input
         .iterations
-        .unwrap_or_else(|| input.scale.pick(2, 10))
+        .unwrap_or_else(|| input.scale.pick(shape.iterations.0, shape.iterations.1))
         .max(1);
-    let pause_ms = input.scale.pick(1_500, 5_000) as u64;
+    let outage_ms = input.scale.pick(shape.outage_ms.0, shape.outage_ms.1) as u64;
+    let pick = |(small, full): (usize, usize)| input.scale.pick(small, full) as f64;
     let mut plan = input.plan(
         scenario,
         &params(&[
             ("iterations", iterations as f64),
-            ("publishers", input.scale.pick(3, 16) as f64),
-            ("subscribers", input.scale.pick(2, 4) as f64),
-            ("channels", input.scale.pick(2, 4) as f64),
-            ("publish_interval_ms", 5.0),
+            ("publishers", pick(shape.publishers)),
+            ("subscribers", pick(shape.subscribers)),
+            ("channels", pick(shape.channels)),
+            ("publish_interval_ms", shape.publish_interval_ms),
             ("heal_deadline_s", 30.0),
-            ("liveness_timeout_ms", (pause_ms / 3) as f64),
+            ("recovery_target_ms", shape.recovery_target_ms),
+            (
+                "liveness_timeout_ms",
+                if shape.short_liveness {
+                    (outage_ms / 3) as f64
+                } else {
+                    0.0
+                },
+            ),
         ]),
     );
     let mut rng = input.rng(scenario, "outages");
     let mut at = 0;
     for k in 0..iterations {
         let up = rng.random_range(500..=2_000);
-        at += up + pause_ms;
+        at += up + outage_ms;
         plan.actions.push(Action {
-            at_ms: at - pause_ms,
-            duration_ms: pause_ms,
+            at_ms: at - outage_ms,
+            duration_ms: outage_ms,
             kind: kind.into(),
-            target: if kind == "partition" {
-                "every client link"
-            } else {
+            target: if kind == "sigstop" {
                 "relay"
+            } else {
+                "every client link"
             }
             .into(),
             params: json!({"outage": k + 1, "up_ms": up}),
@@ -174,16 +223,44 @@ async fn run_crash(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     run_faults(ctx, plan, Fault::Kill).await
 }
 
-/// The process fault a scenario repeats.
+/// The fault a scenario repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
+pub(super) enum Fault {
     /// SIGKILL, integrity check, restart.
     Kill,
     /// SIGSTOP for the action's duration, then SIGCONT.
     Pause,
-    /// Every client link blackholed through the chaos proxy for the
-    /// action's duration, then healed.
+    /// Every client link cut by the chaos proxy, which refuses new
+    /// connections for the action's duration, then heals.
     Partition,
+    /// Every client link blackholed (held: no FIN, no RST) for the action's
+    /// duration, new connections hang; then healed.
+    HalfOpen,
+    /// `latency` ± `jitter` ms added to every chunk both ways for the
+    /// action's duration.
+    Latency { latency: u64, jitter: u64 },
+    /// As `Partition`, with one more client whose reconnect backoff (1 s
+    /// base, no jitter) is observed state by state.
+    Drop,
+}
+
+impl Fault {
+    /// What its repetitions are called in the results.
+    pub(super) fn count_name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kills",
+            Fault::Pause => "pauses",
+            Fault::Partition => "partitions",
+            Fault::HalfOpen => "blackholes",
+            Fault::Latency { .. } => "slowdowns",
+            Fault::Drop => "drops",
+        }
+    }
+
+    /// Whether the clients reach the relay through the chaos proxy.
+    fn proxied(self) -> bool {
+        !matches!(self, Fault::Kill | Fault::Pause)
+    }
 }
 
 fn plan_crash(input: &PlanInput) -> Plan {
@@ -439,11 +516,11 @@ async fn publisher(
     Ok(())
 }
 
-async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
+pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     let mut relay = ctx.relay(RelayOptions::default()).await?;
     // Partitions happen in a chaos proxy between the clients and the relay.
     let proxy = match fault {
-        Fault::Partition => Some(
+        f if f.proxied() => Some(
             keel_faults::Proxy::start(keel_faults::ProxyConfig {
                 name: "clients".into(),
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -465,7 +542,7 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
         last_ack: (0..plan.count("publishers"))
             .map(|_| AtomicU64::new(0))
             .collect(),
-        liveness: (fault != Fault::Kill)
+        liveness: (fault != Fault::Kill && plan.num("liveness_timeout_ms") > 0.0)
             .then(|| Duration::from_millis(plan.num("liveness_timeout_ms") as u64)),
         ..Shared::default()
     });
@@ -519,6 +596,13 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
 
     let mut mttr = crate::load::Latency::default();
     let mut mttrs = Vec::new();
+    // When each fault was in force (run µs).
+    let mut windows: Vec<(u64, u64)> = Vec::new();
+    // The client whose backoff is watched, state by state.
+    let observer = match fault {
+        Fault::Drop => Some(BackoffObserver::start(&url).await?),
+        _ => None,
+    };
     let mut integrity_failures = 0u64;
     let mut kills = 0u32;
     let db = relay.data_dir().join("keel.db");
@@ -541,8 +625,32 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
             let t_stop = r.now();
             let outage = Duration::from_millis(a.duration_ms);
             match (&proxy, fault) {
-                (Some(p), _) => {
+                (Some(p), Fault::Latency { latency, jitter }) => {
+                    use keel_faults::{Stream, Toxic, ToxicKind};
+                    for (name, stream) in [
+                        ("slow-up", Stream::Upstream),
+                        ("slow-down", Stream::Downstream),
+                    ] {
+                        p.add_toxic(Toxic::new(
+                            name,
+                            stream,
+                            ToxicKind::Latency { latency, jitter },
+                        ))
+                        .map_err(|e| setup("latency toxic", e))?;
+                    }
+                    tokio::time::sleep(outage).await;
+                    for name in ["slow-up", "slow-down"] {
+                        p.remove_toxic(name)
+                            .map_err(|e| setup("latency toxic", e))?;
+                    }
+                }
+                (Some(p), Fault::HalfOpen) => {
                     p.partition(outage, keel_faults::PartitionMode::Hang);
+                    tokio::time::sleep(outage).await;
+                }
+                (Some(p), _) => {
+                    p.partition(outage, keel_faults::PartitionMode::Refuse);
+                    p.cut();
                     tokio::time::sleep(outage).await;
                 }
                 _ => {
@@ -551,6 +659,7 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
                     keel_faults::process::resume(pid).map_err(|e| setup("SIGCONT", e))?;
                 }
             }
+            windows.push((t_stop, r.now()));
             let t_cont = r.now();
             previous += a.duration_ms;
             kills += 1;
@@ -574,9 +683,9 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
                     invoke: t_cont,
                     done: r.now(),
                     outcome: Outcome::Fail {
-                        code: "a publisher was not acknowledged within 30 s of SIGCONT".into(),
+                        code: "a publisher was not acknowledged within 30 s of the heal".into(),
                     },
-                    detail: format!("after pause {kills}"),
+                    detail: format!("after {} {kills}", a.kind),
                 });
             }
             mttr.record(Duration::from_micros(t_cont), took.as_micros() as u64);
@@ -679,18 +788,11 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
             .get(((mttrs.len() as f64 * q).ceil() as usize).saturating_sub(1))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    let (count, figure, how) = match fault {
-        Fault::Kill => ("kills", "mttr", "kill to listening, recovery done"),
-        Fault::Pause => (
-            "pauses",
-            "recovery",
-            "SIGCONT to every publisher acknowledged again",
-        ),
-        Fault::Partition => (
-            "partitions",
-            "recovery",
-            "heal to every publisher acknowledged again",
-        ),
+    let count = fault.count_name();
+    let (figure, how) = match fault {
+        Fault::Kill => ("mttr", "kill to listening, recovery done"),
+        Fault::Pause => ("recovery", "SIGCONT to every publisher acknowledged again"),
+        _ => ("recovery", "heal to every publisher acknowledged again"),
     };
     let acked = shared.acked.load(Ordering::Relaxed);
     let mut m = Measured::default();
@@ -708,6 +810,55 @@ async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Er
     m.set("links_dropped", shared.drops.load(Ordering::Relaxed) as f64);
     if fault == Fault::Kill {
         m.set("integrity_failures", integrity_failures as f64);
+    }
+    if let Fault::Latency { latency, jitter } = fault {
+        // Round trips of publishes that ran wholly inside a slow window
+        // (invoked at least one slowest round trip before its end): the
+        // proof that the fault was in force, and how much it varied.
+        let margin = 2 * (latency + jitter) * 1000;
+        let mut rtts: Vec<f64> = r
+            .snapshot()
+            .publishes
+            .iter()
+            .filter(|p| matches!(p.outcome, Outcome::Ok { .. }))
+            .filter(|p| {
+                windows
+                    .iter()
+                    .any(|(from, to)| p.invoke >= *from && p.invoke + margin <= *to)
+            })
+            .map(|p| p.done.saturating_sub(p.invoke) as f64 / 1000.0)
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        let q = |q: f64| {
+            rtts.get(((rtts.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        m.set("slow_publishes", rtts.len() as f64)
+            .set("slow_rtt_p50_ms", q(0.5))
+            .set("slow_rtt_p5_ms", q(0.05))
+            .set("slow_rtt_p95_ms", q(0.95))
+            .set("slow_rtt_spread_ms", q(0.95) - q(0.05));
+        m.note(format!(
+            "{} publishes ran wholly under the added latency: round trip p5 {:.0} ms, p50 {:.0} ms, p95 {:.0} ms",
+            rtts.len(),
+            q(0.05),
+            q(0.5),
+            q(0.95)
+        ));
+    }
+    if let Some(observer) = observer {
+        let seen = observer.finish().await;
+        m.set(
+            "backoff_ladder_ok",
+            if seen.ladder_ok() { 1.0 } else { 0.0 },
+        )
+        .set(
+            "states_observed_ok",
+            if seen.states_ok() { 1.0 } else { 0.0 },
+        )
+        .set("backoff_steps", seen.steps() as f64);
+        m.note(seen.describe());
     }
     m.note(format!(
         "{kills} {count}; time to recover ({how}) p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms; {acked} publishes acknowledged",
@@ -740,5 +891,258 @@ fn integrity(db: &std::path::Path) -> Result<(), String> {
         Ok(())
     } else {
         Err(verdict)
+    }
+}
+
+/// A client whose reconnect backoff is the seed's (1 s doubling, no jitter,
+/// so the delays are exact), every state transition recorded with its time.
+struct BackoffObserver {
+    stop: Arc<AtomicBool>,
+    events_stop: Arc<AtomicBool>,
+    events: tokio::task::JoinHandle<()>,
+    log: tokio::task::JoinHandle<Vec<(tokio::time::Instant, keel_reconnect::State)>>,
+}
+
+impl BackoffObserver {
+    async fn start(url: &str) -> Result<BackoffObserver, Error> {
+        let mut config = ClientConfig::new(url);
+        config.reconnect.backoff = keel_reconnect::Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+            jitter: false,
+            seed: 0,
+            // Shorter than any stretch of load between faults: every fault
+            // starts the ladder again from 1 s.
+            stable_after: Duration::from_millis(400),
+        };
+        let mut client = Client::connect(config)
+            .await
+            .map_err(|e| setup("backoff observer", e))?;
+        let mut transitions = client.link().transitions();
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut seen: Vec<(tokio::time::Instant, keel_reconnect::State)> = Vec::new();
+                // After the stop, on until the link is back (its last
+                // backoff may outlast the scenario's heal), for at most 30 s.
+                let mut stopped: Option<tokio::time::Instant> = None;
+                loop {
+                    if stop.load(Ordering::Acquire) {
+                        let since = *stopped.get_or_insert_with(tokio::time::Instant::now);
+                        let up = seen
+                            .last()
+                            .is_none_or(|(_, s)| *s == keel_reconnect::State::Connected);
+                        if up || since.elapsed() > Duration::from_secs(30) {
+                            break;
+                        }
+                    }
+                    match tokio::time::timeout(Duration::from_millis(100), transitions.recv()).await
+                    {
+                        Ok(Ok(state)) => seen.push((tokio::time::Instant::now(), state)),
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {}
+                    }
+                }
+                seen
+            }
+        });
+        let events_stop = Arc::new(AtomicBool::new(false));
+        let events = tokio::spawn({
+            let stop = events_stop.clone();
+            async move {
+                while !stop.load(Ordering::Acquire) {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(100), client.next_event()).await;
+                }
+                client.close().await;
+            }
+        });
+        Ok(BackoffObserver {
+            stop,
+            events_stop,
+            events,
+            log,
+        })
+    }
+
+    async fn finish(self) -> BackoffSeen {
+        self.stop.store(true, Ordering::Release);
+        let log = self.log.await.unwrap_or_default();
+        self.events_stop.store(true, Ordering::Release);
+        let _ = self.events.await;
+        BackoffSeen { log }
+    }
+}
+
+/// What the backoff observer saw: its transitions, in order.
+struct BackoffSeen {
+    log: Vec<(tokio::time::Instant, keel_reconnect::State)>,
+}
+
+/// One loss of the link, from `Disconnected` to `Connected` again.
+struct Episode {
+    /// Each backoff's chosen delay and how long it really was (until
+    /// the next `Connecting`).
+    waits: Vec<(Duration, Duration)>,
+    /// The state names, in order.
+    states: Vec<&'static str>,
+}
+
+impl BackoffSeen {
+    fn episodes(&self) -> Vec<Episode> {
+        use keel_reconnect::State;
+        let mut out = Vec::new();
+        let mut current: Option<Episode> = None;
+        let mut backoff: Option<(tokio::time::Instant, Duration)> = None;
+        for (at, state) in &self.log {
+            let name = match state {
+                State::Connecting => "CONNECTING",
+                State::Resuming => "RESUMING",
+                State::Connected => "CONNECTED",
+                State::Disconnected { .. } => "DISCONNECTED",
+                State::Backoff { .. } => "RECONNECTING",
+                State::Closed { .. } => "CLOSED",
+            };
+            if current.is_none() {
+                if !matches!(state, State::Disconnected { .. }) {
+                    continue;
+                }
+                current = Some(Episode {
+                    waits: Vec::new(),
+                    states: Vec::new(),
+                });
+            }
+            let Some(ep) = current.as_mut() else { continue };
+            ep.states.push(name);
+            match state {
+                State::Backoff { delay, .. } => backoff = Some((*at, *delay)),
+                State::Connecting => {
+                    if let Some((from, delay)) = backoff.take() {
+                        ep.waits.push((delay, at.duration_since(from)));
+                    }
+                }
+                State::Connected => out.extend(current.take()),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Every loss of the link walked the ladder 1 s, 2 s, 4 s, ... from
+    /// its start, each wait as long as its delay (within 5 ms early, 250 ms
+    /// late on a loaded machine).
+    fn ladder_ok(&self) -> bool {
+        let episodes = self.episodes();
+        !episodes.is_empty()
+            && episodes.iter().all(|ep| {
+                !ep.waits.is_empty()
+                    && ep.waits.iter().enumerate().all(|(k, (delay, waited))| {
+                        *delay == Duration::from_secs(1 << k)
+                            && *waited + Duration::from_millis(5) >= *delay
+                            && *waited <= *delay + Duration::from_millis(250)
+                    })
+            })
+    }
+
+    /// Every loss of the link went DISCONNECTED → RECONNECTING →
+    /// CONNECTING (→ DISCONNECTED → RECONNECTING → CONNECTING)* →
+    /// RESUMING → CONNECTED.
+    fn states_ok(&self) -> bool {
+        let episodes = self.episodes();
+        !episodes.is_empty()
+            && episodes.iter().all(|ep| {
+                let s = &ep.states;
+                s.len() >= 5
+                    && s[s.len() - 2..] == ["RESUMING", "CONNECTED"]
+                    && s[..s.len() - 2]
+                        .chunks(3)
+                        .all(|c| c == ["DISCONNECTED", "RECONNECTING", "CONNECTING"])
+            })
+    }
+
+    /// The steps of the first loss: how many backoffs.
+    fn steps(&self) -> usize {
+        self.episodes().first().map_or(0, |ep| ep.waits.len())
+    }
+
+    fn describe(&self) -> String {
+        let episodes = self.episodes();
+        let Some(first) = episodes.first() else {
+            return "backoff observer: no loss of the link seen".into();
+        };
+        let waits: Vec<String> = first
+            .waits
+            .iter()
+            .map(|(d, w)| format!("{:.0} s (waited {:.3} s)", d.as_secs_f64(), w.as_secs_f64()))
+            .collect();
+        format!(
+            "backoff observer, {} losses of the link; the first: {}; backoffs {}",
+            episodes.len(),
+            first.states.join(" → "),
+            waits.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keel_reconnect::State;
+    use tokio::time::Instant;
+
+    use super::BackoffSeen;
+
+    /// A log of one loss of the link with these backoffs, each waited
+    /// `late` longer than its delay.
+    fn log(delays: &[u64], late: Duration) -> BackoffSeen {
+        let t0 = Instant::now();
+        let mut at = t0;
+        let mut log = vec![(at, State::Connected)];
+        for (k, d) in delays.iter().enumerate() {
+            let delay = Duration::from_millis(*d);
+            log.push((
+                at,
+                State::Disconnected {
+                    reason: "cut".into(),
+                },
+            ));
+            log.push((
+                at,
+                State::Backoff {
+                    attempt: k as u32 + 1,
+                    delay,
+                    until: at + delay,
+                },
+            ));
+            at += delay + late;
+            log.push((at, State::Connecting));
+        }
+        log.push((at, State::Resuming));
+        log.push((at, State::Connected));
+        BackoffSeen { log }
+    }
+
+    #[test]
+    fn the_seeds_ladder_passes() {
+        let seen = log(&[1_000, 2_000, 4_000, 8_000], Duration::from_millis(3));
+        assert!(seen.ladder_ok() && seen.states_ok());
+        assert_eq!(seen.steps(), 4);
+    }
+
+    #[test]
+    fn a_wrong_ladder_or_late_attempt_or_missing_state_fails() {
+        // Jittered delays, a constant delay, a wait far past its delay.
+        assert!(!log(&[1_000, 1_300, 4_000], Duration::ZERO).ladder_ok());
+        assert!(!log(&[1_000, 1_000, 1_000], Duration::ZERO).ladder_ok());
+        assert!(!log(&[1_000, 2_000], Duration::from_millis(400)).ladder_ok());
+        // No RESUMING before CONNECTED.
+        let mut seen = log(&[1_000], Duration::ZERO);
+        seen.log.retain(|(_, s)| *s != State::Resuming);
+        assert!(!seen.states_ok());
+        // No loss seen at all.
+        assert!(!BackoffSeen { log: Vec::new() }.ladder_ok());
     }
 }
