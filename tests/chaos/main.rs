@@ -56,6 +56,21 @@ fn upstream_outage() {
 }
 
 #[test]
+fn invalid_upstream_responses() {
+    scenario("invalid_upstream_responses");
+}
+
+#[test]
+fn timeouts() {
+    scenario("timeouts");
+}
+
+#[test]
+fn rate_limit_storm() {
+    scenario("rate_limit_storm");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

@@ -43,6 +43,12 @@ pub enum UpstreamMode {
     Garbage,
     /// Accepts connections and frames, never answers.
     Stall,
+    /// Answers `ok` for an id that was never sent (the send's id with a
+    /// suffix) and accepts nothing.
+    WrongIds,
+    /// Answers with the first half of the answer's JSON text (a frame cut
+    /// short) and accepts nothing.
+    HalfFrames,
     /// Answers after the given delay.
     Slow(Duration),
 }
@@ -365,6 +371,12 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
                         let _ = tx.send(Message::binary(vec![0xde, 0xad, 0xbe, 0xef]));
                         continue;
                     }
+                    UpstreamMode::WrongIds | UpstreamMode::HalfFrames => {
+                        if let Message::Text(text) = &frame {
+                            let _ = tx.send(Message::text(broken_answer(current, text.as_str())));
+                        }
+                        continue;
+                    }
                     UpstreamMode::Slow(delay) => tokio::time::sleep(delay).await,
                     UpstreamMode::Normal => {}
                 }
@@ -469,6 +481,26 @@ fn answer(shared: &Shared, text: &str) -> Value {
         at: now,
     });
     json!({"type": "ok", "id": send.id})
+}
+
+/// What a broken upstream answers to a send, accepting nothing.
+fn broken_answer(mode: UpstreamMode, text: &str) -> String {
+    let id = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_default();
+    let ok = json!({"type": "ok", "id": format!("{id}#not-sent")}).to_string();
+    match mode {
+        UpstreamMode::HalfFrames => {
+            let whole = json!({"type": "ok", "id": id}).to_string();
+            let mut cut = whole.len() / 2;
+            while !whole.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            whole[..cut].to_owned()
+        }
+        _ => ok,
+    }
 }
 
 fn rate_limited(id: &str, wait: Duration, scope: &str) -> Value {

@@ -60,6 +60,8 @@ fn register_metrics() {
         "keel_sessions_opened_total",
         "keel_sends_queued_total",
         "keel_upstream_inbound_total",
+        "keel_upstream_garbage_total",
+        "keel_upstream_unknown_answers_total",
         "keel_connections_refused_total",
     ] {
         metrics::counter!(name).increment(0);

@@ -92,6 +92,8 @@ struct UpstreamSink {
     client: Arc<ReconnectingClient>,
     pending: Arc<Pending>,
     answer_timeout: Duration,
+    /// When the link was last dropped for want of an answer.
+    last_redial: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Sink<String, Envelope> for UpstreamSink {
@@ -126,6 +128,12 @@ impl Sink<String, Envelope> for UpstreamSink {
         let answer = match answer {
             Ok(Ok(a)) => a.clone(),
             _ => {
+                // The frame stays in the client's buffer, and the next
+                // attempt waits for its answer: only a new link writes it
+                // again. An upstream that stalls or answers garbage on a
+                // live link would otherwise hold the send until the link
+                // happened to drop.
+                self.redial();
                 return SendOutcome::Failed {
                     retryable: true,
                     error: format!("no answer within {:?}", self.answer_timeout),
@@ -151,6 +159,21 @@ impl Sink<String, Envelope> for UpstreamSink {
 }
 
 impl UpstreamSink {
+    /// Drops the link so that a new one writes every unanswered send again;
+    /// at most once per answer timeout, however many sends time out.
+    fn redial(&self) {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last_redial.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= self.answer_timeout) {
+            *last = Some(now);
+            tracing::warn!(
+                timeout = ?self.answer_timeout,
+                "no answer from the upstream in time: redialling, unanswered sends are written again"
+            );
+            self.client.reconnect_now();
+        }
+    }
+
     fn forget(&self, key: &str) {
         self.pending
             .lock()
@@ -214,7 +237,14 @@ pub(crate) async fn run(
         let (ctx, pending) = (ctx.clone(), pending.clone());
         tokio::spawn(async move {
             while let Some(frame) = frames.recv().await {
-                let Message::Text(text) = frame else { continue };
+                let text = match frame {
+                    Message::Text(text) => text,
+                    Message::Binary(_) => {
+                        metrics::counter!("keel_upstream_garbage_total").increment(1);
+                        continue;
+                    }
+                    _ => continue,
+                };
                 let Ok(f) = serde_json::from_str::<UpFrame>(text.as_str()) else {
                     metrics::counter!("keel_upstream_garbage_total").increment(1);
                     continue;
@@ -239,10 +269,20 @@ pub(crate) async fn run(
                     }
                     _ => continue,
                 };
-                if let Some(id) = &f.id
-                    && let Some(tx) = pending.lock().unwrap_or_else(|p| p.into_inner()).get(id)
-                {
-                    tx.send_replace(Some(answer));
+                let waiting = f.id.as_ref().and_then(|id| {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(id)
+                        .cloned()
+                });
+                match waiting {
+                    Some(tx) => {
+                        tx.send_replace(Some(answer));
+                    }
+                    // An answer to no send in flight (a wrong id, or one
+                    // answered after its timeout): ignored, counted.
+                    None => metrics::counter!("keel_upstream_unknown_answers_total").increment(1),
                 }
             }
         })
@@ -252,6 +292,7 @@ pub(crate) async fn run(
         client: client.clone(),
         pending,
         answer_timeout: Duration::from_millis(sending.answer_timeout_ms),
+        last_redial: Mutex::new(None),
     };
     let max_queued = 1024;
     let (queue, _dead) = SendQueue::new(

@@ -49,6 +49,9 @@ pub fn catalogue() -> Vec<Scenario> {
         network::LATENCY_1000MS,
         network::JITTER_50_500MS,
         outage::UPSTREAM_OUTAGE,
+        outage::INVALID_UPSTREAM_RESPONSES,
+        outage::TIMEOUTS,
+        outage::RATE_LIMIT_STORM,
         storage::SQLITE_CORRUPTION,
     ]
 }

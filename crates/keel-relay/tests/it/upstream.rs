@@ -201,3 +201,50 @@ fn send_key(upstream_id: &str) -> String {
     assert_eq!(session.len(), 32, "a session id: {upstream_id}");
     key.to_owned()
 }
+
+/// An upstream that stalls on a live link (answers nothing, never closes):
+/// each unanswered send times out, the link is redialled and the send is
+/// written again, so once it answers every send ends SENT — without the
+/// redial the sends waited on the old link until they went DEAD.
+#[tokio::test]
+async fn a_stalled_upstream_link_is_redialled() {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(
+                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\nmax_attempts = 20\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    up.set_mode(UpstreamMode::Stall);
+    for i in 0..5 {
+        c.send(&format!("stalled-{i}"), "bob", &json!(i))
+            .await
+            .unwrap();
+    }
+    // Several answer timeouts on the stalled link.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let connections = up.connections();
+    up.set_mode(UpstreamMode::Normal);
+    let done = results(&mut c, 5, Duration::from_secs(20)).await;
+    assert_eq!(done.len(), 5);
+    assert!(
+        done.iter().all(|(_, s)| s == "SENT"),
+        "every send SENT after the stall: {done:?}"
+    );
+    assert!(connections > 1, "the stalled link was redialled");
+    assert_eq!(up.accepted().len(), 5);
+}
