@@ -26,6 +26,16 @@ fn pause_resume() {
 }
 
 #[test]
+fn process_kill_during_command() {
+    scenario("process_kill_during_command");
+}
+
+#[test]
+fn no_orphans() {
+    scenario("no_orphans");
+}
+
+#[test]
 fn partition_heal() {
     scenario("partition_heal");
 }

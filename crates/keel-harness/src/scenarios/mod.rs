@@ -14,6 +14,7 @@ use crate::scenario::Scenario;
 
 mod abuse;
 mod connections;
+mod exec;
 mod fanout;
 mod network;
 mod outage;
@@ -43,6 +44,8 @@ pub fn catalogue() -> Vec<Scenario> {
         // The chaos suite.
         process::DAEMON_CRASH_RECOVERY,
         process::PAUSE_RESUME,
+        exec::PROCESS_KILL_DURING_COMMAND,
+        exec::NO_ORPHANS,
         process::PARTITION_HEAL,
         network::HALF_OPEN_LINKS,
         network::WEBSOCKET_DROP_RECONNECT,
