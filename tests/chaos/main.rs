@@ -81,6 +81,11 @@ fn rate_limit_storm() {
 }
 
 #[test]
+fn disk_full() {
+    scenario("disk_full");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

@@ -54,7 +54,9 @@ pub enum Target {
 /// Options of one relay process.
 #[derive(Debug, Clone, Default)]
 pub struct RelayOptions {
-    /// TOML appended to the harness's base configuration.
+    /// TOML appended to the harness's base configuration (which ends in
+    /// its `[limits]` table: what comes before a new table header lands
+    /// there).
     pub config: String,
     /// `--upstream` URL.
     pub upstream: Option<String>,
@@ -62,6 +64,9 @@ pub struct RelayOptions {
     pub spool: Option<PathBuf>,
     /// Extra environment (e.g. `KEEL_FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// The data directory, instead of one in the relay's temporary
+    /// directory (e.g. on a size-limited tmpfs).
+    pub data: Option<PathBuf>,
 }
 
 /// The base configuration: per-client rate and count limits raised so that
@@ -185,7 +190,7 @@ impl RelayProcess {
             .args(&self.binary.prefix)
             .arg("serve")
             .arg("--data")
-            .arg(self.dir.path().join("data"))
+            .arg(self.data_dir())
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--config")
@@ -291,7 +296,10 @@ impl RelayProcess {
 
     /// Its data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.options
+            .data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// SIGKILL, and wait for it to be gone.

@@ -38,6 +38,8 @@ pub struct Config {
     pub exec: Exec,
     /// What the message logs and idle sessions may keep on disk.
     pub retention: RetentionConfig,
+    /// Free space on the data directory's disk, watched.
+    pub disk: DiskConfig,
     /// Who may connect and what they may do.
     pub auth: Auth,
     /// TLS for the relay's own listener.
@@ -59,6 +61,7 @@ impl Default for Config {
             sending: Sending::default(),
             exec: Exec::default(),
             retention: RetentionConfig::default(),
+            disk: DiskConfig::default(),
             auth: Auth::default(),
             tls: Tls::default(),
             upstream_ca_file: None,
@@ -236,6 +239,31 @@ impl Default for RetentionConfig {
             interval_s: 60,
             session_ttl_s: 7 * 24 * 3600,
             rule: Vec::new(),
+        }
+    }
+}
+
+/// Free space on the data directory's disk: below `low_bytes` the relay is
+/// DEGRADED ("disk space low"), below `full_bytes` DEGRADED ("disk full");
+/// OPERATIONAL again once space returns. A write that fails for want of
+/// space marks the disk full at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Default 64 MiB.
+    pub low_bytes: u64,
+    /// Default 1 MiB.
+    pub full_bytes: u64,
+    /// How often free space is checked. Default 1,000 ms.
+    pub check_interval_ms: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            low_bytes: 64 << 20,
+            full_bytes: 1 << 20,
+            check_interval_ms: 1_000,
         }
     }
 }
@@ -550,6 +578,11 @@ impl Config {
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad("tls.cert_file and tls.key_file go together (--tls-cert, --tls-key)");
+        }
+        if self.disk.check_interval_ms == 0 || self.disk.full_bytes > self.disk.low_bytes {
+            return bad(
+                "disk.check_interval_ms must be positive and disk.full_bytes at most disk.low_bytes",
+            );
         }
         if self.retention.interval_s == 0 || l.send_rate == 0 || l.session_rate == 0 {
             return bad(

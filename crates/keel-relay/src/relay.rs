@@ -127,6 +127,8 @@ pub struct Relay {
     intake: Shutdown,
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// Free space, checked until shutdown (it has no stop of its own).
+    disk_watch: JoinHandle<()>,
     report: RecoveryReport,
     _lock: DirLock,
 }
@@ -259,6 +261,15 @@ impl Relay {
         if let Some(dir) = config.spool.clone() {
             background.push(tokio::spawn(crate::spool::run(background_ctx.clone(), dir)));
         }
+        let disk_watch = keel_recovery::watch_disk(
+            started.health.clone(),
+            options.data_dir.clone(),
+            keel_recovery::DiskThresholds {
+                low_bytes: config.disk.low_bytes,
+                full_bytes: config.disk.full_bytes,
+            },
+            Duration::from_millis(config.disk.check_interval_ms),
+        );
         let _ = started.health.ready(&format!("listening on {addr}")).await;
         // Startup checked the state tables; the message log, whose size has
         // no bound in sessions, is checked while the relay serves. Not
@@ -279,6 +290,7 @@ impl Relay {
             intake,
             server,
             background,
+            disk_watch,
             report: started.report,
             _lock: started.lock,
         })
@@ -315,8 +327,10 @@ impl Relay {
             intake,
             server,
             background,
+            disk_watch,
             ..
         } = self;
+        disk_watch.abort();
         let conns = shared.conns.clone();
         let drain = {
             let conns = conns.clone();

@@ -56,6 +56,7 @@ pub fn catalogue() -> Vec<Scenario> {
         outage::TIMEOUTS,
         outage::RATE_LIMIT_STORM,
         storage::SQLITE_CORRUPTION,
+        storage::DISK_FULL_SCENARIO,
     ]
 }
 

@@ -242,6 +242,9 @@ pub(super) enum Fault {
     /// As `Partition`, with one more client whose reconnect backoff (1 s
     /// base, no jitter) is observed state by state.
     Drop,
+    /// The relay's data directory on a small tmpfs, filled up for the
+    /// action's duration, then given its space back.
+    DiskFull,
 }
 
 impl Fault {
@@ -254,12 +257,13 @@ impl Fault {
             Fault::HalfOpen => "blackholes",
             Fault::Latency { .. } => "slowdowns",
             Fault::Drop => "drops",
+            Fault::DiskFull => "disk_fulls",
         }
     }
 
     /// Whether the clients reach the relay through the chaos proxy.
     fn proxied(self) -> bool {
-        !matches!(self, Fault::Kill | Fault::Pause)
+        !matches!(self, Fault::Kill | Fault::Pause | Fault::DiskFull)
     }
 }
 
@@ -324,6 +328,8 @@ struct Shared {
     liveness: Option<Duration>,
     /// Links the clients saw die (keel-reconnect's count).
     drops: AtomicU64,
+    /// Bytes of padding in each publish's payload.
+    pad: usize,
 }
 
 fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
@@ -474,7 +480,11 @@ async fn publisher(
         let conn = conns.max(1);
         let answer = tokio::time::timeout(
             Duration::from_secs(60),
-            client.publish(channel, &wire, &json!({"seq": seq})),
+            client.publish(
+                channel,
+                &wire,
+                &json!({"seq": seq, "pad": "x".repeat(shared.pad)}),
+            ),
         )
         .await;
         let outcome = match answer {
@@ -517,7 +527,22 @@ async fn publisher(
 }
 
 pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
-    let mut relay = ctx.relay(RelayOptions::default()).await?;
+    // A full disk is a real one: a size-limited tmpfs under the data.
+    let tmpfs = match fault {
+        Fault::DiskFull => Some(super::storage::small_tmpfs(ctx, 32 << 20)?),
+        _ => None,
+    };
+    let mut relay = ctx
+        .relay(match &tmpfs {
+            Some(fs) => RelayOptions {
+                data: Some(fs.path().join("data")),
+                config: super::storage::DISK_CONFIG.into(),
+                ..Default::default()
+            },
+            None => RelayOptions::default(),
+        })
+        .await?;
+    let mut disk = super::storage::DiskWatch::default();
     // Partitions happen in a chaos proxy between the clients and the relay.
     let proxy = match fault {
         f if f.proxied() => Some(
@@ -542,6 +567,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
         last_ack: (0..plan.count("publishers"))
             .map(|_| AtomicU64::new(0))
             .collect(),
+        pad: plan.count("payload_pad_bytes"),
         liveness: (fault != Fault::Kill && plan.num("liveness_timeout_ms") > 0.0)
             .then(|| Duration::from_millis(plan.num("liveness_timeout_ms") as u64)),
         ..Shared::default()
@@ -652,6 +678,12 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
                     p.partition(outage, keel_faults::PartitionMode::Refuse);
                     p.cut();
                     tokio::time::sleep(outage).await;
+                }
+                (None, Fault::DiskFull) => {
+                    let fs = tmpfs
+                        .as_ref()
+                        .ok_or_else(|| setup("tmpfs", "not mounted"))?;
+                    disk.fill_for(&relay, fs.path(), outage).await?;
                 }
                 _ => {
                     keel_faults::process::pause(pid).map_err(|e| setup("SIGSTOP", e))?;
@@ -846,6 +878,9 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             q(0.5),
             q(0.95)
         ));
+    }
+    if fault == Fault::DiskFull {
+        disk.report(&relay, &mut m).await?;
     }
     if let Some(observer) = observer {
         let seen = observer.finish().await;

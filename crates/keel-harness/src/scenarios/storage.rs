@@ -1,7 +1,10 @@
 //! Storage faults: `sqlite_corruption` kills the relay, writes garbage over
 //! its database and restarts it: the damaged files must be moved aside
 //! (never deleted), the operator told what happened and how to salvage, and
-//! the relay serving again on a fresh database.
+//! the relay serving again on a fresh database. `disk_full` puts the
+//! relay's data on a small real tmpfs under publish/subscribe load and fills
+//! it: clear `unavailable` answers, health DEGRADED, nothing acknowledged
+//! lost, and service again once the space returns.
 
 use std::time::Duration;
 
@@ -14,6 +17,164 @@ use crate::fixture::RelayOptions;
 use crate::history::{Op, Outcome};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
+
+const DISK_FULL: &str = "disk_full";
+
+pub(crate) const DISK_FULL_SCENARIO: Scenario = Scenario {
+    name: DISK_FULL,
+    suite: Suite::Chaos,
+    seed: SeedRef {
+        seed: "002",
+        test: "disk exhaustion: write operations with a full disk",
+        threshold: "no crashes, clear error messages, graceful degradation",
+    },
+    what: "the relay's data on a 32 MiB tmpfs under SDK publish/subscribe load (2 KiB payloads); a file fills the tmpfs for the fault, then is removed; repeat (--iterations)",
+    target: "publishes answered `unavailable` (the SDK retries them), /healthz DEGRADED with \"disk full\", OPERATIONAL again within 5 s of the space returning, nothing acknowledged lost or duplicated, every publisher acknowledged again within 3 s (p95)",
+    needs_process: true,
+    thresholds: |plan| {
+        let mut t = super::process::outage_thresholds(plan, "disk_fulls", false);
+        t.push(Threshold::new(
+            "unavailable_answers",
+            "",
+            Some(Bound::Ge(1.0)),
+            Bound::Ge(1.0),
+        ));
+        t.push(Threshold::all("degraded_seen_ratio"));
+        t.push(Threshold::all("operational_again_ratio"));
+        t
+    },
+    plan: |input| {
+        let mut plan = super::process::plan_outages(
+            input,
+            DISK_FULL,
+            "disk_full",
+            &super::process::OutageShape {
+                iterations: (2, 5),
+                outage_ms: (2_000, 5_000),
+                publishers: (3, 8),
+                subscribers: (2, 2),
+                channels: (2, 4),
+                publish_interval_ms: 5.0,
+                recovery_target_ms: 3_000.0,
+                short_liveness: false,
+            },
+        );
+        plan.params.insert("payload_pad_bytes".into(), json!(2048));
+        for a in &mut plan.actions {
+            a.target = "the data directory's tmpfs".into();
+        }
+        plan
+    },
+    run: body!(run_disk_full),
+    budget: Duration::from_secs(300),
+};
+
+async fn run_disk_full(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    super::process::run_faults(ctx, plan, super::process::Fault::DiskFull).await
+}
+
+/// The relay's disk thresholds on the small tmpfs: low below 2 MiB, full
+/// below 256 KiB, checked every 100 ms.
+pub(super) const DISK_CONFIG: &str =
+    "\n[disk]\nlow_bytes = 2097152\nfull_bytes = 262144\ncheck_interval_ms = 100\n";
+
+/// A tmpfs of `size` bytes in the scenario's directory; an error (not a
+/// pass) where mounting is not permitted.
+pub(super) fn small_tmpfs(ctx: &Ctx, size: u64) -> Result<keel_faults::disk::Tmpfs, Error> {
+    match keel_faults::disk::Tmpfs::mount(&ctx.dir.join("tmpfs"), size) {
+        keel_faults::disk::TmpfsMount::Mounted(fs) => Ok(fs),
+        keel_faults::disk::TmpfsMount::Skipped { why } => Err(setup("tmpfs", why)),
+    }
+}
+
+/// What the disk-full faults showed.
+#[derive(Default)]
+pub(super) struct DiskWatch {
+    fills: u32,
+    degraded: u32,
+    operational_again: u32,
+    filled_bytes: u64,
+    back_ms: Vec<f64>,
+}
+
+impl DiskWatch {
+    /// Fills the tmpfs for `outage` (watching /healthz say DEGRADED), then
+    /// frees it and waits for OPERATIONAL.
+    pub(super) async fn fill_for(
+        &mut self,
+        relay: &crate::fixture::RelayProcess,
+        mount: &std::path::Path,
+        outage: Duration,
+    ) -> Result<(), Error> {
+        let filler = mount.join("filler");
+        let written = {
+            let filler = filler.clone();
+            tokio::task::spawn_blocking(move || keel_faults::disk::fill(&filler, None))
+                .await
+                .map_err(|e| setup("fill", e))?
+                .map_err(|e| setup("fill", e))?
+        };
+        self.fills += 1;
+        self.filled_bytes += written;
+        let until = tokio::time::Instant::now() + outage;
+        let mut degraded = false;
+        while tokio::time::Instant::now() < until {
+            let health = crate::fixture::http_get(relay.addr(), "/healthz")
+                .await
+                .unwrap_or_default();
+            degraded |= health.contains("DEGRADED") && health.contains("disk full");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.degraded += u32::from(degraded);
+        std::fs::remove_file(&filler).map_err(|e| setup("free the tmpfs", e))?;
+        let freed = tokio::time::Instant::now();
+        let back = super::wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || async {
+                crate::fixture::http_get(relay.addr(), "/healthz")
+                    .await
+                    .unwrap_or_default()
+                    .contains("OPERATIONAL")
+            },
+        )
+        .await;
+        self.operational_again += u32::from(back);
+        self.back_ms.push(freed.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+
+    /// Its figures.
+    pub(super) async fn report(
+        &self,
+        relay: &crate::fixture::RelayProcess,
+        m: &mut Measured,
+    ) -> Result<(), Error> {
+        let text = relay.metrics().await?;
+        let unavailable = text
+            .lines()
+            .filter(|l| l.starts_with("keel_errors_total") && l.contains("code=\"unavailable\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        let n = f64::from(self.fills.max(1));
+        let back = self.back_ms.iter().copied().fold(0.0, f64::max);
+        m.set("unavailable_answers", unavailable)
+            .set("degraded_seen_ratio", f64::from(self.degraded) / n)
+            .set(
+                "operational_again_ratio",
+                f64::from(self.operational_again) / n,
+            )
+            .set("operational_again_max_ms", back);
+        m.note(format!(
+            "{} fills of the tmpfs ({:.1} MiB written by the filler in all): {unavailable} publishes answered `unavailable`, /healthz DEGRADED (disk full) in {} of them, OPERATIONAL again in {} (at most {back:.0} ms after the space returned)",
+            self.fills,
+            self.filled_bytes as f64 / (1024.0 * 1024.0),
+            self.degraded,
+            self.operational_again
+        ));
+        Ok(())
+    }
+}
 
 const CORRUPTION: &str = "sqlite_corruption";
 

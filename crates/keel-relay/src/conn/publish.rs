@@ -129,6 +129,9 @@ pub(super) async fn publish_loop(
                         }
                         Err(e) => {
                             channels.health.observe_store_error(&e).await;
+                            // Counted like every error frame (not against
+                            // the client: the relay could not store).
+                            metrics::counter!("keel_errors_total", "code" => ErrorCode::Unavailable.as_str()).increment(1);
                             error_frame(ErrorCode::Unavailable, &format!("not stored ({e}); retry"), Some(&job.id))
                         }
                     };
