@@ -86,6 +86,16 @@ fn disk_full() {
 }
 
 #[test]
+fn slowloris() {
+    scenario("slowloris");
+}
+
+#[test]
+fn session_flood() {
+    scenario("session_flood");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

@@ -54,9 +54,8 @@ pub enum Target {
 /// Options of one relay process.
 #[derive(Debug, Clone, Default)]
 pub struct RelayOptions {
-    /// TOML appended to the harness's base configuration (which ends in
-    /// its `[limits]` table: what comes before a new table header lands
-    /// there).
+    /// TOML over the harness's base configuration: its keys replace the
+    /// base's, and keys before its first table header are `[limits]` keys.
     pub config: String,
     /// `--upstream` URL.
     pub upstream: Option<String>,
@@ -82,6 +81,32 @@ session_burst = 1000000
 handshake_timeout_ms = 120000
 idle_timeout_ms = 600000
 ";
+
+/// The base configuration with a scenario's over it: its keys replace the
+/// base's (a scenario may lower a limit the base raises); keys before its
+/// first table header are `[limits]` keys.
+fn merged_config(base: &str, extra: &str) -> Result<String, Error> {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let parse = |what: &str, text: &str| {
+        text.parse::<toml::Table>()
+            .map_err(|e| Error::Relay(format!("{what} configuration: {e}")))
+    };
+    let mut config = parse("base", base)?;
+    merge(
+        &mut config,
+        parse("scenario", &format!("[limits]\n{extra}"))?,
+    );
+    toml::to_string(&config).map_err(|e| Error::Relay(format!("configuration: {e}")))
+}
 
 fn registry() -> &'static Mutex<BTreeSet<u32>> {
     static PIDS: OnceLock<Mutex<BTreeSet<u32>>> = OnceLock::new();
@@ -172,7 +197,7 @@ impl RelayProcess {
 
     async fn spawn(&mut self) -> Result<(), Error> {
         let config = self.dir.path().join("relay.toml");
-        std::fs::write(&config, format!("{BASE_CONFIG}\n{}", self.options.config))
+        std::fs::write(&config, merged_config(BASE_CONFIG, &self.options.config)?)
             .map_err(|e| Error::io("write the relay configuration", e))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -410,5 +435,19 @@ mod tests {
         assert_eq!(metric_value(text, "keel_errors_total"), 5.0);
         assert_eq!(metric_value(text, "keel_connections"), 7.0);
         assert_eq!(metric_value(text, "missing"), 0.0);
+    }
+
+    #[test]
+    fn scenario_configuration_overrides_the_base() {
+        let merged = merged_config(
+            BASE_CONFIG,
+            "session_rate = 20\n[sending]\nanswer_timeout_ms = 1000\n",
+        )
+        .unwrap();
+        let t: toml::Table = merged.parse().unwrap();
+        assert_eq!(t["limits"]["session_rate"].as_integer(), Some(20));
+        assert_eq!(t["limits"]["publish_rate"].as_integer(), Some(1_000_000));
+        assert_eq!(t["sending"]["answer_timeout_ms"].as_integer(), Some(1000));
+        assert!(merged_config(BASE_CONFIG, "[limits\n").is_err());
     }
 }

@@ -16,6 +16,7 @@ mod abuse;
 mod connections;
 mod exec;
 mod fanout;
+mod flood;
 mod network;
 mod outage;
 mod process;
@@ -57,6 +58,8 @@ pub fn catalogue() -> Vec<Scenario> {
         outage::RATE_LIMIT_STORM,
         storage::SQLITE_CORRUPTION,
         storage::DISK_FULL_SCENARIO,
+        flood::SLOWLORIS_SCENARIO,
+        flood::SESSION_FLOOD,
     ]
 }
 

@@ -278,8 +278,6 @@ async fn run_upstream_fault(ctx: &Ctx, plan: &Plan, fault: UpFault) -> Result<Me
     // The relay's own limits well above the load (and, in the storm, far
     // above the upstream's): the scenario is about the fault, not the
     // relay's limits (tested elsewhere). Unanswered sends time out in 1 s.
-    // (What a scenario adds to the base configuration starts in its
-    // `[limits]` table.)
     let mut config = String::new();
     if fault == UpFault::Stall {
         // The stalled reader is shed at 2 MiB behind.
