@@ -61,6 +61,21 @@ fn jitter_50_500ms() {
 }
 
 #[test]
+fn thundering_herd() {
+    scenario("thundering_herd");
+}
+
+#[test]
+fn cascading_failures() {
+    scenario("cascading_failures");
+}
+
+#[test]
+fn random_connection_drops() {
+    scenario("random_connection_drops");
+}
+
+#[test]
 fn upstream_outage() {
     scenario("upstream_outage");
 }

@@ -528,6 +528,12 @@ async fn subscribe_loop(
         };
         let welcome = match hello(&mut ws, token.as_deref(), &last).await {
             Ok(w) => w,
+            // A link that dies again during the resume is retried too.
+            Err(e) if conn > 1 && conn <= 200 && !*stop.borrow() => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             Err(e) => break Err(e),
         };
         if token.is_none() {

@@ -17,6 +17,7 @@ mod connections;
 mod exec;
 mod fanout;
 mod flood;
+mod herd;
 mod network;
 mod outage;
 mod process;
@@ -52,6 +53,9 @@ pub fn catalogue() -> Vec<Scenario> {
         network::WEBSOCKET_DROP_RECONNECT,
         network::LATENCY_1000MS,
         network::JITTER_50_500MS,
+        herd::THUNDERING_HERD,
+        herd::CASCADING_FAILURES,
+        herd::RANDOM_CONNECTION_DROPS,
         outage::UPSTREAM_OUTAGE,
         outage::INVALID_UPSTREAM_RESPONSES,
         outage::TIMEOUTS,

@@ -308,31 +308,31 @@ fn plan_crash(input: &PlanInput) -> Plan {
 
 /// What the clients share with the kill loop.
 #[derive(Default)]
-struct Shared {
+pub(super) struct Shared {
     /// Publishers stop (the heal phase begins).
-    stop: AtomicBool,
+    pub(super) stop: AtomicBool,
     /// Subscribers stop (the heal phase is over: caught up, or out of time).
-    done: AtomicBool,
+    pub(super) done: AtomicBool,
     /// Kills so far: a welcome after the first kill must say CRASHED.
-    kills: AtomicU32,
-    publish_errors: AtomicU64,
-    acked: AtomicU64,
+    pub(super) kills: AtomicU32,
+    pub(super) publish_errors: AtomicU64,
+    pub(super) acked: AtomicU64,
     /// Highest acknowledged offset per channel.
-    heads: std::sync::Mutex<BTreeMap<String, u64>>,
+    pub(super) heads: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Whether welcome states are checked (after a pause the old link may
     /// or may not have been seen closing: ACTIVE and DETACHED are both right).
-    check_states: bool,
+    pub(super) check_states: bool,
     /// When each publisher last had a publish acknowledged (run µs).
-    last_ack: Vec<AtomicU64>,
+    pub(super) last_ack: Vec<AtomicU64>,
     /// The clients' liveness timeout, when the scenario shortens it.
-    liveness: Option<Duration>,
+    pub(super) liveness: Option<Duration>,
     /// Links the clients saw die (keel-reconnect's count).
-    drops: AtomicU64,
+    pub(super) drops: AtomicU64,
     /// Bytes of padding in each publish's payload.
-    pad: usize,
+    pub(super) pad: usize,
 }
 
-fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
+pub(super) fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
     let mut config = ClientConfig::new(url);
     config.reconnect.backoff.base = Duration::from_millis(20);
     config.reconnect.backoff.cap = Duration::from_millis(500);
@@ -448,7 +448,7 @@ async fn subscriber(
 
 /// A publisher through the SDK: one publish at a time, re-sent across kills
 /// with the same id in the same session until it is acknowledged.
-async fn publisher(
+pub(super) async fn publisher(
     url: String,
     client_no: u32,
     channels: Vec<String>,
