@@ -76,6 +76,16 @@ fn random_connection_drops() {
 }
 
 #[test]
+fn buffer_during_disconnect() {
+    scenario("buffer_during_disconnect");
+}
+
+#[test]
+fn session_sync_after_reconnect() {
+    scenario("session_sync_after_reconnect");
+}
+
+#[test]
 fn upstream_outage() {
     scenario("upstream_outage");
 }

@@ -24,6 +24,7 @@ mod process;
 mod sessions;
 mod spool;
 mod storage;
+mod sync;
 mod upstream;
 
 /// Every scenario, load suite first, in the order a full run takes them.
@@ -53,6 +54,8 @@ pub fn catalogue() -> Vec<Scenario> {
         network::WEBSOCKET_DROP_RECONNECT,
         network::LATENCY_1000MS,
         network::JITTER_50_500MS,
+        sync::BUFFER_DURING_DISCONNECT,
+        sync::SESSION_SYNC_AFTER_RECONNECT,
         herd::THUNDERING_HERD,
         herd::CASCADING_FAILURES,
         herd::RANDOM_CONNECTION_DROPS,
