@@ -121,6 +121,11 @@ fn session_flood() {
 }
 
 #[test]
+fn corrupt_state_recovery() {
+    scenario("corrupt_state_recovery");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

@@ -64,6 +64,7 @@ pub fn catalogue() -> Vec<Scenario> {
         outage::TIMEOUTS,
         outage::RATE_LIMIT_STORM,
         storage::SQLITE_CORRUPTION,
+        storage::CORRUPT_STATE_RECOVERY,
         storage::DISK_FULL_SCENARIO,
         flood::SLOWLORIS_SCENARIO,
         flood::SESSION_FLOOD,

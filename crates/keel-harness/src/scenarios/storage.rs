@@ -9,12 +9,13 @@
 use std::time::Duration;
 
 use keel_relay::client::{Client, ClientConfig};
+use rand::Rng;
 use serde_json::json;
 
 use super::{body, params, setup};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::history::{Op, Outcome};
+use crate::history::{Op, Outcome, StateCheck};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -174,6 +175,215 @@ impl DiskWatch {
         ));
         Ok(())
     }
+}
+
+const BAD_STATE: &str = "corrupt_state_recovery";
+
+pub(crate) const CORRUPT_STATE_RECOVERY: Scenario = Scenario {
+    name: BAD_STATE,
+    suite: Suite::Chaos,
+    seed: SeedRef {
+        seed: "000/004",
+        test: "test_corrupt_state_recovery; invalid state rows",
+        threshold: "corrupt state handled gracefully: logged, no crash at startup",
+    },
+    what: "sessions publish, some connected and some not; the relay is SIGKILLed; seeded sessions get invalid state values written into the database; the relay restarts on it",
+    target: "the relay starts and logs each invalid row; those sessions CRASHED with a notice naming the bad state, connected ones CRASHED, the others DETACHED; every acknowledged message still there",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::all("started"),
+            Threshold::all("logged_ratio"),
+            Threshold::all("notices_ok_ratio"),
+            Threshold::all("messages_kept_ratio"),
+            Threshold::exact("corrupted", plan.num("corrupted")),
+        ]
+    },
+    plan: |input: &PlanInput| {
+        let sessions = input.scale.pick(6, 50);
+        let corrupted = input.scale.pick(3, 10);
+        let mut plan = input.plan(
+            BAD_STATE,
+            &params(&[
+                ("sessions", sessions as f64),
+                ("corrupted", corrupted as f64),
+                ("messages_each", 10.0),
+            ]),
+        );
+        let bad = ["INVALID", "", "active", "CRASHED\u{0}", "9", "DETACHED "];
+        let mut rng = input.rng(BAD_STATE, "rows");
+        let mut chosen: Vec<usize> = (0..sessions).collect();
+        for i in 0..corrupted {
+            let j = rng.random_range(i..sessions);
+            chosen.swap(i, j);
+            plan.actions.push(Action {
+                at_ms: 0,
+                duration_ms: 0,
+                kind: "bad_state".into(),
+                target: format!("session {}", chosen[i]),
+                params: json!({"session": chosen[i], "state": bad[rng.random_range(0..bad.len())]}),
+            });
+        }
+        plan
+    },
+    run: body!(run_bad_state),
+    budget: Duration::from_secs(120),
+};
+
+async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let mut relay = ctx.relay(RelayOptions::default()).await?;
+    let r = &ctx.recorder;
+    let n = plan.count("sessions");
+    let each = plan.count("messages_each");
+    let channel = "corrupt:0";
+    // Even sessions stay connected through the kill; odd ones leave first.
+    let mut live = Vec::new();
+    let mut tokens = Vec::new();
+    let mut acked = 0u64;
+    for i in 0..n {
+        let client = Client::connect(ClientConfig::new(&relay.url()))
+            .await
+            .map_err(|e| setup("session", e))?;
+        for k in 0..each {
+            client
+                .publish(channel, &format!("s{i}-{k}"), &json!({"k": k}))
+                .await
+                .map_err(|e| setup("publish", e))?;
+            acked += 1;
+        }
+        tokens.push((
+            client.session_id().unwrap_or_default(),
+            client.token().unwrap_or_default(),
+        ));
+        if i % 2 == 0 {
+            live.push(client);
+        } else {
+            client.close().await;
+        }
+    }
+    let t_kill = r.now();
+    relay.kill9().await?;
+    // Gone with the relay: closed before it returns, so that they do not
+    // reconnect (their next welcome is checked below).
+    for c in live {
+        c.close().await;
+    }
+    // The bad rows, written into the database the killed relay left.
+    let db = relay.data_dir().join("keel.db");
+    let bad: Vec<(usize, String)> = plan
+        .actions
+        .iter()
+        .map(|a| {
+            (
+                a.params["session"].as_u64().unwrap_or(0) as usize,
+                a.params["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    {
+        let (db, bad, tokens) = (db.clone(), bad.clone(), tokens.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+            for (i, state) in &bad {
+                conn.execute(
+                    "UPDATE sessions SET state = ?1 WHERE id = ?2",
+                    rusqlite::params![state, tokens[*i].0],
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| setup("corrupt", e))?
+        .map_err(|e| setup("corrupt", e))?;
+    }
+    let started = relay.restart().await.is_ok();
+    r.fault("bad_state", "sessions table", t_kill, r.now());
+    let log = std::fs::read_to_string(ctx.dir.join("relay-1.log")).unwrap_or_default();
+    let logged = bad
+        .iter()
+        .filter(|(i, _)| log.contains(&tokens[*i].0))
+        .count();
+    // Every session's next welcome, and the bad ones' notices.
+    let mut notices_ok = 0;
+    for (i, (id, token)) in tokens.iter().enumerate() {
+        let mut config = ClientConfig::new(&relay.url());
+        config.token = Some(token.clone());
+        let mut c = Client::connect(config)
+            .await
+            .map_err(|e| setup("resume", e))?;
+        let corrupted = bad.iter().find(|(b, _)| *b == i).map(|(_, s)| s.clone());
+        let expected = if corrupted.is_some() || i % 2 == 0 {
+            "CRASHED"
+        } else {
+            "DETACHED"
+        };
+        let mut observed = String::from("no welcome");
+        let mut notice_ok = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, c.next_event()).await {
+            match e {
+                keel_relay::client::Event::Welcome { state, .. } => {
+                    observed = state;
+                    if corrupted.is_none() {
+                        break;
+                    }
+                }
+                keel_relay::client::Event::Deliver { payload, .. }
+                    if payload["type"] == "session_crashed" =>
+                {
+                    notice_ok = Some(payload["previous_state"].as_str().unwrap_or("?"))
+                        == corrupted.as_deref();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        notices_ok += usize::from(notice_ok);
+        r.state(StateCheck {
+            client: i as u32,
+            session: id.clone(),
+            expected: expected.into(),
+            observed,
+            at: r.now(),
+        });
+        c.close().await;
+    }
+    // Every acknowledged message is still in the log.
+    let mut reader = Client::connect(ClientConfig::new(&relay.url()))
+        .await
+        .map_err(|e| setup("reader", e))?;
+    reader
+        .subscribe(channel, Some(1))
+        .await
+        .map_err(|e| setup("subscribe", e))?;
+    let mut kept = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while kept < acked {
+        match tokio::time::timeout_at(deadline, reader.next_event()).await {
+            Ok(Some(keel_relay::client::Event::Deliver { channel: c, .. })) if c == channel => {
+                kept += 1
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    reader.close().await;
+    let k = bad.len().max(1) as f64;
+    let mut m = Measured::default();
+    m.set("started", f64::from(u8::from(started)))
+        .set("corrupted", bad.len() as f64)
+        .set("logged_ratio", logged as f64 / k)
+        .set("notices_ok_ratio", notices_ok as f64 / k)
+        .set("messages_kept_ratio", kept as f64 / acked.max(1) as f64);
+    let states: Vec<String> = bad.iter().map(|(_, s)| format!("{s:?}")).collect();
+    m.note(format!(
+        "{} sessions, {} of them given invalid states ({}); the relay restarted: {started}; {logged} invalid rows named in its log; {notices_ok} session_crashed notices naming the bad state; {kept} of {acked} acknowledged messages kept",
+        n,
+        bad.len(),
+        states.join(", ")
+    ));
+    Ok(m)
 }
 
 const CORRUPTION: &str = "sqlite_corruption";
