@@ -126,6 +126,11 @@ fn corrupt_state_recovery() {
 }
 
 #[test]
+fn memory_pressure() {
+    scenario("memory_pressure");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

@@ -22,7 +22,7 @@ use crate::threshold::{Bound, Threshold};
 
 /// A well-behaved client: publishes to its own channel every 20 ms and
 /// receives each message back; counts, and times each publish.
-struct Calm {
+pub(super) struct Calm {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Result<CalmSeen, Error>>,
 }
@@ -36,7 +36,7 @@ struct CalmSeen {
 }
 
 impl Calm {
-    async fn start(url: &str, epoch: tokio::time::Instant) -> Result<Calm, Error> {
+    pub(super) async fn start(url: &str, epoch: tokio::time::Instant) -> Result<Calm, Error> {
         let mut client = Client::connect(ClientConfig::new(url))
             .await
             .map_err(|e| setup("calm client", e))?;
@@ -100,7 +100,7 @@ impl Calm {
         Ok(Calm { stop, task })
     }
 
-    async fn finish(self, m: &mut Measured) -> Result<(), Error> {
+    pub(super) async fn finish(self, m: &mut Measured) -> Result<(), Error> {
         self.stop.store(true, Ordering::Release);
         let seen = self.task.await.map_err(|e| setup("calm task", e))??;
         m.set("calm_errors", seen.errors as f64)

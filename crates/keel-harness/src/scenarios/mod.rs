@@ -18,6 +18,7 @@ mod exec;
 mod fanout;
 mod flood;
 mod herd;
+mod memory;
 mod network;
 mod outage;
 mod process;
@@ -68,6 +69,7 @@ pub fn catalogue() -> Vec<Scenario> {
         storage::DISK_FULL_SCENARIO,
         flood::SLOWLORIS_SCENARIO,
         flood::SESSION_FLOOD,
+        memory::MEMORY_PRESSURE,
     ]
 }
 

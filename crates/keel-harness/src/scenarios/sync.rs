@@ -43,7 +43,10 @@ async fn publish_recorded(
             },
             Err(setup("publish", e)),
         ),
-        Err(_) => (Outcome::Info, Err(setup("publish", "no answer within 60 s"))),
+        Err(_) => (
+            Outcome::Info,
+            Err(setup("publish", "no answer within 60 s")),
+        ),
     };
     r.publish(Publish {
         client: who,
@@ -119,7 +122,10 @@ pub(crate) const BUFFER_DURING_DISCONNECT: Scenario = Scenario {
         ]
     },
     plan: |input: &PlanInput| {
-        let mut plan = input.plan(BUFFER, &params(&[("buffered", 50.0), ("sent_while_down", 10.0)]));
+        let mut plan = input.plan(
+            BUFFER,
+            &params(&[("buffered", 50.0), ("sent_while_down", 10.0)]),
+        );
         plan.actions.push(Action {
             at_ms: 500,
             duration_ms: input.scale.pick(2_000, 5_000) as u64,
@@ -157,14 +163,21 @@ async fn run_buffer(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         from: 1,
     });
     let publisher = Arc::new(
-        Client::connect(ClientConfig::new(&format!("ws://{}/ws", proxy.listen_addr())))
-            .await
-            .map_err(|e| setup("publisher", e))?,
+        Client::connect(ClientConfig::new(&format!(
+            "ws://{}/ws",
+            proxy.listen_addr()
+        )))
+        .await
+        .map_err(|e| setup("publisher", e))?,
     );
     for seq in 1..=10 {
         publish_recorded(&publisher, r, 0, channel, seq).await?;
     }
-    let action = plan.actions.first().cloned().ok_or_else(|| setup("plan", "empty"))?;
+    let action = plan
+        .actions
+        .first()
+        .cloned()
+        .ok_or_else(|| setup("plan", "empty"))?;
     tokio::time::sleep(Duration::from_millis(action.at_ms)).await;
     ctx.phase("link down: publishing into the buffer");
     let t_down = r.now();
@@ -250,7 +263,11 @@ pub(crate) const SESSION_SYNC_AFTER_RECONNECT: Scenario = Scenario {
         // Five minutes of activity per channel, at 0 to 2 messages/s.
         let mut rng = input.rng(SYNC, "activity");
         for c in 0..channels {
-            let per_second: f64 = if c == 0 { 0.0 } else { rng.random_range(0.0..2.0) };
+            let per_second: f64 = if c == 0 {
+                0.0
+            } else {
+                rng.random_range(0.0..2.0)
+            };
             let count = (per_second * 300.0).round() as u64;
             plan.actions.push(Action {
                 at_ms: 0,
@@ -294,7 +311,15 @@ async fn run_sync(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             publish_recorded(&publisher, r, 0, c, seq).await?;
         }
     }
-    let (got, _) = collect(&mut sub, r, 0, 1, 3 * channels.len(), Duration::from_secs(10)).await;
+    let (got, _) = collect(
+        &mut sub,
+        r,
+        0,
+        1,
+        3 * channels.len(),
+        Duration::from_secs(10),
+    )
+    .await;
     if got < 3 * channels.len() {
         return Err(setup("subscriber", "the first messages did not arrive"));
     }
@@ -328,7 +353,8 @@ async fn run_sync(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .await
         .map_err(|e| setup("resume", e))?;
     let total: u64 = missed.values().sum();
-    let (got, welcomes) = collect(&mut again, r, 0, 2, total as usize, Duration::from_secs(60)).await;
+    let (got, welcomes) =
+        collect(&mut again, r, 0, 2, total as usize, Duration::from_secs(60)).await;
     let took = back.elapsed();
     again.close().await;
     let catch_up = welcomes.first().cloned().unwrap_or_default();
@@ -342,10 +368,13 @@ async fn run_sync(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         })
         .count();
     let mut m = Measured::default();
-    m.set("summary_exact_ratio", exact as f64 / channels.len().max(1) as f64)
-        .set("caught_up_ratio", got as f64 / total.max(1) as f64)
-        .set("publish_errors", errors as f64)
-        .set("catch_up_ms", took.as_secs_f64() * 1000.0);
+    m.set(
+        "summary_exact_ratio",
+        exact as f64 / channels.len().max(1) as f64,
+    )
+    .set("caught_up_ratio", got as f64 / total.max(1) as f64)
+    .set("publish_errors", errors as f64)
+    .set("catch_up_ms", took.as_secs_f64() * 1000.0);
     let summary: Vec<String> = missed.iter().map(|(c, n)| format!("{c} {n}")).collect();
     m.note(format!(
         "away for five minutes of activity ({total} messages: {}); the welcome's summary matched on {exact} of {} channels; {got} delivered in the catch-up, {:.0} ms from reconnecting",
