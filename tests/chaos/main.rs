@@ -131,6 +131,21 @@ fn memory_pressure() {
 }
 
 #[test]
+fn concurrent_transitions() {
+    scenario("concurrent_transitions");
+}
+
+#[test]
+fn combined_stressors() {
+    scenario("combined_stressors");
+}
+
+#[test]
+fn chaos_monkey() {
+    scenario("chaos_monkey");
+}
+
+#[test]
 fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }

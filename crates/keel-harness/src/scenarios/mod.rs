@@ -19,6 +19,7 @@ mod fanout;
 mod flood;
 mod herd;
 mod memory;
+mod mixed;
 mod network;
 mod outage;
 mod process;
@@ -70,6 +71,9 @@ pub fn catalogue() -> Vec<Scenario> {
         flood::SLOWLORIS_SCENARIO,
         flood::SESSION_FLOOD,
         memory::MEMORY_PRESSURE,
+        mixed::CONCURRENT_TRANSITIONS,
+        mixed::COMBINED_STRESSORS,
+        mixed::CHAOS_MONKEY,
     ]
 }
 

@@ -245,6 +245,12 @@ pub(super) enum Fault {
     /// The relay's data directory on a small tmpfs, filled up for the
     /// action's duration, then given its space back.
     DiskFull,
+    /// `latency` ms added both ways, and every second a fresh 10% of the
+    /// links reset (churn), for the action's duration.
+    Combined { latency: u64 },
+    /// Each action its own fault, by its kind (`kill9`, `sigstop`,
+    /// `partition`, `blackhole`, `latency`).
+    Monkey,
 }
 
 impl Fault {
@@ -258,6 +264,31 @@ impl Fault {
             Fault::Latency { .. } => "slowdowns",
             Fault::Drop => "drops",
             Fault::DiskFull => "disk_fulls",
+            Fault::Combined { .. } => "stress_windows",
+            Fault::Monkey => "faults",
+        }
+    }
+
+    /// The fault a monkey's action names.
+    pub(super) fn of_action(kind: &str) -> Fault {
+        match kind {
+            "kill9" => Fault::Kill,
+            "sigstop" => Fault::Pause,
+            "blackhole" => Fault::HalfOpen,
+            "latency" => Fault::Latency {
+                latency: 300,
+                jitter: 100,
+            },
+            _ => Fault::Partition,
+        }
+    }
+
+    /// Added latency and jitter, for faults that slow links.
+    fn slowing(self) -> Option<(u64, u64)> {
+        match self {
+            Fault::Latency { latency, jitter } => Some((latency, jitter)),
+            Fault::Combined { latency } => Some((latency, 0)),
+            _ => None,
         }
     }
 
@@ -624,6 +655,8 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     let mut mttrs = Vec::new();
     // When each fault was in force (run µs).
     let mut windows: Vec<(u64, u64)> = Vec::new();
+    // Times to recover by fault kind (the monkey mixes them).
+    let mut by_kind: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     // The client whose backoff is watched, state by state.
     let observer = match fault {
         Fault::Drop => Some(BackoffObserver::start(&url).await?),
@@ -643,14 +676,50 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             plan.count("iterations")
         ));
         tokio::time::sleep(Duration::from_millis(up)).await;
-        if fault != Fault::Kill {
+        let f = match fault {
+            Fault::Monkey => Fault::of_action(&a.kind),
+            other => other,
+        };
+        if f != Fault::Kill {
             // Stopped (or blackholed) past the clients' liveness timeout:
             // they drop their links and retry against a relay that cannot
             // answer.
             let pid = relay.pid();
             let t_stop = r.now();
             let outage = Duration::from_millis(a.duration_ms);
-            match (&proxy, fault) {
+            match (&proxy, f) {
+                (Some(p), Fault::Combined { latency }) => {
+                    use keel_faults::{Stream, Toxic, ToxicKind};
+                    let slow = ToxicKind::Latency { latency, jitter: 0 };
+                    for (name, stream) in [("slow-up", Stream::Upstream), ("slow-down", Stream::Downstream)] {
+                        p.add_toxic(Toxic::new(name, stream, slow.clone()))
+                            .map_err(|e| setup("latency toxic", e))?;
+                    }
+                    // Churn: every second a fresh draw of 10% of the links
+                    // (a new toxic name is a new decision per link).
+                    let until = tokio::time::Instant::now() + outage;
+                    let mut k = 0;
+                    while tokio::time::Instant::now() < until {
+                        k += 1;
+                        let mut reset = Toxic::new(
+                            &format!("churn-{k}"),
+                            Stream::Downstream,
+                            ToxicKind::ResetPeer { timeout: 0 },
+                        );
+                        reset.toxicity = 0.1;
+                        p.add_toxic(reset).map_err(|e| setup("reset toxic", e))?;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        p.remove_toxic(&format!("churn-{k}"))
+                            .map_err(|e| setup("reset toxic", e))?;
+                        tokio::time::sleep_until(
+                            (tokio::time::Instant::now() + Duration::from_millis(800)).min(until),
+                        )
+                        .await;
+                    }
+                    for name in ["slow-up", "slow-down"] {
+                        p.remove_toxic(name).map_err(|e| setup("latency toxic", e))?;
+                    }
+                }
                 (Some(p), Fault::Latency { latency, jitter }) => {
                     use keel_faults::{Stream, Toxic, ToxicKind};
                     for (name, stream) in [
@@ -722,6 +791,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             }
             mttr.record(Duration::from_micros(t_cont), took.as_micros() as u64);
             mttrs.push(took);
+            by_kind.entry(a.kind.clone()).or_default().push(took);
             continue;
         }
         let t_kill = r.now();
@@ -757,6 +827,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
         let took = gone + spawned.elapsed();
         mttr.record(Duration::from_micros(t_kill), took.as_micros() as u64);
         mttrs.push(took);
+        by_kind.entry(a.kind.clone()).or_default().push(took);
         r.fault("kill9", "relay", t_kill, r.now());
     }
 
@@ -843,7 +914,26 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     if fault == Fault::Kill {
         m.set("integrity_failures", integrity_failures as f64);
     }
-    if let Fault::Latency { latency, jitter } = fault {
+    if fault == Fault::Monkey {
+        let acked = shared.acked.load(Ordering::Relaxed) as f64;
+        let failed = shared.publish_errors.load(Ordering::Relaxed) as f64;
+        m.set("success_ratio", acked / (acked + failed).max(1.0));
+        let mut parts = Vec::new();
+        for (kind, times) in &mut by_kind {
+            times.sort();
+            let max = times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            let p50 = times[(times.len() - 1) / 2].as_secs_f64() * 1000.0;
+            m.set(&format!("mttr_max_ms_{kind}"), max);
+            parts.push(format!("{kind} ×{} p50 {p50:.0} ms max {max:.0} ms", times.len()));
+        }
+        m.note(format!(
+            "time to recover by fault: {}; {:.3}% of {} publishes succeeded",
+            parts.join(", "),
+            100.0 * acked / (acked + failed).max(1.0),
+            acked + failed
+        ));
+    }
+    if let Some((latency, jitter)) = fault.slowing() {
         // Round trips of publishes that ran wholly inside a slow window
         // (invoked at least one slowest round trip before its end): the
         // proof that the fault was in force, and how much it varied.
