@@ -36,6 +36,8 @@ pub fn small_options(
         compare: None,
         command: format!("cargo test ({}: {})", suite.as_str(), scenarios.join(", ")),
         verbose: false,
+        keep_actions: None,
+        relay_env: Vec::new(),
     }
 }
 

@@ -228,3 +228,51 @@ fn crash_scenario_catches_a_hidden_crash() {
         assert_eq!(verdict.count("lost") + verdict.count("duplicated"), 0);
     });
 }
+
+/// `--shrink` is trusted because it finds a planted bug's trigger: with
+/// `hide_crash` armed (crash recovery skipped, so a welcome after a kill
+/// does not say CRASHED), a monkey plan that mixes fault kinds fails, and
+/// delta debugging must leave exactly one fault, a SIGKILL.
+#[test]
+fn shrinking_isolates_the_fault_that_triggers_a_planted_bug() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = keel_tests::ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts =
+            keel_tests::small_options(Suite::Chaos, &["chaos_monkey"], relay(), dir.path(), 17);
+        opts.duration = Some(std::time::Duration::from_secs(12));
+        opts.relay_env = vec![("KEEL_FAILPOINTS".into(), "hide_crash=1".into())];
+        let monkey = catalogue()
+            .into_iter()
+            .find(|s| s.name == "chaos_monkey")
+            .unwrap();
+        let plan = (monkey.plan)(&PlanInput {
+            seed: 17,
+            scale: Scale::Small,
+            duration: opts.duration,
+            iterations: None,
+        });
+        let kinds: Vec<&str> = plan.actions.iter().map(|a| a.kind.as_str()).collect();
+        assert!(
+            kinds.contains(&"kill9") && kinds.iter().any(|k| *k != "kill9"),
+            "seed 17 mixes a kill with other faults: {kinds:?}"
+        );
+        let shrunk = keel_harness::shrink::shrink(opts).await.unwrap();
+        println!("{shrunk:?}");
+        assert!(
+            shrunk.failure.contains("check:session_state"),
+            "the planted bug is seen: {:?}",
+            shrunk.failure
+        );
+        assert_eq!(shrunk.kept.len(), 1, "one fault left: {:?}", shrunk.actions);
+        assert_eq!(kinds[shrunk.kept[0]], "kill9");
+        assert!(shrunk.command.contains(&format!(
+            "--keep-actions {} --failpoints hide_crash=1",
+            shrunk.kept[0]
+        )));
+    });
+}

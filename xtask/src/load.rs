@@ -44,6 +44,18 @@ pub(crate) struct SuiteArgs {
     /// Use this relay binary instead of building target/release/keel-relay.
     #[arg(long, value_name = "PATH")]
     relay_bin: Option<PathBuf>,
+    /// Run only these actions of the plan, by index (what --shrink prints).
+    #[arg(long, value_name = "I,J,...", value_delimiter = ',')]
+    keep_actions: Option<Vec<usize>>,
+    /// Arm relay failpoints (KEEL_FAILPOINTS, e.g. hide_crash=1; the
+    /// checker's self-test, in relays built with them).
+    #[arg(long, value_name = "SPEC")]
+    failpoints: Option<String>,
+    /// Re-run a failing scenario with faults removed (delta debugging)
+    /// until none can go without the failure going too; print the minimal
+    /// plan and its command. One --scenario.
+    #[arg(long)]
+    shrink: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -78,26 +90,25 @@ fn target_dir() -> PathBuf {
 }
 
 /// `cargo build --release -p keel-relay --bin keel-relay` (default features:
-/// never the failpoints); returns the binary.
-pub(crate) fn build_relay() -> Result<PathBuf> {
-    eprintln!("building the relay: cargo build --release -p keel-relay --bin keel-relay");
+/// never the failpoints), or with `failpoints` keel-tests' `keel-relay-test`
+/// (the same relay with its failpoints compiled in); returns the binary.
+pub(crate) fn build_relay_with(failpoints: bool) -> Result<PathBuf> {
+    let (package, bin) = if failpoints {
+        ("keel-tests", "keel-relay-test")
+    } else {
+        ("keel-relay", "keel-relay")
+    };
+    eprintln!("building the relay: cargo build --release -p {package} --bin {bin}");
     let status =
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "keel-relay",
-                "--bin",
-                "keel-relay",
-            ])
+            .args(["build", "--release", "-p", package, "--bin", bin])
             .current_dir(workspace_root())
             .status()
             .context("cannot run cargo to build the relay")?;
     if !status.success() {
         bail!("building the relay failed ({status}); fix the build error above and run again");
     }
-    Ok(target_dir().join("release").join("keel-relay"))
+    Ok(target_dir().join("release").join(bin))
 }
 
 pub(crate) fn list(suite: Suite) {
@@ -141,7 +152,9 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
     let target = match (&args.target, &args.relay_bin) {
         (Some(url), _) => Target::Url(url.clone()),
         (None, Some(bin)) => Target::Spawn(RelayBinary::at(bin)),
-        (None, None) => Target::Spawn(RelayBinary::at(&build_relay()?)),
+        (None, None) => Target::Spawn(RelayBinary::at(&build_relay_with(
+            args.failpoints.is_some(),
+        )?)),
     };
     let command = format!(
         "cargo xtask {} {}",
@@ -166,11 +179,38 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
         compare: args.compare,
         command: command.trim_end().to_owned(),
         verbose: true,
+        keep_actions: args.keep_actions,
+        relay_env: args
+            .failpoints
+            .map(|f| vec![("KEEL_FAILPOINTS".to_owned(), f)])
+            .unwrap_or_default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    if args.shrink {
+        let shrunk = runtime
+            .block_on(keel_harness::shrink::shrink(opts))
+            .context("shrinking failed")?;
+        if shrunk.failure.is_empty() {
+            println!("the full plan passed: nothing to shrink");
+            return Ok(0);
+        }
+        let failure: Vec<&str> = shrunk.failure.iter().map(String::as_str).collect();
+        println!(
+            "failure: {}\nshrunk from {} actions to {} in {} runs:",
+            failure.join(", "),
+            shrunk.original,
+            shrunk.kept.len(),
+            shrunk.runs
+        );
+        for a in &shrunk.actions {
+            println!("  {a}");
+        }
+        println!("reproduce: {}", shrunk.command);
+        return Ok(keel_harness::run::EXIT_RED);
+    }
     let summary = match runtime.block_on(keel_harness::run(opts)) {
         Ok(s) => s,
         Err(keel_harness::Error::Interrupted) => return Ok(130),

@@ -41,6 +41,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 mod scenarios;
+pub mod shrink;
 pub mod threshold;
 
 pub use crate::run::{RunOptions, RunSummary, run};

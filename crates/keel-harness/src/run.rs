@@ -13,7 +13,7 @@ use crate::Error;
 use crate::check::check;
 use crate::fixture::{Target, kill_all};
 use crate::report::{Comparison, Machine, RunReport, ScenarioReport, Series, Status};
-use crate::scenario::{Ctx, PlanInput, Scale, Scenario, Suite};
+use crate::scenario::{Ctx, Plan, PlanInput, Scale, Scenario, Suite};
 use crate::threshold::{Band, judge, num};
 
 /// Exit code: every scenario green or yellow.
@@ -53,6 +53,53 @@ pub struct RunOptions {
     pub command: String,
     /// Print the plans and progress (false in tests).
     pub verbose: bool,
+    /// Run only these actions of each plan (by index; `--keep-actions`,
+    /// what `--shrink` prints): the plan is expanded from the seed as
+    /// always, then the others are dropped.
+    pub keep_actions: Option<Vec<usize>>,
+    /// Environment for every relay started (`--failpoints` sets
+    /// `KEEL_FAILPOINTS`).
+    pub relay_env: Vec<(String, String)>,
+}
+
+impl RunOptions {
+    /// The command that reproduces a run of `scenario` with these options.
+    pub fn repro(&self, scenario: &Scenario) -> String {
+        let mut cmd = scenario.repro(self.seed, self.scale);
+        if let Some(d) = self.duration {
+            cmd.push_str(&format!(" --duration {}s", d.as_secs_f64()));
+        }
+        if let Some(n) = self.iterations {
+            cmd.push_str(&format!(" --iterations {n}"));
+        }
+        if let Some(keep) = &self.keep_actions {
+            let list: Vec<String> = keep.iter().map(usize::to_string).collect();
+            cmd.push_str(&format!(" --keep-actions {}", list.join(",")));
+        }
+        for (k, v) in &self.relay_env {
+            if k == "KEEL_FAILPOINTS" {
+                cmd.push_str(&format!(" --failpoints {v}"));
+            }
+        }
+        cmd
+    }
+}
+
+/// `plan` with only the actions at `keep` (a repeat count in `iterations`
+/// follows).
+pub fn keep_actions(mut plan: Plan, keep: &[usize]) -> Plan {
+    plan.actions = plan
+        .actions
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, a)| a)
+        .collect();
+    if plan.params.contains_key("iterations") {
+        plan.params
+            .insert("iterations".into(), serde_json::json!(plan.actions.len()));
+    }
+    plan
 }
 
 /// What a run produced.
@@ -152,7 +199,10 @@ async fn run_in(
             duration: opts.duration,
             iterations: opts.iterations,
         };
-        let plan = (s.plan)(&input);
+        let mut plan = (s.plan)(&input);
+        if let Some(keep) = &opts.keep_actions {
+            plan = keep_actions(plan, keep);
+        }
         let sdir = dir.join(s.name);
         std::fs::create_dir_all(&sdir).map_err(|e| Error::io("create a scenario directory", e))?;
         std::fs::write(sdir.join("plan.json"), plan.to_json())
@@ -160,7 +210,7 @@ async fn run_in(
         if opts.verbose {
             eprintln!("\n== {} ({})\n{}", s.name, s.what, plan.summary(8));
         }
-        let repro = s.repro(opts.seed, opts.scale);
+        let repro = opts.repro(s);
         let base = ScenarioReport {
             name: s.name.to_owned(),
             what: s.what.to_owned(),
@@ -189,7 +239,12 @@ async fn run_in(
             });
             continue;
         }
-        let ctx = Ctx::new(opts.target.clone(), &sdir, opts.scale);
+        let env: Vec<(&str, &str)> = opts
+            .relay_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let ctx = Ctx::new(opts.target.clone(), &sdir, opts.scale).with_relay_env(&env);
         let t0 = Instant::now();
         let budget = match opts.scale {
             Scale::Small => Duration::from_secs(180),

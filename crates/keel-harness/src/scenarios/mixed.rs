@@ -105,9 +105,11 @@ pub(crate) const CHAOS_MONKEY: Scenario = Scenario {
 };
 
 fn plan_monkey(input: &PlanInput) -> Plan {
-    let duration = input
-        .duration
-        .unwrap_or_else(|| input.scale.duration(Duration::from_secs(20), Duration::from_secs(300)));
+    let duration = input.duration.unwrap_or_else(|| {
+        input
+            .scale
+            .duration(Duration::from_secs(20), Duration::from_secs(300))
+    });
     let mut rng = input.rng(MONKEY, "faults");
     let mut actions = Vec::new();
     let mut at = 0u64;
@@ -192,7 +194,12 @@ pub(crate) const CONCURRENT_TRANSITIONS: Scenario = Scenario {
             plan.actions.push(Action {
                 at_ms: at,
                 duration_ms: length,
-                kind: if k % 2 == 0 { "upstream_down" } else { "upstream_up" }.into(),
+                kind: if k % 2 == 0 {
+                    "upstream_down"
+                } else {
+                    "upstream_up"
+                }
+                .into(),
                 target: "mock upstream".into(),
                 params: json!({}),
             });
@@ -221,7 +228,9 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         tokio::spawn(async move {
             let mut seen: Vec<String> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                let text = crate::fixture::http_get(addr, "/healthz").await.unwrap_or_default();
+                let text = crate::fixture::http_get(addr, "/healthz")
+                    .await
+                    .unwrap_or_default();
                 let state = ["OPERATIONAL", "DEGRADED", "STARTING", "DRAINING", "STOPPED"]
                     .into_iter()
                     .find(|s| text.contains(&format!("\"state\":\"{s}\"")));
@@ -239,9 +248,10 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let sender = {
         let (url, stop) = (relay.url(), stop.clone());
         tokio::spawn(async move {
-            let client = keel_relay::client::Client::connect(keel_relay::client::ClientConfig::new(&url))
-                .await
-                .map_err(|e| setup("sender", e))?;
+            let client =
+                keel_relay::client::Client::connect(keel_relay::client::ClientConfig::new(&url))
+                    .await
+                    .map_err(|e| setup("sender", e))?;
             let session = client.session_id().unwrap_or_default();
             let mut ids = Vec::new();
             let mut n = 0;
@@ -271,12 +281,16 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     up.set_mode(keel_faults::UpstreamMode::Normal);
     r.fault("upstream_flapping", "mock upstream", t0, r.now());
     ctx.phase("settling");
-    let operational = super::wait_until(Duration::from_secs(15), Duration::from_millis(20), || async {
-        crate::fixture::http_get(relay.addr(), "/healthz")
-            .await
-            .unwrap_or_default()
-            .contains("\"state\":\"OPERATIONAL\"")
-    })
+    let operational = super::wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            crate::fixture::http_get(relay.addr(), "/healthz")
+                .await
+                .unwrap_or_default()
+                .contains("\"state\":\"OPERATIONAL\"")
+        },
+    )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Release);
     let observed = poller.await.map_err(|e| setup("poller", e))?;
@@ -295,7 +309,10 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     for a in &accepted {
         *times.entry(a.id.as_str()).or_default() += 1;
     }
-    let lost = ids.iter().filter(|i| !times.contains_key(i.as_str())).count();
+    let lost = ids
+        .iter()
+        .filter(|i| !times.contains_key(i.as_str()))
+        .count();
     let twice = times.values().filter(|n| **n > 1).count();
     relay.terminate().await?;
     let report = keel_relay::doctor::run(&relay.data_dir())
@@ -316,15 +333,24 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .unwrap_or(0.0);
     let changes = observed.len().saturating_sub(1) as f64;
     let mut m = Measured::default();
-    m.set("chain_valid", f64::from(u8::from(health.contains("ids unique, chain valid"))))
-        .set("logged_transitions", logged)
-        .set("observed_changes", changes)
-        .set("logged_covers_observed", f64::from(u8::from(logged >= changes)))
-        .set("operational_at_end", f64::from(u8::from(operational)))
-        .set("database_ok", f64::from(u8::from(line("database:").contains("quick_check: ok"))))
-        .set("sends_lost", lost as f64)
-        .set("sends_twice", twice as f64)
-        .set("sends_acked", ids.len() as f64);
+    m.set(
+        "chain_valid",
+        f64::from(u8::from(health.contains("ids unique, chain valid"))),
+    )
+    .set("logged_transitions", logged)
+    .set("observed_changes", changes)
+    .set(
+        "logged_covers_observed",
+        f64::from(u8::from(logged >= changes)),
+    )
+    .set("operational_at_end", f64::from(u8::from(operational)))
+    .set(
+        "database_ok",
+        f64::from(u8::from(line("database:").contains("quick_check: ok"))),
+    )
+    .set("sends_lost", lost as f64)
+    .set("sends_twice", twice as f64)
+    .set("sends_acked", ids.len() as f64);
     m.note(format!(
         "{} upstream flips; /healthz showed {changes} state changes, the health log holds {logged} transitions ({}); {} sends acknowledged, all accepted once: {}",
         plan.actions.len(),

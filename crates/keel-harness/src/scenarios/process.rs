@@ -346,6 +346,9 @@ pub(super) struct Shared {
     pub(super) done: AtomicBool,
     /// Kills so far: a welcome after the first kill must say CRASHED.
     pub(super) kills: AtomicU32,
+    /// Whether the latest fault was a kill (the monkey mixes them: a
+    /// welcome after another fault is not checked).
+    pub(super) last_kill: AtomicBool,
     pub(super) publish_errors: AtomicU64,
     pub(super) acked: AtomicU64,
     /// Highest acknowledged offset per channel.
@@ -384,7 +387,7 @@ pub(super) fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig 
 /// relay was killed while the session was connected, or before it could
 /// reconnect) CRASHED.
 fn check_welcome(r: &Recorder, shared: &Shared, client: u32, session: &str, state: &str, n: u32) {
-    if !shared.check_states && n > 1 {
+    if n > 1 && (!shared.check_states || !shared.last_kill.load(Ordering::Acquire)) {
         return;
     }
     let expected = if n == 1 {
@@ -594,7 +597,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     };
     let r = &ctx.recorder;
     let shared = Arc::new(Shared {
-        check_states: fault == Fault::Kill,
+        check_states: matches!(fault, Fault::Kill | Fault::Monkey),
         last_ack: (0..plan.count("publishers"))
             .map(|_| AtomicU64::new(0))
             .collect(),
@@ -680,6 +683,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             Fault::Monkey => Fault::of_action(&a.kind),
             other => other,
         };
+        shared.last_kill.store(f == Fault::Kill, Ordering::Release);
         if f != Fault::Kill {
             // Stopped (or blackholed) past the clients' liveness timeout:
             // they drop their links and retry against a relay that cannot
@@ -691,7 +695,10 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
                 (Some(p), Fault::Combined { latency }) => {
                     use keel_faults::{Stream, Toxic, ToxicKind};
                     let slow = ToxicKind::Latency { latency, jitter: 0 };
-                    for (name, stream) in [("slow-up", Stream::Upstream), ("slow-down", Stream::Downstream)] {
+                    for (name, stream) in [
+                        ("slow-up", Stream::Upstream),
+                        ("slow-down", Stream::Downstream),
+                    ] {
                         p.add_toxic(Toxic::new(name, stream, slow.clone()))
                             .map_err(|e| setup("latency toxic", e))?;
                     }
@@ -717,7 +724,8 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
                         .await;
                     }
                     for name in ["slow-up", "slow-down"] {
-                        p.remove_toxic(name).map_err(|e| setup("latency toxic", e))?;
+                        p.remove_toxic(name)
+                            .map_err(|e| setup("latency toxic", e))?;
                     }
                 }
                 (Some(p), Fault::Latency { latency, jitter }) => {
@@ -924,7 +932,10 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             let max = times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
             let p50 = times[(times.len() - 1) / 2].as_secs_f64() * 1000.0;
             m.set(&format!("mttr_max_ms_{kind}"), max);
-            parts.push(format!("{kind} ×{} p50 {p50:.0} ms max {max:.0} ms", times.len()));
+            parts.push(format!(
+                "{kind} ×{} p50 {p50:.0} ms max {max:.0} ms",
+                times.len()
+            ));
         }
         m.note(format!(
             "time to recover by fault: {}; {:.3}% of {} publishes succeeded",
