@@ -29,7 +29,7 @@ pub(crate) const MEMORY_PRESSURE: Scenario = Scenario {
         test: "memory exhaustion: agents under memory limits",
         threshold: "the system remains stable under memory pressure; no OOM crash",
     },
-    what: "the relay in a memory cgroup limited to its idle RSS + 128 MiB (a 64 MiB global buffer budget); publishers send 512 KiB payloads at 50 MB/s to a channel that 20 subscribers never read (unbounded buffering would hold everything published, more than the limit), beside a calm client",
+    what: "the relay in a memory cgroup limited to its idle RSS + 128 MiB (a 64 MiB global buffer budget); four publishers send 512 KiB payloads every 40 ms to a channel that 20 subscribers never read (unbounded buffering would hold everything published, more than the limit), beside a calm client",
     target: "no OOM kill and the process up throughout, its peak memory under the limit, the non-readers shed as slow consumers, the calm client without an error or a loss",
     needs_process: true,
     thresholds: |plan| {
@@ -54,7 +54,7 @@ pub(crate) const MEMORY_PRESSURE: Scenario = Scenario {
         t
     },
     plan: |input: &PlanInput| {
-        let load_ms = input.scale.pick(4_000, 15_000) as u64;
+        let load_ms = input.scale.pick(4_000, 8_000) as u64;
         let mut plan = input.plan(
             MEMORY,
             &params(&[
@@ -63,7 +63,7 @@ pub(crate) const MEMORY_PRESSURE: Scenario = Scenario {
                 ("non_readers", 20.0),
                 ("publishers", 4.0),
                 ("payload_kib", 512.0),
-                ("publish_interval_ms", 20.0),
+                ("publish_interval_ms", 40.0),
                 ("load_ms", load_ms as f64),
             ]),
         );

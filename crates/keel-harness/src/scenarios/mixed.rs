@@ -185,7 +185,7 @@ pub(crate) const CONCURRENT_TRANSITIONS: Scenario = Scenario {
         ]
     },
     plan: |input: &PlanInput| {
-        let flips = input.scale.pick(20, 200);
+        let flips = input.scale.pick(20, 100);
         let mut plan = input.plan(FLAP, &params(&[("flips", flips as f64)]));
         let mut rng = input.rng(FLAP, "flips");
         let mut at = 500;

@@ -145,7 +145,7 @@ pub(super) struct OutageShape {
 
 impl OutageShape {
     pub(super) const PROCESS: OutageShape = OutageShape {
-        iterations: (2, 10),
+        iterations: (2, 6),
         outage_ms: (1_500, 5_000),
         publishers: (3, 16),
         subscribers: (2, 4),

@@ -50,7 +50,7 @@ pub(crate) const DISK_FULL_SCENARIO: Scenario = Scenario {
             DISK_FULL,
             "disk_full",
             &super::process::OutageShape {
-                iterations: (2, 5),
+                iterations: (2, 3),
                 outage_ms: (2_000, 5_000),
                 publishers: (3, 8),
                 subscribers: (2, 2),
@@ -261,6 +261,16 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             client.close().await;
         }
     }
+    // The closed ones are DETACHED in the database before the kill: the
+    // relay has seen their connections end.
+    let want = live.len() as f64;
+    super::wait_until(Duration::from_secs(5), Duration::from_millis(10), || async {
+        let text = crate::fixture::http_get(relay.addr(), "/healthz")
+            .await
+            .unwrap_or_default();
+        text.contains(&format!("\"connections\":{want}"))
+    })
+    .await;
     let t_kill = r.now();
     relay.kill9().await?;
     // Gone with the relay: closed before it returns, so that they do not
