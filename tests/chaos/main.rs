@@ -276,3 +276,50 @@ fn shrinking_isolates_the_fault_that_triggers_a_planted_bug() {
         )));
     });
 }
+
+/// A session taken over by a new connection while its old connection is
+/// still closing stays ACTIVE: the chaos monkey found it DETACHED (so not
+/// CRASHED after the next kill) when the old link's close arrived late,
+/// after a blackhole healed. `slow_detach` widens that race on purpose.
+#[test]
+fn a_late_close_of_a_replaced_connection_leaves_the_session_active() {
+    use keel_harness::client::{connect, hello, open_session};
+    use keel_harness::fixture::{RelayBinary, RelayOptions, Target};
+    use keel_harness::scenario::Ctx;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = keel_tests::ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::new(
+            Target::Spawn(RelayBinary::at(relay())),
+            dir.path(),
+            Scale::Small,
+        )
+        .with_relay_env(&[("KEEL_FAILPOINTS", "slow_detach=500")]);
+        let mut relay = ctx.relay(RelayOptions::default()).await.unwrap();
+        let (old, welcome) = open_session(&relay.url(), None).await.unwrap();
+        let token = welcome.token.unwrap();
+        // The old connection closes; its DETACHED write is 500 ms away when
+        // the new one says hello and reads the session ACTIVE.
+        drop(old);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut new = connect(&relay.url(), None).await.unwrap();
+        let w = hello(&mut new, Some(&token), &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(w.state, "ACTIVE", "the old close had not been written yet");
+        tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+        // Connected at the kill: CRASHED on the next welcome.
+        relay.kill9().await.unwrap();
+        relay.restart().await.unwrap();
+        let mut again = connect(&relay.url(), None).await.unwrap();
+        let w = hello(&mut again, Some(&token), &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(w.state, "CRASHED", "the session was held at the kill");
+        drop(new);
+    });
+}

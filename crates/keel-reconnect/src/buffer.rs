@@ -58,6 +58,10 @@ pub enum SendError {
     /// The client is closed.
     #[error("client closed: {0}")]
     Closed(String),
+    /// Taken back by the sender before it was acknowledged
+    /// ([`crate::ReconnectingClient::withdraw`]).
+    #[error("withdrawn before it was acknowledged")]
+    Withdrawn,
 }
 
 /// Reports what happened to one sent message.
@@ -290,6 +294,32 @@ impl Buffer {
         }
         self.room.notify_waiters();
         true
+    }
+
+    /// Removes the messages with this ack key, written or not: they are
+    /// never written again. Returns how many.
+    pub(crate) fn withdraw(&self, key: &str) -> usize {
+        let mut inner = self.lock();
+        let mut gone = Vec::new();
+        let mut i = 0;
+        while i < inner.queue.len() {
+            if inner.queue[i].ack_key.as_deref() == Some(key) {
+                let p = inner.queue.remove(i).expect("index in range");
+                inner.bytes -= p.size;
+                gone.push(p);
+            } else {
+                i += 1;
+            }
+        }
+        drop(inner);
+        let n = gone.len();
+        for p in gone {
+            p.fail(SendError::Withdrawn);
+        }
+        if n > 0 {
+            self.room.notify_waiters();
+        }
+        n
     }
 
     /// Messages and bytes buffered.

@@ -290,6 +290,15 @@ impl ReconnectingClient {
         self.shared.state.log()
     }
 
+    /// Takes back the buffered message with ack key `key`, written or not:
+    /// it is never written again (a later link does not re-send it); its
+    /// [`crate::SendHandle`] fails with [`crate::SendError::Withdrawn`]. For a sender that
+    /// gave up on a message and must not have it delivered after saying so.
+    /// Returns how many messages had that key.
+    pub fn withdraw(&self, key: &str) -> usize {
+        self.shared.buffer.withdraw(key)
+    }
+
     /// Drops the current link (or skips the current backoff) and reconnects now.
     pub fn reconnect_now(&self) {
         self.shared.reconnect.notify_one();

@@ -9,7 +9,9 @@
 //! batch), each one in N; `reverse_batch` (one batch of pipelined publishes
 //! in N is queued to the store in reverse, so its offsets run against the
 //! send order); `hide_crash` (a CRASHED session's welcome says DETACHED:
-//! the crash goes unreported).
+//! the crash goes unreported); `slow_detach=N` (a closing connection waits
+//! N ms between giving up its session and writing it DETACHED: widens a
+//! race with a newer connection of the same session, for its test).
 
 /// What the writer does with one live delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,11 @@ mod imp {
     pub(crate) fn hide_crash() -> bool {
         false
     }
+
+    #[inline(always)]
+    pub(crate) fn detach_delay() -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[cfg(feature = "failpoints")]
@@ -58,6 +65,7 @@ mod imp {
         reorder: u64,
         reverse: u64,
         hide_crash: u64,
+        slow_detach: u64,
         deliveries: AtomicU64,
         batches: AtomicU64,
     }
@@ -76,6 +84,7 @@ mod imp {
                     "reorder_delivery" => p.reorder = n,
                     "reverse_batch" => p.reverse = n,
                     "hide_crash" => p.hide_crash = n,
+                    "slow_detach" => p.slow_detach = n,
                     other => tracing::error!(failpoint = other, "unknown failpoint ignored"),
                 }
             }
@@ -112,6 +121,11 @@ mod imp {
     pub(crate) fn hide_crash() -> bool {
         points().hide_crash > 0
     }
+
+    pub(crate) fn detach_delay() -> Option<std::time::Duration> {
+        let ms = points().slow_detach;
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
+    }
 }
 
-pub(crate) use imp::{delivery, hide_crash, reverse_batch};
+pub(crate) use imp::{delivery, detach_delay, hide_crash, reverse_batch};

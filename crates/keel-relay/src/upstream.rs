@@ -290,7 +290,7 @@ pub(crate) async fn run(
 
     let sink = UpstreamSink {
         client: client.clone(),
-        pending,
+        pending: pending.clone(),
         answer_timeout: Duration::from_millis(sending.answer_timeout_ms),
         last_redial: Mutex::new(None),
     };
@@ -374,8 +374,19 @@ pub(crate) async fn run(
             match queue.submit(to, envelope).await {
                 Ok(receipt) => {
                     let (ctx, worker, in_queue) = (ctx.clone(), worker.clone(), in_queue.clone());
+                    let (client, pending) = (client.clone(), pending.clone());
                     tokio::spawn(async move {
                         let delivery = receipt.await;
+                        if matches!(delivery, Delivery::Dead(_)) {
+                            // Given up on: the frame of its last attempt must
+                            // not go out on a later link after the session
+                            // was told DEAD.
+                            client.withdraw(&wire_id);
+                            pending
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&wire_id);
+                        }
                         finish(&ctx, &worker, &item, delivery).await;
                         in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
                     });

@@ -277,13 +277,15 @@ async fn run_upstream_fault(ctx: &Ctx, plan: &Plan, fault: UpFault) -> Result<Me
     };
     // The relay's own limits well above the load (and, in the storm, far
     // above the upstream's): the scenario is about the fault, not the
-    // relay's limits (tested elsewhere). Unanswered sends time out in 1 s.
+    // relay's limits (tested elsewhere). Unanswered sends time out in 1 s;
+    // attempts are not used up within a fault (a send given up on is DEAD,
+    // never sent after: keel-relay's `a_dead_send_is_not_sent_later`).
     let mut config = String::new();
     if fault == UpFault::Stall {
         // The stalled reader is shed at 2 MiB behind.
         config.push_str("max_outbound_bytes = 2097152\n");
     }
-    config.push_str("[sending]\nglobal_rate = 1000\nper_recipient_rate = 1000\nper_recipient_burst = 1000\nbackoff_base_ms = 100\nbackoff_cap_ms = 1000\nanswer_timeout_ms = 1000\n");
+    config.push_str("[sending]\nglobal_rate = 1000\nper_recipient_rate = 1000\nper_recipient_burst = 1000\nbackoff_base_ms = 100\nbackoff_cap_ms = 1000\nanswer_timeout_ms = 1000\nmax_attempts = 100\n");
     let mut relay = ctx
         .relay(RelayOptions {
             upstream: Some(up.url()),

@@ -800,6 +800,17 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             mttr.record(Duration::from_micros(t_cont), took.as_micros() as u64);
             mttrs.push(took);
             by_kind.entry(a.kind.clone()).or_default().push(took);
+            // The observer's last backoff may outlast the publishers'
+            // recovery: the next fault waits for it, so that each fault's
+            // ladder starts from a connected link.
+            if let Some(o) = &observer {
+                let mut state = o.state.clone();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    state.wait_for(|s| *s == keel_reconnect::State::Connected),
+                )
+                .await;
+            }
             continue;
         }
         let t_kill = r.now();
@@ -1033,6 +1044,8 @@ fn integrity(db: &std::path::Path) -> Result<(), String> {
 /// A client whose reconnect backoff is the seed's (1 s doubling, no jitter,
 /// so the delays are exact), every state transition recorded with its time.
 struct BackoffObserver {
+    /// Its link's state.
+    state: tokio::sync::watch::Receiver<keel_reconnect::State>,
     stop: Arc<AtomicBool>,
     events_stop: Arc<AtomicBool>,
     events: tokio::task::JoinHandle<()>,
@@ -1055,6 +1068,7 @@ impl BackoffObserver {
             .await
             .map_err(|e| setup("backoff observer", e))?;
         let mut transitions = client.link().transitions();
+        let state = client.link().state();
         let stop = Arc::new(AtomicBool::new(false));
         let log = tokio::spawn({
             let stop = stop.clone();
@@ -1096,6 +1110,7 @@ impl BackoffObserver {
             }
         });
         Ok(BackoffObserver {
+            state,
             stop,
             events_stop,
             events,

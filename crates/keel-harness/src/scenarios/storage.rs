@@ -264,12 +264,16 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     // The closed ones are DETACHED in the database before the kill: the
     // relay has seen their connections end.
     let want = live.len() as f64;
-    super::wait_until(Duration::from_secs(5), Duration::from_millis(10), || async {
-        let text = crate::fixture::http_get(relay.addr(), "/healthz")
-            .await
-            .unwrap_or_default();
-        text.contains(&format!("\"connections\":{want}"))
-    })
+    super::wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || async {
+            let text = crate::fixture::http_get(relay.addr(), "/healthz")
+                .await
+                .unwrap_or_default();
+            text.contains(&format!("\"connections\":{want}"))
+        },
+    )
     .await;
     let t_kill = r.now();
     relay.kill9().await?;

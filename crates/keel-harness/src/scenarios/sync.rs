@@ -192,9 +192,13 @@ async fn run_buffer(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     })
     .await;
     let mut pending = Vec::new();
+    // Made at once, so in no defined order among themselves: each is its
+    // own client in the history (no send order is claimed between them).
     let spawn = |seq: u64| {
         let (publisher, r) = (publisher.clone(), r.clone());
-        tokio::spawn(async move { publish_recorded(&publisher, &r, 0, channel, seq).await })
+        tokio::spawn(
+            async move { publish_recorded(&publisher, &r, seq as u32, channel, seq).await },
+        )
     };
     for seq in 11..=60 {
         pending.push(spawn(seq));

@@ -166,7 +166,10 @@ impl Conn {
         self.ctx.execs.attached(&session);
         // Created by this very hello (not merely stored as CREATED).
         let fresh = new_token.is_some();
-        if previous != SessionState::Active && !fresh {
+        // Written even when it was read ACTIVE: an older connection of this
+        // session that is closing may be writing DETACHED right now (see
+        // `detach`). ACTIVE to ACTIVE is refused by the store, harmlessly.
+        if !fresh {
             let _ = store.transition(&session, SessionState::Active).await;
         }
         let private = session.private_channel();

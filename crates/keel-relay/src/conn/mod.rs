@@ -85,6 +85,14 @@ impl SessionMap {
             .map(|(_, old)| old)
     }
 
+    /// Whether a connection holds `session`.
+    fn held(&self, session: &SessionId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(session)
+    }
+
     /// Unbinds `session` if `conn` still holds it; returns whether it did.
     fn unbind(&self, session: &SessionId, conn: u64) -> bool {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -414,12 +422,18 @@ impl Conn {
         if self.ctx.sessions.unbind(&session.id, self.id) {
             let grace = Duration::from_millis(self.ctx.config.exec.detach_grace_ms);
             self.ctx.execs.detached(&session.id, grace);
-            let _ = self
-                .ctx
-                .channels
-                .store
-                .transition(&session.id, SessionState::Detached)
-                .await;
+            if let Some(delay) = crate::failpoints::detach_delay() {
+                tokio::time::sleep(delay).await;
+            }
+            let store = &self.ctx.channels.store;
+            let _ = store.transition(&session.id, SessionState::Detached).await;
+            // A newer connection that took the session while this write was
+            // on its way may have found it still ACTIVE and written nothing:
+            // it holds the session, so it is ACTIVE again (hello writes
+            // ACTIVE after binding too; between them every order ends so).
+            if self.ctx.sessions.held(&session.id) {
+                let _ = store.transition(&session.id, SessionState::Active).await;
+            }
         }
     }
 }

@@ -248,3 +248,46 @@ async fn a_stalled_upstream_link_is_redialled() {
     assert!(connections > 1, "the stalled link was redialled");
     assert_eq!(up.accepted().len(), 5);
 }
+
+/// A send that went DEAD is withdrawn from the upstream client's buffer:
+/// the frame of its last attempt is not written on a later link (the
+/// session was told DEAD; the upstream must not get it after that).
+#[tokio::test]
+async fn a_dead_send_is_not_sent_later() {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(
+                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nmax_attempts = 1\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    up.set_mode(UpstreamMode::Stall);
+    c.send("doomed", "bob", &json!(1)).await.unwrap();
+    let done = results(&mut c, 1, Duration::from_secs(10)).await;
+    assert_eq!(done, [("doomed".to_owned(), "DEAD".to_owned())]);
+    // A new link: whatever is still buffered is written on it.
+    up.set_mode(UpstreamMode::Down);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    up.set_mode(UpstreamMode::Normal);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(up.connections() >= 2, "the upstream link came back");
+    assert!(
+        up.accepted().is_empty(),
+        "a DEAD send reached the upstream: {:?}",
+        up.accepted()
+    );
+}
