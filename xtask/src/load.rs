@@ -149,6 +149,11 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_000)
     });
+    if args.failpoints.is_some() && (args.target.is_some() || args.relay_bin.is_some()) {
+        bail!(
+            "--failpoints arms the relay xtask builds; it cannot go with --target or --relay-bin"
+        );
+    }
     let target = match (&args.target, &args.relay_bin) {
         (Some(url), _) => Target::Url(url.clone()),
         (None, Some(bin)) => Target::Spawn(RelayBinary::at(bin)),

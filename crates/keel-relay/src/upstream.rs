@@ -128,11 +128,14 @@ impl Sink<String, Envelope> for UpstreamSink {
         let answer = match answer {
             Ok(Ok(a)) => a.clone(),
             _ => {
-                // The frame stays in the client's buffer, and the next
-                // attempt waits for its answer: only a new link writes it
-                // again. An upstream that stalls or answers garbage on a
-                // live link would otherwise hold the send until the link
-                // happened to drop.
+                // Taken back from the client's buffer, so that the next
+                // attempt writes it afresh (and a last attempt's frame is
+                // not written by a later link after the send went DEAD);
+                // and the link redialled: an upstream that stalls or
+                // answers garbage on a live link would otherwise answer
+                // nothing on it for good.
+                self.client.withdraw(&msg.idem_key);
+                self.forget(&msg.idem_key);
                 self.redial();
                 return SendOutcome::Failed {
                     retryable: true,
@@ -159,9 +162,14 @@ impl Sink<String, Envelope> for UpstreamSink {
 }
 
 impl UpstreamSink {
-    /// Drops the link so that a new one writes every unanswered send again;
-    /// at most once per answer timeout, however many sends time out.
+    /// Drops the link (when it is up); at most once per answer timeout,
+    /// however many sends time out.
     fn redial(&self) {
+        // Only a live link: a request made while connecting would drop the
+        // next link as soon as it is up.
+        if *self.client.state().borrow() != keel_reconnect::State::Connected {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let mut last = self.last_redial.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| now.duration_since(t) >= self.answer_timeout) {

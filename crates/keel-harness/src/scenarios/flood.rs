@@ -282,17 +282,17 @@ async fn run_slowloris(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         let is_frame = i % 2 == 1;
         let timeout = Duration::from_millis(if is_frame { frame } else { header });
         tasks.push(tokio::spawn(async move {
-            // Connections open at most 500 at a time; then each trickles.
-            let p = permits.acquire_owned().await;
-            let s = trickle(
+            // At most 500 trickle at a time (each holds its place until
+            // the relay closes it).
+            let _p = permits.acquire_owned().await;
+            trickle(
                 crate::client::source_ip(i + 1),
                 addr,
                 is_frame,
                 every,
                 timeout,
-            );
-            drop(p);
-            s.await
+            )
+            .await
         }));
     }
     let mut closed = 0usize;

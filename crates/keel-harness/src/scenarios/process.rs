@@ -364,6 +364,30 @@ pub(super) struct Shared {
     pub(super) drops: AtomicU64,
     /// Bytes of padding in each publish's payload.
     pub(super) pad: usize,
+    /// Every client's link state: a fault is over once all are connected
+    /// again (the next fault, a kill say, finds each session connected).
+    pub(super) links: std::sync::Mutex<Vec<tokio::sync::watch::Receiver<keel_reconnect::State>>>,
+}
+
+impl Shared {
+    fn watch(&self, client: &Client) {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client.link().state());
+    }
+
+    /// Waits (at most `limit`) until every client's link is up.
+    async fn all_connected(&self, limit: Duration) -> bool {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio::time::timeout(limit, async {
+            for mut l in links {
+                let _ = l.wait_for(|s| *s == keel_reconnect::State::Connected).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
 }
 
 pub(super) fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
@@ -420,6 +444,7 @@ async fn subscriber(
     let mut client = Client::connect(sdk_config(&url, shared.liveness))
         .await
         .map_err(|e| setup("subscriber connect", e))?;
+    shared.watch(&client);
     let mut conns = 0;
     for c in &channels {
         client
@@ -493,6 +518,7 @@ pub(super) async fn publisher(
     let mut client = Client::connect(sdk_config(&url, shared.liveness))
         .await
         .map_err(|e| setup("publisher connect", e))?;
+    shared.watch(&client);
     let mut conns = 0;
     let mut seq = 0u64;
     while !shared.stop.load(Ordering::Acquire) {
@@ -800,6 +826,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
             mttr.record(Duration::from_micros(t_cont), took.as_micros() as u64);
             mttrs.push(took);
             by_kind.entry(a.kind.clone()).or_default().push(took);
+            shared.all_connected(Duration::from_secs(30)).await;
             // The observer's last backoff may outlast the publishers'
             // recovery: the next fault waits for it, so that each fault's
             // ladder starts from a connected link.

@@ -264,7 +264,7 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     // The closed ones are DETACHED in the database before the kill: the
     // relay has seen their connections end.
     let want = live.len() as f64;
-    super::wait_until(
+    let settled = super::wait_until(
         Duration::from_secs(5),
         Duration::from_millis(10),
         || async {
@@ -275,6 +275,12 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         },
     )
     .await;
+    if !settled {
+        return Err(setup(
+            "closing sessions",
+            "the relay still counted them after 5 s",
+        ));
+    }
     let t_kill = r.now();
     relay.kill9().await?;
     // Gone with the relay: closed before it returns, so that they do not
@@ -314,9 +320,14 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let started = relay.restart().await.is_ok();
     r.fault("bad_state", "sessions table", t_kill, r.now());
     let log = std::fs::read_to_string(ctx.dir.join("relay-1.log")).unwrap_or_default();
+    // keel-recovery's error line for each: "session had an unknown stored
+    // state; marked CRASHED", naming the session.
     let logged = bad
         .iter()
-        .filter(|(i, _)| log.contains(&tokens[*i].0))
+        .filter(|(i, _)| {
+            log.lines()
+                .any(|l| l.contains("unknown stored state") && l.contains(&tokens[*i].0))
+        })
         .count();
     // Every session's next welcome, and the bad ones' notices.
     let mut notices_ok = 0;

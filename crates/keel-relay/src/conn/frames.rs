@@ -167,10 +167,9 @@ impl Conn {
         // Created by this very hello (not merely stored as CREATED).
         let fresh = new_token.is_some();
         // Written even when it was read ACTIVE: an older connection of this
-        // session that is closing may be writing DETACHED right now (see
-        // `detach`). ACTIVE to ACTIVE is refused by the store, harmlessly.
+        // session may be closing right now (`SessionMap::reconcile`).
         if !fresh {
-            let _ = store.transition(&session, SessionState::Active).await;
+            self.ctx.sessions.reconcile(&store, &session).await;
         }
         let private = session.private_channel();
         self.session = Some(Bound {

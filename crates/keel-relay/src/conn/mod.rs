@@ -70,11 +70,40 @@ impl Drop for TrackerGuard<'_> {
     }
 }
 
-/// Which connection holds each session (one at a time).
+/// Which connection holds each session (one at a time), and the stored
+/// state made to follow it.
 #[derive(Default)]
-pub(crate) struct SessionMap(Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>);
+pub(crate) struct SessionMap(
+    Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>,
+    /// Striped by session: one reconcile at a time per session.
+    [tokio::sync::Mutex<()>; 32],
+);
 
 impl SessionMap {
+    /// Stores ACTIVE if a connection holds `session` now, else DETACHED.
+    /// Called after every bind and unbind: reconciles of one session run
+    /// one at a time and each reads the map inside its turn, so the last
+    /// one after the last change of the map stores what the map says —
+    /// whatever order a closing connection and a newer one took. (Writing
+    /// the state each connection believed in could leave a held session
+    /// DETACHED, or an unheld one ACTIVE.) Same-state writes are refused
+    /// by the store, harmlessly.
+    pub(crate) async fn reconcile(&self, store: &keel_session::Store, session: &SessionId) {
+        let stripe = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            session.hash(&mut h);
+            h.finish() as usize % self.1.len()
+        };
+        let _turn = self.1[stripe].lock().await;
+        let to = if self.held(session) {
+            SessionState::Active
+        } else {
+            SessionState::Detached
+        };
+        let _ = store.transition(session, to).await;
+    }
+
     /// Binds `session` to connection `conn`; returns the previous
     /// connection's replace signal, if one held it.
     fn bind(&self, session: &SessionId, conn: u64, replaced: Arc<Notify>) -> Option<Arc<Notify>> {
@@ -425,15 +454,10 @@ impl Conn {
             if let Some(delay) = crate::failpoints::detach_delay() {
                 tokio::time::sleep(delay).await;
             }
-            let store = &self.ctx.channels.store;
-            let _ = store.transition(&session.id, SessionState::Detached).await;
-            // A newer connection that took the session while this write was
-            // on its way may have found it still ACTIVE and written nothing:
-            // it holds the session, so it is ACTIVE again (hello writes
-            // ACTIVE after binding too; between them every order ends so).
-            if self.ctx.sessions.held(&session.id) {
-                let _ = store.transition(&session.id, SessionState::Active).await;
-            }
+            self.ctx
+                .sessions
+                .reconcile(&self.ctx.channels.store, &session.id)
+                .await;
         }
     }
 }

@@ -280,11 +280,12 @@ async fn a_dead_send_is_not_sent_later() {
     let done = results(&mut c, 1, Duration::from_secs(10)).await;
     assert_eq!(done, [("doomed".to_owned(), "DEAD".to_owned())]);
     // A new link: whatever is still buffered is written on it.
+    let before = up.connections();
     up.set_mode(UpstreamMode::Down);
     tokio::time::sleep(Duration::from_millis(300)).await;
     up.set_mode(UpstreamMode::Normal);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(up.connections() >= 2, "the upstream link came back");
+    assert!(up.connections() > before, "the upstream link came back");
     assert!(
         up.accepted().is_empty(),
         "a DEAD send reached the upstream: {:?}",
