@@ -174,12 +174,17 @@ pub(crate) const RATE_LIMIT_STORM: Scenario = Scenario {
             Some(Bound::Ge(1.0)),
             Bound::Ge(plan.num("senders")),
         ));
-        t.push(Threshold::new(
-            "upstream_utilisation",
-            "",
-            None,
-            Bound::Ge(0.8),
-        ));
+        // Capacity used is real speed: judged at full scale (xtask), only
+        // printed at small scale (`cargo test`, a debug build on a shared
+        // machine).
+        if plan.scale != "small" {
+            t.push(Threshold::new(
+                "upstream_utilisation",
+                "",
+                None,
+                Bound::Ge(0.8),
+            ));
+        }
         t
     },
     plan: plan_storm,
