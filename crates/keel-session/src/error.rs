@@ -33,6 +33,23 @@ pub enum StoreError {
         /// What SQLite or the OS reported.
         detail: String,
     },
+    /// The database server cannot be reached or refuses work for now (a
+    /// networked backend: connection refused or lost, server shutting down
+    /// or starting, too many connections). Nothing of the failed operation
+    /// was committed; retrying later may succeed.
+    #[error("database unavailable: {detail}; retry later")]
+    Unavailable {
+        /// What the driver or server reported.
+        detail: String,
+    },
+    /// Any other PostgreSQL error (keel-session-pg), with its `SQLSTATE`.
+    #[error("postgres error {sqlstate}: {message}")]
+    Postgres {
+        /// The five-character SQLSTATE code, e.g. `23505`.
+        sqlstate: String,
+        /// The message the server gave.
+        message: String,
+    },
     /// The store was closed (or its writer thread stopped) before the operation ran.
     #[error("store is closed")]
     Closed,

@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+mod api;
 mod clock;
 mod config;
 mod error;
@@ -52,6 +53,10 @@ mod sessions;
 mod store;
 mod writer;
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use crate::api::SessionStore;
 pub use crate::clock::{Clock, ManualClock, SystemClock, UnixMillis};
 pub use crate::config::{Config, Durability};
 pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};

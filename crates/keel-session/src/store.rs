@@ -59,6 +59,17 @@ pub struct Committing<T, E = StoreError> {
     rx: oneshot::Receiver<Result<T, E>>,
 }
 
+impl<T, E> Committing<T, E> {
+    /// A queued write answered through `rx` (for other [`SessionStore`]
+    /// backends: the sender is dropped unanswered when the store stops,
+    /// which resolves the future to [`StoreError::Closed`]).
+    ///
+    /// [`SessionStore`]: crate::SessionStore
+    pub fn new(rx: oneshot::Receiver<Result<T, E>>) -> Self {
+        Committing { rx }
+    }
+}
+
 impl<T, E: From<StoreError>> std::future::Future for Committing<T, E> {
     type Output = Result<T, E>;
 

@@ -1,5 +1,6 @@
 //! keel-session integration tests: real SQLite files in temp directories.
 
+mod conformance;
 mod durability;
 mod health;
 mod messages;

@@ -1,0 +1,182 @@
+//! Throw-away PostgreSQL databases for tests (feature `testkit`), and the
+//! rule for machines without PostgreSQL.
+//!
+//! Tests find the server at `KEEL_PG_URL` (default
+//! [`DEFAULT_PG_URL`]). When it cannot be reached, [`TestDatabase::create`]
+//! prints why and what to start and returns `None` (the test is skipped),
+//! unless `KEEL_REQUIRE_ENGINES=1`, under which it panics: CI sets it so
+//! that these tests always run there.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio_postgres::NoTls;
+
+/// Where tests look for PostgreSQL when `KEEL_PG_URL` is not set: the
+/// standard local port, trust authentication.
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The server tests use: `KEEL_PG_URL` or [`DEFAULT_PG_URL`].
+pub fn admin_url() -> String {
+    std::env::var("KEEL_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
+}
+
+/// Whether an unreachable engine fails the test (`KEEL_REQUIRE_ENGINES=1`)
+/// instead of skipping it.
+pub fn engines_required() -> bool {
+    std::env::var("KEEL_REQUIRE_ENGINES").is_ok_and(|v| v == "1")
+}
+
+/// `url` naming database `db` instead of its own (URL form only).
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    let mut out = format!("{}/{db}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A database created for one test and dropped (connections and all)
+/// when this is dropped, even when the test panicked.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// The URL of the new database.
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database on the server at [`admin_url`]. `None`
+    /// when the server cannot be reached and engines are not required
+    /// (the reason is printed); panics when they are.
+    pub async fn create() -> Option<TestDatabase> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let admin = admin_url();
+        let client = match connect(&admin).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = match std::error::Error::source(&e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                };
+                let why = format!(
+                    "PostgreSQL is not reachable at {admin} ({e}). Start it (on Debian: \
+                     `pg_ctlcluster 15 main start`) or point KEEL_PG_URL at a server whose \
+                     user may CREATE DATABASE"
+                );
+                if engines_required() {
+                    panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
+                }
+                eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
+                return None;
+            }
+        };
+        drop_leftovers(&client).await;
+        let name = format!(
+            "keel_test_{}_{}_{:08x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name} at {admin}: {e}"));
+        Some(TestDatabase {
+            url: with_database(&admin, &name),
+            name,
+            admin,
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Dropped inside a runtime (a test's end): run on a thread of its own.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let client = connect(&admin).await.ok()?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Some(()))) {
+            eprintln!("warning: test database {} was not dropped", self.name);
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config.connect_timeout(std::time::Duration::from_secs(3));
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Drops test databases left by test processes that are gone (killed
+/// before their drop ran).
+async fn drop_leftovers(client: &tokio_postgres::Client) {
+    let Ok(rows) = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'keel\\_test\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn a_url_names_another_database() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+        assert_eq!(
+            with_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+    }
+}
