@@ -43,8 +43,8 @@ pub fn disk_status(path: &Path, thresholds: DiskThresholds) -> std::io::Result<D
 
 /// Checks the disk holding `path` every `every` and feeds the status into
 /// `health`, until the task is aborted.
-pub fn watch_disk(
-    health: Health,
+pub fn watch_disk<S: keel_session::SessionStore>(
+    health: Health<S>,
     path: PathBuf,
     thresholds: DiskThresholds,
     every: Duration,

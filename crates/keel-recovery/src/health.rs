@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
-use keel_session::{Store, StoreError, UnixMillis};
+use keel_session::{SessionStore, Store, StoreError, UnixMillis};
 use tokio::sync::{Mutex, watch};
 
 /// The service's health.
@@ -181,8 +181,8 @@ struct Machine {
     dropped: u64,
 }
 
-struct Shared {
-    store: Store,
+struct Shared<S> {
+    store: S,
     machine: Mutex<Machine>,
     tx: watch::Sender<HealthState>,
 }
@@ -195,11 +195,11 @@ struct Shared {
 /// the usual reason) the transition still happens and is written, in order,
 /// as soon as a write succeeds again; see [`Health::flush`].
 #[derive(Clone)]
-pub struct Health {
-    shared: Arc<Shared>,
+pub struct Health<S: SessionStore = Store> {
+    shared: Arc<Shared<S>>,
 }
 
-impl fmt::Debug for Health {
+impl<S: SessionStore> fmt::Debug for Health<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Health")
             .field("state", &self.state())
@@ -207,11 +207,11 @@ impl fmt::Debug for Health {
     }
 }
 
-impl Health {
+impl<S: SessionStore> Health<S> {
     /// Starts the machine in STARTING and records the entry in the health log,
     /// coming from the last state the log holds (or STOPPED for a new log),
     /// so the log reads as one chain across restarts.
-    pub async fn start(store: Store, reason: &str) -> Health {
+    pub async fn start(store: S, reason: &str) -> Health<S> {
         let last = store
             .health_transitions(1)
             .await

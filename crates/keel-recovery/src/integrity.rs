@@ -159,7 +159,11 @@ fn run_check(path: &Path, everything: bool) -> Result<Check, StartError> {
 /// logged at error level, recorded under [`DAMAGE_FLAG`] so that the next
 /// start quarantines the file, and forces `health` DEGRADED with a reason
 /// that tells the operator to restart.
-pub async fn full_check(path: &Path, store: &Store, health: &crate::Health) -> Check {
+pub async fn full_check<S: keel_session::SessionStore>(
+    path: &Path,
+    store: &Store,
+    health: &crate::Health<S>,
+) -> Check {
     let owned = path.to_path_buf();
     let checked = tokio::task::spawn_blocking(move || check_everything(&owned)).await;
     let check = match checked {

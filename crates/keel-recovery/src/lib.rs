@@ -54,7 +54,7 @@ pub mod supervise;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use keel_session::Store;
+use keel_session::{SessionStore, Store};
 
 pub use crate::disk::{DiskThresholds, disk_status, watch_disk};
 pub use crate::error::StartError;
@@ -107,13 +107,13 @@ impl StartOptions {
 
 /// A started service's recovered parts.
 #[derive(Debug)]
-pub struct Started {
+pub struct Started<S: SessionStore = Store> {
     /// Held for the life of the service.
     pub lock: DirLock,
     /// The (possibly fresh) store, recovered.
-    pub store: Store,
+    pub store: S,
     /// In STARTING; call [`Health::ready`] once serving.
-    pub health: Health,
+    pub health: Health<S>,
     /// What recovery found and did, timed from the start of [`start`].
     pub report: RecoveryReport,
 }
@@ -125,6 +125,23 @@ pub struct Started {
 /// the disk cannot take the recovery writes. Damage is not a failure: the
 /// file is quarantined and the service starts on a fresh database.
 pub async fn start(options: StartOptions) -> Result<Started, StartError> {
+    let (path, config) = (options.db_path(), options.store.clone());
+    start_on(&options, async move |_: &Path| {
+        integrity::open_checked(&path, config).await
+    })
+    .await
+}
+
+/// [`start`] on a store that `open` opens (given the data directory): the
+/// same lock, orphan reaping, crash recovery and health log, for a store
+/// that is not the data directory's SQLite file (keel-session-pg's, in
+/// cluster mode). `open` returns the store and, if it moved a damaged
+/// database aside, the quarantine.
+pub async fn start_on<S, F>(options: &StartOptions, open: F) -> Result<Started<S>, StartError>
+where
+    S: SessionStore,
+    F: AsyncFnOnce(&Path) -> Result<(S, Option<Quarantine>), StartError>,
+{
     let started = Instant::now();
     let mut steps = Vec::new();
     let lock = DirLock::acquire(&options.data_dir)?;
@@ -135,8 +152,7 @@ pub async fn start(options: StartOptions) -> Result<Started, StartError> {
         .map_err(|e| StartError::io(&options.registry_dir(), e))?;
     steps.push(("lock and reap orphans", started.elapsed()));
     let step = Instant::now();
-    let (store, quarantine) =
-        integrity::open_checked(&options.db_path(), options.store.clone()).await?;
+    let (store, quarantine) = open(&options.data_dir).await?;
     steps.push(("check state tables and open", step.elapsed()));
     let mut report = recover(&store).await?;
     steps.append(&mut report.steps);

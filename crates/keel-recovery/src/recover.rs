@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_session::{CrashNotice, SessionId, Store, StoreError};
+use keel_session::{CrashNotice, SessionId, SessionStore, StoreError};
 
 use crate::integrity::Quarantine;
 use crate::supervise::ReapedGroup;
@@ -112,7 +112,7 @@ fn json_string(s: &str) -> String {
 /// Idempotent: a second call on the same store instance does nothing and
 /// says so ([`RecoveryReport::already_recovered`]); a call after another
 /// unclean restart finds nothing left to mark.
-pub async fn recover(store: &Store) -> Result<RecoveryReport, StoreError> {
+pub async fn recover<S: SessionStore>(store: &S) -> Result<RecoveryReport, StoreError> {
     let started = Instant::now();
     let startup = store.startup();
     let mut report = RecoveryReport {

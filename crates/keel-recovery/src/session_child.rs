@@ -1,6 +1,6 @@
 //! Tying a supervised child to a session: its death crashes and notifies the session.
 
-use keel_session::{Offset, SessionError, SessionId, SessionState, Store};
+use keel_session::{Offset, SessionError, SessionId, SessionState, SessionStore};
 use tokio::sync::watch;
 
 use crate::supervise::{Exit, ExitCause, wait_exit};
@@ -24,8 +24,8 @@ pub struct ChildEnded {
 /// session to CRASHED (`crash_count + 1`) and appends the notice
 /// `{"type":"child_exited","session_id":..,"code":..,"signal":..,"cause":..,
 /// "crash_count":..}` with message id `child-exit-<crash_count>`.
-pub async fn crash_session_on_exit(
-    store: &Store,
+pub async fn crash_session_on_exit<S: SessionStore>(
+    store: &S,
     session: &SessionId,
     exit: watch::Receiver<Option<Exit>>,
 ) -> Result<ChildEnded, SessionError> {

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use keel_session::{Store, StoreError};
+use keel_session::{SessionStore, StoreError};
 use tokio::sync::watch;
 
 use crate::health::Health;
@@ -97,14 +97,14 @@ pub struct ShutdownReport {
 /// `clean_shutdown` is recorded only if `drain` finished: a shutdown that
 /// gave up on in-flight work leaves the flag false so the next start runs
 /// crash recovery rather than trusting half-finished state.
-pub async fn graceful_shutdown(
+pub async fn graceful_shutdown<S: SessionStore>(
     reason: &str,
-    health: &Health,
+    health: &Health<S>,
     intake: &Shutdown,
     drain: impl Future<Output = ()>,
     drain_limit: Duration,
     supervisor: Option<&Supervisor>,
-    store: &Store,
+    store: &S,
 ) -> Result<ShutdownReport, StoreError> {
     let started = Instant::now();
     let _ = health.drain(reason).await;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use keel_recovery::{Health, ShutdownToken};
-use keel_session::{Offset, Store};
+use keel_session::{Offset, SessionStore};
+
+use crate::store::RelayStore;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -15,9 +17,9 @@ use crate::protocol;
 /// The store, the hub and the health machine the store's errors feed.
 #[derive(Clone)]
 pub(crate) struct Channels {
-    pub(crate) store: Store,
+    pub(crate) store: RelayStore,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) health: Health,
+    pub(crate) health: Health<RelayStore>,
 }
 
 impl Channels {

@@ -49,9 +49,17 @@ enum Command {
     /// Reports integrity, sessions per state, outbox states (DEAD listed) and
     /// quarantined files. Run it while the relay is stopped.
     Doctor {
-        /// Data directory.
+        /// Data directory (the embedded SQLite store).
+        #[arg(
+            long,
+            required_unless_present = "postgres",
+            conflicts_with = "postgres"
+        )]
+        data: Option<PathBuf>,
+        /// A PostgreSQL store's URL (cluster mode), e.g.
+        /// postgres://keel@127.0.0.1:5432/keel.
         #[arg(long)]
-        data: PathBuf,
+        postgres: Option<String>,
     },
     /// Re-queues every DEAD send. Run it while the relay is stopped.
     Redrive {
@@ -126,7 +134,14 @@ where
                 cfg.auth.insecure_open |= insecure_open;
                 serve(cfg).await
             }
-            Command::Doctor { data } => doctor(&data).await,
+            Command::Doctor { data, postgres } => match (data, postgres) {
+                (_, Some(url)) => {
+                    print!("{}", crate::doctor::run_postgres(&url).await?);
+                    Ok(())
+                }
+                (Some(data), None) => doctor(&data).await,
+                (None, None) => unreachable!("clap requires one"),
+            },
             Command::Redrive { data } => redrive(&data).await,
             Command::Exec { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -46,6 +46,11 @@ pub struct Config {
     pub tls: Tls,
     /// How long shutdown waits for in-flight work. Default 10,000 ms.
     pub shutdown_grace_ms: u64,
+    /// Where sessions, logs and the outbox live: the data directory's
+    /// SQLite file (the default) or PostgreSQL.
+    pub store: StoreBackend,
+    /// Cluster mode: several nodes on one PostgreSQL store and a NATS bus.
+    pub cluster: Cluster,
 }
 
 impl Default for Config {
@@ -66,6 +71,8 @@ impl Default for Config {
             tls: Tls::default(),
             upstream_ca_file: None,
             shutdown_grace_ms: 10_000,
+            store: StoreBackend::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -264,6 +271,64 @@ impl Default for DiskConfig {
             low_bytes: 64 << 20,
             full_bytes: 1 << 20,
             check_interval_ms: 1_000,
+        }
+    }
+}
+
+/// `[store]`: the store of record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreBackend {
+    /// `"sqlite"` (the default: `keel.db` in the data directory) or
+    /// `"postgres"` (keel-session-pg; needs `url`).
+    pub backend: String,
+    /// The PostgreSQL URL, e.g. `postgres://keel@127.0.0.1:5432/keel`; the
+    /// database must exist (the schema is created and migrated at start).
+    pub url: Option<String>,
+    /// PostgreSQL connections this node keeps. Default 16.
+    pub pool_size: usize,
+}
+
+impl Default for StoreBackend {
+    fn default() -> Self {
+        StoreBackend {
+            backend: "sqlite".to_owned(),
+            url: None,
+            pool_size: 16,
+        }
+    }
+}
+
+/// `[cluster]`: this node among several (design §9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// The NATS server carrying committed messages between nodes, e.g.
+    /// `nats://127.0.0.1:4222`. Default: none (one node).
+    pub nats_url: Option<String>,
+    /// This node's id, unique among the nodes: it names the node's
+    /// sessions, its lease and its meta. Default `node-1`.
+    pub node_id: String,
+    /// A node whose lease is this old is dead: a survivor recovers its
+    /// sessions. Default 5,000 ms.
+    pub lease_ms: u64,
+    /// How often a node renews its lease and looks for dead ones. Default
+    /// 1,000 ms.
+    pub heartbeat_ms: u64,
+    /// How often a node compares the channels its clients listen to with
+    /// the store's heads, delivering what the bus did not bring. Default
+    /// 1,000 ms.
+    pub catch_up_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            nats_url: None,
+            node_id: "node-1".to_owned(),
+            lease_ms: 5_000,
+            heartbeat_ms: 1_000,
+            catch_up_ms: 1_000,
         }
     }
 }
@@ -584,6 +649,43 @@ impl Config {
                 "disk.check_interval_ms must be positive and disk.full_bytes at most disk.low_bytes",
             );
         }
+        match (self.store.backend.as_str(), &self.store.url) {
+            ("sqlite", None) => {}
+            ("sqlite", Some(_)) => {
+                return bad(
+                    "store.url is for store.backend = \"postgres\" (sqlite keeps keel.db in the data directory)",
+                );
+            }
+            ("postgres", Some(url)) if !url.is_empty() => {}
+            ("postgres", _) => {
+                return bad(
+                    "store.backend = \"postgres\" needs store.url, e.g. postgres://keel@127.0.0.1:5432/keel",
+                );
+            }
+            _ => return bad("store.backend must be \"sqlite\" or \"postgres\""),
+        }
+        if self.store.pool_size < 2 {
+            return bad("store.pool_size must be at least 2");
+        }
+        let c = &self.cluster;
+        if c.nats_url.is_some() && self.store.backend != "postgres" {
+            return bad(
+                "cluster.nats_url needs store.backend = \"postgres\": the nodes of a cluster share one store",
+            );
+        }
+        let id_ok = !c.node_id.is_empty()
+            && c.node_id.len() <= 64
+            && c.node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok {
+            return bad("cluster.node_id must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if c.heartbeat_ms == 0 || c.catch_up_ms == 0 || c.lease_ms < 2 * c.heartbeat_ms {
+            return bad(
+                "cluster.heartbeat_ms and cluster.catch_up_ms must be positive and cluster.lease_ms at least twice cluster.heartbeat_ms",
+            );
+        }
         if self.retention.interval_s == 0 || l.send_rate == 0 || l.session_rate == 0 {
             return bad(
                 "retention.interval_s, limits.send_rate and limits.session_rate must be positive",
@@ -620,6 +722,22 @@ mod tests {
         assert!(toml::from_str::<Config>("[limits]\nmax_subscription = 3\n").is_err());
         let c: Config = toml::from_str("durability = \"fast\"").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn store_and_cluster_sections_are_checked_at_start() {
+        let ok = |t: &str| toml::from_str::<Config>(t).unwrap().validate();
+        assert!(ok("").is_ok());
+        assert!(ok("[store]\nbackend = \"postgres\"\nurl = \"postgres://u@h/db\"\n").is_ok());
+        let err = |t: &str| ok(t).unwrap_err().to_string();
+        assert!(err("[store]\nbackend = \"postgres\"\n").contains("needs store.url"));
+        assert!(err("[store]\nbackend = \"mysql\"\n").contains("must be"));
+        assert!(err("[store]\nurl = \"postgres://u@h/db\"\n").contains("store.url is for"));
+        assert!(
+            err("[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n").contains("share one store")
+        );
+        assert!(err("[cluster]\nnode_id = \"a b\"\n").contains("node_id"));
+        assert!(err("[cluster]\nlease_ms = 1000\n").contains("lease_ms"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use keel_recovery::integrity::{Check, check_everything};
 use keel_recovery::{DB_FILE, DirLock};
-use keel_session::{OutboxState, Store};
+use keel_session::{OutboxState, SessionStore, Store};
 
 async fn open(data: &Path) -> anyhow::Result<(DirLock, Store)> {
     let lock = DirLock::acquire(data).context("the data directory is in use")?;
@@ -19,7 +19,7 @@ async fn open(data: &Path) -> anyhow::Result<(DirLock, Store)> {
     Ok((lock, store))
 }
 
-async fn close(store: Store) -> anyhow::Result<()> {
+async fn close<S: SessionStore>(store: S) -> anyhow::Result<()> {
     if store.startup().previous_clean_shutdown {
         store.close().await?;
     } else {
@@ -79,6 +79,65 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
         )?;
     }
     let (_lock, store) = open(data).await?;
+    report(&mut out, &store).await?;
+    let mut quarantined: Vec<String> = std::fs::read_dir(data)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".corrupt-"))
+        .collect();
+    quarantined.sort();
+    if quarantined.is_empty() {
+        writeln!(out, "quarantined files: none")?;
+    } else {
+        writeln!(
+            out,
+            "quarantined files (inspect with `sqlite3 FILE .recover`):"
+        )?;
+        for name in quarantined {
+            writeln!(out, "  {}", data.join(name).display())?;
+        }
+    }
+    close(store).await?;
+    Ok(out)
+}
+
+/// The doctor's report on a PostgreSQL store (cluster mode): the nodes'
+/// leases and the same sections as for a data directory. It may run beside
+/// live nodes (it writes nothing but its own node's meta, as `doctor`).
+pub async fn run_postgres(url: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let store = keel_session_pg::PgStore::open(keel_session_pg::PgConfig {
+        url: url.to_owned(),
+        node_id: "doctor".to_owned(),
+        pool_size: 2,
+        ..keel_session_pg::PgConfig::default()
+    })
+    .await
+    .context("cannot open the PostgreSQL store")?;
+    writeln!(
+        out,
+        "keel-relay doctor: postgres, schema version {}",
+        store.startup().schema_version
+    )?;
+    let nodes = store.nodes().await?;
+    if nodes.is_empty() {
+        writeln!(out, "nodes: none has run")?;
+    } else {
+        let now = store.now();
+        let list: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{} (lease renewed {} ms ago)", n.id, now - n.heartbeat_at))
+            .collect();
+        writeln!(out, "nodes: {}", list.join(", "))?;
+    }
+    report(&mut out, &store).await?;
+    // The doctor's own meta says nothing about a node: clean either way.
+    store.close().await?;
+    Ok(out)
+}
+
+/// The sections common to both backends: sessions, outbox, dead sends,
+/// the health log and the largest channels.
+async fn report<S: SessionStore>(out: &mut String, store: &S) -> anyhow::Result<()> {
     writeln!(
         out,
         "previous shutdown: {}",
@@ -133,24 +192,7 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
             c.channel, c.messages, c.first, c.last, c.payload_bytes
         )?;
     }
-    let mut quarantined: Vec<String> = std::fs::read_dir(data)?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.contains(".corrupt-"))
-        .collect();
-    quarantined.sort();
-    if quarantined.is_empty() {
-        writeln!(out, "quarantined files: none")?;
-    } else {
-        writeln!(
-            out,
-            "quarantined files (inspect with `sqlite3 FILE .recover`):"
-        )?;
-        for name in quarantined {
-            writeln!(out, "  {}", data.join(name).display())?;
-        }
-    }
-    close(store).await?;
-    Ok(out)
+    Ok(())
 }
 
 /// `health log: N transitions, ids unique, chain valid; last FROM -> TO (reason)`:

@@ -37,6 +37,7 @@ pub mod protocol;
 mod relay;
 mod retention;
 pub mod spool;
+pub mod store;
 mod tls;
 mod upstream;
 

@@ -15,7 +15,9 @@ use keel_recovery::{
     DirLock, Health, HealthState, RecoveryReport, Shutdown, ShutdownReport, StartOptions,
     Supervisor, SupervisorConfig,
 };
-use keel_session::Store;
+use keel_session::SessionStore;
+
+use crate::store::RelayStore;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -181,7 +183,7 @@ impl Relay {
             data_dir: config.data.clone(),
             store: config.store_config(),
         };
-        let started = keel_recovery::start(options.clone()).await?;
+        let started = open_store(&config, &options).await?;
         tracing::info!(report = %started.report.summary(), "startup recovery done");
         let (helper, helper_args) = exec_helper.unzip();
         let supervisor = Supervisor::new(SupervisorConfig {
@@ -274,16 +276,15 @@ impl Relay {
         // Startup checked the state tables; the message log, whose size has
         // no bound in sessions, is checked while the relay serves. Not
         // awaited at shutdown: a long check must not hold up draining.
-        drop(tokio::spawn({
-            let (path, store, health) = (
-                options.db_path(),
-                started.store.clone(),
-                started.health.clone(),
-            );
-            async move {
-                keel_recovery::integrity::full_check(&path, &store, &health).await;
-            }
-        }));
+        if let Some(store) = started.store.sqlite() {
+            drop(tokio::spawn({
+                let (path, store, health) =
+                    (options.db_path(), store.clone(), started.health.clone());
+                async move {
+                    keel_recovery::integrity::full_check(&path, &store, &health).await;
+                }
+            }));
+        }
         Ok(Relay {
             shared,
             addr,
@@ -302,12 +303,12 @@ impl Relay {
     }
 
     /// Its store.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &RelayStore {
         &self.shared.conns.channels.store
     }
 
     /// Its health machine.
-    pub fn health(&self) -> &Health {
+    pub fn health(&self) -> &Health<RelayStore> {
         &self.shared.conns.channels.health
     }
 
@@ -407,6 +408,39 @@ async fn ws_handler(
     upgrade.on_upgrade(move |socket| crate::conn::serve(conns, socket, peer.ip(), admitted))
 }
 
+/// Runs startup recovery on the configured store: the data directory's
+/// SQLite file (checked, quarantined if damaged) or PostgreSQL (cluster
+/// mode; unreachable, or a schema newer than this build, is an error here).
+async fn open_store(
+    config: &Config,
+    options: &StartOptions,
+) -> Result<keel_recovery::Started<RelayStore>, keel_recovery::StartError> {
+    match config.store.backend.as_str() {
+        "postgres" => {
+            let pg = keel_session_pg::PgConfig {
+                url: config.store.url.clone().unwrap_or_default(),
+                node_id: config.cluster.node_id.clone(),
+                pool_size: config.store.pool_size,
+                ..keel_session_pg::PgConfig::default()
+            };
+            keel_recovery::start_on(options, async move |_: &std::path::Path| {
+                let store = keel_session_pg::PgStore::open(pg).await?;
+                Ok((RelayStore::Postgres(store), None))
+            })
+            .await
+        }
+        _ => {
+            let (path, store_config) = (options.db_path(), options.store.clone());
+            keel_recovery::start_on(options, async move |_: &std::path::Path| {
+                let (store, quarantine) =
+                    keel_recovery::integrity::open_checked(&path, store_config).await?;
+                Ok((RelayStore::Sqlite(store), quarantine))
+            })
+            .await
+        }
+    }
+}
+
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let health = &shared.conns.channels.health;
     let state = health.state();
@@ -416,6 +450,13 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         "upstream_reachable": inputs.upstream_reachable,
         "disk": format!("{:?}", inputs.disk).to_lowercase(),
         "database_ok": inputs.database_ok,
+        "store": shared.conns.channels.store.backend(),
+        "store_reachable": tokio::time::timeout(
+            Duration::from_secs(2),
+            shared.conns.channels.store.ping(),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok()),
         "problems": inputs.problems(),
         "connections": shared.conns.live.count(),
         "tcp_connections": shared.caps.open(),

@@ -4,6 +4,7 @@
 //! with their subscriptions and private channel. Both run in small
 //! transactions, so the writer is never held long.
 
+use keel_session::SessionStore;
 use std::sync::Arc;
 use std::time::Duration;
 

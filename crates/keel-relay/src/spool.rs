@@ -24,6 +24,7 @@
 //! {"job_id":"j2","type":"send","to":"alice","body":{...}}
 //! ```
 
+use keel_session::SessionStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

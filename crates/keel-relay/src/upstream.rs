@@ -7,6 +7,7 @@
 //! link until answered) -> `ok` -> SENT; `rate_limited` -> retry no sooner
 //! than told; no answer -> backoff; attempts used up -> DEAD.
 
+use keel_session::SessionStore;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};

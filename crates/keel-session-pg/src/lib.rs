@@ -47,6 +47,7 @@
 //! # }
 //! ```
 
+mod cluster;
 mod error;
 mod ops;
 mod schema;
@@ -63,6 +64,7 @@ use keel_session::{Clock, OpenError, StartupInfo, StoreError, SystemClock, UnixM
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
+pub use crate::cluster::{DeadNode, Held, LeaderLock, Lease, NodeLease};
 use crate::error::{pg, pool};
 use crate::writer::{Job, Writer};
 

@@ -180,84 +180,8 @@ impl PgStore {
         notice: Option<CrashNotice>,
     ) -> Result<CrashMarked, StoreError> {
         let node = self.node_id().to_owned();
-        let known: Vec<&str> = SessionState::ALL.iter().map(|s| s.as_str()).collect();
         txn!(self, StoreError, |tx, now| {
-            let unknown: Vec<(SessionId, String)> = tx
-                .query(
-                    "SELECT id, state FROM sessions WHERE state <> ALL($1) ORDER BY id FOR UPDATE",
-                    &[&known],
-                )
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| (SessionId(r.get(0)), r.get(1)))
-                .collect();
-            // This node's connected sessions (and those no node claims, from
-            // a single-node past): another node's are its own to recover.
-            let mut marked: Vec<CrashedSession> = tx
-                .query(
-                    "UPDATE sessions SET state = 'CRASHED', recovered_at = $1, updated_at = $1,
-                     crash_count = crash_count + 1
-                     WHERE state = 'ACTIVE' AND (node = $2 OR node IS NULL)
-                     RETURNING id, crash_count",
-                    &[&now, &node],
-                )
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| CrashedSession {
-                    id: SessionId(r.get(0)),
-                    previous_state: SessionState::Active.as_str().to_owned(),
-                    crash_count: r.get::<_, i32>(1) as u32,
-                    recovered_at: now,
-                })
-                .collect();
-            marked.sort_by(|a, b| a.id.cmp(&b.id));
-            let crashed: Vec<SessionId> = marked.iter().map(|c| c.id.clone()).collect();
-            for (id, state) in &unknown {
-                let row = tx
-                    .query_one(
-                        "UPDATE sessions SET state = 'CRASHED', recovered_at = $2, updated_at = $2,
-                         crash_count = crash_count + 1 WHERE id = $1 RETURNING crash_count",
-                        &[&id.as_str(), &now],
-                    )
-                    .await
-                    .map_err(pg)?;
-                marked.push(CrashedSession {
-                    id: id.clone(),
-                    previous_state: state.clone(),
-                    crash_count: row.get::<_, i32>(0) as u32,
-                    recovered_at: now,
-                });
-            }
-            let mut notified = 0;
-            if let Some(notice) = &notice {
-                let mut names: Vec<String> =
-                    marked.iter().map(|c| c.id.private_channel()).collect();
-                names.sort_unstable();
-                names.dedup();
-                if !names.is_empty() {
-                    tx.execute(LOCK_CHANNELS, &[&names]).await.map_err(pg)?;
-                }
-                let append = tx.prepare_cached(APPEND).await.map_err(pg)?;
-                for session in &marked {
-                    let payload = notice(session);
-                    let msg_id = format!("crash-notice-{}", session.crash_count);
-                    let channel = session.id.private_channel();
-                    let row = tx
-                        .query_one(&append, &[&channel, &SYSTEM_SCOPE, &msg_id, &payload, &now])
-                        .await
-                        .map_err(pg)?;
-                    if !row.get::<_, bool>(2) {
-                        notified += 1;
-                    }
-                }
-            }
-            CrashMarked {
-                crashed,
-                unknown,
-                notified,
-            }
+            crash_sessions(&tx, now, &node, true, notice.as_ref()).await?
         })
     }
 
@@ -1123,4 +1047,111 @@ impl SessionStore for PgStore {
         out.reverse();
         Ok(out)
     }
+}
+
+/// Marks `node`'s ACTIVE sessions CRASHED (with `recovered_at = now`,
+/// `crash_count + 1`) inside `tx`, appending `notice`'s payload to each
+/// one's private channel with id `crash-notice-<crash_count>`. `own`: the
+/// node's recovery of itself, which also takes sessions no node holds
+/// (from a single-node past) and rows with an unknown state; a survivor
+/// recovering a dead node takes that node's sessions only.
+pub(crate) async fn crash_sessions(
+    tx: &tokio_postgres::Transaction<'_>,
+    now: UnixMillis,
+    node: &str,
+    own: bool,
+    notice: Option<&CrashNotice>,
+) -> Result<CrashMarked, StoreError> {
+    let known: Vec<&str> = SessionState::ALL.iter().map(|s| s.as_str()).collect();
+    let unknown: Vec<(SessionId, String)> = if own {
+        tx.query(
+            "SELECT id, state FROM sessions WHERE state <> ALL($1) ORDER BY id FOR UPDATE",
+            &[&known],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| (SessionId(r.get(0)), r.get(1)))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let mut marked: Vec<CrashedSession> = tx
+        .query(
+            "UPDATE sessions SET state = 'CRASHED', recovered_at = $1, updated_at = $1,
+             crash_count = crash_count + 1
+             WHERE state = 'ACTIVE' AND (node = $2 OR ($3 AND node IS NULL))
+             RETURNING id, crash_count",
+            &[&now, &node, &own],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| CrashedSession {
+            id: SessionId(r.get(0)),
+            previous_state: SessionState::Active.as_str().to_owned(),
+            crash_count: r.get::<_, i32>(1) as u32,
+            recovered_at: now,
+        })
+        .collect();
+    marked.sort_by(|a, b| a.id.cmp(&b.id));
+    let crashed: Vec<SessionId> = marked.iter().map(|c| c.id.clone()).collect();
+    for (id, state) in &unknown {
+        let row = tx
+            .query_one(
+                "UPDATE sessions SET state = 'CRASHED', recovered_at = $2, updated_at = $2,
+                 crash_count = crash_count + 1 WHERE id = $1 RETURNING crash_count",
+                &[&id.as_str(), &now],
+            )
+            .await
+            .map_err(pg)?;
+        marked.push(CrashedSession {
+            id: id.clone(),
+            previous_state: state.clone(),
+            crash_count: row.get::<_, i32>(0) as u32,
+            recovered_at: now,
+        });
+    }
+    let notified = match notice {
+        Some(notice) => append_notices(tx, now, &marked, notice).await?.len() as u64,
+        None => 0,
+    };
+    Ok(CrashMarked {
+        crashed,
+        unknown,
+        notified,
+    })
+}
+
+/// Appends `notice`'s payload for each of `marked` to its private channel
+/// (id `crash-notice-<crash_count>`, the system scope) inside `tx`; returns
+/// the (channel, offset) of each notice newly written.
+pub(crate) async fn append_notices(
+    tx: &tokio_postgres::Transaction<'_>,
+    now: UnixMillis,
+    marked: &[CrashedSession],
+    notice: &CrashNotice,
+) -> Result<Vec<(String, Offset)>, StoreError> {
+    let mut names: Vec<String> = marked.iter().map(|c| c.id.private_channel()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.execute(LOCK_CHANNELS, &[&names]).await.map_err(pg)?;
+    let append = tx.prepare(APPEND).await.map_err(pg)?;
+    let mut written = Vec::new();
+    for session in marked {
+        let payload = notice(session);
+        let msg_id = format!("crash-notice-{}", session.crash_count);
+        let channel = session.id.private_channel();
+        let row = tx
+            .query_one(&append, &[&channel, &SYSTEM_SCOPE, &msg_id, &payload, &now])
+            .await
+            .map_err(pg)?;
+        if !row.get::<_, bool>(2) {
+            written.push((channel, row.get::<_, i64>(0) as Offset));
+        }
+    }
+    Ok(written)
 }

@@ -12,7 +12,7 @@ use keel_session::StoreError;
 use crate::error::pg;
 
 /// The newest schema version this build writes.
-pub(crate) const LATEST: u32 = 1;
+pub(crate) const LATEST: u32 = 2;
 
 /// The key of the advisory lock held while migrating: two nodes starting at
 /// once migrate one after the other.
@@ -95,9 +95,21 @@ CREATE TABLE transitions (
 );
 "#;
 
+/// Version 2: node leases (cluster mode). A node renews its row while it
+/// lives; a survivor that deletes an expired row recovers that node's
+/// sessions in the same transaction.
+const V2: &str = r#"
+CREATE TABLE keel_nodes (
+    id           TEXT COLLATE "C" PRIMARY KEY,
+    started_at   BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL
+);
+CREATE INDEX sessions_node ON sessions (node) WHERE state = 'ACTIVE';
+"#;
+
 /// Each version's DDL, in order: migration `i` takes the schema from
 /// version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// What migrating found and did.
 pub(crate) struct Migrated {

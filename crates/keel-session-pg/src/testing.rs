@@ -163,6 +163,13 @@ async fn drop_leftovers(client: &tokio_postgres::Client) {
     }
 }
 
+/// The DDL that takes the schema from version `version - 1` to `version`
+/// (for tests of migrating a database an older build left).
+pub fn migration_ddl(version: u32) -> Option<&'static str> {
+    let i = usize::try_from(version).ok()?.checked_sub(1)?;
+    crate::schema::MIGRATIONS.get(i).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

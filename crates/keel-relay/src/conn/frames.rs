@@ -1,6 +1,7 @@
 //! Each client frame: decoded, checked against the session and the limits,
 //! handled.
 
+use keel_session::SessionStore;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 

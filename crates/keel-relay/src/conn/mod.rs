@@ -7,6 +7,7 @@ mod frames;
 mod publish;
 mod write;
 
+use keel_session::SessionStore;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -88,7 +89,7 @@ impl SessionMap {
     /// the state each connection believed in could leave a held session
     /// DETACHED, or an unheld one ACTIVE.) Same-state writes are refused
     /// by the store, harmlessly.
-    pub(crate) async fn reconcile(&self, store: &keel_session::Store, session: &SessionId) {
+    pub(crate) async fn reconcile(&self, store: &crate::store::RelayStore, session: &SessionId) {
         let stripe = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();

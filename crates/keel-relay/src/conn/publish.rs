@@ -2,6 +2,7 @@
 //! answers in send order, and releases each publish's bytes from the
 //! budgets once it is answered.
 
+use keel_session::SessionStore;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;

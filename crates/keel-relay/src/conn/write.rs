@@ -11,7 +11,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
-use keel_session::Store;
+use keel_session::SessionStore;
+
+use crate::store::RelayStore;
 use tokio::sync::mpsc;
 
 use crate::failpoints::Delivery;
@@ -26,7 +28,7 @@ const REPLAY_ROWS: usize = 256;
 
 /// What the writer needs besides its socket and queue.
 pub(super) struct WriteCtx {
-    pub(super) store: Store,
+    pub(super) store: RelayStore,
     /// The connection's outbound account (replay pages are charged to it).
     pub(super) account: Arc<Account>,
     pub(super) page_bytes: usize,
