@@ -20,6 +20,8 @@ pub(crate) struct Channels {
     pub(crate) store: RelayStore,
     pub(crate) hub: Arc<Hub>,
     pub(crate) health: Health<RelayStore>,
+    /// Cluster mode's bus to the other nodes.
+    pub(crate) bus: Option<Arc<crate::bus::Bus>>,
 }
 
 impl Channels {
@@ -41,7 +43,8 @@ impl Channels {
             Ok(a) => {
                 if !a.duplicate {
                     let frame = protocol::deliver_frame(channel, a.offset, msg_id, payload);
-                    self.hub.publish(channel, a.offset, Utf8Bytes::from(frame));
+                    self.fan_out(channel, Arc::from(vec![(a.offset, Utf8Bytes::from(frame))]))
+                        .await;
                 }
                 Some(a.offset)
             }
@@ -52,6 +55,15 @@ impl Channels {
         }
     }
 
+    /// Hands committed messages of `channel`, in offset order, to this
+    /// node's subscribers and (in cluster mode) to the other nodes.
+    pub(crate) async fn fan_out(&self, channel: &str, batch: Arc<[(u64, Utf8Bytes)]>) {
+        self.hub.publish_batch(channel, batch.clone());
+        if let Some(bus) = &self.bus {
+            bus.publish(channel, &batch).await;
+        }
+    }
+
     /// Fans out the message at `offset` that someone else appended (crash
     /// notices written inside another transaction).
     pub(crate) async fn announce(&self, channel: &str, offset: Offset) {
@@ -59,7 +71,8 @@ impl Channels {
             && let Some(m) = msgs.first()
         {
             let frame = protocol::deliver_frame(channel, m.offset, &m.msg_id, &m.payload);
-            self.hub.publish(channel, m.offset, Utf8Bytes::from(frame));
+            self.fan_out(channel, Arc::from(vec![(m.offset, Utf8Bytes::from(frame))]))
+                .await;
         }
     }
 }

@@ -366,23 +366,41 @@ struct Subscriber {
     queue: OutQueue,
 }
 
+/// A channel's listeners, and the newest offset handed to them live.
+struct Entry {
+    subs: Vec<Subscriber>,
+    last: AtomicU64,
+}
+
 /// Channel name -> the connections listening to it.
 #[derive(Default)]
 pub(crate) struct Hub {
-    channels: RwLock<HashMap<Arc<str>, Vec<Subscriber>>>,
+    channels: RwLock<HashMap<Arc<str>, Entry>>,
     /// Connection-channel pairs registered, over every channel.
     subscriptions: AtomicUsize,
 }
 
 impl Hub {
-    /// Adds `conn` to `channel`; returns the shared name.
-    pub(crate) fn subscribe(&self, channel: &str, conn: u64, queue: OutQueue) -> Arc<str> {
+    /// Adds `conn` to `channel`, which it reads from offset `from` on;
+    /// returns the shared name.
+    pub(crate) fn subscribe(
+        &self,
+        channel: &str,
+        conn: u64,
+        queue: OutQueue,
+        from: u64,
+    ) -> Arc<str> {
         let mut map = self.channels.write().unwrap_or_else(|p| p.into_inner());
         let key: Arc<str> = map
             .get_key_value(channel)
             .map(|(k, _)| k.clone())
             .unwrap_or_else(|| Arc::from(channel));
-        let subs = map.entry(key.clone()).or_default();
+        let entry = map.entry(key.clone()).or_insert_with(|| Entry {
+            subs: Vec::new(),
+            // Its replay covers what is before `from`.
+            last: AtomicU64::new(from.saturating_sub(1)),
+        });
+        let subs = &mut entry.subs;
         if !subs.iter().any(|s| s.conn == conn) {
             subs.push(Subscriber { conn, queue });
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -393,7 +411,8 @@ impl Hub {
     /// Removes `conn` from `channel`.
     pub(crate) fn unsubscribe(&self, channel: &str, conn: u64) {
         let mut map = self.channels.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(subs) = map.get_mut(channel) {
+        if let Some(entry) = map.get_mut(channel) {
+            let subs = &mut entry.subs;
             let before = subs.len();
             subs.retain(|s| s.conn != conn);
             self.subscriptions
@@ -404,20 +423,19 @@ impl Hub {
         }
     }
 
-    /// Hands one committed message to every subscriber (see [`Hub::publish_batch`]).
-    pub(crate) fn publish(&self, channel: &str, offset: u64, frame: Utf8Bytes) -> usize {
-        self.publish_batch(channel, Arc::from(vec![(offset, frame)]))
-    }
-
     /// Hands committed messages of one channel, in offset order, to every
     /// subscriber without waiting: one queue item per subscriber for the
     /// whole batch, counted at the batch's bytes against each subscriber's
     /// budgets (see [`OutQueue::offer`]). Returns how many got it.
     pub(crate) fn publish_batch(&self, channel: &str, batch: Arc<[(u64, Utf8Bytes)]>) -> usize {
         let map = self.channels.read().unwrap_or_else(|p| p.into_inner());
-        let Some((name, subs)) = map.get_key_value(channel) else {
+        let Some((name, entry)) = map.get_key_value(channel) else {
             return 0;
         };
+        if let Some((newest, _)) = batch.last() {
+            entry.last.fetch_max(*newest, Ordering::AcqRel);
+        }
+        let subs = &entry.subs;
         let bytes: usize = batch.iter().map(|(_, f)| f.len()).sum();
         let mut delivered = 0;
         for s in subs {
@@ -436,6 +454,18 @@ impl Hub {
     /// channels.
     pub(crate) fn subscription_count(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Each channel with subscribers, with the newest offset handed to them
+    /// (or the one before where they started reading): what the cluster's
+    /// catch-up compares with the store.
+    pub(crate) fn heads(&self) -> Vec<(Arc<str>, u64)> {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, e)| (k.clone(), e.last.load(Ordering::Acquire)))
+            .collect()
     }
 
     /// Channels with at least one subscriber.

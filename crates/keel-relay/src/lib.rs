@@ -22,9 +22,11 @@
 
 mod accept;
 mod auth;
+mod bus;
 mod channels;
 pub mod cli;
 pub mod client;
+mod cluster;
 pub mod config;
 mod conn;
 pub mod doctor;

@@ -120,6 +120,9 @@ pub enum RelayError {
     /// A JWT key or TLS certificate file could not be used.
     #[error("{0}")]
     Security(String),
+    /// Cluster mode could not start (NATS unreachable).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// A running relay.
@@ -183,6 +186,15 @@ impl Relay {
             data_dir: config.data.clone(),
             store: config.store_config(),
         };
+        // Cluster mode: the bus is checked before anything is recovered.
+        let bus = match &config.cluster.nats_url {
+            Some(url) => Some(Arc::new(
+                crate::bus::Bus::connect(url, &config.cluster.node_id)
+                    .await
+                    .map_err(RelayError::Cluster)?,
+            )),
+            None => None,
+        };
         let started = open_store(&config, &options).await?;
         tracing::info!(report = %started.report.summary(), "startup recovery done");
         let (helper, helper_args) = exec_helper.unzip();
@@ -207,6 +219,7 @@ impl Relay {
             store: started.store.clone(),
             hub: Arc::new(Hub::default()),
             health: started.health.clone(),
+            bus,
         };
         let outbox_ready = Arc::new(Notify::new());
         let limits = &config.limits;
@@ -253,7 +266,15 @@ impl Relay {
             intake: intake.token(),
         });
         let mut background = vec![tokio::spawn(crate::retention::run(background_ctx.clone()))];
-        if let Some(url) = config.upstream.clone() {
+        let clustered = background_ctx.channels.bus.is_some();
+        if clustered {
+            // One node at a time sends upstream: the lock's holder.
+            background.extend(crate::cluster::start(
+                background_ctx.clone(),
+                conns.clone(),
+                config.upstream.clone().map(|u| (u, upstream_tls.clone())),
+            ));
+        } else if let Some(url) = config.upstream.clone() {
             background.push(tokio::spawn(crate::upstream::run(
                 background_ctx.clone(),
                 url,
@@ -343,7 +364,7 @@ impl Relay {
                 }
             }
         };
-        keel_recovery::graceful_shutdown(
+        let report = keel_recovery::graceful_shutdown(
             reason,
             &conns.channels.health,
             &intake,
@@ -352,7 +373,15 @@ impl Relay {
             Some(&conns.supervisor),
             &conns.channels.store,
         )
-        .await
+        .await?;
+        // A node that stopped cleanly holds no session: its lease goes, so
+        // no survivor waits for it to lapse.
+        if report.clean
+            && let Some(pg) = crate::cluster::node_store(&conns.channels)
+        {
+            let _ = pg.leave().await;
+        }
+        Ok(report)
     }
 }
 
@@ -451,6 +480,12 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         "disk": format!("{:?}", inputs.disk).to_lowercase(),
         "database_ok": inputs.database_ok,
         "store": shared.conns.channels.store.backend(),
+        "node_id": shared.conns.config.cluster.node_id,
+        "bus": match &shared.conns.channels.bus {
+            None => "none",
+            Some(bus) if bus.reachable() => "connected",
+            Some(_) => "disconnected",
+        },
         "store_reachable": tokio::time::timeout(
             Duration::from_secs(2),
             shared.conns.channels.store.ping(),

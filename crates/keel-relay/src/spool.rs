@@ -362,11 +362,15 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
                             &msg_id,
                             payload.as_bytes(),
                         );
-                        ctx.channels.hub.publish(
-                            &channel,
-                            a.offset,
-                            axum::extract::ws::Utf8Bytes::from(frame),
-                        );
+                        ctx.channels
+                            .fan_out(
+                                &channel,
+                                std::sync::Arc::from(vec![(
+                                    a.offset,
+                                    axum::extract::ws::Utf8Bytes::from(frame),
+                                )]),
+                            )
+                            .await;
                     }
                     format!(
                         r#"{{"job_id":{},"status":"ok","channel":{},"offset":{},"duplicate":{}}}"#,

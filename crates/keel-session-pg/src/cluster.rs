@@ -370,6 +370,22 @@ impl PgStore {
         Ok(n == 1)
     }
 
+    /// Of `ids` (sessions this node has connections for), those the store
+    /// does not have ACTIVE on this node: taken over by another node, or
+    /// crashed by a survivor that found this node's lease lapsed.
+    pub async fn strays(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT id FROM sessions WHERE id = ANY($1)
+                 AND NOT (state = 'ACTIVE' AND node IS NOT DISTINCT FROM $2)",
+                &[&ids, &self.node_id()],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// The next offset of each of `channels` that has one (one query).
     pub async fn heads(&self, channels: &[String]) -> Result<Vec<(String, Offset)>, StoreError> {
         let conn = self.conn().await?;

@@ -170,6 +170,55 @@ pub fn migration_ddl(version: u32) -> Option<&'static str> {
     crate::schema::MIGRATIONS.get(i).copied()
 }
 
+/// Where cluster tests look for NATS when `KEEL_NATS_URL` is not set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// The NATS server cluster tests use: `KEEL_NATS_URL` or
+/// [`DEFAULT_NATS_URL`].
+pub fn nats_url() -> String {
+    std::env::var("KEEL_NATS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+}
+
+/// Whether a NATS server answers at [`nats_url`] (it greets a new
+/// connection with `INFO`). When it does not: prints why and what to start
+/// and returns false (skip), or panics under `KEEL_REQUIRE_ENGINES=1`.
+pub async fn nats_available() -> bool {
+    use tokio::io::AsyncReadExt;
+    let url = nats_url();
+    let hostport = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(&url)
+        .rsplit('@')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_owned();
+    let greeting = async {
+        let mut s = tokio::net::TcpStream::connect(&hostport).await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf == *b"INFO")
+    };
+    let why = match tokio::time::timeout(std::time::Duration::from_secs(3), greeting).await {
+        Ok(Ok(true)) => return true,
+        Ok(Ok(false)) => format!("{hostport} answered, but not as a NATS server"),
+        Ok(Err(e)) => format!("{hostport}: {e}"),
+        Err(_) => format!("{hostport}: no greeting within 3 s"),
+    };
+    let why = format!(
+        "NATS is not reachable at {url} ({why}). Start it (`nats-server -js`) or set KEEL_NATS_URL"
+    );
+    if engines_required() {
+        panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
+    }
+    eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -156,7 +156,14 @@ impl Conn {
                         .error(ErrorCode::InvalidState, "session is closed", None)
                         .await;
                 }
-                (found.id, found.state, None)
+                let mut previous = found.state;
+                // Cluster mode: another node may hold it; it closes its
+                // connection first (or is crashed if it cannot answer).
+                if let Some(state) = crate::cluster::take_over(&self.ctx.channels, &found.id).await
+                {
+                    previous = state;
+                }
+                (found.id, previous, None)
             }
         };
         // One connection per session: a newer one replaces the older.
@@ -342,7 +349,7 @@ impl Conn {
             .ctx
             .channels
             .hub
-            .subscribe(channel, self.id, self.out.clone());
+            .subscribe(channel, self.id, self.out.clone(), from);
         if let Some(s) = &mut self.session {
             s.channels.insert(channel.to_owned());
         }

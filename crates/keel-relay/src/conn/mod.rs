@@ -71,11 +71,14 @@ impl Drop for TrackerGuard<'_> {
     }
 }
 
+/// A session's connection: its id, its replace signal, and since when.
+type Holder = (u64, Arc<Notify>, std::time::Instant);
+
 /// Which connection holds each session (one at a time), and the stored
 /// state made to follow it.
 #[derive(Default)]
 pub(crate) struct SessionMap(
-    Mutex<HashMap<SessionId, (u64, Arc<Notify>)>>,
+    Mutex<HashMap<SessionId, Holder>>,
     /// Striped by session: one reconcile at a time per session.
     [tokio::sync::Mutex<()>; 32],
 );
@@ -97,12 +100,45 @@ impl SessionMap {
             h.finish() as usize % self.1.len()
         };
         let _turn = self.1[stripe].lock().await;
-        let to = if self.held(session) {
+        let held = self.held(session);
+        // On PostgreSQL the session also records its node: holding takes
+        // it from another node, and only its holder detaches it.
+        if let Some(pg) = store.postgres() {
+            let _ = if held {
+                pg.hold_session(session).await.map(drop)
+            } else {
+                pg.release_session(session).await.map(drop)
+            };
+            return;
+        }
+        let to = if held {
             SessionState::Active
         } else {
             SessionState::Detached
         };
         let _ = store.transition(session, to).await;
+    }
+
+    /// Closes the connection holding `session` as replaced (4001); returns
+    /// whether one held it.
+    pub(crate) fn kick(&self, session: &SessionId) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(session) {
+            Some((_, replaced, _)) => {
+                replaced.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sessions held for at least `age` (their hold has been written).
+    pub(crate) fn settled(&self, age: Duration) -> Vec<String> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, (_, _, since))| since.elapsed() >= age)
+            .map(|(id, _)| id.0.clone())
+            .collect()
     }
 
     /// Binds `session` to connection `conn`; returns the previous
@@ -111,8 +147,8 @@ impl SessionMap {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(session.clone(), (conn, replaced))
-            .map(|(_, old)| old)
+            .insert(session.clone(), (conn, replaced, std::time::Instant::now()))
+            .map(|(_, old, _)| old)
     }
 
     /// Whether a connection holds `session`.
@@ -126,7 +162,7 @@ impl SessionMap {
     /// Unbinds `session` if `conn` still holds it; returns whether it did.
     fn unbind(&self, session: &SessionId, conn: u64) -> bool {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(session).is_some_and(|(c, _)| *c == conn) {
+        if map.get(session).is_some_and(|(c, _, _)| *c == conn) {
             map.remove(session);
             true
         } else {

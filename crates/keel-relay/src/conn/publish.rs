@@ -142,7 +142,7 @@ pub(super) async fn publish_loop(
                     // Already in offset order (appends were queued in
                     // order); sorting keeps the hub's contract explicit.
                     run.sort_by_key(|(offset, _)| *offset);
-                    channels.hub.publish_batch(&channel, Arc::from(run));
+                    channels.fan_out(&channel, Arc::from(run)).await;
                 }
                 for reply in replies {
                     out.send(Outbound::Frame(Utf8Bytes::from(reply))).await;

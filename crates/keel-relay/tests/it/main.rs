@@ -2,6 +2,7 @@
 
 mod abuse;
 mod bad_input;
+mod cluster;
 mod conformance;
 mod doctor;
 mod exec;
