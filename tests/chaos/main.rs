@@ -150,6 +150,52 @@ fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }
 
+/// A cluster scenario (three nodes on PostgreSQL and NATS) at small scale.
+/// Skipped, saying why, where the engines are not running; under
+/// `KEEL_REQUIRE_ENGINES=1` (CI) an unreachable engine fails the test.
+#[track_caller]
+fn cluster_scenario(name: &'static str) {
+    let engines = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(keel_harness::cluster::check_engines());
+    if let Err(why) = engines {
+        if std::env::var("KEEL_REQUIRE_ENGINES").is_ok_and(|v| v == "1") {
+            panic!("{why}\nKEEL_REQUIRE_ENGINES=1 makes this a failure");
+        }
+        eprintln!("skipped {name}: {why}\nset KEEL_REQUIRE_ENGINES=1 to fail instead");
+        return;
+    }
+    keel_tests::small_run(Suite::Cluster, name, relay());
+}
+
+#[test]
+fn node_kill() {
+    cluster_scenario("node_kill");
+}
+
+#[test]
+fn pg_restart() {
+    cluster_scenario("pg_restart");
+}
+
+/// Every cluster scenario of the catalogue has a test above.
+#[test]
+fn every_cluster_scenario_is_tested() {
+    let source = include_str!("main.rs");
+    for s in catalogue()
+        .into_iter()
+        .filter(|s| s.suite == Suite::Cluster)
+    {
+        assert!(
+            source.contains(&format!("cluster_scenario(\"{}\")", s.name)),
+            "{} has no test",
+            s.name
+        );
+    }
+}
+
 /// Every chaos scenario of the catalogue has a test above.
 #[test]
 fn every_chaos_scenario_is_tested() {

@@ -56,6 +56,11 @@ pub(crate) struct SuiteArgs {
     /// plan and its command. One --scenario.
     #[arg(long)]
     shrink: bool,
+    /// The cluster suite (chaos only): three relay nodes on PostgreSQL
+    /// (KEEL_PG_URL) and NATS (KEEL_NATS_URL), defaults the standard local
+    /// ports; a fresh database per run.
+    #[arg(long)]
+    pub(crate) cluster: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -154,6 +159,20 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
             "--failpoints arms the relay xtask builds; it cannot go with --target or --relay-bin"
         );
     }
+    if suite == Suite::Cluster {
+        if args.target.is_some() {
+            bail!("--cluster starts its own nodes; it cannot go with --target");
+        }
+        let engines = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?
+            .block_on(keel_harness::cluster::check_engines());
+        if let Err(why) = engines {
+            eprintln!("{why}");
+            return Ok(1);
+        }
+    }
     let target = match (&args.target, &args.relay_bin) {
         (Some(url), _) => Target::Url(url.clone()),
         (None, Some(bin)) => Target::Spawn(RelayBinary::at(bin)),
@@ -163,7 +182,11 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
     };
     let command = format!(
         "cargo xtask {} {}",
-        suite.as_str(),
+        if suite == Suite::Load {
+            "load"
+        } else {
+            "chaos"
+        },
         std::env::args().skip(2).collect::<Vec<_>>().join(" ")
     );
     eprintln!(

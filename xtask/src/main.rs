@@ -46,13 +46,28 @@ fn main() -> Result<()> {
                 "  chaos   the chaos suite: seeded faults against a real relay, verdicts, report (cargo xtask chaos --list)"
             );
             println!(
+                "          --cluster: three nodes on PostgreSQL and NATS (cargo xtask chaos --cluster --list)"
+            );
+            println!(
                 "  bench   every benchmark, one table of figures against baselines and targets"
             );
             println!("  ci      run exactly what CI runs (.ci/run): fmt check, clippy, tests");
             Ok(())
         }
-        Some(Task::Load(args)) => std::process::exit(load::run(Suite::Load, args)?),
-        Some(Task::Chaos(args)) => std::process::exit(load::run(Suite::Chaos, args)?),
+        Some(Task::Load(args)) => {
+            if args.cluster {
+                anyhow::bail!("--cluster is a chaos suite: cargo xtask chaos --cluster");
+            }
+            std::process::exit(load::run(Suite::Load, args)?)
+        }
+        Some(Task::Chaos(args)) => {
+            let suite = if args.cluster {
+                Suite::Cluster
+            } else {
+                Suite::Chaos
+            };
+            std::process::exit(load::run(suite, args)?)
+        }
         Some(Task::Bench(args)) => std::process::exit(bench::run(args)?),
         Some(Task::Ci) => ci::run(),
     }

@@ -34,6 +34,7 @@
 
 pub mod check;
 pub mod client;
+pub mod cluster;
 pub mod fixture;
 pub mod history;
 pub mod load;

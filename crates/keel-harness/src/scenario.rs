@@ -26,6 +26,8 @@ pub enum Suite {
     Load,
     /// `cargo xtask chaos`.
     Chaos,
+    /// `cargo xtask chaos --cluster`: several nodes on PostgreSQL and NATS.
+    Cluster,
 }
 
 impl Suite {
@@ -34,6 +36,16 @@ impl Suite {
         match self {
             Suite::Load => "load",
             Suite::Chaos => "chaos",
+            Suite::Cluster => "cluster",
+        }
+    }
+
+    /// The `cargo xtask` arguments that run it.
+    pub fn command(self) -> &'static str {
+        match self {
+            Suite::Load => "load",
+            Suite::Chaos => "chaos",
+            Suite::Cluster => "chaos --cluster",
         }
     }
 }
@@ -383,7 +395,7 @@ impl Scenario {
     pub fn repro(&self, seed: u64, scale: Scale) -> String {
         format!(
             "cargo xtask {} --scenario {} --seed {seed} --scale {}",
-            self.suite.as_str(),
+            self.suite.command(),
             self.name,
             scale.label()
         )

@@ -49,6 +49,10 @@ pub struct ClientConfig {
     pub reconnect: keel_reconnect::Config,
     /// How long `connect` waits for the first `welcome`. Default 10 s.
     pub connect_timeout: Duration,
+    /// More relays of the same cluster (design §9): each reconnect attempt
+    /// goes to the next URL of `url` and these, in turn, so a client whose
+    /// node died resumes its session on another. Default none.
+    pub fallback_urls: Vec<String>,
 }
 
 impl ClientConfig {
@@ -68,6 +72,7 @@ impl ClientConfig {
                 ..Default::default()
             },
             connect_timeout: Duration::from_secs(10),
+            fallback_urls: Vec::new(),
         }
     }
 }
@@ -271,6 +276,22 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// The relays a client tries, one per attempt, in turn.
+struct Failover {
+    urls: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl keel_reconnect::Target for Failover {
+    async fn request(
+        &self,
+    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = &self.urls[i % self.urls.len()];
+        keel_reconnect::Target::request(url).await
+    }
+}
+
 impl Client {
     /// Connects and waits for the first `welcome`.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
@@ -281,8 +302,13 @@ impl Client {
             ..Default::default()
         }));
         let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut urls = vec![config.url.clone()];
+        urls.extend(config.fallback_urls.iter().cloned());
         let (rc, mut frames) = ReconnectingClient::start(
-            config.url.clone(),
+            Failover {
+                urls,
+                next: std::sync::atomic::AtomicUsize::new(0),
+            },
             KeelProtocol {
                 inner: inner.clone(),
                 events: events_tx.clone(),

@@ -103,6 +103,10 @@ async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
     let every = Duration::from_millis(c.heartbeat_ms);
     let lease = Duration::from_millis(c.lease_ms);
     let mut first = true;
+    // Since when this node's heartbeats have all succeeded: it judges other
+    // nodes only after a whole lease of its own (after a store outage every
+    // node's lease looks old; each must renew before any is called dead).
+    let mut healthy_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -124,10 +128,15 @@ async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew this node's lease");
                 ctx.channels.health.observe_store_error(&e).await;
+                healthy_since = None;
                 continue;
             }
         }
         first = false;
+        let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < lease {
+            continue;
+        }
         let notice = keel_recovery::crash_notice("the relay node holding this session died");
         match pg.recover_dead_nodes(lease, notice).await {
             Ok(dead) => {

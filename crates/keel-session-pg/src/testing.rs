@@ -62,27 +62,34 @@ impl TestDatabase {
     /// when the server cannot be reached and engines are not required
     /// (the reason is printed); panics when they are.
     pub async fn create() -> Option<TestDatabase> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let admin = admin_url();
-        let client = match connect(&admin).await {
-            Ok(c) => c,
-            Err(e) => {
-                let e = match std::error::Error::source(&e) {
-                    Some(cause) => format!("{e}: {cause}"),
-                    None => e.to_string(),
-                };
-                let why = format!(
-                    "PostgreSQL is not reachable at {admin} ({e}). Start it (on Debian: \
-                     `pg_ctlcluster 15 main start`) or point KEEL_PG_URL at a server whose \
-                     user may CREATE DATABASE"
-                );
+        match TestDatabase::create_at(&admin_url()).await {
+            Ok(db) => Some(db),
+            Err(why) => {
                 if engines_required() {
                     panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
                 }
                 eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Creates an empty database on the server at `admin` (a URL whose
+    /// user may `CREATE DATABASE`); the error says what to start.
+    pub async fn create_at(admin: &str) -> Result<TestDatabase, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let admin = admin.to_owned();
+        let client = connect(&admin).await.map_err(|e| {
+            let e = match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            };
+            format!(
+                "PostgreSQL is not reachable at {admin} ({e}). Start it (on Debian: \
+                 `pg_ctlcluster 15 main start`) or point KEEL_PG_URL at a server whose \
+                 user may CREATE DATABASE"
+            )
+        })?;
         drop_leftovers(&client).await;
         let name = format!(
             "keel_test_{}_{}_{:08x}",
@@ -93,8 +100,8 @@ impl TestDatabase {
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
-            .unwrap_or_else(|e| panic!("cannot create test database {name} at {admin}: {e}"));
-        Some(TestDatabase {
+            .map_err(|e| format!("cannot create database {name} at {admin}: {e}"))?;
+        Ok(TestDatabase {
             url: with_database(&admin, &name),
             name,
             admin,
@@ -186,12 +193,26 @@ pub fn nats_url() -> String {
 /// connection with `INFO`). When it does not: prints why and what to start
 /// and returns false (skip), or panics under `KEEL_REQUIRE_ENGINES=1`.
 pub async fn nats_available() -> bool {
+    match nats_check(&nats_url()).await {
+        Ok(()) => true,
+        Err(why) => {
+            if engines_required() {
+                panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
+            }
+            eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
+            false
+        }
+    }
+}
+
+/// Whether a NATS server greets a connection at `url`; the error says
+/// what to start.
+pub async fn nats_check(url: &str) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
-    let url = nats_url();
     let hostport = url
         .split("://")
         .nth(1)
-        .unwrap_or(&url)
+        .unwrap_or(url)
         .rsplit('@')
         .next()
         .unwrap_or("")
@@ -204,19 +225,14 @@ pub async fn nats_available() -> bool {
         Ok::<_, std::io::Error>(buf == *b"INFO")
     };
     let why = match tokio::time::timeout(std::time::Duration::from_secs(3), greeting).await {
-        Ok(Ok(true)) => return true,
+        Ok(Ok(true)) => return Ok(()),
         Ok(Ok(false)) => format!("{hostport} answered, but not as a NATS server"),
         Ok(Err(e)) => format!("{hostport}: {e}"),
         Err(_) => format!("{hostport}: no greeting within 3 s"),
     };
-    let why = format!(
+    Err(format!(
         "NATS is not reachable at {url} ({why}). Start it (`nats-server -js`) or set KEEL_NATS_URL"
-    );
-    if engines_required() {
-        panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
-    }
-    eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
-    false
+    ))
 }
 
 #[cfg(test)]

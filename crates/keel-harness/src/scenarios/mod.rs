@@ -13,6 +13,7 @@ use crate::fixture::Resources;
 use crate::scenario::Scenario;
 
 mod abuse;
+mod cluster;
 mod connections;
 mod exec;
 mod fanout;
@@ -74,6 +75,9 @@ pub fn catalogue() -> Vec<Scenario> {
         mixed::CONCURRENT_TRANSITIONS,
         mixed::COMBINED_STRESSORS,
         mixed::CHAOS_MONKEY,
+        // The cluster suite.
+        cluster::NODE_KILL_SCENARIO,
+        cluster::PG_RESTART_SCENARIO,
     ]
 }
 

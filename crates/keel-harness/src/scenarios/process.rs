@@ -390,8 +390,13 @@ impl Shared {
     }
 }
 
+/// The SDK's configuration for `url`: one relay URL, or (a cluster)
+/// several separated by spaces, the first the client's home, the others
+/// where it fails over to in turn.
 pub(super) fn sdk_config(url: &str, liveness: Option<Duration>) -> ClientConfig {
-    let mut config = ClientConfig::new(url);
+    let mut urls = url.split(' ');
+    let mut config = ClientConfig::new(urls.next().unwrap_or(url));
+    config.fallback_urls = urls.map(str::to_owned).collect();
     config.reconnect.backoff.base = Duration::from_millis(20);
     config.reconnect.backoff.cap = Duration::from_millis(500);
     config.connect_timeout = Duration::from_secs(30);
@@ -432,7 +437,7 @@ fn check_welcome(r: &Recorder, shared: &Shared, client: u32, session: &str, stat
 
 /// A subscriber through the SDK (which resumes after each kill from the
 /// last offsets it saw); every delivery and welcome is recorded.
-async fn subscriber(
+pub(super) async fn subscriber(
     url: String,
     sub: u32,
     channels: Vec<String>,
@@ -538,6 +543,8 @@ pub(super) async fn publisher(
         let wire = format!("h{client_no}-{seq}");
         let invoke = r.now();
         let conn = conns.max(1);
+        // The SDK re-sends a publish the relay refused as `unavailable`
+        // or `rate_limited` (same id) until it is acknowledged.
         let answer = tokio::time::timeout(
             Duration::from_secs(60),
             client.publish(

@@ -1,0 +1,412 @@
+//! The cluster suite (`cargo xtask chaos --cluster`, design §9): three relay
+//! nodes on one PostgreSQL database and NATS, under publish/subscribe load
+//! from SDK clients spread over the nodes (each failing over to the others),
+//! while a node is killed or PostgreSQL restarted. Every publish and
+//! delivery goes to the checker: nothing acknowledged lost, nothing
+//! delivered twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+use super::process::{Shared, publisher, subscriber};
+use super::{body, params, setup, wait_until};
+use crate::Error;
+use crate::history::{Op, Outcome};
+use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
+use crate::threshold::{Bound, Threshold};
+
+const NODE_KILL: &str = "node_kill";
+const PG_RESTART: &str = "pg_restart";
+
+/// The nodes of every cluster scenario.
+const NODES: usize = 3;
+
+pub(crate) const NODE_KILL_SCENARIO: Scenario = Scenario {
+    name: NODE_KILL,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "000/002",
+        test: "test_daemon_crash_recovery; chaos MTTR (on a 3-node cluster)",
+        threshold: "ACTIVE sessions CRASHED after a crash, state preserved; MTTR < 5 min",
+    },
+    what: "SIGKILL one of 3 nodes under publish/subscribe load (clients spread over the nodes, failing over), restart it; repeat (--iterations)",
+    target: "0 acknowledged lost or duplicated; the dead node's connected sessions CRASHED exactly once (one notice each); failover p95 < 3 s",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("kills", plan.num("iterations")),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::zero("crashed_more_than_killed"),
+            Threshold::zero("notices_not_matching_crashes"),
+            Threshold::new("sessions_crashed", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "failover_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(3_000.0),
+            ),
+        ]
+    },
+    plan: plan_node_kill,
+    run: body!(run_node_kill),
+    budget: Duration::from_secs(900),
+};
+
+pub(crate) const PG_RESTART_SCENARIO: Scenario = Scenario {
+    name: PG_RESTART,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "002",
+        test: "database failure: service keeps its guarantees across a store outage",
+        threshold: "no data loss; MTTR < 5 min",
+    },
+    what: "stop the cluster's PostgreSQL (its own instance) under load for the action's duration, start it again; repeat (--iterations)",
+    target: "publishes refused with `unavailable` and retried, 0 acknowledged lost or duplicated, every node recovers without a restart; every publisher acknowledged again within 10 s (p95)",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("restarts", plan.num("iterations")),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::exact("nodes_alive", NODES as f64),
+            Threshold::zero("crashed_more_than_killed"),
+            Threshold::new("refused", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "recovery_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(10_000.0),
+            ),
+        ]
+    },
+    plan: plan_pg_restart,
+    run: body!(run_pg_restart),
+    budget: Duration::from_secs(900),
+};
+
+fn plan_node_kill(input: &PlanInput) -> Plan {
+    let iterations = input
+        .iterations
+        .unwrap_or_else(|| input.scale.pick(1, 3))
+        .max(1);
+    let mut plan = input.plan(
+        NODE_KILL,
+        &params(&[
+            ("iterations", iterations as f64),
+            ("publishers", input.scale.pick(3, 12) as f64),
+            ("subscribers", input.scale.pick(3, 6) as f64),
+            ("channels", input.scale.pick(2, 4) as f64),
+            ("publish_interval_ms", 5.0),
+            ("heal_deadline_s", 30.0),
+        ]),
+    );
+    let mut rng = input.rng(NODE_KILL, "kills");
+    let mut at = 0;
+    for k in 0..iterations {
+        at += rng.random_range(500..=input.scale.pick(1_000, 3_000) as u64);
+        let node = rng.random_range(0..NODES);
+        plan.actions.push(Action {
+            at_ms: at,
+            duration_ms: 0,
+            kind: "kill9".into(),
+            target: format!("node-{node}"),
+            params: json!({"kill": k + 1, "node": node}),
+        });
+    }
+    plan
+}
+
+fn plan_pg_restart(input: &PlanInput) -> Plan {
+    let iterations = input
+        .iterations
+        .unwrap_or_else(|| input.scale.pick(1, 3))
+        .max(1);
+    let mut plan = input.plan(
+        PG_RESTART,
+        &params(&[
+            ("iterations", iterations as f64),
+            ("publishers", input.scale.pick(3, 12) as f64),
+            ("subscribers", input.scale.pick(3, 6) as f64),
+            ("channels", input.scale.pick(2, 4) as f64),
+            ("publish_interval_ms", 5.0),
+            ("heal_deadline_s", 30.0),
+        ]),
+    );
+    let mut rng = input.rng(PG_RESTART, "restarts");
+    let mut at = 0;
+    for k in 0..iterations {
+        at += rng.random_range(500..=input.scale.pick(1_000, 3_000) as u64);
+        let down = rng.random_range(
+            input.scale.pick(1_000, 2_000) as u64..=input.scale.pick(2_000, 5_000) as u64,
+        );
+        plan.actions.push(Action {
+            at_ms: at,
+            duration_ms: down,
+            kind: "pg_stop".into(),
+            target: "postgres".into(),
+            params: json!({"restart": k + 1}),
+        });
+        at += down;
+    }
+    plan
+}
+
+async fn run_node_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, false).await
+}
+
+async fn run_pg_restart(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, true).await
+}
+
+/// Three nodes, load from clients spread over them, and the plan's faults:
+/// node kills, or (`pg`) PostgreSQL stops.
+async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error> {
+    ctx.phase("starting the cluster");
+    let mut cluster = ctx.cluster(NODES, pg, "").await?;
+    let r = &ctx.recorder;
+    let shared = Arc::new(Shared {
+        // After a node kill, its clients' next welcome is CRASHED; after a
+        // store outage no link need have dropped: not checked.
+        check_states: !pg,
+        last_ack: (0..plan.count("publishers"))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        ..Shared::default()
+    });
+    let channels: Vec<String> = (0..plan.count("channels"))
+        .map(|c| format!("{}:{c}", plan.scenario))
+        .collect();
+    let home = |i: usize| cluster.urls_from(i % NODES).join(" ");
+
+    ctx.phase("opening sessions");
+    let progress: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let mut subs = Vec::new();
+    for s in 0..plan.count("subscribers") as u32 {
+        subs.push(tokio::spawn(subscriber(
+            home(s as usize),
+            s,
+            channels.clone(),
+            r.clone(),
+            shared.clone(),
+            progress.clone(),
+            ready_tx.clone(),
+        )));
+    }
+    for _ in 0..plan.count("subscribers") {
+        ready_rx
+            .recv()
+            .await
+            .ok_or_else(|| setup("subscriber", "ended early"))?;
+    }
+    let interval = Duration::from_millis(plan.num("publish_interval_ms") as u64);
+    let mut pubs = Vec::new();
+    for p in 0..plan.count("publishers") as u32 {
+        // Publishers start on the node after the subscribers' first, so
+        // that most deliveries cross nodes.
+        pubs.push(tokio::spawn(publisher(
+            home(p as usize + 1),
+            p,
+            channels.clone(),
+            interval,
+            r.clone(),
+            shared.clone(),
+        )));
+    }
+
+    let mut recoveries = Vec::new();
+    let mut faults = 0u32;
+    let mut previous = 0;
+    for a in &plan.actions {
+        tokio::time::sleep(Duration::from_millis(a.at_ms - previous)).await;
+        previous = a.at_ms;
+        ctx.phase(&format!(
+            "{} {} of {}",
+            a.kind,
+            faults + 1,
+            plan.actions.len()
+        ));
+        let t_fault = r.now();
+        if pg {
+            let own = cluster
+                .own_pg
+                .as_ref()
+                .ok_or_else(|| setup("own PostgreSQL", "not started"))?;
+            own.stop_server().await?;
+            tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+            own.start_server().await?;
+            previous += a.duration_ms;
+        } else {
+            let node = a.params["node"].as_u64().unwrap_or(0) as usize;
+            shared.kills.fetch_add(1, Ordering::AcqRel);
+            shared.last_kill.store(true, Ordering::Release);
+            cluster.nodes[node].kill9().await?;
+        }
+        faults += 1;
+        let t_heal = r.now();
+        r.fault(&a.kind, &a.target, t_fault, t_heal);
+        // Recovered once every publisher has been acknowledged again (after
+        // a kill, its clients resumed on another node).
+        let acked_again = wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
+            let shared = shared.clone();
+            async move {
+                shared
+                    .last_ack
+                    .iter()
+                    .all(|t| t.load(Ordering::Acquire) > t_heal)
+            }
+        })
+        .await;
+        if !acked_again {
+            r.op(Op {
+                client: u32::MAX,
+                kind: "recover".into(),
+                invoke: t_heal,
+                done: r.now(),
+                outcome: Outcome::Fail {
+                    code: "a publisher was not acknowledged within 30 s of the fault".into(),
+                },
+                detail: format!("after {} {faults}", a.kind),
+            });
+        }
+        recoveries.push(Duration::from_micros(r.now().saturating_sub(t_heal)));
+        if !pg {
+            // The killed node comes back (its clients stay where they are).
+            let node = a.params["node"].as_u64().unwrap_or(0) as usize;
+            cluster.nodes[node].restart().await?;
+        }
+    }
+
+    ctx.phase("healing: subscribers catch up");
+    shared.stop.store(true, Ordering::Release);
+    for p in pubs {
+        p.await.map_err(|e| setup("publisher task", e))??;
+    }
+    let heads = shared
+        .heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let n_subs = plan.count("subscribers");
+    let converged = wait_until(
+        Duration::from_secs(plan.num("heal_deadline_s") as u64),
+        Duration::from_millis(50),
+        || {
+            let (progress, heads) = (progress.clone(), heads.clone());
+            async move {
+                let p = progress.lock().unwrap_or_else(|p| p.into_inner());
+                (0..n_subs).all(|s| {
+                    heads
+                        .iter()
+                        .all(|(c, head)| p.get(&format!("{s}/{c}")).copied().unwrap_or(0) >= *head)
+                })
+            }
+        },
+    )
+    .await;
+    shared.done.store(true, Ordering::Release);
+    let mut redelivered = 0;
+    for s in subs {
+        redelivered += s.await.map_err(|e| setup("subscriber task", e))??;
+    }
+
+    // Every node still serving, on the same process (a store outage must
+    // not need a restart).
+    let mut alive = 0;
+    for node in &cluster.nodes {
+        let health = crate::fixture::http_get(node.addr(), "/healthz")
+            .await
+            .unwrap_or_default();
+        if health.contains("\"store_reachable\":true") {
+            alive += 1;
+        }
+    }
+    // What the nodes refused as `unavailable` (the SDK re-sent each).
+    let mut refused = 0.0;
+    for node in &cluster.nodes {
+        refused += node
+            .metric("keel_errors_total{code=\"unavailable\"}")
+            .await
+            .unwrap_or(0.0);
+    }
+    // Crashes as the database has them: no session crashed more often than
+    // nodes were killed, and one notice per crash.
+    let (crashed, over, mismatched) = crash_census(&cluster.db.url, faults, pg).await?;
+
+    recoveries.sort();
+    let pick = |q: f64| {
+        recoveries
+            .get(((recoveries.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let figure = if pg { "recovery" } else { "failover" };
+    let mut m = Measured::default();
+    m.set(if pg { "restarts" } else { "kills" }, f64::from(faults))
+        .set(
+            "publish_errors",
+            shared.publish_errors.load(Ordering::Relaxed) as f64,
+        )
+        .set("acked", shared.acked.load(Ordering::Relaxed) as f64)
+        .set("redelivered", redelivered as f64)
+        .set("converged", if converged { 1.0 } else { 0.0 })
+        .set("refused", refused)
+        .set("nodes_alive", f64::from(alive))
+        .set("sessions_crashed", crashed as f64)
+        .set("crashed_more_than_killed", over as f64)
+        .set("notices_not_matching_crashes", mismatched as f64)
+        .set(&format!("{figure}_p50_ms"), pick(0.5))
+        .set(&format!("{figure}_p95_ms"), pick(0.95))
+        .set(&format!("{figure}_max_ms"), pick(1.0));
+    m.note(format!(
+        "{} publishes acknowledged over {NODES} nodes; {refused} answers `unavailable` (re-sent by the SDK); {crashed} sessions crashed",
+        shared.acked.load(Ordering::Relaxed)
+    ));
+    drop(cluster);
+    Ok(m)
+}
+
+/// (sessions crashed at least once, sessions crashed more often than there
+/// were kills, sessions whose crash notices are not one per crash), read
+/// from the database. With `pg` (no node was killed) any crash is too many.
+async fn crash_census(url: &str, kills: u32, pg: bool) -> Result<(u64, u64, u64), Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| setup("read the cluster's database", e))?;
+    let driver = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT s.crash_count,
+                    (SELECT COUNT(*) FROM messages m
+                     WHERE m.channel = 'session:' || s.id AND m.msg_id LIKE 'crash-notice-%')
+             FROM sessions s",
+            &[],
+        )
+        .await
+        .map_err(|e| setup("read the cluster's sessions", e))?;
+    driver.abort();
+    let limit = if pg { 0 } else { i64::from(kills) };
+    let (mut crashed, mut over, mut mismatched) = (0, 0, 0);
+    for row in rows {
+        let (count, notices): (i32, i64) = (row.get(0), row.get(1));
+        if count > 0 {
+            crashed += 1;
+        }
+        if i64::from(count) > limit {
+            over += 1;
+        }
+        if i64::from(count) != notices {
+            mismatched += 1;
+        }
+    }
+    Ok((crashed, over, mismatched))
+}
