@@ -268,6 +268,21 @@ impl Relay {
         let mut background = vec![tokio::spawn(crate::retention::run(background_ctx.clone()))];
         let clustered = background_ctx.channels.bus.is_some();
         if clustered {
+            for name in [
+                "keel_bus_publish_failures_total",
+                "keel_bus_garbage_total",
+                "keel_catch_up_messages_total",
+                "keel_nodes_recovered_total",
+                "keel_node_lease_lost_total",
+                "keel_stray_sessions_closed_total",
+            ] {
+                metrics::counter!(name).increment(0);
+            }
+            metrics::counter!("keel_bus_batches_total", "direction" => "in").increment(0);
+            for answer in ["closed", "none"] {
+                metrics::counter!("keel_takeovers_total", "answer" => answer).increment(0);
+            }
+            metrics::gauge!("keel_upstream_leader").set(0.0);
             // One node at a time sends upstream: the lock's holder.
             background.extend(crate::cluster::start(
                 background_ctx.clone(),

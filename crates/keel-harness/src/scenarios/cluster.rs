@@ -14,7 +14,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
-use super::process::{Shared, publisher, subscriber};
+use super::process::{Shared, heal, spawn_load};
 use super::{body, params, setup, wait_until};
 use crate::Error;
 use crate::history::{Op, Outcome};
@@ -96,15 +96,15 @@ pub(crate) const PG_RESTART_SCENARIO: Scenario = Scenario {
 fn plan_node_kill(input: &PlanInput) -> Plan {
     let iterations = input
         .iterations
-        .unwrap_or_else(|| input.scale.pick(1, 3))
+        .unwrap_or_else(|| input.scale.pick(1, 6))
         .max(1);
     let mut plan = input.plan(
         NODE_KILL,
         &params(&[
             ("iterations", iterations as f64),
-            ("publishers", input.scale.pick(3, 12) as f64),
-            ("subscribers", input.scale.pick(3, 6) as f64),
-            ("channels", input.scale.pick(2, 4) as f64),
+            ("publishers", input.scale.pick(3, 48) as f64),
+            ("subscribers", input.scale.pick(3, 12) as f64),
+            ("channels", input.scale.pick(2, 8) as f64),
             ("publish_interval_ms", 5.0),
             ("heal_deadline_s", 30.0),
         ]),
@@ -112,7 +112,7 @@ fn plan_node_kill(input: &PlanInput) -> Plan {
     let mut rng = input.rng(NODE_KILL, "kills");
     let mut at = 0;
     for k in 0..iterations {
-        at += rng.random_range(500..=input.scale.pick(1_000, 3_000) as u64);
+        at += rng.random_range(500..=input.scale.pick(1_000, 5_000) as u64);
         let node = rng.random_range(0..NODES);
         plan.actions.push(Action {
             at_ms: at,
@@ -128,15 +128,15 @@ fn plan_node_kill(input: &PlanInput) -> Plan {
 fn plan_pg_restart(input: &PlanInput) -> Plan {
     let iterations = input
         .iterations
-        .unwrap_or_else(|| input.scale.pick(1, 3))
+        .unwrap_or_else(|| input.scale.pick(1, 4))
         .max(1);
     let mut plan = input.plan(
         PG_RESTART,
         &params(&[
             ("iterations", iterations as f64),
-            ("publishers", input.scale.pick(3, 12) as f64),
-            ("subscribers", input.scale.pick(3, 6) as f64),
-            ("channels", input.scale.pick(2, 4) as f64),
+            ("publishers", input.scale.pick(3, 48) as f64),
+            ("subscribers", input.scale.pick(3, 12) as f64),
+            ("channels", input.scale.pick(2, 8) as f64),
             ("publish_interval_ms", 5.0),
             ("heal_deadline_s", 30.0),
         ]),
@@ -190,39 +190,18 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
 
     ctx.phase("opening sessions");
     let progress: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
-    let mut subs = Vec::new();
-    for s in 0..plan.count("subscribers") as u32 {
-        subs.push(tokio::spawn(subscriber(
-            home(s as usize),
-            s,
-            channels.clone(),
-            r.clone(),
-            shared.clone(),
-            progress.clone(),
-            ready_tx.clone(),
-        )));
-    }
-    for _ in 0..plan.count("subscribers") {
-        ready_rx
-            .recv()
-            .await
-            .ok_or_else(|| setup("subscriber", "ended early"))?;
-    }
-    let interval = Duration::from_millis(plan.num("publish_interval_ms") as u64);
-    let mut pubs = Vec::new();
-    for p in 0..plan.count("publishers") as u32 {
-        // Publishers start on the node after the subscribers' first, so
-        // that most deliveries cross nodes.
-        pubs.push(tokio::spawn(publisher(
-            home(p as usize + 1),
-            p,
-            channels.clone(),
-            interval,
-            r.clone(),
-            shared.clone(),
-        )));
-    }
+    // Publishers start on the node after their subscribers' first, so that
+    // most deliveries cross nodes.
+    let (pubs, subs) = spawn_load(
+        plan,
+        r,
+        &shared,
+        &channels,
+        &progress,
+        |s| home(s as usize),
+        |p| home(p as usize + 1),
+    )
+    .await?;
 
     let mut recoveries = Vec::new();
     let mut faults = 0u32;
@@ -287,38 +266,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
         }
     }
 
-    ctx.phase("healing: subscribers catch up");
-    shared.stop.store(true, Ordering::Release);
-    for p in pubs {
-        p.await.map_err(|e| setup("publisher task", e))??;
-    }
-    let heads = shared
-        .heads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let n_subs = plan.count("subscribers");
-    let converged = wait_until(
-        Duration::from_secs(plan.num("heal_deadline_s") as u64),
-        Duration::from_millis(50),
-        || {
-            let (progress, heads) = (progress.clone(), heads.clone());
-            async move {
-                let p = progress.lock().unwrap_or_else(|p| p.into_inner());
-                (0..n_subs).all(|s| {
-                    heads
-                        .iter()
-                        .all(|(c, head)| p.get(&format!("{s}/{c}")).copied().unwrap_or(0) >= *head)
-                })
-            }
-        },
-    )
-    .await;
-    shared.done.store(true, Ordering::Release);
-    let mut redelivered = 0;
-    for s in subs {
-        redelivered += s.await.map_err(|e| setup("subscriber task", e))??;
-    }
+    let (converged, redelivered) = heal(ctx, plan, &shared, &progress, pubs, subs).await?;
 
     // Every node still serving, on the same process (a store outage must
     // not need a restart).

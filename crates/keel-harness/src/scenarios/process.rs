@@ -593,6 +593,106 @@ pub(super) async fn publisher(
     Ok(())
 }
 
+/// Starts the plan's subscribers (each on `sub_url(n)`) and, once every one
+/// has stored its subscriptions (each must see offset 1 on), its publishers
+/// (each on `pub_url(n)`). Returns (publishers, subscribers).
+#[allow(clippy::type_complexity)]
+pub(super) async fn spawn_load(
+    plan: &Plan,
+    r: &Recorder,
+    shared: &Arc<Shared>,
+    channels: &[String],
+    progress: &Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    sub_url: impl Fn(u32) -> String,
+    pub_url: impl Fn(u32) -> String,
+) -> Result<
+    (
+        Vec<tokio::task::JoinHandle<Result<(), Error>>>,
+        Vec<tokio::task::JoinHandle<Result<u64, Error>>>,
+    ),
+    Error,
+> {
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let mut subs = Vec::new();
+    for s in 0..plan.count("subscribers") as u32 {
+        subs.push(tokio::spawn(subscriber(
+            sub_url(s),
+            s,
+            channels.to_vec(),
+            r.clone(),
+            shared.clone(),
+            progress.clone(),
+            ready_tx.clone(),
+        )));
+    }
+    for _ in 0..plan.count("subscribers") {
+        ready_rx
+            .recv()
+            .await
+            .ok_or_else(|| setup("subscriber", "ended early"))?;
+    }
+    let interval = Duration::from_millis(plan.num("publish_interval_ms") as u64);
+    let mut pubs = Vec::new();
+    for p in 0..plan.count("publishers") as u32 {
+        pubs.push(tokio::spawn(publisher(
+            pub_url(p),
+            p,
+            channels.to_vec(),
+            interval,
+            r.clone(),
+            shared.clone(),
+        )));
+    }
+    Ok((pubs, subs))
+}
+
+/// The heal phase: stops the publishers, waits (at most the plan's
+/// `heal_deadline_s`) until every subscriber has every acknowledged head,
+/// then stops the subscribers. Returns whether they caught up and how many
+/// deliveries the SDK dropped as already seen.
+pub(super) async fn heal(
+    ctx: &Ctx,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    progress: &Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    pubs: Vec<tokio::task::JoinHandle<Result<(), Error>>>,
+    subs: Vec<tokio::task::JoinHandle<Result<u64, Error>>>,
+) -> Result<(bool, u64), Error> {
+    ctx.phase("healing: subscribers catch up");
+    shared.stop.store(true, Ordering::Release);
+    for p in pubs {
+        p.await.map_err(|e| setup("publisher task", e))??;
+    }
+    let heads = shared
+        .heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let n_subs = plan.count("subscribers");
+    let converged = wait_until(
+        Duration::from_secs(plan.num("heal_deadline_s") as u64),
+        Duration::from_millis(50),
+        || {
+            let (progress, heads) = (progress.clone(), heads.clone());
+            async move {
+                let p = progress.lock().unwrap_or_else(|p| p.into_inner());
+                (0..n_subs).all(|s| {
+                    heads
+                        .iter()
+                        .all(|(c, head)| p.get(&format!("{s}/{c}")).copied().unwrap_or(0) >= *head)
+                })
+            }
+        },
+    )
+    .await;
+    shared.done.store(true, Ordering::Release);
+    let mut redelivered = 0;
+    for s in subs {
+        redelivered += s.await.map_err(|e| setup("subscriber task", e))??;
+    }
+    Ok((converged, redelivered))
+}
+
 pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     // A full disk is a real one: a size-limited tmpfs under the data.
     let tmpfs = match fault {
@@ -653,39 +753,16 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     idle.close().await;
 
     let progress: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
-    let mut subs = Vec::new();
-    for s in 0..plan.count("subscribers") as u32 {
-        subs.push(tokio::spawn(subscriber(
-            url.clone(),
-            s,
-            channels.clone(),
-            r.clone(),
-            shared.clone(),
-            progress.clone(),
-            ready_tx.clone(),
-        )));
-    }
-    // Subscribed before anything is published (each must see offset 1
-    // on): the subscribers signal once their subscriptions are stored.
-    for _ in 0..plan.count("subscribers") {
-        ready_rx
-            .recv()
-            .await
-            .ok_or_else(|| setup("subscriber", "ended early"))?;
-    }
-    let interval = Duration::from_millis(plan.num("publish_interval_ms") as u64);
-    let mut pubs = Vec::new();
-    for p in 0..plan.count("publishers") as u32 {
-        pubs.push(tokio::spawn(publisher(
-            url.clone(),
-            p,
-            channels.clone(),
-            interval,
-            r.clone(),
-            shared.clone(),
-        )));
-    }
+    let (pubs, subs) = spawn_load(
+        plan,
+        r,
+        &shared,
+        &channels,
+        &progress,
+        |_| url.clone(),
+        |_| url.clone(),
+    )
+    .await?;
 
     let mut mttr = crate::load::Latency::default();
     let mut mttrs = Vec::new();
@@ -886,38 +963,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
 
     // Heal: stop publishing, then every subscriber must catch up to every
     // acknowledged head within the deadline.
-    ctx.phase("healing: subscribers catch up");
-    shared.stop.store(true, Ordering::Release);
-    for p in pubs {
-        p.await.map_err(|e| setup("publisher task", e))??;
-    }
-    let heads = shared
-        .heads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let n_subs = plan.count("subscribers");
-    let converged = wait_until(
-        Duration::from_secs(plan.num("heal_deadline_s") as u64),
-        Duration::from_millis(50),
-        || {
-            let (progress, heads) = (progress.clone(), heads.clone());
-            async move {
-                let p = progress.lock().unwrap_or_else(|p| p.into_inner());
-                (0..n_subs).all(|s| {
-                    heads
-                        .iter()
-                        .all(|(c, head)| p.get(&format!("{s}/{c}")).copied().unwrap_or(0) >= *head)
-                })
-            }
-        },
-    )
-    .await;
-    shared.done.store(true, Ordering::Release);
-    let mut redelivered = 0;
-    for s in subs {
-        redelivered += s.await.map_err(|e| setup("subscriber task", e))??;
-    }
+    let (converged, redelivered) = heal(ctx, plan, &shared, &progress, pubs, subs).await?;
 
     // The session that was never connected at a kill is DETACHED.
     let mut config = sdk_config(&url, None);

@@ -1,9 +1,7 @@
 //! The outbox: idempotent enqueue, exactly-once claims, leases, retries, dead letters.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::future::join_all;
 use keel_session::{NewSend, OutboxError, OutboxId, OutboxState, Retry};
 
 use crate::support::{self, T0};
@@ -17,82 +15,9 @@ fn send(key: &str) -> NewSend {
     }
 }
 
-#[tokio::test]
-async fn enqueue_is_idempotent() {
-    let t = support::open().await;
-    let a = t.store.enqueue(send("k1")).await.unwrap();
-    let b = t.store.enqueue(send("k1")).await.unwrap();
-    assert_eq!(a.id, b.id);
-    assert!(!a.duplicate && b.duplicate);
-    assert_eq!(t.store.outbox_counts().await.unwrap().pending, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbox_claim_exactly_once() {
-    let t = support::open().await;
-    for i in 0..500 {
-        t.store.enqueue(send(&format!("k{i}"))).await.unwrap();
-    }
-    // 16 workers claim concurrently in small batches until nothing is left.
-    let workers = (0..16).map(|w| {
-        let store = t.store.clone();
-        tokio::spawn(async move {
-            let name = format!("w{w}");
-            let mut mine = Vec::new();
-            loop {
-                let got = store
-                    .claim(&name, Duration::from_secs(30), 7)
-                    .await
-                    .unwrap();
-                if got.is_empty() {
-                    return mine;
-                }
-                for item in got {
-                    assert_eq!(item.state, OutboxState::Claimed);
-                    assert_eq!(item.claimed_by.as_deref(), Some(name.as_str()));
-                    mine.push(item.id);
-                }
-            }
-        })
-    });
-    let mut owner: HashMap<OutboxId, usize> = HashMap::new();
-    for (w, ids) in join_all(workers).await.into_iter().enumerate() {
-        for id in ids.unwrap() {
-            assert!(owner.insert(id, w).is_none(), "item {id} claimed twice");
-        }
-    }
-    assert_eq!(owner.len(), 500, "every item claimed once");
-
-    // Nothing is due until a lease expires; then it can be claimed again.
-    assert!(
-        t.store
-            .claim("late", Duration::from_secs(30), 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    t.clock.advance(Duration::from_secs(30));
-    let reclaimed = t
-        .store
-        .claim("late", Duration::from_secs(30), 1000)
-        .await
-        .unwrap();
-    assert_eq!(reclaimed.len(), 500, "expired claims are claimable again");
-
-    // The original holder has lost its lease.
-    let (id, w) = owner.iter().next().unwrap();
-    assert_eq!(
-        t.store.complete(*id, &format!("w{w}")).await,
-        Err(OutboxError::NotClaimed {
-            id: *id,
-            worker: format!("w{w}")
-        })
-    );
-    assert_eq!(
-        t.store.complete(*id, "late").await.unwrap().state,
-        OutboxState::Sent
-    );
-}
+// Idempotent enqueue and exactly-once claims under 16 concurrent workers
+// are conformance cases (keel_session::testkit), run on this store in
+// tests/it/conformance.rs.
 
 #[tokio::test]
 async fn fail_retries_then_dead_then_redrive() {
