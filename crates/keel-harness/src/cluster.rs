@@ -47,7 +47,7 @@ pub async fn check_engines() -> Result<(), String> {
 
 /// Cluster timings for scenarios: failures are noticed within about a
 /// second.
-pub const CLUSTER_TIMINGS: &str = "heartbeat_ms = 250\nlease_ms = 1500\ncatch_up_ms = 250\n";
+pub const CLUSTER_TIMINGS: &str = "heartbeat_ms = 250\nlease_ms = 3000\ncatch_up_ms = 250\n";
 
 /// N relay nodes on one fresh database.
 pub struct Cluster {
@@ -99,7 +99,7 @@ impl Ctx {
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let config = format!(
-                "{extra}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\npool_size = 8\n\
+                "{extra}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\npool_size = 16\n\
                  [cluster]\nnats_url = \"{nats}\"\nnode_id = \"node-{i}\"\n{CLUSTER_TIMINGS}",
                 db.url
             );

@@ -92,21 +92,38 @@ pub(crate) fn start(
     tasks
 }
 
-/// Renews this node's lease, recovers dead nodes, and closes connections
-/// whose session the store no longer gives this node.
-async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
+/// How this node's own lease is doing, as its heartbeat task sees it.
+#[derive(Default)]
+struct LeaseHealth {
+    /// Since when every heartbeat has succeeded on time.
+    since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl LeaseHealth {
+    /// Whether this node has kept its own lease fresh for a whole lease: only
+    /// then does it judge others' (after a store outage every lease looks
+    /// old; each node must renew before any is called dead).
+    fn fit(&self, lease: Duration) -> bool {
+        self.since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|s| s.elapsed() >= lease)
+    }
+
+    fn set(&self, since: Option<tokio::time::Instant>) {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
+}
+
+/// Renews this node's lease every `heartbeat_ms`, in a task of its own on a
+/// connection of its own: nothing else the node does can delay it.
+async fn heartbeat_loop(ctx: Arc<BackgroundCtx>, pg: PgStore, health: Arc<LeaseHealth>) {
     let mut stop = ctx.intake.clone();
-    let Some(pg) = node_store(&ctx.channels).cloned() else {
-        return;
-    };
     let c = &ctx.config.cluster;
     let every = Duration::from_millis(c.heartbeat_ms);
     let lease = Duration::from_millis(c.lease_ms);
     let mut first = true;
-    // Since when this node's heartbeats have all succeeded: it judges other
-    // nodes only after a whole lease of its own (after a store outage every
-    // node's lease looks old; each must renew before any is called dead).
-    let mut healthy_since: Option<tokio::time::Instant> = None;
+    let mut last_ok: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -117,7 +134,7 @@ async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
         match pg.heartbeat().await {
             Ok(Lease::Taken) if !first => {
                 // A survivor declared this node dead and recovered its
-                // sessions: the ownership check below closes them.
+                // sessions: the ownership check closes them.
                 tracing::warn!(
                     node = pg.node_id(),
                     "this node's lease had lapsed; its sessions were recovered elsewhere"
@@ -128,13 +145,46 @@ async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew this node's lease");
                 ctx.channels.health.observe_store_error(&e).await;
-                healthy_since = None;
+                health.set(None);
+                last_ok = None;
                 continue;
             }
         }
         first = false;
-        let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() < lease {
+        // A renewal that came late (the machine stalled, or the store
+        // answered slowly) restarts the wait.
+        let now = tokio::time::Instant::now();
+        if last_ok.is_none_or(|t| now - t > lease / 2) {
+            health.set(Some(now));
+        }
+        last_ok = Some(now);
+    }
+}
+
+/// Recovers dead nodes and closes connections whose session the store no
+/// longer gives this node, every `heartbeat_ms`, while this node's own
+/// lease is fit.
+async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
+    let mut stop = ctx.intake.clone();
+    let Some(pg) = node_store(&ctx.channels).cloned() else {
+        return;
+    };
+    let c = &ctx.config.cluster;
+    let every = Duration::from_millis(c.heartbeat_ms);
+    let lease = Duration::from_millis(c.lease_ms);
+    let health = Arc::new(LeaseHealth::default());
+    let beat = tokio::spawn(heartbeat_loop(ctx.clone(), pg.clone(), health.clone()));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.stopped() => {
+                let _ = beat.await;
+                return;
+            }
+        }
+        if !health.fit(lease) {
             continue;
         }
         let notice = keel_recovery::crash_notice("the relay node holding this session died");
@@ -159,9 +209,15 @@ async fn lease_loop(ctx: Arc<BackgroundCtx>, conns: Arc<ConnCtx>) {
         let held = conns.sessions.settled(every);
         for chunk in held.chunks(HEADS_CHUNK) {
             if let Ok(strays) = pg.strays(chunk).await {
-                for id in strays {
+                for (id, elsewhere) in strays {
                     metrics::counter!("keel_stray_sessions_closed_total").increment(1);
-                    conns.sessions.kick(&SessionId(id));
+                    // Held by another node: replaced (4001). Crashed by a
+                    // survivor: the client must resume (1001).
+                    if elsewhere {
+                        conns.sessions.kick(&SessionId(id));
+                    } else {
+                        conns.sessions.kick_lapsed(&SessionId(id));
+                    }
                 }
             }
         }

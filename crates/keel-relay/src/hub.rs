@@ -48,6 +48,10 @@ pub(crate) enum Ending {
     Stuck,
     /// The writer ended (the link broke).
     Gone,
+    /// The store could not be read for a replay: close 1011, the client
+    /// resumes from its last offset (a writer that stopped without closing
+    /// would leave the subscriber waiting on a live socket forever).
+    Unreadable,
 }
 
 /// Set once when a connection must end; the reader and writer both watch it.
@@ -64,6 +68,7 @@ impl EndFlag {
             Ending::Slow => 1,
             Ending::Stuck => 2,
             Ending::Gone => 3,
+            Ending::Unreadable => 4,
         };
         if self
             .state
@@ -80,6 +85,7 @@ impl EndFlag {
             1 => Some(Ending::Slow),
             2 => Some(Ending::Stuck),
             3 => Some(Ending::Gone),
+            4 => Some(Ending::Unreadable),
             _ => None,
         }
     }

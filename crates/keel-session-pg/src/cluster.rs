@@ -12,7 +12,6 @@ use keel_session::{
     CrashMarked, CrashNotice, CrashedSession, Offset, Session, SessionError, SessionId,
     SessionState, StoreError, UnixMillis,
 };
-use tokio_postgres::NoTls;
 
 use crate::PgStore;
 use crate::error::pg;
@@ -97,13 +96,26 @@ impl Drop for LeaderLock {
 }
 
 impl PgStore {
-    /// Renews this node's lease (creating it when there is none).
+    /// Renews this node's lease (creating it when there is none), on a
+    /// connection of its own, so that a busy pool never delays it.
     pub async fn heartbeat(&self) -> Result<Lease, StoreError> {
-        let conn = self.conn().await?;
+        let mut slot = self.lease_slot().lock().await;
+        if slot.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            *slot = Some(self.own_connection("lease").await?.0);
+        }
+        let conn = slot.as_ref().ok_or(StoreError::Closed)?;
+        let result = Self::renew(conn, self.node_id()).await;
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+
+    async fn renew(conn: &tokio_postgres::Client, node: &str) -> Result<Lease, StoreError> {
         let renewed = conn
             .execute(
                 &format!("UPDATE keel_nodes SET heartbeat_at = {SERVER_NOW} WHERE id = $1"),
-                &[&self.node_id()],
+                &[&node],
             )
             .await
             .map_err(pg)?;
@@ -116,7 +128,7 @@ impl PgStore {
                  VALUES ($1, {SERVER_NOW}, {SERVER_NOW})
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
             ),
-            &[&self.node_id()],
+            &[&node],
         )
         .await
         .map_err(pg)?;
@@ -294,6 +306,10 @@ impl PgStore {
         };
         let notices = append_notices(&tx, now, std::slice::from_ref(&marked), &notice).await?;
         tx.commit().await.map_err(pg)?;
+        // Back to the pool before the next read takes one: a caller must
+        // never hold two (many takeovers at once would wait on each other
+        // until the pool's timeout).
+        drop(conn);
         let session = keel_session::SessionStore::session(self, id)
             .await
             .map_err(|e| match e {
@@ -373,17 +389,19 @@ impl PgStore {
     /// Of `ids` (sessions this node has connections for), those the store
     /// does not have ACTIVE on this node: taken over by another node, or
     /// crashed by a survivor that found this node's lease lapsed.
-    pub async fn strays(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    /// Each with whether another node holds it ACTIVE now (else it was
+    /// crashed, detached or deleted).
+    pub async fn strays(&self, ids: &[String]) -> Result<Vec<(String, bool)>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT id FROM sessions WHERE id = ANY($1)
+                "SELECT id, state = 'ACTIVE' FROM sessions WHERE id = ANY($1)
                  AND NOT (state = 'ACTIVE' AND node IS NOT DISTINCT FROM $2)",
                 &[&ids, &self.node_id()],
             )
             .await
             .map_err(pg)?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// The next offset of each of `channels` that has one (one query).
@@ -406,19 +424,7 @@ impl PgStore {
     /// advisory lock on a connection of its own): `Some` when this node
     /// holds it now, `None` when another node does.
     pub async fn try_lock(&self, key: i64) -> Result<Option<LeaderLock>, StoreError> {
-        let mut config: tokio_postgres::Config =
-            self.config()
-                .url
-                .parse()
-                .map_err(|e: tokio_postgres::Error| StoreError::Unavailable {
-                    detail: e.to_string(),
-                })?;
-        config.connect_timeout(self.config().connect_timeout);
-        config.application_name(format!("keel-{}-lock", self.node_id()));
-        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
-        let driver = tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let (client, driver) = self.own_connection("lock").await?;
         let lock = LeaderLock { client, driver };
         let row = lock
             .client

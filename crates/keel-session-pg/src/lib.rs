@@ -136,6 +136,9 @@ struct Inner {
     closed: AtomicBool,
     writes: mpsc::Sender<Job>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The lease's own connection (cluster mode): a heartbeat never waits
+    /// behind the pool's work.
+    lease: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -243,6 +246,7 @@ impl PgStore {
                 closed: AtomicBool::new(false),
                 writes,
                 writer: tokio::sync::Mutex::new(Some(handle)),
+                lease: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -279,6 +283,31 @@ impl PgStore {
     /// A pooled connection, within [`PgConfig::pool_wait`].
     pub(crate) async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.inner.pool.get().await.map_err(pool)
+    }
+
+    /// A connection of its own (not from the pool), named `purpose`.
+    pub(crate) async fn own_connection(
+        &self,
+        purpose: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), StoreError> {
+        let mut config: tokio_postgres::Config =
+            self.config()
+                .url
+                .parse()
+                .map_err(|e: tokio_postgres::Error| StoreError::Unavailable {
+                    detail: e.to_string(),
+                })?;
+        config.connect_timeout(self.config().connect_timeout);
+        config.application_name(format!("keel-{}-{purpose}", self.node_id()));
+        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok((client, driver))
+    }
+
+    pub(crate) fn lease_slot(&self) -> &tokio::sync::Mutex<Option<tokio_postgres::Client>> {
+        &self.inner.lease
     }
 
     pub(crate) fn writes(&self) -> &mpsc::Sender<Job> {

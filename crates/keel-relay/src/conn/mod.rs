@@ -81,6 +81,9 @@ pub(crate) struct SessionMap(
     Mutex<HashMap<SessionId, Holder>>,
     /// Striped by session: one reconcile at a time per session.
     [tokio::sync::Mutex<()>; 32],
+    /// Sessions whose connection is being closed because this node's claim
+    /// on them lapsed (cluster mode): closed 1001 (resume), not 4001.
+    Mutex<HashSet<SessionId>>,
 );
 
 impl SessionMap {
@@ -130,6 +133,26 @@ impl SessionMap {
             }
             None => false,
         }
+    }
+
+    /// Closes the connection holding `session` because this node no longer
+    /// holds it in the store (its lease lapsed and a survivor crashed it):
+    /// 1001, so the client resumes (as CRASHED). Returns whether one held it.
+    pub(crate) fn kick_lapsed(&self, session: &SessionId) -> bool {
+        self.2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.clone());
+        self.kick(session)
+    }
+
+    /// Whether `session`'s connection was kicked by [`SessionMap::kick_lapsed`]
+    /// (and forgets it).
+    fn lapsed(&self, session: &SessionId) -> bool {
+        self.2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session)
     }
 
     /// Sessions held for at least `age` (their hold has been written).
@@ -328,6 +351,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         (None, Some(Ending::Stuck)) => {
             tracing::warn!(conn = id, %ip, "a write made no progress for the write deadline; connection dropped")
         }
+        (None, Some(Ending::Unreadable)) => {
+            tracing::warn!(conn = id, %ip, "the store could not be read for a replay; closed 1011, the client resumes")
+        }
         (None, _) => tracing::debug!(conn = id, "connection closed by the client"),
     }
     if let Some((code, reason)) = ending {
@@ -428,6 +454,13 @@ impl Conn {
                 // writer can send nothing more.
                 _ = end.wait() => return None,
                 _ = replaced_now.notified() => {
+                    let lapsed = self
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| self.ctx.sessions.lapsed(&s.id));
+                    if lapsed {
+                        return Some((close::GOING_AWAY, "this relay node's claim on the session lapsed; resume it".to_owned()));
+                    }
                     return Some((close::REPLACED, "another connection resumed this session".to_owned()));
                 }
             }

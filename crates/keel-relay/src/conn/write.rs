@@ -92,6 +92,15 @@ pub(super) async fn write_loop(
         );
         let _ = tokio::time::timeout(CLOSE_GRACE.min(ctx.deadline), sink.send(close)).await;
     }
+    if end.get() == Some(Ending::Unreadable) {
+        metrics::counter!("keel_errors_total", "code" => crate::protocol::ErrorCode::Unavailable.as_str())
+            .increment(1);
+        let close = close_message(
+            close::INTERNAL,
+            "the store could not be read; resume from your last offset",
+        );
+        let _ = tokio::time::timeout(CLOSE_GRACE.min(ctx.deadline), sink.send(close)).await;
+    }
 }
 
 /// The writer's loop; returns when the connection is done writing (its
@@ -267,7 +276,11 @@ async fn replay(
             .store
             .read_channel_bounded(channel, next, want, ctx.page_bytes)
             .await
-            .map_err(|_| Failed)?;
+            .map_err(|e| {
+                tracing::warn!(error = %e, channel, from = next, "cannot read the log for a replay");
+                end.raise(Ending::Unreadable);
+                Failed
+            })?;
         // The page (at most `page_bytes`, or one message) counts against
         // the connection and the relay's outbound budget, by what it holds,
         // while it is written; overdrawing the budget closes the largest
