@@ -95,6 +95,12 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(Duration::from_secs(2)))
             .max_reconnects(None)
+            // Bounded in messages (async-nats counts, not bytes): batches
+            // past these are dropped or wait, and the catch-up loop reads
+            // what was dropped from the store. 1,024 received batches of at
+            // most max_payload each.
+            .subscription_capacity(1_024)
+            .client_capacity(256)
             .connect(url)
             .await
             .map_err(|e| {

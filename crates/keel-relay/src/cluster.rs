@@ -39,30 +39,41 @@ pub(crate) fn node_store(channels: &Channels) -> Option<&PgStore> {
 /// or cut off from the bus) has the session marked CRASHED, with a crash
 /// notice, exactly once. Returns the state the session is resumed from
 /// when that changed it.
-pub(crate) async fn take_over(channels: &Channels, session: &SessionId) -> Option<SessionState> {
-    let pg = node_store(channels)?;
-    let bus = channels.bus.as_ref()?;
-    let holder = pg.session_holder(session).await.ok()??;
+///
+/// A store error is returned, not ignored: resuming anyway would move the
+/// session without the crash its dead holder owes it.
+pub(crate) async fn take_over(
+    channels: &Channels,
+    session: &SessionId,
+) -> Result<Option<SessionState>, keel_session::StoreError> {
+    let (Some(pg), Some(bus)) = (node_store(channels), channels.bus.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(holder) = pg.session_holder(session).await? else {
+        return Ok(None);
+    };
     if holder == pg.node_id() {
-        return None;
+        return Ok(None);
     }
     if bus
         .take_over(&holder, session.as_str(), TAKEOVER_WAIT)
         .await
     {
         metrics::counter!("keel_takeovers_total", "answer" => "closed").increment(1);
-        return None;
+        return Ok(None);
     }
     metrics::counter!("keel_takeovers_total", "answer" => "none").increment(1);
     let notice = keel_recovery::crash_notice(&format!(
         "node {holder} did not answer a takeover of this session"
     ));
-    match pg.crash_held_session(session, &holder, notice).await {
-        Ok(Some((_, (channel, offset)))) => {
+    match pg.crash_held_session(session, &holder, notice).await? {
+        Some((_, (channel, offset))) => {
             channels.announce(&channel, offset).await;
-            Some(SessionState::Crashed)
+            Ok(Some(SessionState::Crashed))
         }
-        _ => None,
+        // Something else moved it first (the holder's own release, a
+        // survivor's recovery): nothing is owed.
+        None => Ok(None),
     }
 }
 
@@ -131,7 +142,19 @@ async fn heartbeat_loop(ctx: Arc<BackgroundCtx>, pg: PgStore, health: Arc<LeaseH
             _ = tick.tick() => {}
             _ = stop.stopped() => return,
         }
-        match pg.heartbeat().await {
+        // Bounded: a renewal stuck on a dead connection must count as a
+        // failure, or this node would keep judging others while its own
+        // lease lapses.
+        let renewed = match tokio::time::timeout(lease / 2, pg.heartbeat()).await {
+            Ok(r) => r,
+            Err(_) => {
+                pg.drop_lease_connection().await;
+                Err(keel_session::StoreError::Unavailable {
+                    detail: format!("lease renewal took over {:?}", lease / 2),
+                })
+            }
+        };
+        match renewed {
             Ok(Lease::Taken) if !first => {
                 // A survivor declared this node dead and recovered its
                 // sessions: the ownership check closes them.

@@ -267,7 +267,9 @@ impl Relay {
         });
         let mut background = vec![tokio::spawn(crate::retention::run(background_ctx.clone()))];
         let clustered = background_ctx.channels.bus.is_some();
-        if clustered {
+        // Cluster mode's metrics, at zero on a single node too (every
+        // metric docs/protocol.md lists is there from the start).
+        {
             for name in [
                 "keel_bus_publish_failures_total",
                 "keel_bus_garbage_total",
@@ -283,6 +285,8 @@ impl Relay {
                 metrics::counter!("keel_takeovers_total", "answer" => answer).increment(0);
             }
             metrics::gauge!("keel_upstream_leader").set(0.0);
+        }
+        if clustered {
             // One node at a time sends upstream: the lock's holder.
             background.extend(crate::cluster::start(
                 background_ctx.clone(),

@@ -150,6 +150,21 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// Bounds every wait of a connection: connecting, each statement and each
+/// lock wait (`statement_timeout`, `lock_timeout`), a transaction left idle
+/// by a client that stopped (`idle_in_transaction_session_timeout`, so a
+/// frozen node cannot hold row locks for long), and a peer that vanished
+/// (TCP keepalives after 10 s idle).
+fn bound_session(pg: &mut tokio_postgres::Config, config: &PgConfig) {
+    let ms = config.statement_timeout.as_millis();
+    pg.connect_timeout(config.connect_timeout);
+    pg.options(format!(
+        "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+    ));
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(10));
+}
+
 /// The URL without its password, for error messages.
 fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -195,11 +210,7 @@ impl PgStore {
             })?;
         pg_config.connect_timeout(config.connect_timeout);
         pg_config.application_name(format!("keel-{}", config.node_id));
-        pg_config.options(format!(
-            "-c statement_timeout={} -c lock_timeout={}",
-            config.statement_timeout.as_millis(),
-            config.statement_timeout.as_millis()
-        ));
+        bound_session(&mut pg_config, &config);
 
         // Migrate on a connection of its own, before the pool exists.
         let (mut client, connection) = pg_config.connect(NoTls).await.map_err(|e| fail(pg(e)))?;
@@ -297,7 +308,7 @@ impl PgStore {
                 .map_err(|e: tokio_postgres::Error| StoreError::Unavailable {
                     detail: e.to_string(),
                 })?;
-        config.connect_timeout(self.config().connect_timeout);
+        bound_session(&mut config, self.config());
         config.application_name(format!("keel-{}-{purpose}", self.node_id()));
         let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
         let driver = tokio::spawn(async move {
@@ -308,6 +319,14 @@ impl PgStore {
 
     pub(crate) fn lease_slot(&self) -> &tokio::sync::Mutex<Option<tokio_postgres::Client>> {
         &self.inner.lease
+    }
+
+    /// Forgets the lease's connection (a renewal on it timed out): the next
+    /// heartbeat opens a fresh one.
+    pub async fn drop_lease_connection(&self) {
+        if let Ok(mut slot) = self.inner.lease.try_lock() {
+            *slot = None;
+        }
     }
 
     pub(crate) fn writes(&self) -> &mpsc::Sender<Job> {

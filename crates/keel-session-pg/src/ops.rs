@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::PgStore;
 use crate::error::{AsStore, pg, retryable};
-use crate::writer::{APPEND, Append, Job, LOCK_CHANNELS};
+use crate::writer::{APPEND, Append, CREATE_CHANNELS, Job, LOCK_CHANNELS};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -450,10 +450,13 @@ impl SessionStore for PgStore {
                 .iter()
                 .map(|id| SessionId(id.clone()).private_channel())
                 .collect();
-            tx.execute("DELETE FROM messages WHERE channel = ANY($1)", &[&channels])
+            // The channel rows first: deleting them waits for appends in
+            // flight (which hold them) and keeps later ones out until this
+            // commits, so no message outlives its channel's counter.
+            tx.execute("DELETE FROM channels WHERE name = ANY($1)", &[&channels])
                 .await
                 .map_err(pg)?;
-            tx.execute("DELETE FROM channels WHERE name = ANY($1)", &[&channels])
+            tx.execute("DELETE FROM messages WHERE channel = ANY($1)", &[&channels])
                 .await
                 .map_err(pg)?;
             tx.execute("DELETE FROM sessions WHERE id = ANY($1)", &[&ids])
@@ -1138,6 +1141,7 @@ pub(crate) async fn append_notices(
     if names.is_empty() {
         return Ok(Vec::new());
     }
+    tx.execute(CREATE_CHANNELS, &[&names]).await.map_err(pg)?;
     tx.execute(LOCK_CHANNELS, &[&names]).await.map_err(pg)?;
     let append = tx.prepare(APPEND).await.map_err(pg)?;
     let mut written = Vec::new();

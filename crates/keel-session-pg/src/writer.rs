@@ -30,15 +30,19 @@ UNION ALL
 SELECT seq, at, false FROM ins
 "#;
 
-/// Creates the batch's missing channel rows and locks them all, in name
-/// order (bytewise), so that batches on different nodes take their locks
-/// in one order.
+/// Creates the batch's missing channel rows (in name order, bytewise)...
+pub(crate) const CREATE_CHANNELS: &str = r#"
+INSERT INTO channels (name, next_offset)
+SELECT n, 1 FROM unnest($1::text[]) AS n ORDER BY n COLLATE "C"
+ON CONFLICT DO NOTHING
+"#;
+
+/// ...then, in a statement of its own (which sees the rows the first one
+/// or a concurrent batch created), locks them all in name order: batches
+/// on different nodes take their locks in one order. (Two batches creating
+/// the same new channels at once can still meet in the insert; PostgreSQL
+/// breaks that deadlock and the batch is run again.)
 pub(crate) const LOCK_CHANNELS: &str = r#"
-WITH new AS (
-    INSERT INTO channels (name, next_offset)
-    SELECT n, 1 FROM unnest($1::text[]) AS n ORDER BY n COLLATE "C"
-    ON CONFLICT DO NOTHING
-)
 SELECT 1 FROM channels WHERE name = ANY($1) ORDER BY name FOR UPDATE
 "#;
 
@@ -154,6 +158,8 @@ impl Writer {
         let mut names: Vec<&str> = jobs.iter().map(|j| j.channel.as_str()).collect();
         names.sort_unstable();
         names.dedup();
+        let create = tx.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?;
+        tx.execute(&create, &[&names]).await.map_err(pg)?;
         let lock = tx.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?;
         tx.execute(&lock, &[&names]).await.map_err(pg)?;
         let append = tx.prepare_cached(APPEND).await.map_err(pg)?;
@@ -179,14 +185,19 @@ impl Writer {
     }
 }
 
-/// Failures that no retry of a single append can mend.
+/// Failures that no retry of a single append can mend; a lock or
+/// statement timeout (`55P03`, `57014`) among them: retrying each append
+/// alone would wait the timeout once per append.
 fn whole_batch(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Unavailable { .. }
-            | StoreError::DiskFull { .. }
-            | StoreError::Corrupt { .. }
-            | StoreError::Io { .. }
-            | StoreError::Closed
-    )
+    match e {
+        StoreError::Postgres { sqlstate, .. } => matches!(sqlstate.as_str(), "55P03" | "57014"),
+        _ => matches!(
+            e,
+            StoreError::Unavailable { .. }
+                | StoreError::DiskFull { .. }
+                | StoreError::Corrupt { .. }
+                | StoreError::Io { .. }
+                | StoreError::Closed
+        ),
+    }
 }

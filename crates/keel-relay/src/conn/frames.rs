@@ -159,9 +159,17 @@ impl Conn {
                 let mut previous = found.state;
                 // Cluster mode: another node may hold it; it closes its
                 // connection first (or is crashed if it cannot answer).
-                if let Some(state) = crate::cluster::take_over(&self.ctx.channels, &found.id).await
-                {
-                    previous = state;
+                match crate::cluster::take_over(&self.ctx.channels, &found.id).await {
+                    Ok(Some(state)) => previous = state,
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The client resumes again shortly (1011 is retried).
+                        self.ctx.channels.health.observe_store_error(&e).await;
+                        return Some((
+                            crate::protocol::close::INTERNAL,
+                            format!("cannot move the session to this node now ({e}); resume"),
+                        ));
+                    }
                 }
                 (found.id, previous, None)
             }

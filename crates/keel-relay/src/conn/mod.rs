@@ -72,7 +72,9 @@ impl Drop for TrackerGuard<'_> {
 }
 
 /// A session's connection: its id, its replace signal, and since when.
-type Holder = (u64, Arc<Notify>, std::time::Instant);
+/// (`None` until this node's hold of it committed: the ownership check
+/// judges only sessions whose hold is stored).
+type Holder = (u64, Arc<Notify>, Option<std::time::Instant>);
 
 /// Which connection holds each session (one at a time), and the stored
 /// state made to follow it.
@@ -107,11 +109,16 @@ impl SessionMap {
         // On PostgreSQL the session also records its node: holding takes
         // it from another node, and only its holder detaches it.
         if let Some(pg) = store.postgres() {
-            let _ = if held {
-                pg.hold_session(session).await.map(drop)
-            } else {
-                pg.release_session(session).await.map(drop)
-            };
+            if !held {
+                let _ = pg.release_session(session).await;
+                return;
+            }
+            if pg.hold_session(session).await.is_ok() {
+                let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(h) = map.get_mut(session) {
+                    h.2 = Some(std::time::Instant::now());
+                }
+            }
             return;
         }
         let to = if held {
@@ -139,11 +146,13 @@ impl SessionMap {
     /// holds it in the store (its lease lapsed and a survivor crashed it):
     /// 1001, so the client resumes (as CRASHED). Returns whether one held it.
     pub(crate) fn kick_lapsed(&self, session: &SessionId) -> bool {
-        self.2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session.clone());
-        self.kick(session)
+        let mut lapsed = self.2.lock().unwrap_or_else(|p| p.into_inner());
+        lapsed.insert(session.clone());
+        let kicked = self.kick(session);
+        if !kicked {
+            lapsed.remove(session);
+        }
+        kicked
     }
 
     /// Whether `session`'s connection was kicked by [`SessionMap::kick_lapsed`]
@@ -159,7 +168,7 @@ impl SessionMap {
     pub(crate) fn settled(&self, age: Duration) -> Vec<String> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .filter(|(_, (_, _, since))| since.elapsed() >= age)
+            .filter(|(_, (_, _, since))| since.is_some_and(|t| t.elapsed() >= age))
             .map(|(id, _)| id.0.clone())
             .collect()
     }
@@ -170,7 +179,7 @@ impl SessionMap {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(session.clone(), (conn, replaced, std::time::Instant::now()))
+            .insert(session.clone(), (conn, replaced, None))
             .map(|(_, old, _)| old)
     }
 
