@@ -207,6 +207,8 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
     .await?;
 
     let mut recoveries = Vec::new();
+    // The chart: time to recover at each fault.
+    let mut timeline = crate::load::Latency::default();
     // Crashes each session must have had: one per kill of the node that
     // held it.
     let mut expected: BTreeMap<String, i32> = BTreeMap::new();
@@ -266,7 +268,9 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
                 detail: format!("after {} {faults}", a.kind),
             });
         }
-        recoveries.push(Duration::from_micros(r.now().saturating_sub(t_heal)));
+        let took = Duration::from_micros(r.now().saturating_sub(t_heal));
+        timeline.record(Duration::from_micros(t_heal), took.as_micros() as u64);
+        recoveries.push(took);
         if !pg {
             // The killed node comes back (its clients stay where they are).
             let node = a.params["node"].as_u64().unwrap_or(0) as usize;
@@ -333,6 +337,10 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
         "{} publishes acknowledged over {NODES} nodes; {refused} answers `unavailable` (re-sent by the SDK); {crashed} sessions crashed",
         shared.acked.load(Ordering::Relaxed)
     ));
+    // The chart: time to recover at each fault, and acknowledged
+    // publishes per second around them.
+    m.latency = Some(timeline);
+    m.throughput = super::ack_rate(r);
     drop(cluster);
     Ok(m)
 }

@@ -444,14 +444,6 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
         shared.acked.load(Ordering::Relaxed),
         2 * n
     ));
-    let mut acks: Vec<f64> = r
-        .snapshot()
-        .publishes
-        .iter()
-        .filter(|p| matches!(p.outcome, crate::history::Outcome::Ok { .. }))
-        .map(|p| p.done as f64 / 1e6)
-        .collect();
-    acks.sort_by(f64::total_cmp);
-    m.throughput = super::rate_series(&acks);
+    m.throughput = super::ack_rate(r);
     Ok(m)
 }

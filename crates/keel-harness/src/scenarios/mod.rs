@@ -175,6 +175,19 @@ pub(crate) fn rate_series(times: &[f64]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Acknowledged publishes per second over a run, from its history.
+pub(crate) fn ack_rate(r: &crate::history::Recorder) -> Vec<(f64, f64)> {
+    let mut acks: Vec<f64> = r
+        .snapshot()
+        .publishes
+        .iter()
+        .filter(|p| matches!(p.outcome, crate::history::Outcome::Ok { .. }))
+        .map(|p| p.done as f64 / 1e6)
+        .collect();
+    acks.sort_by(f64::total_cmp);
+    rate_series(&acks)
+}
+
 /// `params` for a plan, from (name, number) pairs.
 pub(crate) fn params(pairs: &[(&'static str, f64)]) -> Vec<(&'static str, serde_json::Value)> {
     pairs

@@ -1096,15 +1096,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     // The chart: time to recover at each fault, and acknowledged
     // publishes per second around them.
     m.latency = Some(mttr);
-    let mut acks: Vec<f64> = r
-        .snapshot()
-        .publishes
-        .iter()
-        .filter(|p| matches!(p.outcome, Outcome::Ok { .. }))
-        .map(|p| p.done as f64 / 1e6)
-        .collect();
-    acks.sort_by(f64::total_cmp);
-    m.throughput = super::rate_series(&acks);
+    m.throughput = super::ack_rate(r);
     Ok(m)
 }
 
