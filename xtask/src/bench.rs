@@ -23,7 +23,15 @@ pub(crate) struct BenchArgs {
     /// Also run the criterion groups (slow), not only the summaries.
     #[arg(long)]
     criterion: bool,
+    /// Run the cluster bench instead: keel single node, a 3-node cluster
+    /// on PostgreSQL and NATS, and NATS JetStream, side by side. Needs
+    /// PostgreSQL (`KEEL_PG_URL`), NATS (`KEEL_NATS_URL`) and `nats-server`.
+    #[arg(long)]
+    cluster: bool,
 }
+
+/// The cluster bench (`--cluster`): its own run, for it needs the engines.
+const CLUSTER_BENCH: [(&str, &str); 1] = [("keel-relay", "cluster")];
 
 /// (crate, bench target) in the order they run.
 const BENCHES: [(&str, &str); 6] = [
@@ -66,7 +74,12 @@ fn parse(bench: &str, line: &str) -> Option<Figure> {
 pub(crate) fn run(args: BenchArgs) -> Result<i32> {
     let mut figures = Vec::new();
     let mut failed = Vec::new();
-    for (krate, bench) in BENCHES {
+    let benches: &[(&str, &str)] = if args.cluster {
+        &CLUSTER_BENCH
+    } else {
+        &BENCHES
+    };
+    for &(krate, bench) in benches {
         if !args.crates.is_empty() && !args.crates.iter().any(|c| c == krate) {
             continue;
         }
