@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::PgStore;
 use crate::error::{AsStore, pg, retryable};
-use crate::writer::{APPEND, Append, CREATE_CHANNELS, Job, LOCK_CHANNELS};
+use crate::writer::{Append, Item, Job, Statements, append_batch};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -1135,27 +1135,36 @@ pub(crate) async fn append_notices(
     marked: &[CrashedSession],
     notice: &CrashNotice,
 ) -> Result<Vec<(String, Offset)>, StoreError> {
-    let mut names: Vec<String> = marked.iter().map(|c| c.id.private_channel()).collect();
-    names.sort_unstable();
-    names.dedup();
-    if names.is_empty() {
+    if marked.is_empty() {
         return Ok(Vec::new());
     }
-    tx.execute(CREATE_CHANNELS, &[&names]).await.map_err(pg)?;
-    tx.execute(LOCK_CHANNELS, &[&names]).await.map_err(pg)?;
-    let append = tx.prepare(APPEND).await.map_err(pg)?;
-    let mut written = Vec::new();
-    for session in marked {
-        let payload = notice(session);
-        let msg_id = format!("crash-notice-{}", session.crash_count);
-        let channel = session.id.private_channel();
-        let row = tx
-            .query_one(&append, &[&channel, &SYSTEM_SCOPE, &msg_id, &payload, &now])
-            .await
-            .map_err(pg)?;
-        if !row.get::<_, bool>(2) {
-            written.push((channel, row.get::<_, i64>(0) as Offset));
-        }
-    }
-    Ok(written)
+    let st = Statements::prepare(tx).await?;
+    let notices: Vec<(String, String, Vec<u8>)> = marked
+        .iter()
+        .map(|session| {
+            (
+                session.id.private_channel(),
+                format!("crash-notice-{}", session.crash_count),
+                notice(session),
+            )
+        })
+        .collect();
+    let items: Vec<Item<'_>> = notices
+        .iter()
+        .map(|(channel, id, payload)| {
+            (
+                channel.as_str(),
+                SYSTEM_SCOPE,
+                id.as_str(),
+                payload.as_slice(),
+            )
+        })
+        .collect();
+    let done = append_batch(tx, &st, now, &items).await?;
+    Ok(notices
+        .into_iter()
+        .zip(done)
+        .filter(|(_, a)| !a.duplicate)
+        .map(|((channel, _, _), a)| (channel, a.offset))
+        .collect())
 }

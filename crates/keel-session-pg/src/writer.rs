@@ -1,34 +1,16 @@
 //! Group commit of appends: one task per node commits whatever is queued
 //! in one transaction, pipelined on one pooled connection.
 
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+
 use deadpool_postgres::Pool;
-use keel_session::{Appended, StoreError};
+use keel_session::{Appended, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::{Statement, Transaction};
 
 use crate::PgConfig;
 use crate::error::{pg, pool, retryable};
-
-/// One append: the dedup probe, the offset bump and the insert in one
-/// statement. The channel's row is locked by the batch beforehand, so the
-/// bump neither waits nor races; a concurrent writer of the same id on
-/// another node ends in a unique violation, and the retry finds its row.
-pub(crate) const APPEND: &str = r#"
-WITH dup AS (
-    SELECT seq, at FROM messages WHERE channel = $1::text AND msg_id = $3::text AND publisher = $2::text
-), bump AS (
-    UPDATE channels SET next_offset = next_offset + 1
-    WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM dup)
-    RETURNING next_offset - 1 AS seq
-), ins AS (
-    INSERT INTO messages (channel, seq, publisher, msg_id, at, payload)
-    SELECT $1::text, seq, $2::text, $3::text, $5::bigint, $4::bytea FROM bump
-    RETURNING seq, at
-)
-SELECT seq, at, true FROM dup
-UNION ALL
-SELECT seq, at, false FROM ins
-"#;
 
 /// Creates the batch's missing channel rows (in name order, bytewise)...
 pub(crate) const CREATE_CHANNELS: &str = r#"
@@ -45,6 +27,169 @@ ON CONFLICT DO NOTHING
 pub(crate) const LOCK_CHANNELS: &str = r#"
 SELECT 1 FROM channels WHERE name = ANY($1) ORDER BY name FOR UPDATE
 "#;
+
+/// The batch's appends committed before (a publish sent again): their
+/// offsets and times, by (channel, msg_id, publisher).
+pub(crate) const FIND_DUPLICATES: &str = r#"
+SELECT m.channel, m.msg_id, m.publisher, m.seq, m.at
+FROM messages m
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (channel, msg_id, publisher)
+  ON m.channel = k.channel AND m.msg_id = k.msg_id AND m.publisher = k.publisher
+"#;
+
+/// Takes `n` offsets from each channel (rows the batch has locked);
+/// returns the first of each.
+pub(crate) const TAKE_OFFSETS: &str = r#"
+UPDATE channels AS c SET next_offset = c.next_offset + v.n
+FROM unnest($1::text[], $2::bigint[]) AS v (name, n)
+WHERE c.name = v.name
+RETURNING c.name, c.next_offset - v.n
+"#;
+
+/// The batch's new messages, in one statement.
+pub(crate) const INSERT_MESSAGES: &str = r#"
+INSERT INTO messages (channel, seq, publisher, msg_id, at, payload)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])
+"#;
+
+/// The statements of [`append_batch`], prepared on one connection.
+pub(crate) struct Statements {
+    create: Statement,
+    lock: Statement,
+    find: Statement,
+    take: Statement,
+    insert: Statement,
+}
+
+impl Statements {
+    /// Prepared in `tx` (for a one-off batch).
+    pub(crate) async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            create: tx.prepare(CREATE_CHANNELS).await.map_err(pg)?,
+            lock: tx.prepare(LOCK_CHANNELS).await.map_err(pg)?,
+            find: tx.prepare(FIND_DUPLICATES).await.map_err(pg)?,
+            take: tx.prepare(TAKE_OFFSETS).await.map_err(pg)?,
+            insert: tx.prepare(INSERT_MESSAGES).await.map_err(pg)?,
+        })
+    }
+
+    /// From the pooled connection's statement cache (the writer's).
+    async fn cached(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            create: tx.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?,
+            lock: tx.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?,
+            find: tx.prepare_cached(FIND_DUPLICATES).await.map_err(pg)?,
+            take: tx.prepare_cached(TAKE_OFFSETS).await.map_err(pg)?,
+            insert: tx.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?,
+        })
+    }
+}
+
+/// One append of a batch: (channel, scope, msg_id, payload).
+pub(crate) type Item<'a> = (&'a str, &'a str, &'a str, &'a [u8]);
+
+/// Appends `items` inside `tx`, set-based: a constant number of statements
+/// whatever the batch's size. The channels' rows are created, then locked
+/// in name order, so that offsets are taken without waits or races; a
+/// message id already in its channel for the same scope (committed
+/// before, or earlier in this batch) is a duplicate with its original
+/// offset and time. A concurrent writer of the same id on another node
+/// ends in a unique violation, and the retry finds its row.
+pub(crate) async fn append_batch(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    now: UnixMillis,
+    items: &[Item<'_>],
+) -> Result<Vec<Appended>, StoreError> {
+    let mut names: Vec<&str> = items.iter().map(|i| i.0).collect();
+    names.sort_unstable();
+    names.dedup();
+    tx.execute(&st.create, &[&names]).await.map_err(pg)?;
+    tx.execute(&st.lock, &[&names]).await.map_err(pg)?;
+
+    // The first item of each (channel, msg_id, scope); later ones repeat it.
+    let mut first: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    let mut repeats = Vec::new();
+    for (k, (channel, scope, id, _)) in items.iter().enumerate() {
+        match first.entry((channel, id, scope)) {
+            Entry::Occupied(e) => repeats.push((k, *e.get())),
+            Entry::Vacant(e) => {
+                e.insert(k);
+            }
+        }
+    }
+    let mut done: Vec<Option<Appended>> = vec![None; items.len()];
+    let channels: Vec<&str> = first.keys().map(|k| k.0).collect();
+    let ids: Vec<&str> = first.keys().map(|k| k.1).collect();
+    let scopes: Vec<&str> = first.keys().map(|k| k.2).collect();
+    for row in tx
+        .query(&st.find, &[&channels, &ids, &scopes])
+        .await
+        .map_err(pg)?
+    {
+        let key: (&str, &str, &str) = (row.get(0), row.get(1), row.get(2));
+        if let Some(&k) = first.get(&key) {
+            done[k] = Some(Appended {
+                offset: row.get::<_, i64>(3) as Offset,
+                at: row.get(4),
+                duplicate: true,
+            });
+        }
+    }
+
+    // The new ones take their channel's next offsets in batch order.
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for &k in first.values() {
+        if done[k].is_none() {
+            *counts.entry(items[k].0).or_default() += 1;
+        }
+    }
+    if !counts.is_empty() {
+        let (names, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
+        let taken = tx.query(&st.take, &[&names, &ns]).await.map_err(pg)?;
+        let mut next: HashMap<&str, i64> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let fresh: Vec<usize> = (0..items.len())
+            .filter(|&k| {
+                done[k].is_none() && first.get(&(items[k].0, items[k].2, items[k].1)) == Some(&k)
+            })
+            .collect();
+        let mut seqs = Vec::with_capacity(fresh.len());
+        for &k in &fresh {
+            let seq = next
+                .get_mut(items[k].0)
+                .ok_or_else(|| StoreError::Corrupt {
+                    detail: format!("channel {} has no row after it was locked", items[k].0),
+                })?;
+            seqs.push(*seq);
+            done[k] = Some(Appended {
+                offset: *seq as Offset,
+                at: now,
+                duplicate: false,
+            });
+            *seq += 1;
+        }
+        let channels: Vec<&str> = fresh.iter().map(|&k| items[k].0).collect();
+        let scopes: Vec<&str> = fresh.iter().map(|&k| items[k].1).collect();
+        let ids: Vec<&str> = fresh.iter().map(|&k| items[k].2).collect();
+        let ats = vec![now; fresh.len()];
+        let payloads: Vec<&[u8]> = fresh.iter().map(|&k| items[k].3).collect();
+        tx.execute(
+            &st.insert,
+            &[&channels, &seqs, &scopes, &ids, &ats, &payloads],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    for (k, of) in repeats {
+        done[k] = done[of].map(|a| Appended {
+            duplicate: true,
+            ..a
+        });
+    }
+    done.into_iter()
+        .map(|a| a.ok_or(StoreError::Closed))
+        .collect()
+}
 
 /// A queued append.
 pub(crate) struct Append {
@@ -155,33 +300,21 @@ impl Writer {
         let now = self.config.clock.now_millis();
         let mut conn = self.pool.get().await.map_err(pool)?;
         let tx = conn.transaction().await.map_err(pg)?;
-        let mut names: Vec<&str> = jobs.iter().map(|j| j.channel.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let create = tx.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?;
-        tx.execute(&create, &[&names]).await.map_err(pg)?;
-        let lock = tx.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?;
-        tx.execute(&lock, &[&names]).await.map_err(pg)?;
-        let append = tx.prepare_cached(APPEND).await.map_err(pg)?;
-        let params: Vec<[&(dyn ToSql + Sync); 5]> = jobs
+        let st = Statements::cached(&tx).await?;
+        let items: Vec<Item<'_>> = jobs
             .iter()
-            .map(|j| -> [&(dyn ToSql + Sync); 5] {
-                [&j.channel, &j.scope, &j.msg_id, &j.payload, &now]
+            .map(|j| {
+                (
+                    j.channel.as_str(),
+                    j.scope.as_str(),
+                    j.msg_id.as_str(),
+                    j.payload.as_slice(),
+                )
             })
             .collect();
-        // Sent back to back without waiting for answers (the driver
-        // pipelines concurrent queries); the server runs them in order.
-        let queries = params.iter().map(|p| tx.query_one(&append, p));
-        let rows = futures::future::try_join_all(queries).await.map_err(pg)?;
+        let done = append_batch(&tx, &st, now, &items).await?;
         tx.commit().await.map_err(pg)?;
-        Ok(rows
-            .iter()
-            .map(|r| Appended {
-                offset: r.get::<_, i64>(0) as u64,
-                at: r.get(1),
-                duplicate: r.get(2),
-            })
-            .collect())
+        Ok(done)
     }
 }
 

@@ -67,6 +67,7 @@ macro_rules! conformance_suite {
             appends_are_idempotent_per_scope,
             offsets_are_dense_under_concurrent_appends,
             queued_appends_keep_their_order,
+            repeats_in_one_commit_are_duplicates,
             channel_reads_page_by_count_and_bytes,
             channels_are_listed_in_pages,
             retention_never_reuses_offsets,
@@ -474,6 +475,62 @@ pub async fn queued_appends_keep_their_order<H: Harness>(h: H) {
         assert_eq!(a.offset, next[i % 2], "append {i} out of its lane's order");
         next[i % 2] += 1;
     }
+}
+
+/// A message id queued twice before either commits (one group commit, as
+/// when a client re-sends at once) is written once: the repeat is a
+/// duplicate with the first one's offset, in its scope only; an id already
+/// committed and repeated in the same commit is a duplicate twice.
+pub async fn repeats_in_one_commit_are_duplicates<H: Harness>(h: H) {
+    let store = h.store();
+    store.append("room", "old", b"0").await.unwrap();
+    let mut pending = Vec::new();
+    for (scope, id) in [
+        ("alice", "m1"),
+        ("alice", "m1"),
+        ("bob", "m1"),
+        ("alice", "m2"),
+        ("alice", "old"),
+        ("alice", "old"),
+        ("bob", "m1"),
+    ] {
+        pending.push(
+            store
+                .queue_append_scoped(0, scope, "room", id, format!("{scope} {id}").into_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut got = Vec::new();
+    for committing in pending {
+        let a = committing.await.unwrap();
+        got.push((a.offset, a.duplicate));
+    }
+    // "old" was written in the system scope: alice's "old" is new.
+    assert_eq!(
+        got,
+        vec![
+            (2, false),
+            (2, true),
+            (3, false),
+            (4, false),
+            (5, false),
+            (5, true),
+            (3, true)
+        ]
+    );
+    let log = store.read_channel("room", 1, 100).await.unwrap();
+    let written: Vec<&[u8]> = log.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(
+        written,
+        vec![
+            b"0".as_slice(),
+            b"alice m1",
+            b"bob m1",
+            b"alice m2",
+            b"alice old"
+        ]
+    );
 }
 
 /// Reads page by count and stop after the message that reaches the byte bound.
