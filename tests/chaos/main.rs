@@ -180,6 +180,16 @@ fn pg_restart() {
     cluster_scenario("pg_restart");
 }
 
+#[test]
+fn nats_restart() {
+    cluster_scenario("nats_restart");
+}
+
+#[test]
+fn node_partition() {
+    cluster_scenario("node_partition");
+}
+
 /// Every cluster scenario of the catalogue has a test above.
 #[test]
 fn every_cluster_scenario_is_tested() {

@@ -57,6 +57,22 @@ pub struct Cluster {
     pub db: TestDatabase,
     /// The PostgreSQL instance of its own, if the scenario asked for one.
     pub own_pg: Option<OwnPostgres>,
+    /// The NATS server of its own, if the scenario asked for one.
+    pub own_nats: Option<OwnNats>,
+    /// The proxy between one node and NATS (the node's index and the
+    /// proxy), if the scenario asked for one.
+    pub nats_proxy: Option<(usize, keel_faults::Proxy)>,
+}
+
+/// What a cluster runs on besides its nodes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterOptions {
+    /// A PostgreSQL instance of its own (to stop and start).
+    pub own_pg: bool,
+    /// A NATS server of its own (to stop and start).
+    pub own_nats: bool,
+    /// This node reaches NATS through a fault proxy (to partition it).
+    pub nats_proxy_for: Option<usize>,
 }
 
 impl Cluster {
@@ -83,11 +99,21 @@ impl Drop for Cluster {
 }
 
 impl Ctx {
-    /// Starts `n` relay nodes on a fresh database (on a PostgreSQL instance
-    /// of its own when `own_pg`), each with `extra` configuration.
-    pub async fn cluster(&self, n: usize, own_pg: bool, extra: &str) -> Result<Cluster, Error> {
-        let own = if own_pg {
+    /// Starts `n` relay nodes on a fresh database, each with `extra`
+    /// configuration, on the engines `options` asks for.
+    pub async fn cluster(
+        &self,
+        n: usize,
+        options: ClusterOptions,
+        extra: &str,
+    ) -> Result<Cluster, Error> {
+        let own = if options.own_pg {
             Some(OwnPostgres::start(&self.dir).await?)
+        } else {
+            None
+        };
+        let own_nats = if options.own_nats {
+            Some(OwnNats::start().await?)
         } else {
             None
         };
@@ -95,9 +121,17 @@ impl Ctx {
         let db = TestDatabase::create_at(&admin)
             .await
             .map_err(Error::Relay)?;
-        let nats = nats_url();
+        let shared_nats = own_nats.as_ref().map_or_else(nats_url, OwnNats::url);
+        let nats_proxy = match options.nats_proxy_for {
+            Some(node) => Some((node, nats_proxy(&shared_nats).await?)),
+            None => None,
+        };
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
+            let nats = match &nats_proxy {
+                Some((node, proxy)) if *node == i => format!("nats://{}", proxy.listen_addr()),
+                _ => shared_nats.clone(),
+            };
             let config = format!(
                 "{extra}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\npool_size = 16\n\
                  [cluster]\nnats_url = \"{nats}\"\nnode_id = \"node-{i}\"\n{CLUSTER_TIMINGS}",
@@ -115,8 +149,106 @@ impl Ctx {
             nodes,
             db,
             own_pg: own,
+            own_nats,
+            nats_proxy,
         })
     }
+}
+
+/// A fault proxy in front of the NATS server at `url`.
+async fn nats_proxy(url: &str) -> Result<keel_faults::Proxy, Error> {
+    let hostport = url.split("://").nth(1).unwrap_or(url).trim_end_matches('/');
+    let upstream = tokio::net::lookup_host(hostport)
+        .await
+        .map_err(|e| Error::io(&format!("resolve NATS at {url}"), e))?
+        .next()
+        .ok_or_else(|| Error::Relay(format!("NATS at {url} has no address")))?;
+    keel_faults::Proxy::start(keel_faults::ProxyConfig {
+        name: "nats".into(),
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        upstream,
+        seed: 0,
+    })
+    .await
+    .map_err(|e| Error::Relay(format!("cannot start the NATS proxy: {e}")))
+}
+
+/// A NATS server of the harness's own (`nats-server`, core NATS: the bus
+/// needs no JetStream) on a port it keeps across restarts.
+pub struct OwnNats {
+    child: Option<tokio::process::Child>,
+    port: u16,
+}
+
+impl OwnNats {
+    /// Starts it on a free port.
+    pub async fn start() -> Result<OwnNats, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::io("find a free port", e))?
+            .port();
+        let mut nats = OwnNats { child: None, port };
+        nats.start_server().await?;
+        Ok(nats)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it greets, at most 10 s.
+    pub async fn start_server(&mut self) -> Result<(), Error> {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                Error::io(
+                    "start nats-server (install it, or set KEEL_NATS_SERVER to its path)",
+                    e,
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nats_check(&self.url()).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Relay(format!(
+                    "nats-server did not start on port {} within 10 s",
+                    self.port
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL: every client sees its connection end).
+    pub async fn stop_server(&mut self) -> Result<(), Error> {
+        if let Some(mut child) = self.child.take() {
+            child
+                .kill()
+                .await
+                .map_err(|e| Error::io("kill nats-server", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// `KEEL_NATS_SERVER`, or `nats-server` on the PATH or in the usual places.
+fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KEEL_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/local/bin", "/usr/bin"])
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
 /// A PostgreSQL server of the harness's own, in a temporary directory, on a

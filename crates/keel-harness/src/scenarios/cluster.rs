@@ -17,12 +17,15 @@ use tokio_postgres::NoTls;
 use super::process::{Shared, heal, spawn_load};
 use super::{body, params, setup, wait_until};
 use crate::Error;
+use crate::cluster::ClusterOptions;
 use crate::history::{Op, Outcome};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
 const NODE_KILL: &str = "node_kill";
 const PG_RESTART: &str = "pg_restart";
+const NATS_RESTART: &str = "nats_restart";
+const NODE_PARTITION: &str = "node_partition";
 
 /// The nodes of every cluster scenario.
 const NODES: usize = 3;
@@ -93,6 +96,72 @@ pub(crate) const PG_RESTART_SCENARIO: Scenario = Scenario {
     budget: Duration::from_secs(900),
 };
 
+pub(crate) const NATS_RESTART_SCENARIO: Scenario = Scenario {
+    name: NATS_RESTART,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "002",
+        test: "message broker failure: delivery keeps its guarantees across a bus outage",
+        threshold: "no data loss; MTTR < 5 min",
+    },
+    what: "kill the cluster's NATS server (its own) under load for the action's duration, start it again; repeat (--iterations)",
+    target: "publishes go on; deliveries across nodes come from the store's catch-up meanwhile (delivery delay max < 3 s); 0 acknowledged lost or duplicated; every node's bus connected again without a restart",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("restarts", plan.num("iterations")),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::exact("nodes_alive", NODES as f64),
+            Threshold::zero("crash_count_mismatches"),
+            Threshold::new("caught_up", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "delivery_delay_max_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(3_000.0),
+            ),
+        ]
+    },
+    plan: plan_nats_restart,
+    run: body!(run_nats_restart),
+    budget: Duration::from_secs(900),
+};
+
+pub(crate) const NODE_PARTITION_SCENARIO: Scenario = Scenario {
+    name: NODE_PARTITION,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "002",
+        test: "network partition: a node cut off from the message bus",
+        threshold: "no data loss; MTTR < 5 min",
+    },
+    what: "blackhole one node's link to NATS (a fault proxy holds its traffic, new connections hang) under load for the action's duration; repeat (--iterations)",
+    target: "the cut-off node's subscribers still get everything through the store's catch-up, and the others get its publishes (delivery delay max < 3 s); 0 acknowledged lost or duplicated; its bus connected again after the heal",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("partitions", plan.num("iterations")),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::exact("nodes_alive", NODES as f64),
+            Threshold::zero("crash_count_mismatches"),
+            Threshold::new("caught_up", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "delivery_delay_max_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(3_000.0),
+            ),
+        ]
+    },
+    plan: plan_node_partition,
+    run: body!(run_node_partition),
+    budget: Duration::from_secs(900),
+};
+
 fn plan_node_kill(input: &PlanInput) -> Plan {
     let iterations = input
         .iterations
@@ -126,12 +195,34 @@ fn plan_node_kill(input: &PlanInput) -> Plan {
 }
 
 fn plan_pg_restart(input: &PlanInput) -> Plan {
+    plan_outages(input, PG_RESTART, "pg_stop", "postgres")
+}
+
+fn plan_nats_restart(input: &PlanInput) -> Plan {
+    plan_outages(input, NATS_RESTART, "nats_stop", "nats")
+}
+
+fn plan_node_partition(input: &PlanInput) -> Plan {
+    // The node behind the proxy: one, for the whole run.
+    let node = input.rng(NODE_PARTITION, "node").random_range(0..NODES);
+    let mut plan = plan_outages(
+        input,
+        NODE_PARTITION,
+        "nats_partition",
+        &format!("node-{node}"),
+    );
+    plan.params.insert("node".into(), json!(node));
+    plan
+}
+
+/// `iterations` outages of `kind` on `target`, each lasting a while.
+fn plan_outages(input: &PlanInput, name: &'static str, kind: &str, target: &str) -> Plan {
     let iterations = input
         .iterations
         .unwrap_or_else(|| input.scale.pick(1, 4))
         .max(1);
     let mut plan = input.plan(
-        PG_RESTART,
+        name,
         &params(&[
             ("iterations", iterations as f64),
             ("publishers", input.scale.pick(3, 48) as f64),
@@ -141,7 +232,7 @@ fn plan_pg_restart(input: &PlanInput) -> Plan {
             ("heal_deadline_s", 30.0),
         ]),
     );
-    let mut rng = input.rng(PG_RESTART, "restarts");
+    let mut rng = input.rng(name, "outages");
     let mut at = 0;
     for k in 0..iterations {
         at += rng.random_range(500..=input.scale.pick(1_000, 3_000) as u64);
@@ -151,9 +242,9 @@ fn plan_pg_restart(input: &PlanInput) -> Plan {
         plan.actions.push(Action {
             at_ms: at,
             duration_ms: down,
-            kind: "pg_stop".into(),
-            target: "postgres".into(),
-            params: json!({"restart": k + 1}),
+            kind: kind.into(),
+            target: target.into(),
+            params: json!({"outage": k + 1}),
         });
         at += down;
     }
@@ -161,18 +252,54 @@ fn plan_pg_restart(input: &PlanInput) -> Plan {
 }
 
 async fn run_node_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    run_cluster(ctx, plan, false).await
+    run_cluster(ctx, plan, Fault::NodeKill).await
 }
 
 async fn run_pg_restart(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    run_cluster(ctx, plan, true).await
+    run_cluster(ctx, plan, Fault::PgStop).await
 }
 
-/// Three nodes, load from clients spread over them, and the plan's faults:
-/// node kills, or (`pg`) PostgreSQL stops.
-async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error> {
+async fn run_nats_restart(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, Fault::NatsStop).await
+}
+
+async fn run_node_partition(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, Fault::NatsPartition).await
+}
+
+/// What a cluster scenario does to the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL a node, then start it again.
+    NodeKill,
+    /// Stop PostgreSQL (its own instance) for a while.
+    PgStop,
+    /// Kill NATS (its own server) for a while.
+    NatsStop,
+    /// Blackhole one node's link to NATS for a while.
+    NatsPartition,
+}
+
+impl Fault {
+    /// The count figure's name.
+    fn count_name(self) -> &'static str {
+        match self {
+            Fault::NodeKill => "kills",
+            Fault::PgStop | Fault::NatsStop => "restarts",
+            Fault::NatsPartition => "partitions",
+        }
+    }
+}
+
+/// Three nodes, load from clients spread over them, and the plan's faults.
+async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     ctx.phase("starting the cluster");
-    let mut cluster = ctx.cluster(NODES, pg, "").await?;
+    let options = ClusterOptions {
+        own_pg: fault == Fault::PgStop,
+        own_nats: fault == Fault::NatsStop,
+        nats_proxy_for: (fault == Fault::NatsPartition).then(|| plan.num("node") as usize),
+    };
+    let mut cluster = ctx.cluster(NODES, options, "").await?;
     let r = &ctx.recorder;
     let shared = Arc::new(Shared {
         // Welcome states are not checked here: clients also reconnect for
@@ -224,22 +351,47 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
             plan.actions.len()
         ));
         let t_fault = r.now();
-        if pg {
-            let own = cluster
-                .own_pg
-                .as_ref()
-                .ok_or_else(|| setup("own PostgreSQL", "not started"))?;
-            own.stop_server().await?;
-            tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
-            own.start_server().await?;
-            previous += a.duration_ms;
-        } else {
-            let node = a.params["node"].as_u64().unwrap_or(0) as usize;
-            for id in held_by(&cluster.db.url, &format!("node-{node}")).await? {
-                *expected.entry(id).or_default() += 1;
+        match fault {
+            Fault::PgStop => {
+                let own = cluster
+                    .own_pg
+                    .as_ref()
+                    .ok_or_else(|| setup("own PostgreSQL", "not started"))?;
+                own.stop_server().await?;
+                tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+                own.start_server().await?;
+                previous += a.duration_ms;
             }
-            shared.kills.fetch_add(1, Ordering::AcqRel);
-            cluster.nodes[node].kill9().await?;
+            Fault::NatsStop => {
+                let own = cluster
+                    .own_nats
+                    .as_mut()
+                    .ok_or_else(|| setup("own NATS", "not started"))?;
+                own.stop_server().await?;
+                tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+                own.start_server().await?;
+                previous += a.duration_ms;
+            }
+            Fault::NatsPartition => {
+                let (_, proxy) = cluster
+                    .nats_proxy
+                    .as_ref()
+                    .ok_or_else(|| setup("NATS proxy", "not started"))?;
+                proxy.partition(
+                    Duration::from_millis(a.duration_ms),
+                    keel_faults::PartitionMode::Hang,
+                );
+                tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+                previous += a.duration_ms;
+            }
+            Fault::NodeKill => {
+                let node = a.params["node"].as_u64().unwrap_or(0) as usize;
+                for id in held_by(&cluster.db.url, &format!("node-{node}")).await? {
+                    *expected.entry(id).or_default() += 1;
+                }
+                shared.kills.fetch_add(1, Ordering::AcqRel);
+                cluster.nodes[node].kill9().await?;
+            }
         }
         faults += 1;
         let t_heal = r.now();
@@ -271,7 +423,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
         let took = Duration::from_micros(r.now().saturating_sub(t_heal));
         timeline.record(Duration::from_micros(t_heal), took.as_micros() as u64);
         recoveries.push(took);
-        if !pg {
+        if fault == Fault::NodeKill {
             // The killed node comes back (its clients stay where they are).
             let node = a.params["node"].as_u64().unwrap_or(0) as usize;
             cluster.nodes[node].restart().await?;
@@ -280,17 +432,37 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
 
     let (converged, redelivered) = heal(ctx, plan, &shared, &progress, pubs, subs).await?;
 
-    // Every node still serving, on the same process (a store outage must
-    // not need a restart).
+    // Every node still serving, on the same process (a store or bus outage
+    // must not need a restart): its store reachable and its bus connected
+    // (async-nats reconnects by itself; allow it a few seconds).
     let mut alive = 0;
     for node in &cluster.nodes {
-        let health = crate::fixture::http_get(node.addr(), "/healthz")
-            .await
-            .unwrap_or_default();
-        if health.contains("\"store_reachable\":true") {
+        let serving = wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || async {
+                let health = crate::fixture::http_get(node.addr(), "/healthz")
+                    .await
+                    .unwrap_or_default();
+                health.contains("\"store_reachable\":true")
+                    && health.contains("\"bus\":\"connected\"")
+            },
+        )
+        .await;
+        if serving {
             alive += 1;
         }
     }
+    // Messages the catch-up read from the store because the bus did not
+    // bring them: the path a bus outage must take.
+    let mut caught_up = 0.0;
+    for node in &cluster.nodes {
+        caught_up += node
+            .metric("keel_catch_up_messages_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    let delay = delivery_delay(&r.snapshot());
     // What the nodes refused as `unavailable` (the SDK re-sent each).
     let mut refused = 0.0;
     for node in &cluster.nodes {
@@ -309,7 +481,11 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
             .get(((recoveries.len() as f64 * q).ceil() as usize).saturating_sub(1))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    let figure = if pg { "recovery" } else { "failover" };
+    let figure = if fault == Fault::NodeKill {
+        "failover"
+    } else {
+        "recovery"
+    };
     let mut m = Measured::default();
     if !samples.is_empty() {
         m.note(format!(
@@ -317,7 +493,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
             samples.join("; ")
         ));
     }
-    m.set(if pg { "restarts" } else { "kills" }, f64::from(faults))
+    m.set(fault.count_name(), f64::from(faults))
         .set(
             "publish_errors",
             shared.publish_errors.load(Ordering::Relaxed) as f64,
@@ -326,6 +502,9 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
         .set("redelivered", redelivered as f64)
         .set("converged", if converged { 1.0 } else { 0.0 })
         .set("refused", refused)
+        .set("caught_up", caught_up)
+        .set("delivery_delay_p99_ms", delay.0)
+        .set("delivery_delay_max_ms", delay.1)
         .set("nodes_alive", f64::from(alive))
         .set("sessions_crashed", crashed as f64)
         .set("crash_count_mismatches", wrong as f64)
@@ -334,8 +513,10 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
         .set(&format!("{figure}_p95_ms"), pick(0.95))
         .set(&format!("{figure}_max_ms"), pick(1.0));
     m.note(format!(
-        "{} publishes acknowledged over {NODES} nodes; {refused} answers `unavailable` (re-sent by the SDK); {crashed} sessions crashed",
-        shared.acked.load(Ordering::Relaxed)
+        "{} publishes acknowledged over {NODES} nodes; {refused} answers `unavailable` (re-sent by the SDK); {crashed} sessions crashed; {caught_up} messages read by the catch-up; delivery after acknowledgement p99 {:.0} ms, max {:.0} ms",
+        shared.acked.load(Ordering::Relaxed),
+        delay.0,
+        delay.1
     ));
     // The chart: time to recover at each fault, and acknowledged
     // publishes per second around them.
@@ -343,6 +524,29 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, pg: bool) -> Result<Measured, Error
     m.throughput = super::ack_rate(r);
     drop(cluster);
     Ok(m)
+}
+
+/// How long after its acknowledgement each delivery arrived: (p99, max)
+/// in ms, over every delivery of an acknowledged publish.
+fn delivery_delay(h: &crate::history::History) -> (f64, f64) {
+    let acked: std::collections::HashMap<_, u64> = h
+        .publishes
+        .iter()
+        .filter(|p| matches!(p.outcome, Outcome::Ok { .. }))
+        .map(|p| ((p.channel, p.id), p.done))
+        .collect();
+    let mut delays: Vec<u64> = h
+        .deliveries
+        .iter()
+        .filter_map(|d| Some(d.at.saturating_sub(*acked.get(&(d.channel, d.id))?)))
+        .collect();
+    if delays.is_empty() {
+        return (0.0, 0.0);
+    }
+    delays.sort_unstable();
+    let p99 = delays[(delays.len() * 99 / 100).min(delays.len() - 1)];
+    let max = delays[delays.len() - 1];
+    (p99 as f64 / 1000.0, max as f64 / 1000.0)
 }
 
 /// The sessions ACTIVE on `node` now.

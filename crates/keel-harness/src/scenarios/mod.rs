@@ -78,6 +78,8 @@ pub fn catalogue() -> Vec<Scenario> {
         // The cluster suite.
         cluster::NODE_KILL_SCENARIO,
         cluster::PG_RESTART_SCENARIO,
+        cluster::NATS_RESTART_SCENARIO,
+        cluster::NODE_PARTITION_SCENARIO,
     ]
 }
 
