@@ -67,6 +67,7 @@ fn main() {
             eprintln!("{why}");
             return 1;
         }
+        print_engines().await;
         let mut rows = Vec::new();
         if wanted("publishes") {
             rows.push(publishes().await);
@@ -112,6 +113,30 @@ async fn check_engines() -> Result<(), String> {
             "the cluster bench needs PostgreSQL, NATS and nats-server:\n  {}",
             missing.join("\n  ")
         ))
+    }
+}
+
+/// What the figures depend on: PostgreSQL's durability settings and the
+/// NATS server's version, as this run found them.
+async fn print_engines() {
+    if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
+        let driver = tokio::spawn(conn);
+        let mut facts = Vec::new();
+        for setting in ["server_version", "synchronous_commit", "fsync"] {
+            if let Ok(row) = client.query_one(&format!("SHOW {setting}"), &[]).await {
+                facts.push(format!("{setting}={}", row.get::<_, String>(0)));
+            }
+        }
+        println!("PostgreSQL at KEEL_PG_URL: {}", facts.join(" "));
+        driver.abort();
+    }
+    if let Some(bin) = which_nats_server()
+        && let Ok(out) = std::process::Command::new(&bin).arg("--version").output()
+    {
+        println!(
+            "JetStream peer: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
     }
 }
 
@@ -373,17 +398,26 @@ async fn js_consumers(
 
 const PUBLISHERS: u64 = 64;
 
+/// Acknowledged publishes/s, from the first publisher's first publish
+/// (after every hello: connecting is not timed, as for JetStream) to the
+/// last answer.
 async fn relay_publishes(urls: &[String], per: u64) -> f64 {
-    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for p in 0..PUBLISHERS {
         let url = urls[p as usize % urls.len()].clone();
         tasks.spawn(async move {
-            publisher(&url, &format!("ch-{p}"), per, 512, true, None).await;
+            publisher(&url, &format!("ch-{p}"), per, 512, true, None)
+                .await
+                .expect("a publisher")
         });
     }
-    while tasks.join_next().await.is_some() {}
-    (per * PUBLISHERS) as f64 / started.elapsed().as_secs_f64()
+    let mut first: Option<Instant> = None;
+    while let Some(t) = tasks.join_next().await {
+        let started = t.expect("a publisher finished");
+        first = Some(first.map_or(started, |f| f.min(started)));
+    }
+    let first = first.expect("publishers ran");
+    (per * PUBLISHERS) as f64 / first.elapsed().as_secs_f64()
 }
 
 async fn js_publishes(nats: &Nats, per: u64) -> f64 {
@@ -491,6 +525,11 @@ async fn js_latency(nats: &Nats, subs: usize, rate: u64) -> Quantiles {
     while let Ok(Some(r)) = tokio::time::timeout_at(limit, tasks.join_next()).await {
         all.add(&r.unwrap().1).ok();
     }
+    assert!(
+        tasks.is_empty(),
+        "{} of {subs} JetStream consumers did not receive all {total} messages within 60 s",
+        tasks.len()
+    );
     Quantiles::of(&all)
 }
 

@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::PgStore;
 use crate::error::{AsStore, pg, retryable};
-use crate::writer::{Append, Item, Job, Statements, append_batch};
+use crate::writer::{Append, Item, Job, LOCK_CHANNELS, Statements, append_batch};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -450,9 +450,11 @@ impl SessionStore for PgStore {
                 .iter()
                 .map(|id| SessionId(id.clone()).private_channel())
                 .collect();
-            // The channel rows first: deleting them waits for appends in
-            // flight (which hold them) and keeps later ones out until this
-            // commits, so no message outlives its channel's counter.
+            // The channel rows first: locking them (in name order, as
+            // appends do) waits for appends in flight and keeps later ones
+            // out until this commits, so no message outlives its channel's
+            // counter.
+            tx.execute(LOCK_CHANNELS, &[&channels]).await.map_err(pg)?;
             tx.execute("DELETE FROM channels WHERE name = ANY($1)", &[&channels])
                 .await
                 .map_err(pg)?;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use deadpool_postgres::Pool;
 use keel_session::{Appended, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Statement, Transaction};
 
 use crate::PgConfig;
@@ -104,8 +105,6 @@ pub(crate) async fn append_batch(
     let mut names: Vec<&str> = items.iter().map(|i| i.0).collect();
     names.sort_unstable();
     names.dedup();
-    tx.execute(&st.create, &[&names]).await.map_err(pg)?;
-    tx.execute(&st.lock, &[&names]).await.map_err(pg)?;
 
     // The first item of each (channel, msg_id, scope); later ones repeat it.
     let mut first: HashMap<(&str, &str, &str), usize> = HashMap::new();
@@ -118,15 +117,34 @@ pub(crate) async fn append_batch(
             }
         }
     }
+    let mut channels = Vec::with_capacity(first.len());
+    let mut ids = Vec::with_capacity(first.len());
+    let mut scopes = Vec::with_capacity(first.len());
+    for (channel, id, scope) in first.keys() {
+        channels.push(*channel);
+        ids.push(*id);
+        scopes.push(*scope);
+    }
+    // Create, lock, find: sent back to back (the driver pipelines them;
+    // the server runs them in order), one round trip for the three.
+    let by_name: [&(dyn ToSql + Sync); 1] = [&names];
+    let by_key: [&(dyn ToSql + Sync); 3] = [&channels, &ids, &scopes];
+    let (_, locked, found) = futures::try_join!(
+        tx.execute(&st.create, &by_name),
+        tx.execute(&st.lock, &by_name),
+        tx.query(&st.find, &by_key),
+    )
+    .map_err(pg)?;
+    if locked != names.len() as u64 {
+        // A session purge removed a channel's row between the two
+        // statements: a conflict, run again (the row is created afresh).
+        return Err(StoreError::Postgres {
+            sqlstate: "40001".into(),
+            message: "a channel's row was removed while the batch locked it (session purge)".into(),
+        });
+    }
     let mut done: Vec<Option<Appended>> = vec![None; items.len()];
-    let channels: Vec<&str> = first.keys().map(|k| k.0).collect();
-    let ids: Vec<&str> = first.keys().map(|k| k.1).collect();
-    let scopes: Vec<&str> = first.keys().map(|k| k.2).collect();
-    for row in tx
-        .query(&st.find, &[&channels, &ids, &scopes])
-        .await
-        .map_err(pg)?
-    {
+    for row in found {
         let key: (&str, &str, &str) = (row.get(0), row.get(1), row.get(2));
         if let Some(&k) = first.get(&key) {
             done[k] = Some(Appended {

@@ -460,6 +460,13 @@ pub(crate) async fn latency_once(
     let limit = tokio::time::Instant::now() + Duration::from_secs(60);
     while let Ok(Some(_)) = tokio::time::timeout_at(limit, tasks.join_next()).await {}
     drain.abort();
+    // A subscriber that had not finished by the limit took its samples
+    // with it: the quantiles would be of the fast ones only.
+    assert!(
+        tasks.is_empty(),
+        "{} of {subs} subscribers did not receive all {total} messages within 60 s",
+        tasks.len()
+    );
     let local = Quantiles::of(&local.lock().unwrap());
     let remote = Quantiles::of(&remote.lock().unwrap());
     (local, remote)
