@@ -190,6 +190,11 @@ fn node_partition() {
     cluster_scenario("node_partition");
 }
 
+#[test]
+fn leader_kill() {
+    cluster_scenario("leader_kill");
+}
+
 /// Every cluster scenario of the catalogue has a test above.
 #[test]
 fn every_cluster_scenario_is_tested() {

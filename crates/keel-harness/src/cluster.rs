@@ -65,8 +65,10 @@ pub struct Cluster {
 }
 
 /// What a cluster runs on besides its nodes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
+    /// The upstream (mock messaging API) every node is configured with.
+    pub upstream: Option<String>,
     /// A PostgreSQL instance of its own (to stop and start).
     pub own_pg: bool,
     /// A NATS server of its own (to stop and start).
@@ -140,6 +142,7 @@ impl Ctx {
             nodes.push(
                 self.relay(RelayOptions {
                     config,
+                    upstream: options.upstream.clone(),
                     ..RelayOptions::default()
                 })
                 .await?,

@@ -14,10 +14,13 @@ use rand::Rng;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
+use keel_faults::{MockUpstream, UpstreamConfig};
+
 use super::process::{Shared, heal, spawn_load};
+use super::upstream::{Sender, send_key};
 use super::{body, params, setup, wait_until};
 use crate::Error;
-use crate::cluster::ClusterOptions;
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::history::{Op, Outcome};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
@@ -26,6 +29,7 @@ const NODE_KILL: &str = "node_kill";
 const PG_RESTART: &str = "pg_restart";
 const NATS_RESTART: &str = "nats_restart";
 const NODE_PARTITION: &str = "node_partition";
+const LEADER_KILL: &str = "leader_kill";
 
 /// The nodes of every cluster scenario.
 const NODES: usize = 3;
@@ -161,6 +165,255 @@ pub(crate) const NODE_PARTITION_SCENARIO: Scenario = Scenario {
     run: body!(run_node_partition),
     budget: Duration::from_secs(900),
 };
+
+pub(crate) const LEADER_KILL_SCENARIO: Scenario = Scenario {
+    name: LEADER_KILL,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "000/002",
+        test: "test_daemon_crash_recovery: sends survive the sender's crash (on a 3-node cluster)",
+        threshold: "every acknowledged send reaches the API; none lost",
+    },
+    what: "SIGKILL the node holding the upstream lock (the one sending to the mock messaging API) while sessions on every node queue sends; restart it; repeat (--iterations)",
+    target: "another node takes the lock and sends on; every acknowledged send accepted by the upstream, none accepted twice (a send re-sent after the kill carries its idempotency key); takeover p95 < 10 s",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("kills", plan.num("iterations")),
+            Threshold::new("sends_acked", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::zero("sends_lost"),
+            Threshold::zero("sends_twice"),
+            Threshold::zero("takeovers_missing"),
+            Threshold::new("leaders_seen", "", Some(Bound::Ge(2.0)), Bound::Ge(2.0)),
+            Threshold::new(
+                "takeover_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(10_000.0),
+            ),
+        ]
+    },
+    plan: plan_leader_kill,
+    run: body!(run_leader_kill),
+    budget: Duration::from_secs(900),
+};
+
+fn plan_leader_kill(input: &PlanInput) -> Plan {
+    let iterations = input
+        .iterations
+        .unwrap_or_else(|| input.scale.pick(1, 4))
+        .max(1);
+    let mut plan = input.plan(
+        LEADER_KILL,
+        &params(&[
+            ("iterations", iterations as f64),
+            ("senders", input.scale.pick(3, 12) as f64),
+            ("send_interval_ms", 100.0),
+        ]),
+    );
+    let mut rng = input.rng(LEADER_KILL, "kills");
+    let mut at = 0;
+    for k in 0..iterations {
+        at += rng.random_range(
+            input.scale.pick(500, 1_000) as u64..=input.scale.pick(1_000, 3_000) as u64,
+        );
+        plan.actions.push(Action {
+            at_ms: at,
+            duration_ms: 0,
+            kind: "kill9".into(),
+            target: "the upstream leader".into(),
+            params: json!({"kill": k + 1}),
+        });
+    }
+    plan
+}
+
+/// The node that says it holds the upstream lock, if one does.
+async fn upstream_leader(cluster: &Cluster) -> Option<usize> {
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        if node.metric("keel_upstream_leader").await.unwrap_or(0.0) >= 1.0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1_000.0,
+        global_burst: 1_000.0,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("mock upstream", e))?;
+    ctx.phase("starting the cluster");
+    let options = ClusterOptions {
+        upstream: Some(up.url()),
+        ..ClusterOptions::default()
+    };
+    let sending =
+        "[sending]\nglobal_rate = 500\nper_recipient_rate = 1000\nper_recipient_burst = 1000\n";
+    let mut cluster = ctx.cluster(NODES, options, sending).await?;
+    let r = &ctx.recorder;
+
+    ctx.phase("sending");
+    // Senders on every node; one whose link fails (its node was killed)
+    // opens a new session on the next node. A send without an answer is
+    // not counted: only acknowledged sends must arrive.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let unanswered = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_millis(plan.num("send_interval_ms") as u64);
+    let mut senders = Vec::new();
+    for s in 0..plan.count("senders") {
+        let urls = cluster.urls_from(s % NODES);
+        let (r, stop, acked, unanswered) =
+            (r.clone(), stop.clone(), acked.clone(), unanswered.clone());
+        senders.push(tokio::spawn(async move {
+            let mut next = 0usize;
+            let mut sender: Option<Sender> = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let Some(current) = &sender else {
+                    match Sender::open(&urls[next % urls.len()], s as u32, &r).await {
+                        Ok(opened) => sender = Some(opened),
+                        Err(_) => {
+                            next += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                    continue;
+                };
+                let id = format!("lk{s}-{i}");
+                i += 1;
+                if current.send(&id, &format!("r{}", i % 10), None).await {
+                    acked.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                } else {
+                    unanswered.fetch_add(1, Ordering::Relaxed);
+                    sender = None;
+                    next += 1;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }));
+    }
+
+    let mut leaders_seen = std::collections::BTreeSet::new();
+    let mut takeovers = Vec::new();
+    let mut missing = 0u32;
+    let mut kills = 0u32;
+    let mut previous = 0;
+    for a in &plan.actions {
+        tokio::time::sleep(Duration::from_millis(a.at_ms - previous)).await;
+        previous = a.at_ms;
+        ctx.phase(&format!("kill {} of {}", kills + 1, plan.actions.len()));
+        let mut old = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while old.is_none() && tokio::time::Instant::now() < deadline {
+            old = upstream_leader(&cluster).await;
+            if old.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let Some(old) = old else {
+            missing += 1;
+            continue;
+        };
+        leaders_seen.insert(old);
+        let before = up.accepted().len();
+        let t_fault = r.now();
+        cluster.nodes[old].kill9().await?;
+        kills += 1;
+        r.fault(&a.kind, &format!("node-{old}"), t_fault, r.now());
+        // Taken over: another node holds the lock and the upstream accepts
+        // sends again.
+        let started = tokio::time::Instant::now();
+        let mut new = None;
+        while new.is_none() && started.elapsed() < Duration::from_secs(30) {
+            if let Some(n) = upstream_leader(&cluster).await
+                && n != old
+                && up.accepted().len() > before
+            {
+                new = Some(n);
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        match new {
+            Some(n) => {
+                leaders_seen.insert(n);
+                takeovers.push(started.elapsed());
+            }
+            None => missing += 1,
+        }
+        cluster.nodes[old].restart().await?;
+    }
+
+    ctx.phase("stopping the senders; the upstream drains");
+    let t_stop = tokio::time::Instant::now();
+    stop.store(true, Ordering::Release);
+    for t in senders {
+        t.await.map_err(|e| setup("sender task", e))?;
+    }
+    let stopped_in = t_stop.elapsed();
+    let wanted: std::collections::HashSet<String> = acked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
+        let (up, wanted) = (&up, &wanted);
+        async move {
+            let got: std::collections::HashSet<String> = up
+                .accepted()
+                .iter()
+                .map(|a| send_key(&a.id).to_owned())
+                .collect();
+            wanted.iter().all(|id| got.contains(id))
+        }
+    })
+    .await;
+    let drained_in = t_stop.elapsed() - stopped_in;
+    // Anything still in flight settles.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut times: BTreeMap<String, u32> = BTreeMap::new();
+    for a in up.accepted() {
+        *times.entry(send_key(&a.id).to_owned()).or_default() += 1;
+    }
+    let lost = wanted.iter().filter(|id| !times.contains_key(*id)).count();
+    let twice = times.values().filter(|n| **n > 1).count();
+    takeovers.sort();
+    let pick = |q: f64| {
+        takeovers
+            .get(((takeovers.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let mut m = Measured::default();
+    m.set("kills", f64::from(kills))
+        .set("sends_acked", wanted.len() as f64)
+        .set("sends_lost", lost as f64)
+        .set("sends_twice", twice as f64)
+        .set(
+            "sends_unanswered",
+            unanswered.load(Ordering::Relaxed) as f64,
+        )
+        .set("resent_to_upstream", up.duplicates().len() as f64)
+        .set("takeovers_missing", f64::from(missing))
+        .set("leaders_seen", leaders_seen.len() as f64)
+        .set("takeover_p50_ms", pick(0.5))
+        .set("takeover_p95_ms", pick(0.95))
+        .set("takeover_max_ms", pick(1.0));
+    m.note(format!(
+        "{} sends acknowledged, {lost} of them lost, {twice} accepted twice; {} re-sent after a kill and recognised by the upstream as duplicates (same idempotency key); {} without an answer (their node died); leaders: {:?}; senders stopped in {stopped_in:.1?}, the upstream had every acknowledged send {drained_in:.1?} later",
+        wanted.len(),
+        up.duplicates().len(),
+        unanswered.load(Ordering::Relaxed),
+        leaders_seen
+    ));
+    drop(cluster);
+    Ok(m)
+}
 
 fn plan_node_kill(input: &PlanInput) -> Plan {
     let iterations = input
@@ -298,6 +551,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
         own_pg: fault == Fault::PgStop,
         own_nats: fault == Fault::NatsStop,
         nats_proxy_for: (fault == Fault::NatsPartition).then(|| plan.num("node") as usize),
+        upstream: None,
     };
     let mut cluster = ctx.cluster(NODES, options, "").await?;
     let r = &ctx.recorder;

@@ -80,6 +80,7 @@ pub fn catalogue() -> Vec<Scenario> {
         cluster::PG_RESTART_SCENARIO,
         cluster::NATS_RESTART_SCENARIO,
         cluster::NODE_PARTITION_SCENARIO,
+        cluster::LEADER_KILL_SCENARIO,
     ]
 }
 

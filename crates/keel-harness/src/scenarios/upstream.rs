@@ -25,7 +25,7 @@ use crate::threshold::{Bound, Threshold};
 type Waiting = Arc<Mutex<BTreeMap<String, oneshot::Sender<Result<(), String>>>>>;
 
 /// One session that sends `send` frames and waits for `sent`.
-struct Sender {
+pub(super) struct Sender {
     client: u32,
     tx: mpsc::UnboundedSender<String>,
     waiting: Waiting,
@@ -33,7 +33,7 @@ struct Sender {
 }
 
 impl Sender {
-    async fn open(url: &str, client: u32, recorder: &Recorder) -> Result<Sender, Error> {
+    pub(super) async fn open(url: &str, client: u32, recorder: &Recorder) -> Result<Sender, Error> {
         let (ws, _) = client::open_session(url, None).await?;
         let (mut sink, mut stream) = ws.split();
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -67,6 +67,9 @@ impl Sender {
                     let _ = tx.send(answer);
                 }
             }
+            // The link is gone: sends still waiting get no answer now
+            // rather than at their timeout.
+            w.lock().unwrap_or_else(|p| p.into_inner()).clear();
         });
         Ok(Sender {
             client,
@@ -77,7 +80,12 @@ impl Sender {
     }
 
     /// Sends `id` to `to`; true when the relay answered `sent`.
-    async fn send(&self, id: &str, to: &str, intended: Option<tokio::time::Instant>) -> bool {
+    pub(super) async fn send(
+        &self,
+        id: &str,
+        to: &str,
+        intended: Option<tokio::time::Instant>,
+    ) -> bool {
         let invoke = intended.map_or_else(
             || self.recorder.now(),
             |t| self.recorder.micros(t.into_std()),
@@ -603,7 +611,7 @@ impl tracing::Subscriber for WarnCounter {
 }
 
 /// The client's send id in the id the upstream sees (`<session>/<id>`).
-fn send_key(upstream_id: &str) -> &str {
+pub(super) fn send_key(upstream_id: &str) -> &str {
     upstream_id
         .split_once('/')
         .map_or(upstream_id, |(_, key)| key)
