@@ -111,23 +111,7 @@ pub(crate) const NATS_RESTART_SCENARIO: Scenario = Scenario {
     what: "kill the cluster's NATS server (its own) under load for the action's duration, start it again; repeat (--iterations)",
     target: "publishes go on; deliveries across nodes come from the store's catch-up meanwhile (delivery delay max < 3 s); 0 acknowledged lost or duplicated; every node's bus connected again without a restart",
     needs_process: true,
-    thresholds: |plan| {
-        vec![
-            Threshold::exact("restarts", plan.num("iterations")),
-            Threshold::zero("publish_errors"),
-            Threshold::zero("redelivered"),
-            Threshold::all("converged"),
-            Threshold::exact("nodes_alive", NODES as f64),
-            Threshold::zero("crash_count_mismatches"),
-            Threshold::new("caught_up", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
-            Threshold::new(
-                "delivery_delay_max_ms",
-                "ms",
-                Some(Bound::Le(300_000.0)),
-                Bound::Le(3_000.0),
-            ),
-        ]
-    },
+    thresholds: |plan| bus_outage_thresholds("restarts", plan),
     plan: plan_nats_restart,
     run: body!(run_nats_restart),
     budget: Duration::from_secs(900),
@@ -144,23 +128,7 @@ pub(crate) const NODE_PARTITION_SCENARIO: Scenario = Scenario {
     what: "blackhole one node's link to NATS (a fault proxy holds its traffic, new connections hang) under load for the action's duration; repeat (--iterations)",
     target: "the cut-off node's subscribers still get everything through the store's catch-up, and the others get its publishes (delivery delay max < 3 s); 0 acknowledged lost or duplicated; its bus connected again after the heal",
     needs_process: true,
-    thresholds: |plan| {
-        vec![
-            Threshold::exact("partitions", plan.num("iterations")),
-            Threshold::zero("publish_errors"),
-            Threshold::zero("redelivered"),
-            Threshold::all("converged"),
-            Threshold::exact("nodes_alive", NODES as f64),
-            Threshold::zero("crash_count_mismatches"),
-            Threshold::new("caught_up", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
-            Threshold::new(
-                "delivery_delay_max_ms",
-                "ms",
-                Some(Bound::Le(300_000.0)),
-                Bound::Le(3_000.0),
-            ),
-        ]
-    },
+    thresholds: |plan| bus_outage_thresholds("partitions", plan),
     plan: plan_node_partition,
     run: body!(run_node_partition),
     budget: Duration::from_secs(900),
@@ -413,6 +381,26 @@ async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     ));
     drop(cluster);
     Ok(m)
+}
+
+/// What a bus outage (NATS down, or one node cut off from it) must keep:
+/// everything delivered, through the store's catch-up, soon.
+fn bus_outage_thresholds(count: &'static str, plan: &Plan) -> Vec<Threshold> {
+    vec![
+        Threshold::exact(count, plan.num("iterations")),
+        Threshold::zero("publish_errors"),
+        Threshold::zero("redelivered"),
+        Threshold::all("converged"),
+        Threshold::exact("nodes_alive", NODES as f64),
+        Threshold::zero("crash_count_mismatches"),
+        Threshold::new("caught_up", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+        Threshold::new(
+            "delivery_delay_max_ms",
+            "ms",
+            Some(Bound::Le(300_000.0)),
+            Bound::Le(3_000.0),
+        ),
+    ]
 }
 
 fn plan_node_kill(input: &PlanInput) -> Plan {
