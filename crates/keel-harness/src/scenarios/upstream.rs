@@ -21,8 +21,10 @@ use crate::load::{Latency, Schedule};
 use crate::scenario::{Ctx, Measured, Plan, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
-/// Sends waiting for their answer, by id.
-type Waiting = Arc<Mutex<BTreeMap<String, oneshot::Sender<Result<(), String>>>>>;
+/// Sends waiting for their answer, by id; `None` once the link is gone (a
+/// send then fails at once instead of waiting for an answer that cannot
+/// come).
+type Waiting = Arc<Mutex<Option<BTreeMap<String, oneshot::Sender<Result<(), String>>>>>>;
 
 /// One session that sends `send` frames and waits for `sent`.
 pub(super) struct Sender {
@@ -48,7 +50,7 @@ impl Sender {
                 }
             }
         });
-        let waiting: Waiting = Arc::default();
+        let waiting: Waiting = Arc::new(Mutex::new(Some(BTreeMap::new())));
         let w = waiting.clone();
         tokio::spawn(async move {
             while let Ok(Some(t)) = next_text(&mut stream).await {
@@ -62,14 +64,16 @@ impl Sender {
                     && let Some(tx) = w
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(k.as_ref())
+                        .as_mut()
+                        .and_then(|m| m.remove(k.as_ref()))
                 {
                     let _ = tx.send(answer);
                 }
             }
-            // The link is gone: sends still waiting get no answer now
-            // rather than at their timeout.
-            w.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            // The link is gone: sends still waiting fail now rather than
+            // at their timeout (their answer senders dropped with the
+            // map), and later ones fail at once.
+            *w.lock().unwrap_or_else(|p| p.into_inner()) = None;
         });
         Ok(Sender {
             client,
@@ -91,12 +95,20 @@ impl Sender {
             |t| self.recorder.micros(t.into_std()),
         );
         let (tx, rx) = oneshot::channel();
-        self.waiting
+        let live = match self
+            .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), tx);
+            .as_mut()
+        {
+            Some(waiting) => {
+                waiting.insert(id.to_owned(), tx);
+                true
+            }
+            None => false,
+        };
         let frame = json!({"type": "send", "id": id, "to": to, "body": {"text": id}}).to_string();
-        let answer = if self.tx.send(frame).is_err() {
+        let answer = if !live || self.tx.send(frame).is_err() {
             Err("link closed".to_owned())
         } else {
             match tokio::time::timeout(client::WAIT, rx).await {
