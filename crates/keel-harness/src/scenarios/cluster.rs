@@ -352,11 +352,7 @@ async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let lost = wanted.iter().filter(|id| !times.contains_key(*id)).count();
     let twice = times.values().filter(|n| **n > 1).count();
     takeovers.sort();
-    let pick = |q: f64| {
-        takeovers
-            .get(((takeovers.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let pick = |q: f64| super::quantile_ms(&takeovers, q);
     let mut m = Measured::default();
     m.set("kills", f64::from(kills))
         .set("sends_acked", wanted.len() as f64)
@@ -718,11 +714,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
     let (crashed, wrong, mismatched, samples) = crash_census(&cluster.db.url, &expected).await?;
 
     recoveries.sort();
-    let pick = |q: f64| {
-        recoveries
-            .get(((recoveries.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let pick = |q: f64| super::quantile_ms(&recoveries, q);
     let figure = if fault == Fault::NodeKill {
         "failover"
     } else {

@@ -178,6 +178,13 @@ pub(crate) fn rate_series(times: &[f64]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The `q` quantile of sorted durations, in ms (0 when there are none).
+pub(crate) fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1))
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
 /// Acknowledged publishes per second over a run, from its history.
 pub(crate) fn ack_rate(r: &crate::history::Recorder) -> Vec<(f64, f64)> {
     let mut acks: Vec<f64> = r

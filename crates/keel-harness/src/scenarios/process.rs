@@ -985,11 +985,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
     resumed.close().await;
 
     mttrs.sort();
-    let pick = |q: f64| {
-        mttrs
-            .get(((mttrs.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let pick = |q: f64| super::quantile_ms(&mttrs, q);
     let count = fault.count_name();
     let (figure, how) = match fault {
         Fault::Kill => ("mttr", "kill to listening, recovery done"),
