@@ -268,6 +268,8 @@ async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 
     let mut leaders_seen = std::collections::BTreeSet::new();
     let mut takeovers = Vec::new();
+    // The chart: time to take over at each kill.
+    let mut timeline = crate::load::Latency::default();
     let mut missing = 0u32;
     let mut kills = 0u32;
     let mut previous = 0;
@@ -311,6 +313,10 @@ async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             Some(n) => {
                 leaders_seen.insert(n);
                 takeovers.push(started.elapsed());
+                timeline.record(
+                    Duration::from_micros(t_fault),
+                    started.elapsed().as_micros() as u64,
+                );
             }
             None => missing += 1,
         }
@@ -375,6 +381,7 @@ async fn run_leader_kill(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         unanswered.load(Ordering::Relaxed),
         leaders_seen
     ));
+    m.latency = Some(timeline);
     drop(cluster);
     Ok(m)
 }
