@@ -8,7 +8,7 @@
 //! runs the criterion groups too.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{Context, Result};
 use comfy_table::{Cell, Color, Table};
@@ -84,7 +84,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<i32> {
             continue;
         }
         eprintln!("\n== cargo bench -p {krate} --bench {bench}");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        let mut cmd = crate::load::cargo();
         cmd.args(["bench", "-p", krate, "--bench", bench])
             .current_dir(workspace_root())
             .stdout(Stdio::piped());

@@ -94,22 +94,56 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// `cargo build --release -p keel-relay --bin keel-relay` (default features:
+/// A `cargo` command without the package variables `cargo run` gave this
+/// process: build scripts (ring's, cc's) rerun when those differ, so every
+/// `cargo xtask` rebuilt the relay's TLS stack and everything above it.
+pub(crate) fn cargo() -> std::process::Command {
+    let mut cargo =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+            )
+        {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    cargo
+}
+
+/// `cargo build --release -p xtask -p keel-relay --bin keel-relay` (default features:
 /// never the failpoints), or with `failpoints` keel-tests' `keel-relay-test`
 /// (the same relay with its failpoints compiled in); returns the binary.
+/// `-p xtask` alongside: features resolve as for xtask itself, and the
+/// relay reuses the library `cargo xtask` built (alone, `-p keel-relay`
+/// resolves its dependencies' features differently: a second build).
 pub(crate) fn build_relay_with(failpoints: bool) -> Result<PathBuf> {
     let (package, bin) = if failpoints {
         ("keel-tests", "keel-relay-test")
     } else {
         ("keel-relay", "keel-relay")
     };
-    eprintln!("building the relay: cargo build --release -p {package} --bin {bin}");
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", package, "--bin", bin])
-            .current_dir(workspace_root())
-            .status()
-            .context("cannot run cargo to build the relay")?;
+    eprintln!("building the relay: cargo build --release -p xtask -p {package} --bin {bin}");
+    let mut cargo = cargo();
+    cargo
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "xtask",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
+        .current_dir(workspace_root());
+    let status = cargo
+        .status()
+        .context("cannot run cargo to build the relay")?;
     if !status.success() {
         bail!("building the relay failed ({status}); fix the build error above and run again");
     }

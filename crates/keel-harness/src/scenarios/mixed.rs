@@ -326,6 +326,7 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             .to_owned()
     };
     let health = line("health log:");
+    let outbox = line("outbox:");
     let logged: f64 = health
         .strip_prefix("health log: ")
         .and_then(|s| s.split_whitespace().next())
@@ -352,7 +353,7 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     .set("sends_twice", twice as f64)
     .set("sends_acked", ids.len() as f64);
     m.note(format!(
-        "{} upstream flips; /healthz showed {changes} state changes, the health log holds {logged} transitions ({}); {} sends acknowledged, all accepted once: {}",
+        "{} upstream flips; /healthz showed {changes} state changes, the health log holds {logged} transitions ({}); {} sends acknowledged, all accepted once: {}; {outbox}",
         plan.actions.len(),
         health.split(", ").nth(1).unwrap_or("?"),
         ids.len(),
