@@ -67,7 +67,8 @@ pub type DeadLetters<K, M> = mpsc::UnboundedReceiver<DeadLetter<K, M>>;
 /// How a message ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// Sent, after this many attempts.
+    /// Sent, after this many calls to the sink (429s and unavailable tries
+    /// included).
     Sent {
         /// Attempts, including the successful one (rate-limited ones too).
         attempts: u32,
@@ -142,6 +143,8 @@ pub struct Metrics {
     pub dropped: u64,
     /// Rate-limit answers received.
     pub rate_limited: u64,
+    /// Tries the sink could not make (its link down), not counted as attempts.
+    pub unavailable: u64,
     /// Failed attempts (retryable or not).
     pub failed: u64,
     /// Messages that became dead letters (dropped ones included).
@@ -179,6 +182,7 @@ struct Entry<M> {
     seq: u64,
     attempts: u32,
     rate_limited: u32,
+    unavailable: u32,
     receipt: Option<oneshot::Sender<Delivery>>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
@@ -311,6 +315,7 @@ where
                 seq: state.seq,
                 attempts: 0,
                 rate_limited: 0,
+                unavailable: 0,
                 receipt: Some(tx),
                 _permits: permits,
             };
@@ -630,9 +635,16 @@ where
                     _ => requeue = true,
                 }
             }
+            SendOutcome::Unavailable { retry_after } => {
+                self.metrics.unavailable += 1;
+                entry.unavailable += 1;
+                let until = now + retry_after;
+                ks.frozen_until = Some(ks.frozen_until.map_or(until, |f| f.max(until)));
+                requeue = true;
+            }
             SendOutcome::Failed { retryable, error } => {
                 self.metrics.failed += 1;
-                let failures = entry.attempts - entry.rate_limited;
+                let failures = entry.attempts - entry.rate_limited - entry.unavailable;
                 if !retryable {
                     dead = Some(DeadReason::Rejected { error });
                 } else if failures >= config.backoff.max_attempts {

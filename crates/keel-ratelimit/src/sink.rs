@@ -25,6 +25,15 @@ pub enum SendOutcome {
         /// Whether the limit is this key's or global.
         scope: Scope,
     },
+    /// No attempt could be made: the sink's own link to the server is down
+    /// (or dropped before an answer could come). Retried no sooner than
+    /// `retry_after`, and not counted against `Backoff::max_attempts`: a
+    /// flapping link does not use up a message's attempts, only answers
+    /// (or their absence on a live link) do.
+    Unavailable {
+        /// How long to wait before the next try.
+        retry_after: Duration,
+    },
     /// Any other failure.
     Failed {
         /// Whether a later attempt may succeed (backoff and retry) or not

@@ -381,7 +381,10 @@ pub struct Sending {
     pub per_recipient_rate: u32,
     /// Per-recipient burst. Default 3.
     pub per_recipient_burst: u32,
-    /// Attempts before a send is DEAD. Default 10.
+    /// Attempts before a send is DEAD. Default 10. Counted: no answer on a
+    /// live link, garbage, error answers; not counted: 429s, and tries
+    /// while the upstream link is down or dropped before the answer (the
+    /// send waits for the next link).
     pub max_attempts: u32,
     /// First retry delay; doubles up to `backoff_cap_ms`. Default 1,000 ms.
     pub backoff_base_ms: u64,

@@ -5,7 +5,9 @@
 //! and per-recipient buckets, Retry-After, backoff) -> UpstreamSink -> keel-reconnect
 //! client (buffered with the idempotency key as ack key, re-sent on every new
 //! link until answered) -> `ok` -> SENT; `rate_limited` -> retry no sooner
-//! than told; no answer -> backoff; attempts used up -> DEAD.
+//! than told; no answer on a live link -> backoff; attempts used up -> DEAD.
+//! A try while the link is down (or one it drops before the answer) is not
+//! an attempt: the frame stays buffered for the next link.
 
 use keel_session::SessionStore;
 use std::collections::{HashMap, HashSet};
@@ -89,6 +91,10 @@ struct Envelope {
     frame: String,
 }
 
+/// How soon a send is tried again when its try could not reach the
+/// upstream (link down): the try after it waits for the link and the answer.
+const UNAVAILABLE_RETRY: Duration = Duration::from_millis(100);
+
 struct UpstreamSink {
     client: Arc<ReconnectingClient>,
     pending: Arc<Pending>,
@@ -113,6 +119,13 @@ impl Sink<String, Envelope> for UpstreamSink {
                 }
             }
         };
+        // Whether the link stays up for the whole attempt: only then does
+        // no answer count against the send's attempts. A send written to a
+        // dead link (or one that drops before the answer) stays buffered
+        // and goes out on the next link; a flapping upstream must not use
+        // up its attempts and turn it DEAD.
+        let mut link = self.client.state();
+        let mut link_lost = *link.borrow_and_update() != State::Connected;
         if fresh
             && let Err(e) = self
                 .client
@@ -120,21 +133,48 @@ impl Sink<String, Envelope> for UpstreamSink {
                 .await
         {
             self.forget(&msg.idem_key);
-            return SendOutcome::Failed {
-                retryable: true,
-                error: format!("upstream client refused: {e}"),
+            return match e {
+                // Sends waiting for a link filled the client's buffer.
+                keel_reconnect::SendError::Full { .. } => SendOutcome::Unavailable {
+                    retry_after: UNAVAILABLE_RETRY,
+                },
+                keel_reconnect::SendError::TooLarge(_) => SendOutcome::Failed {
+                    retryable: false,
+                    error: format!("upstream client refused: {e}"),
+                },
+                _ => SendOutcome::Failed {
+                    retryable: true,
+                    error: format!("upstream client refused: {e}"),
+                },
             };
         }
-        let answer = tokio::time::timeout(self.answer_timeout, rx.wait_for(Option::is_some)).await;
+        let deadline = tokio::time::Instant::now() + self.answer_timeout;
+        let answer = loop {
+            tokio::select! {
+                answer = rx.wait_for(Option::is_some) => break answer.ok().map(|a| a.clone()),
+                () = tokio::time::sleep_until(deadline) => break None,
+                changed = link.changed(), if !link_lost => {
+                    link_lost = changed.is_err() || *link.borrow_and_update() != State::Connected;
+                }
+            }
+        };
         let answer = match answer {
-            Ok(Ok(a)) => a.clone(),
-            _ => {
-                // Taken back from the client's buffer, so that the next
-                // attempt writes it afresh (and a last attempt's frame is
-                // not written by a later link after the send went DEAD);
-                // and the link redialled: an upstream that stalls or
-                // answers garbage on a live link would otherwise answer
-                // nothing on it for good.
+            Some(a) => a,
+            None if link_lost => {
+                // Not an attempt the upstream could answer: the frame stays
+                // buffered (written again on the next link) and the next
+                // try waits for its answer rather than writing a copy.
+                return SendOutcome::Unavailable {
+                    retry_after: UNAVAILABLE_RETRY,
+                };
+            }
+            None => {
+                // No answer on a live link. Taken back from the client's
+                // buffer, so that the next attempt writes it afresh (and a
+                // last attempt's frame is not written by a later link after
+                // the send went DEAD); and the link redialled: an upstream
+                // that stalls or answers garbage on a live link would
+                // otherwise answer nothing on it for good.
                 self.client.withdraw(&msg.idem_key);
                 self.forget(&msg.idem_key);
                 self.redial();

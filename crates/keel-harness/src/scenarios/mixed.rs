@@ -171,7 +171,7 @@ pub(crate) const CONCURRENT_TRANSITIONS: Scenario = Scenario {
         threshold: "every transition logged once with a unique id, no corrupt state",
     },
     what: "the mock upstream flaps down and up at seeded intervals of 20 to 300 ms while clients send and publish and /healthz is read every 10 ms; then it stays up and the relay is stopped",
-    target: "the health log's ids unique and its chain unbroken (each from = the last to), at least as many transitions logged as /healthz showed, OPERATIONAL at the end, the database intact, every send accepted once",
+    target: "the health log's ids unique and its chain unbroken (each from = the last to), at least as many transitions logged as /healthz showed, OPERATIONAL at the end, the database intact, every send accepted once (none DEAD: a flapping link uses no attempts)",
     needs_process: true,
     thresholds: |_| {
         vec![
@@ -182,6 +182,8 @@ pub(crate) const CONCURRENT_TRANSITIONS: Scenario = Scenario {
             Threshold::all("database_ok"),
             Threshold::zero("sends_lost"),
             Threshold::zero("sends_twice"),
+            // A flapping link uses no attempts: nothing goes DEAD.
+            Threshold::zero("sends_dead"),
         ]
     },
     plan: |input: &PlanInput| {
@@ -327,6 +329,11 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     };
     let health = line("health log:");
     let outbox = line("outbox:");
+    let dead: f64 = outbox
+        .rsplit("dead ")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(f64::NAN);
     let logged: f64 = health
         .strip_prefix("health log: ")
         .and_then(|s| s.split_whitespace().next())
@@ -351,6 +358,7 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     )
     .set("sends_lost", lost as f64)
     .set("sends_twice", twice as f64)
+    .set("sends_dead", dead)
     .set("sends_acked", ids.len() as f64);
     m.note(format!(
         "{} upstream flips; /healthz showed {changes} state changes, the health log holds {logged} transitions ({}); {} sends acknowledged, all accepted once: {}; {outbox}",

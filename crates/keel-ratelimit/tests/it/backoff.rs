@@ -106,6 +106,80 @@ async fn backoff_is_visible_and_budget_ends_in_dead_letter() {
     );
 }
 
+/// A try the sink could not make (its link down) is retried after its
+/// delay and not counted: many of them between failures do not use up
+/// `max_attempts`, and the failures still do.
+#[tokio::test(start_paused = true)]
+async fn unavailable_tries_do_not_use_up_attempts() {
+    let sink = Recorder::default();
+    let down = || SendOutcome::Unavailable {
+        retry_after: Duration::from_millis(100),
+    };
+    let failed = || SendOutcome::Failed {
+        retryable: true,
+        error: "503".into(),
+    };
+    // Two failures, each between runs of tries on a dead link, then sent.
+    for outcome in (0..20)
+        .map(|_| down())
+        .chain([failed()])
+        .chain((0..20).map(|_| down()))
+        .chain([failed()])
+        .chain((0..5).map(|_| down()))
+    {
+        sink.then(None, outcome);
+    }
+    let config = Config {
+        backoff: Backoff {
+            jitter: false,
+            max_attempts: 3,
+            ..Backoff::default()
+        },
+        ..Config::default()
+    };
+    let (queue, _dead) = SendQueue::new(sink.clone(), config);
+    let receipt = queue.submit("a".into(), 7).await.unwrap();
+    assert_eq!(receipt.await, Delivery::Sent { attempts: 48 });
+    let m = queue.metrics();
+    assert_eq!((m.unavailable, m.failed, m.sent, m.dead), (45, 2, 1, 0));
+    let at: Vec<Instant> = sink.calls().iter().map(|c| c.at).collect();
+    assert_eq!(
+        at[1] - at[0],
+        Duration::from_millis(100),
+        "an unavailable try waits its retry_after"
+    );
+    assert_eq!(
+        at[21] - at[20],
+        Duration::from_secs(1),
+        "a failure backs off as the first"
+    );
+
+    // The same failures without the unavailable tries in between: the
+    // third one is the last attempt.
+    let sink = Recorder::default();
+    for _ in 0..30 {
+        sink.then(None, down());
+    }
+    failing(3, &sink);
+    let (queue, _dead) = SendQueue::new(sink.clone(), config_with_attempts(3));
+    let receipt = queue.submit("a".into(), 8).await.unwrap();
+    assert!(matches!(
+        receipt.await,
+        Delivery::Dead(DeadReason::Exhausted { attempts: 33, .. })
+    ));
+}
+
+fn config_with_attempts(max_attempts: u32) -> Config {
+    Config {
+        backoff: Backoff {
+            jitter: false,
+            max_attempts,
+            ..Backoff::default()
+        },
+        ..Config::default()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn non_retryable_failure_is_dead_at_once() {
     let sink = Recorder::default();

@@ -249,6 +249,51 @@ async fn a_stalled_upstream_link_is_redialled() {
     assert_eq!(up.accepted().len(), 5);
 }
 
+/// Tries while the upstream link is down are not attempts: with two
+/// attempts allowed, sends queued through a 3 s outage (about ten answer
+/// timeouts) still end SENT, each accepted once, once the upstream is back.
+/// Counted as attempts, they went DEAD during the outage (seen as a red
+/// `concurrent_transitions`: a flapping upstream used up sends' attempts).
+#[tokio::test]
+async fn tries_while_the_upstream_is_down_use_no_attempts() {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(
+                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    up.set_mode(UpstreamMode::Down);
+    for i in 0..3 {
+        c.send(&format!("waiting-{i}"), &format!("r{i}"), &json!(i))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    up.set_mode(UpstreamMode::Normal);
+    let done = results(&mut c, 3, Duration::from_secs(20)).await;
+    assert_eq!(done.len(), 3);
+    assert!(
+        done.iter().all(|(_, s)| s == "SENT"),
+        "every send SENT after the outage: {done:?}"
+    );
+    assert_eq!(up.accepted().len(), 3);
+}
+
 /// A send that went DEAD is withdrawn from the upstream client's buffer:
 /// the frame of its last attempt is not written on a later link (the
 /// session was told DEAD; the upstream must not get it after that).
