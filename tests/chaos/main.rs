@@ -195,6 +195,16 @@ fn leader_kill() {
     cluster_scenario("leader_kill");
 }
 
+#[test]
+fn cluster_crash_recovery() {
+    cluster_scenario("cluster_crash_recovery");
+}
+
+#[test]
+fn cluster_chaos_monkey() {
+    cluster_scenario("cluster_chaos_monkey");
+}
+
 /// Every cluster scenario of the catalogue has a test above.
 #[test]
 fn every_cluster_scenario_is_tested() {

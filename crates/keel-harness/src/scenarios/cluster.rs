@@ -30,6 +30,8 @@ const PG_RESTART: &str = "pg_restart";
 const NATS_RESTART: &str = "nats_restart";
 const NODE_PARTITION: &str = "node_partition";
 const LEADER_KILL: &str = "leader_kill";
+const CRASH_ALL: &str = "cluster_crash_recovery";
+const MONKEY: &str = "cluster_chaos_monkey";
 
 /// The nodes of every cluster scenario.
 const NODES: usize = 3;
@@ -132,6 +134,74 @@ pub(crate) const NODE_PARTITION_SCENARIO: Scenario = Scenario {
     plan: plan_node_partition,
     run: body!(run_node_partition),
     budget: Duration::from_secs(900),
+};
+
+pub(crate) const CLUSTER_CRASH_RECOVERY: Scenario = Scenario {
+    name: CRASH_ALL,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "000/002",
+        test: "test_daemon_crash_recovery (every node of a 3-node cluster at once)",
+        threshold: "ACTIVE sessions CRASHED after a crash, state preserved, no corruption; MTTR < 5 min",
+    },
+    what: "SIGKILL all 3 nodes at once under publish/subscribe load, check the database (every channel's offsets contiguous, its head where the offsets end), restart them; repeat (--iterations)",
+    target: "0 acknowledged lost or duplicated, the database intact after every kill, every session held by a node CRASHED exactly once per kill (one notice each), every publisher acknowledged again within 5 s of the restart (p95)",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("kills", plan.num("iterations")),
+            Threshold::zero("integrity_failures"),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::zero("crash_count_mismatches"),
+            Threshold::zero("notices_not_matching_crashes"),
+            Threshold::new("sessions_crashed", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::new(
+                "mttr_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(5_000.0),
+            ),
+        ]
+    },
+    plan: plan_crash_all,
+    run: body!(run_crash_all),
+    budget: Duration::from_secs(900),
+};
+
+pub(crate) const CLUSTER_CHAOS_MONKEY: Scenario = Scenario {
+    name: MONKEY,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "002",
+        test: "chaos monkey: random faults, success rate and MTTR (on a 3-node cluster)",
+        threshold: "95% of client operations succeed; MTTR < 5 min",
+    },
+    what: "for --duration (5 min; 20 s small), a seeded random sequence of node SIGKILLs, node SIGSTOPs (shorter than the node lease), PostgreSQL stops, NATS kills and one node's NATS link blackholed, under publish/subscribe load on 3 nodes, each after a seeded stretch of calm",
+    target: "every publish acknowledged in the end (the SDK re-sends what was refused), nothing lost or duplicated, the database intact, only killed nodes' sessions CRASHED (once per kill), every node serving at the end; every publisher acknowledged again within 10 s of each fault (p95), time to recover reported per fault kind",
+    needs_process: true,
+    thresholds: |plan| {
+        vec![
+            Threshold::exact("faults", plan.num("iterations")),
+            Threshold::zero("publish_errors"),
+            Threshold::zero("redelivered"),
+            Threshold::all("converged"),
+            Threshold::zero("integrity_failures"),
+            Threshold::exact("nodes_alive", NODES as f64),
+            Threshold::zero("crash_count_mismatches"),
+            Threshold::zero("notices_not_matching_crashes"),
+            Threshold::new(
+                "recovery_p95_ms",
+                "ms",
+                Some(Bound::Le(300_000.0)),
+                Bound::Le(10_000.0),
+            ),
+        ]
+    },
+    plan: plan_monkey,
+    run: body!(run_monkey),
+    budget: Duration::from_secs(1_200),
 };
 
 pub(crate) const LEADER_KILL_SCENARIO: Scenario = Scenario {
@@ -438,6 +508,93 @@ fn plan_node_kill(input: &PlanInput) -> Plan {
     plan
 }
 
+fn plan_crash_all(input: &PlanInput) -> Plan {
+    let iterations = input
+        .iterations
+        .unwrap_or_else(|| input.scale.pick(1, 4))
+        .max(1);
+    let mut plan = input.plan(CRASH_ALL, &params(&load_params(input, iterations)));
+    let mut rng = input.rng(CRASH_ALL, "kills");
+    let mut at = 0;
+    for k in 0..iterations {
+        at += rng.random_range(500..=input.scale.pick(1_000, 5_000) as u64);
+        plan.actions.push(Action {
+            at_ms: at,
+            duration_ms: 0,
+            kind: "kill9_all".into(),
+            target: "every node".into(),
+            params: json!({"kill": k + 1}),
+        });
+    }
+    plan
+}
+
+/// The cluster monkey's fault kinds.
+const MONKEY_KINDS: [&str; 5] = ["kill9", "sigstop", "pg_stop", "nats_stop", "nats_partition"];
+
+fn plan_monkey(input: &PlanInput) -> Plan {
+    let duration = input.duration.unwrap_or_else(|| {
+        input
+            .scale
+            .duration(Duration::from_secs(20), Duration::from_secs(300))
+    });
+    let mut rng = input.rng(MONKEY, "faults");
+    // The node behind the NATS proxy: one, for the whole run.
+    let proxied = rng.random_range(0..NODES);
+    let mut actions = Vec::new();
+    let mut at = 0u64;
+    loop {
+        let calm = rng.random_range(500..=2_000);
+        let kind = MONKEY_KINDS[rng.random_range(0..MONKEY_KINDS.len())];
+        let length = match kind {
+            "kill9" => 0,
+            // Shorter than the node lease (3 s): a pause, not a death.
+            "sigstop" => rng.random_range(500..=2_000),
+            _ => rng.random_range(1_000..=3_000),
+        };
+        // Every fault also waits for the recovery: leave it room.
+        if at + calm + length + 2_000 > duration.as_millis() as u64 {
+            break;
+        }
+        at += calm;
+        let node = if kind == "nats_partition" {
+            proxied
+        } else {
+            rng.random_range(0..NODES)
+        };
+        actions.push(Action {
+            at_ms: at,
+            duration_ms: length,
+            kind: kind.into(),
+            target: match kind {
+                "pg_stop" => "postgres".into(),
+                "nats_stop" => "nats".into(),
+                _ => format!("node-{node}"),
+            },
+            params: json!({"fault": actions.len() + 1, "node": node}),
+        });
+        at += length;
+    }
+    let mut figures = load_params(input, actions.len());
+    figures.push(("node", proxied as f64));
+    figures.push(("duration_s", duration.as_secs_f64()));
+    let mut plan = input.plan(MONKEY, &params(&figures));
+    plan.actions = actions;
+    plan
+}
+
+/// The load of the publish/subscribe cluster scenarios.
+fn load_params(input: &PlanInput, iterations: usize) -> Vec<(&'static str, f64)> {
+    vec![
+        ("iterations", iterations as f64),
+        ("publishers", input.scale.pick(3, 48) as f64),
+        ("subscribers", input.scale.pick(3, 12) as f64),
+        ("channels", input.scale.pick(2, 8) as f64),
+        ("publish_interval_ms", 5.0),
+        ("heal_deadline_s", 30.0),
+    ]
+}
+
 fn plan_pg_restart(input: &PlanInput) -> Plan {
     plan_outages(input, PG_RESTART, "pg_stop", "postgres")
 }
@@ -511,6 +668,14 @@ async fn run_node_partition(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     run_cluster(ctx, plan, Fault::NatsPartition).await
 }
 
+async fn run_crash_all(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, Fault::KillAll).await
+}
+
+async fn run_monkey(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    run_cluster(ctx, plan, Fault::Monkey).await
+}
+
 /// What a cluster scenario does to the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -522,15 +687,21 @@ enum Fault {
     NatsStop,
     /// Blackhole one node's link to NATS for a while.
     NatsPartition,
+    /// SIGKILL every node at once, check the database, start them again.
+    KillAll,
+    /// Each action its own fault, by its kind (`kill9`, `sigstop`,
+    /// `pg_stop`, `nats_stop`, `nats_partition`).
+    Monkey,
 }
 
 impl Fault {
     /// The count figure's name.
     fn count_name(self) -> &'static str {
         match self {
-            Fault::NodeKill => "kills",
+            Fault::NodeKill | Fault::KillAll => "kills",
             Fault::PgStop | Fault::NatsStop => "restarts",
             Fault::NatsPartition => "partitions",
+            Fault::Monkey => "faults",
         }
     }
 }
@@ -539,9 +710,10 @@ impl Fault {
 async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, Error> {
     ctx.phase("starting the cluster");
     let options = ClusterOptions {
-        own_pg: fault == Fault::PgStop,
-        own_nats: fault == Fault::NatsStop,
-        nats_proxy_for: (fault == Fault::NatsPartition).then(|| plan.num("node") as usize),
+        own_pg: matches!(fault, Fault::PgStop | Fault::Monkey),
+        own_nats: matches!(fault, Fault::NatsStop | Fault::Monkey),
+        nats_proxy_for: matches!(fault, Fault::NatsPartition | Fault::Monkey)
+            .then(|| plan.num("node") as usize),
         upstream: None,
     };
     let mut cluster = ctx.cluster(NODES, options, "").await?;
@@ -585,6 +757,10 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
     // held it.
     let mut expected: BTreeMap<String, i32> = BTreeMap::new();
     let mut faults = 0u32;
+    let mut integrity_failures = 0u32;
+    let mut integrity_samples: Vec<String> = Vec::new();
+    // Time to recover per fault kind (the monkey mixes them).
+    let mut by_kind: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     let mut previous = 0;
     for a in &plan.actions {
         tokio::time::sleep(Duration::from_millis(a.at_ms - previous)).await;
@@ -596,8 +772,9 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
             plan.actions.len()
         ));
         let t_fault = r.now();
-        match fault {
-            Fault::PgStop => {
+        let node = a.params["node"].as_u64().unwrap_or(0) as usize;
+        match a.kind.as_str() {
+            "pg_stop" => {
                 let own = cluster
                     .own_pg
                     .as_ref()
@@ -607,7 +784,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
                 own.start_server().await?;
                 previous += a.duration_ms;
             }
-            Fault::NatsStop => {
+            "nats_stop" => {
                 let own = cluster
                     .own_nats
                     .as_mut()
@@ -617,7 +794,7 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
                 own.start_server().await?;
                 previous += a.duration_ms;
             }
-            Fault::NatsPartition => {
+            "nats_partition" => {
                 let (_, proxy) = cluster
                     .nats_proxy
                     .as_ref()
@@ -629,14 +806,42 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
                 tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
                 previous += a.duration_ms;
             }
-            Fault::NodeKill => {
-                let node = a.params["node"].as_u64().unwrap_or(0) as usize;
+            "sigstop" => {
+                let pid = cluster.nodes[node].pid();
+                keel_faults::process::pause(pid).map_err(|e| setup("SIGSTOP", e))?;
+                tokio::time::sleep(Duration::from_millis(a.duration_ms)).await;
+                keel_faults::process::resume(pid).map_err(|e| setup("SIGCONT", e))?;
+                previous += a.duration_ms;
+            }
+            "kill9" => {
                 for id in held_by(&cluster.db.url, &format!("node-{node}")).await? {
                     *expected.entry(id).or_default() += 1;
                 }
                 shared.kills.fetch_add(1, Ordering::AcqRel);
                 cluster.nodes[node].kill9().await?;
             }
+            "kill9_all" => {
+                for k in 0..cluster.nodes.len() {
+                    for id in held_by(&cluster.db.url, &format!("node-{k}")).await? {
+                        *expected.entry(id).or_default() += 1;
+                    }
+                }
+                shared.kills.fetch_add(1, Ordering::AcqRel);
+                for n in &mut cluster.nodes {
+                    n.kill9().await?;
+                }
+                // The database as the crash left it, before any node
+                // recovers anything.
+                let bad = integrity(&cluster.db.url).await?;
+                if !bad.is_empty() {
+                    integrity_failures += 1;
+                    integrity_samples.extend(bad);
+                }
+                for n in &mut cluster.nodes {
+                    n.restart().await?;
+                }
+            }
+            other => return Err(setup("plan", format!("unknown fault {other}"))),
         }
         faults += 1;
         let t_heal = r.now();
@@ -665,12 +870,19 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
                 detail: format!("after {} {faults}", a.kind),
             });
         }
-        let took = Duration::from_micros(r.now().saturating_sub(t_heal));
+        // A whole-cluster crash is measured from the kill: the restart is
+        // part of the recovery.
+        let from = if a.kind == "kill9_all" {
+            t_fault
+        } else {
+            t_heal
+        };
+        let took = Duration::from_micros(r.now().saturating_sub(from));
         timeline.record(Duration::from_micros(t_heal), took.as_micros() as u64);
         recoveries.push(took);
-        if fault == Fault::NodeKill {
+        by_kind.entry(a.kind.clone()).or_default().push(took);
+        if a.kind == "kill9" {
             // The killed node comes back (its clients stay where they are).
-            let node = a.params["node"].as_u64().unwrap_or(0) as usize;
             cluster.nodes[node].restart().await?;
         }
     }
@@ -719,13 +931,19 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
     // Crashes as the database has them: exactly the expected ones, and one
     // notice per crash.
     let (crashed, wrong, mismatched, samples) = crash_census(&cluster.db.url, &expected).await?;
+    // And the database as the run left it.
+    let bad = integrity(&cluster.db.url).await?;
+    if !bad.is_empty() {
+        integrity_failures += 1;
+        integrity_samples.extend(bad);
+    }
 
     recoveries.sort();
     let pick = |q: f64| super::quantile_ms(&recoveries, q);
-    let figure = if fault == Fault::NodeKill {
-        "failover"
-    } else {
-        "recovery"
+    let figure = match fault {
+        Fault::NodeKill => "failover",
+        Fault::KillAll => "mttr",
+        _ => "recovery",
     };
     let mut m = Measured::default();
     if !samples.is_empty() {
@@ -734,6 +952,29 @@ async fn run_cluster(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<Measured, E
             samples.join("; ")
         ));
     }
+    if !integrity_samples.is_empty() {
+        integrity_samples.truncate(5);
+        m.note(format!(
+            "database not intact: {}",
+            integrity_samples.join("; ")
+        ));
+    }
+    if fault == Fault::Monkey {
+        let kinds: Vec<String> = by_kind
+            .iter_mut()
+            .map(|(kind, times)| {
+                times.sort();
+                format!(
+                    "{kind} ×{}: p50 {:.0} ms, max {:.0} ms",
+                    times.len(),
+                    super::quantile_ms(times, 0.5),
+                    super::quantile_ms(times, 1.0)
+                )
+            })
+            .collect();
+        m.note(format!("time to recover by fault: {}", kinds.join("; ")));
+    }
+    m.set("integrity_failures", f64::from(integrity_failures));
     m.set(fault.count_name(), f64::from(faults))
         .set(
             "publish_errors",
@@ -788,6 +1029,40 @@ fn delivery_delay(h: &crate::history::History) -> (f64, f64) {
     let p99 = delays[(delays.len() * 99 / 100).min(delays.len() - 1)];
     let max = delays[delays.len() - 1];
     (p99 as f64 / 1000.0, max as f64 / 1000.0)
+}
+
+/// What is wrong with the cluster's database, if anything: every channel's
+/// offsets contiguous (no gap, none twice: the primary key) and its head
+/// (`next_offset`) just past the last; no session ACTIVE on a node that
+/// holds no lease is checked by the crash census instead.
+async fn integrity(url: &str) -> Result<Vec<String>, Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| setup("read the cluster's database", e))?;
+    let driver = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT c.name, c.next_offset, COUNT(m.seq), COALESCE(MIN(m.seq), 0), COALESCE(MAX(m.seq), 0)
+             FROM channels c LEFT JOIN messages m ON m.channel = c.name
+             GROUP BY c.name, c.next_offset",
+            &[],
+        )
+        .await
+        .map_err(|e| setup("read the cluster's channels", e))?;
+    driver.abort();
+    let mut bad = Vec::new();
+    for row in rows {
+        let (name, next, count, min, max): (String, i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let contiguous = count == 0 || max - min + 1 == count;
+        let head = count == 0 || next == max + 1;
+        if !contiguous || !head {
+            bad.push(format!(
+                "{name}: {count} messages at offsets {min}..={max}, next offset {next}"
+            ));
+        }
+    }
+    Ok(bad)
 }
 
 /// The sessions ACTIVE on `node` now.

@@ -81,6 +81,8 @@ pub fn catalogue() -> Vec<Scenario> {
         cluster::NATS_RESTART_SCENARIO,
         cluster::NODE_PARTITION_SCENARIO,
         cluster::LEADER_KILL_SCENARIO,
+        cluster::CLUSTER_CRASH_RECOVERY,
+        cluster::CLUSTER_CHAOS_MONKEY,
     ]
 }
 
