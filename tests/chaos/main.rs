@@ -201,6 +201,11 @@ fn cluster_crash_recovery() {
 }
 
 #[test]
+fn cluster_thundering_herd() {
+    cluster_scenario("cluster_thundering_herd");
+}
+
+#[test]
 fn cluster_chaos_monkey() {
     cluster_scenario("cluster_chaos_monkey");
 }

@@ -418,7 +418,8 @@ pub enum PayloadCheck {
 pub struct SubscriberSpec {
     /// Its number in the history.
     pub sub: u32,
-    /// The relay.
+    /// The relay; or (a cluster) several URLs separated by spaces, the
+    /// first its home, the others where it goes in turn when one refuses.
     pub url: String,
     /// Where it connects from.
     pub source: Option<IpAddr>,
@@ -511,16 +512,25 @@ async fn subscribe_loop(
     let mut latencies: Vec<(Duration, u64)> = Vec::new();
     let mut flushed = std::time::Instant::now();
     let epoch = recorder.epoch();
+    let urls: Vec<&str> = spec.url.split(' ').filter(|u| !u.is_empty()).collect();
+    // The URL tried next (a cluster node that refuses: the next one).
+    let mut at = 0usize;
     let result = loop {
         report.connections += 1;
         let conn = report.connections;
-        let mut ws = match connect(&spec.url, spec.source).await {
+        let url = urls
+            .get(at % urls.len().max(1))
+            .copied()
+            .unwrap_or(&spec.url);
+        let mut ws = match connect(url, spec.source).await {
             Ok(ws) => ws,
             Err(e) if conn > 1 && !*stop.borrow() => {
-                // The relay may be restarting: try again for a while.
+                // The relay may be restarting (or, a cluster node, dead:
+                // the next one): try again for a while.
                 if conn > 200 {
                     break Err(e);
                 }
+                at += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -531,6 +541,7 @@ async fn subscribe_loop(
             // A link that dies again during the resume is retried too.
             Err(e) if conn > 1 && conn <= 200 && !*stop.borrow() => {
                 let _ = e;
+                at += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -32,6 +32,7 @@ const NODE_PARTITION: &str = "node_partition";
 const LEADER_KILL: &str = "leader_kill";
 const CRASH_ALL: &str = "cluster_crash_recovery";
 const MONKEY: &str = "cluster_chaos_monkey";
+const HERD: &str = "cluster_thundering_herd";
 
 /// The nodes of every cluster scenario.
 const NODES: usize = 3;
@@ -202,6 +203,39 @@ pub(crate) const CLUSTER_CHAOS_MONKEY: Scenario = Scenario {
     plan: plan_monkey,
     run: body!(run_monkey),
     budget: Duration::from_secs(1_200),
+};
+
+pub(crate) const CLUSTER_THUNDERING_HERD: Scenario = Scenario {
+    name: HERD,
+    suite: Suite::Cluster,
+    seed: SeedRef {
+        seed: "000/003",
+        test: "test_thundering_herd_reconnect (on a 3-node cluster)",
+        threshold: "500 of 1,000 clients reconnect within 5 s",
+    },
+    what: "9,000 subscribers (300 at small scale) spread over 3 nodes on 100 channels under publish load; one node is SIGKILLed and its third of them reconnect and resume on the other two at once",
+    target: "everyone back within 5 s of the kill, every acknowledged message delivered once and in order, the survivors' counts exact, the dead node's sessions CRASHED exactly once",
+    needs_process: true,
+    thresholds: |_| {
+        vec![
+            Threshold::new(
+                "back_within_5s_ratio",
+                "",
+                Some(Bound::Ge(0.5)),
+                Bound::Ge(1.0),
+            ),
+            Threshold::new("all_back_ms", "ms", None, Bound::Le(5_000.0)),
+            Threshold::zero("publish_errors"),
+            Threshold::all("converged"),
+            Threshold::all("counts_exact"),
+            Threshold::new("moved", "", Some(Bound::Ge(1.0)), Bound::Ge(1.0)),
+            Threshold::zero("crash_count_mismatches"),
+            Threshold::zero("notices_not_matching_crashes"),
+        ]
+    },
+    plan: plan_herd,
+    run: body!(run_herd),
+    budget: Duration::from_secs(600),
 };
 
 pub(crate) const LEADER_KILL_SCENARIO: Scenario = Scenario {
@@ -527,6 +561,231 @@ fn plan_crash_all(input: &PlanInput) -> Plan {
         });
     }
     plan
+}
+
+fn plan_herd(input: &PlanInput) -> Plan {
+    let mut plan = input.plan(
+        HERD,
+        &params(&[
+            ("subscribers", input.scale.pick(300, 9_000) as f64),
+            ("channels", input.scale.pick(10, 100) as f64),
+            ("publishers", 4.0),
+            ("publish_interval_ms", 20.0),
+            ("heal_deadline_s", 60.0),
+        ]),
+    );
+    let mut rng = input.rng(HERD, "fault");
+    let node = rng.random_range(0..NODES);
+    plan.actions.push(Action {
+        at_ms: rng.random_range(1_000..=2_000),
+        duration_ms: 0,
+        kind: "kill9".into(),
+        target: format!("node-{node}"),
+        params: json!({"node": node}),
+    });
+    plan
+}
+
+/// Subscribers' connections and subscriptions over the live nodes.
+async fn live_counts(cluster: &Cluster, dead: usize) -> (f64, f64) {
+    let (mut conns, mut subs) = (0.0, 0.0);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        if i != dead {
+            conns += super::herd::health_figure(node, "connections").await;
+            subs += node.metric("keel_subscriptions").await.unwrap_or(0.0);
+        }
+    }
+    (conns, subs)
+}
+
+async fn run_herd(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
+    use crate::client::{PayloadCheck, SubscriberSpec, spawn_subscriber};
+    ctx.phase("starting the cluster");
+    let mut cluster = ctx.cluster(NODES, ClusterOptions::default(), "").await?;
+    let r = &ctx.recorder;
+    let n = plan.count("subscribers");
+    let channels = plan.count("channels").max(1);
+    let publishers = plan.count("publishers");
+    let channel = |i: usize| format!("{}:{}", plan.scenario, i % channels);
+    let action = plan
+        .actions
+        .first()
+        .ok_or_else(|| setup("plan", "no fault"))?
+        .clone();
+    let dead = action.params["node"].as_u64().unwrap_or(0) as usize;
+
+    ctx.phase("subscribers connecting");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut subs = Vec::with_capacity(n);
+    for i in 0..n {
+        subs.push(spawn_subscriber(
+            SubscriberSpec {
+                sub: i as u32,
+                url: cluster.urls_from(i % NODES).join(" "),
+                source: crate::client::source_ip(i),
+                channels: vec![(channel(i), 1)],
+                read_delay: None,
+                resume: true,
+                payloads: PayloadCheck::None,
+                stop_after: None,
+            },
+            r.clone(),
+            stop_rx.clone(),
+            Duration::from_secs(2),
+        ));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let all_connected = wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
+        let cluster = &cluster;
+        async move { live_counts(cluster, usize::MAX).await.0 >= n as f64 }
+    })
+    .await;
+    if !all_connected {
+        return Err(setup("subscribers", "not all connected within 60 s"));
+    }
+    let on_dead = super::herd::health_figure(&cluster.nodes[dead], "connections").await;
+
+    ctx.phase("publishing");
+    let shared = Arc::new(Shared {
+        last_ack: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+        ..Shared::default()
+    });
+    let chans: Vec<String> = (0..channels).map(channel).collect();
+    let mut pubs = Vec::new();
+    for p in 0..publishers {
+        pubs.push(tokio::spawn(super::process::publisher(
+            // Publishers too start on every node, the dead one included.
+            cluster.urls_from(p % NODES).join(" "),
+            p as u32,
+            chans.clone(),
+            Duration::from_millis(plan.num("publish_interval_ms") as u64),
+            r.clone(),
+            shared.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(action.at_ms)).await;
+    ctx.phase("kill9: the dead node's clients come back on the others");
+    let mut expected: BTreeMap<String, i32> = BTreeMap::new();
+    for id in held_by(&cluster.db.url, &format!("node-{dead}")).await? {
+        *expected.entry(id).or_default() += 1;
+    }
+    shared.kills.fetch_add(1, Ordering::AcqRel);
+    let t_fault = r.now();
+    let back_from = tokio::time::Instant::now();
+    cluster.nodes[dead].kill9().await?;
+    r.fault(&action.kind, &action.target, t_fault, r.now());
+    let everyone = (n + publishers) as f64;
+    let mut at_5s = None;
+    let all_back = loop {
+        let (now, _) = live_counts(&cluster, dead).await;
+        let waited = back_from.elapsed();
+        if waited >= Duration::from_secs(5) && at_5s.is_none() {
+            at_5s = Some(now);
+        }
+        if now >= everyone {
+            break Some(waited);
+        }
+        if waited > Duration::from_secs(60) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let back_5s = match (all_back, at_5s) {
+        (Some(t), _) if t <= Duration::from_secs(5) => 1.0,
+        (_, Some(c)) => ((c - publishers as f64) / n as f64).clamp(0.0, 1.0),
+        _ => 0.0,
+    };
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.phase("healing: subscribers catch up");
+    shared.stop.store(true, Ordering::Release);
+    for p in pubs {
+        p.await.map_err(|e| setup("publisher task", e))??;
+    }
+    let heads = shared
+        .heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let expected_deliveries: u64 = (0..n)
+        .map(|i| heads.get(&channel(i)).copied().unwrap_or(0))
+        .sum();
+    let progress: Vec<_> = subs.iter().map(|(p, _)| p.clone()).collect();
+    let converged = wait_until(
+        Duration::from_secs(plan.num("heal_deadline_s") as u64),
+        Duration::from_millis(50),
+        || {
+            let progress = &progress;
+            async move { progress.iter().map(|p| p.get()).sum::<u64>() >= expected_deliveries }
+        },
+    )
+    .await;
+    // The survivors' counts, exact once the publishers have gone: every
+    // subscriber connected once, with its channel and its private one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (conns, subscriptions, counts_exact) = loop {
+        let (conns, subscriptions) = live_counts(&cluster, dead).await;
+        if conns == n as f64 && subscriptions == 2.0 * n as f64 {
+            break (conns, subscriptions, true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break (conns, subscriptions, false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop_tx.send(true);
+    let mut moved = 0u32;
+    for (_, task) in subs {
+        let report = task.await.map_err(|e| setup("subscriber task", e))?;
+        if let Some(e) = report.error {
+            return Err(setup("subscriber", e));
+        }
+        if report.connections > 1 {
+            moved += 1;
+        }
+    }
+    let (crashed, wrong, mismatched, samples) = crash_census(&cluster.db.url, &expected).await?;
+
+    let mut m = Measured::default();
+    if !samples.is_empty() {
+        m.note(format!(
+            "crash counts not as expected: {}",
+            samples.join("; ")
+        ));
+    }
+    m.set(
+        "publish_errors",
+        shared.publish_errors.load(Ordering::Relaxed) as f64,
+    )
+    .set("acked", shared.acked.load(Ordering::Relaxed) as f64)
+    .set("converged", f64::from(u8::from(converged)))
+    .set("counts_exact", f64::from(u8::from(counts_exact)))
+    .set("back_within_5s_ratio", back_5s)
+    .set(
+        "all_back_ms",
+        all_back.map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0),
+    )
+    .set("moved", f64::from(moved))
+    .set("sessions_crashed", crashed as f64)
+    .set("crash_count_mismatches", wrong as f64)
+    .set("notices_not_matching_crashes", mismatched as f64);
+    let how_back = match all_back {
+        Some(d) => format!("all back {:.0} ms after the kill", d.as_secs_f64() * 1000.0),
+        None => "not all back within 60 s".into(),
+    };
+    m.note(format!(
+        "{n} subscribers on {channels} channels over {NODES} nodes; node-{dead} (holding {on_dead} connections) SIGKILLed: {moved} subscribers resumed on the others, {how_back}; {crashed} sessions crashed"
+    ));
+    m.note(format!(
+        "{} publishes acknowledged; every subscriber caught up: {converged}; the survivors' counts afterwards: {conns} connections, {subscriptions} subscriptions (exact, {n} and {}: {counts_exact})",
+        shared.acked.load(Ordering::Relaxed),
+        2 * n
+    ));
+    m.throughput = super::ack_rate(r);
+    drop(cluster);
+    Ok(m)
 }
 
 /// The cluster monkey's fault kinds.

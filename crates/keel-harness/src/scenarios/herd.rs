@@ -183,7 +183,7 @@ async fn run_drops(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 }
 
 /// The relay's `/healthz` figure `key` (`connections`, ...).
-async fn health_figure(relay: &RelayProcess, key: &str) -> f64 {
+pub(super) async fn health_figure(relay: &RelayProcess, key: &str) -> f64 {
     let text = http_get(relay.addr(), "/healthz").await.unwrap_or_default();
     let body = match (text.find('{'), text.rfind('}')) {
         (Some(a), Some(b)) if a < b => &text[a..=b],

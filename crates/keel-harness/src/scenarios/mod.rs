@@ -83,6 +83,7 @@ pub fn catalogue() -> Vec<Scenario> {
         cluster::LEADER_KILL_SCENARIO,
         cluster::CLUSTER_CRASH_RECOVERY,
         cluster::CLUSTER_CHAOS_MONKEY,
+        cluster::CLUSTER_THUNDERING_HERD,
     ]
 }
 
