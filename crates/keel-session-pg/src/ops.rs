@@ -1061,7 +1061,7 @@ impl SessionStore for PgStore {
 /// (from a single-node past) and rows with an unknown state; a survivor
 /// recovering a dead node takes that node's sessions only.
 pub(crate) async fn crash_sessions(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     now: UnixMillis,
     node: &str,
     own: bool,
@@ -1132,7 +1132,7 @@ pub(crate) async fn crash_sessions(
 /// (id `crash-notice-<crash_count>`, the system scope) inside `tx`; returns
 /// the (channel, offset) of each notice newly written.
 pub(crate) async fn append_notices(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     now: UnixMillis,
     marked: &[CrashedSession],
     notice: &CrashNotice,
@@ -1140,7 +1140,9 @@ pub(crate) async fn append_notices(
     if marked.is_empty() {
         return Ok(Vec::new());
     }
-    let st = Statements::prepare(tx).await?;
+    // The pooled connection's cached statements: a takeover or a
+    // recovery prepares nothing (it prepared five per notice batch).
+    let st = Statements::cached(tx).await?;
     let notices: Vec<(String, String, Vec<u8>)> = marked
         .iter()
         .map(|session| {

@@ -63,19 +63,10 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    /// Prepared in `tx` (for a one-off batch).
-    pub(crate) async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
-        Ok(Statements {
-            create: tx.prepare(CREATE_CHANNELS).await.map_err(pg)?,
-            lock: tx.prepare(LOCK_CHANNELS).await.map_err(pg)?,
-            find: tx.prepare(FIND_DUPLICATES).await.map_err(pg)?,
-            take: tx.prepare(TAKE_OFFSETS).await.map_err(pg)?,
-            insert: tx.prepare(INSERT_MESSAGES).await.map_err(pg)?,
-        })
-    }
-
-    /// From the pooled connection's statement cache (the writer's).
-    async fn cached(tx: &deadpool_postgres::Transaction<'_>) -> Result<Statements, StoreError> {
+    /// From the pooled connection's statement cache.
+    pub(crate) async fn cached(
+        tx: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<Statements, StoreError> {
         Ok(Statements {
             create: tx.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?,
             lock: tx.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?,
