@@ -165,7 +165,10 @@ async fn write_queue(
                 }
                 Outbound::Start { channel, from, .. } => {
                     metrics::counter!("keel_start_replays_total").increment(1);
-                    match replay(sink, ctx, end, &channel, from, None).await {
+                    // Boxed here and below: a replay's state (a store read,
+                    // a page) is large, and inline it would size every
+                    // connection's idle writer.
+                    match Box::pin(replay(sink, ctx, end, &channel, from, None)).await {
                         Ok((now, n)) => {
                             written += n;
                             next.insert(channel, now);
@@ -218,7 +221,7 @@ async fn live(
             // Another publisher's earlier offset has not reached the hub
             // yet: it is committed, so read it.
             metrics::counter!("keel_gap_replays_total").increment(1);
-            written += replay(sink, ctx, end, channel, expected, Some(offset))
+            written += Box::pin(replay(sink, ctx, end, channel, expected, Some(offset)))
                 .await?
                 .1;
         }
