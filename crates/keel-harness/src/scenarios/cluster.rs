@@ -676,65 +676,17 @@ async fn run_herd(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let back_from = tokio::time::Instant::now();
     cluster.nodes[dead].kill9().await?;
     r.fault(&action.kind, &action.target, t_fault, r.now());
-    let everyone = (n + publishers) as f64;
-    let mut at_5s = None;
-    let all_back = loop {
-        let (now, _) = live_counts(&cluster, dead).await;
-        let waited = back_from.elapsed();
-        if waited >= Duration::from_secs(5) && at_5s.is_none() {
-            at_5s = Some(now);
-        }
-        if now >= everyone {
-            break Some(waited);
-        }
-        if waited > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let back_5s = match (all_back, at_5s) {
-        (Some(t), _) if t <= Duration::from_secs(5) => 1.0,
-        (_, Some(c)) => ((c - publishers as f64) / n as f64).clamp(0.0, 1.0),
-        _ => 0.0,
-    };
+    let (all_back, back_5s) = super::herd::everyone_back(back_from, n, publishers, || async {
+        live_counts(&cluster, dead).await.0
+    })
+    .await;
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ctx.phase("healing: subscribers catch up");
-    shared.stop.store(true, Ordering::Release);
-    for p in pubs {
-        p.await.map_err(|e| setup("publisher task", e))??;
-    }
-    let heads = shared
-        .heads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let expected_deliveries: u64 = (0..n)
-        .map(|i| heads.get(&channel(i)).copied().unwrap_or(0))
-        .sum();
     let progress: Vec<_> = subs.iter().map(|(p, _)| p.clone()).collect();
-    let converged = wait_until(
-        Duration::from_secs(plan.num("heal_deadline_s") as u64),
-        Duration::from_millis(50),
-        || {
-            let progress = &progress;
-            async move { progress.iter().map(|p| p.get()).sum::<u64>() >= expected_deliveries }
-        },
-    )
-    .await;
-    // The survivors' counts, exact once the publishers have gone: every
-    // subscriber connected once, with its channel and its private one.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let (conns, subscriptions, counts_exact) = loop {
-        let (conns, subscriptions) = live_counts(&cluster, dead).await;
-        if conns == n as f64 && subscriptions == 2.0 * n as f64 {
-            break (conns, subscriptions, true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break (conns, subscriptions, false);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let converged = super::herd::catch_up(ctx, plan, &shared, pubs, &progress, channel).await?;
+    // The survivors' counts, exact once the publishers have gone.
+    let (conns, subscriptions, counts_exact) =
+        super::herd::counts_settle(n, || live_counts(&cluster, dead)).await;
     let _ = stop_tx.send(true);
     let mut moved = 0u32;
     for (_, task) in subs {

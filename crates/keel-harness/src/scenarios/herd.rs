@@ -182,6 +182,97 @@ async fn run_drops(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     run_herd(ctx, plan, Herd::RandomDrops).await
 }
 
+/// Waits (up to 60 s from `from`) until `connections()` counts the `n`
+/// subscribers and the publishers again; returns how long that took and
+/// the share of the subscribers back 5 s after `from`.
+pub(super) async fn everyone_back<F, Fut>(
+    from: tokio::time::Instant,
+    n: usize,
+    publishers: usize,
+    connections: F,
+) -> (Option<Duration>, f64)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let everyone = (n + publishers) as f64;
+    let mut at_5s = None;
+    let all_back = loop {
+        let now = connections().await;
+        let waited = from.elapsed();
+        if waited >= Duration::from_secs(5) && at_5s.is_none() {
+            at_5s = Some(now);
+        }
+        if now >= everyone {
+            break Some(waited);
+        }
+        if waited > Duration::from_secs(60) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let back_5s = match (all_back, at_5s) {
+        (Some(t), _) if t <= Duration::from_secs(5) => 1.0,
+        (_, Some(c)) => ((c - publishers as f64) / n as f64).clamp(0.0, 1.0),
+        _ => 0.0,
+    };
+    (all_back, back_5s)
+}
+
+/// Stops the publishers and waits (up to `heal_deadline_s`) until the
+/// subscribers, subscriber `i` on `channel(i)`, have every acknowledged
+/// message; whether they did.
+pub(super) async fn catch_up(
+    ctx: &Ctx,
+    plan: &Plan,
+    shared: &Shared,
+    pubs: Vec<tokio::task::JoinHandle<Result<(), Error>>>,
+    progress: &[crate::client::Progress],
+    channel: impl Fn(usize) -> String,
+) -> Result<bool, Error> {
+    ctx.phase("healing: subscribers catch up");
+    shared.stop.store(true, Ordering::Release);
+    for p in pubs {
+        p.await.map_err(|e| setup("publisher task", e))??;
+    }
+    let heads = shared
+        .heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let expected: u64 = (0..progress.len())
+        .map(|i| heads.get(&channel(i)).copied().unwrap_or(0))
+        .sum();
+    Ok(wait_until(
+        Duration::from_secs(plan.num("heal_deadline_s") as u64),
+        Duration::from_millis(50),
+        || async move { progress.iter().map(|p| p.get()).sum::<u64>() >= expected },
+    )
+    .await)
+}
+
+/// The relay's own counts, exact once the publishers' links have closed:
+/// every one of `n` subscribers connected once, each with two live
+/// subscriptions (its channel and its session's private channel). Waits
+/// up to 5 s; returns (connections, subscriptions, exact).
+pub(super) async fn counts_settle<F, Fut>(n: usize, counts: F) -> (f64, f64, bool)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (f64, f64)>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (conns, subscriptions) = counts().await;
+        if conns == n as f64 && subscriptions == 2.0 * n as f64 {
+            return (conns, subscriptions, true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (conns, subscriptions, false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The relay's `/healthz` figure `key` (`connections`, ...).
 pub(super) async fn health_figure(relay: &RelayProcess, key: &str) -> f64 {
     let text = http_get(relay.addr(), "/healthz").await.unwrap_or_default();
@@ -282,7 +373,6 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
         .clone();
     tokio::time::sleep(Duration::from_millis(action.at_ms)).await;
     ctx.phase(&action.kind);
-    let everyone = (n + publishers) as f64;
     let t_fault = r.now();
     // The moment from which everyone must come back.
     let back_from = match (herd, &proxy) {
@@ -316,67 +406,22 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
     };
     r.fault(&action.kind, &action.target, t_fault, r.now());
     ctx.phase("everyone coming back");
-    let mut at_5s = None;
-    let all_back = loop {
-        let now = health_figure(&relay, "connections").await;
-        let waited = back_from.elapsed();
-        if waited >= Duration::from_secs(5) && at_5s.is_none() {
-            at_5s = Some(now);
-        }
-        if now >= everyone {
-            break Some(waited);
-        }
-        if waited > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let back_5s = match (all_back, at_5s) {
-        (Some(t), _) if t <= Duration::from_secs(5) => 1.0,
-        (_, Some(c)) => ((c - publishers as f64) / n as f64).clamp(0.0, 1.0),
-        _ => 0.0,
-    };
+    let (all_back, back_5s) = everyone_back(back_from, n, publishers, || async {
+        health_figure(&relay, "connections").await
+    })
+    .await;
 
     // Load goes on a second, then stops; everyone must catch up.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ctx.phase("healing: subscribers catch up");
-    shared.stop.store(true, Ordering::Release);
-    for p in pubs {
-        p.await.map_err(|e| setup("publisher task", e))??;
-    }
-    let heads = shared
-        .heads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let expected: u64 = (0..n)
-        .map(|i| heads.get(&channel(i)).copied().unwrap_or(0))
-        .sum();
     let progress: Vec<_> = subs.iter().map(|(p, _)| p.clone()).collect();
-    let converged = wait_until(
-        Duration::from_secs(plan.num("heal_deadline_s") as u64),
-        Duration::from_millis(50),
-        || {
-            let progress = &progress;
-            async move { progress.iter().map(|p| p.get()).sum::<u64>() >= expected }
-        },
-    )
+    let converged = catch_up(ctx, plan, &shared, pubs, &progress, channel).await?;
+    let (conns, subscriptions, counts_exact) = counts_settle(n, || async {
+        (
+            health_figure(&relay, "connections").await,
+            relay.metric("keel_subscriptions").await.unwrap_or(0.0),
+        )
+    })
     .await;
-    // The relay's own counts, exact once the publishers' links have
-    // closed: every subscriber connected once, each with two live
-    // subscriptions (its channel and its session's private channel).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let (conns, subscriptions, counts_exact) = loop {
-        let conns = health_figure(&relay, "connections").await;
-        let subscriptions = relay.metric("keel_subscriptions").await.unwrap_or(0.0);
-        if conns == n as f64 && subscriptions == 2.0 * n as f64 {
-            break (conns, subscriptions, true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break (conns, subscriptions, false);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let _ = stop_tx.send(true);
     let mut reconnects = Vec::with_capacity(n);
     for (_, task) in subs {

@@ -129,15 +129,7 @@ async fn unavailable_tries_do_not_use_up_attempts() {
     {
         sink.then(None, outcome);
     }
-    let config = Config {
-        backoff: Backoff {
-            jitter: false,
-            max_attempts: 3,
-            ..Backoff::default()
-        },
-        ..Config::default()
-    };
-    let (queue, _dead) = SendQueue::new(sink.clone(), config);
+    let (queue, _dead) = SendQueue::new(sink.clone(), config_with_attempts(3));
     let receipt = queue.submit("a".into(), 7).await.unwrap();
     assert_eq!(receipt.await, Delivery::Sent { attempts: 48 });
     let m = queue.metrics();
