@@ -101,6 +101,8 @@ struct UpstreamSink {
     answer_timeout: Duration,
     /// When the link was last dropped for want of an answer.
     last_redial: Mutex<Option<tokio::time::Instant>>,
+    /// Redials made (a try whose link this sink dropped still counts).
+    redials: std::sync::atomic::AtomicU64,
 }
 
 impl Sink<String, Envelope> for UpstreamSink {
@@ -126,6 +128,11 @@ impl Sink<String, Envelope> for UpstreamSink {
         // up its attempts and turn it DEAD.
         let mut link = self.client.state();
         let mut link_lost = *link.borrow_and_update() != State::Connected;
+        // A drop and a fast reconnect can both land between two reads of
+        // the state: the client's drop counter sees them. A drop this sink
+        // asked for (a redial for want of answers) does not excuse a try.
+        let drops = self.client.counters().drops;
+        let redials = self.redials.load(std::sync::atomic::Ordering::Acquire);
         if fresh
             && let Err(e) = self
                 .client
@@ -158,9 +165,22 @@ impl Sink<String, Envelope> for UpstreamSink {
                 }
             }
         };
+        let link_lost = link_lost || self.client.counters().drops != drops;
+        let redialled = self.redials.load(std::sync::atomic::Ordering::Acquire) != redials;
+        let closed = matches!(*link.borrow(), State::Closed { .. });
         let answer = match answer {
             Some(a) => a,
-            None if link_lost => {
+            // A closed client (the upstream ended it for good) sends
+            // nothing more: the try counts, so that the send ends DEAD
+            // rather than waiting for a link that will not come.
+            None if closed => {
+                self.forget(&msg.idem_key);
+                return SendOutcome::Failed {
+                    retryable: true,
+                    error: "the upstream client is closed".to_owned(),
+                };
+            }
+            None if link_lost && !redialled => {
                 // Not an attempt the upstream could answer: the frame stays
                 // buffered (written again on the next link) and the next
                 // try waits for its answer rather than writing a copy.
@@ -215,6 +235,8 @@ impl UpstreamSink {
         let mut last = self.last_redial.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| now.duration_since(t) >= self.answer_timeout) {
             *last = Some(now);
+            self.redials
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             tracing::warn!(
                 timeout = ?self.answer_timeout,
                 "no answer from the upstream in time: redialling, unanswered sends are written again"
@@ -342,6 +364,7 @@ pub(crate) async fn run(
         pending: pending.clone(),
         answer_timeout: Duration::from_millis(sending.answer_timeout_ms),
         last_redial: Mutex::new(None),
+        redials: std::sync::atomic::AtomicU64::new(0),
     };
     let max_queued = 1024;
     let (queue, _dead) = SendQueue::new(
@@ -426,6 +449,17 @@ pub(crate) async fn run(
                     let (client, pending) = (client.clone(), pending.clone());
                     tokio::spawn(async move {
                         let delivery = receipt.await;
+                        if matches!(
+                            delivery,
+                            Delivery::Dead(keel_ratelimit::DeadReason::Shutdown)
+                        ) {
+                            // The sender stopped (shutdown, or the upstream
+                            // lock lost), not the send: it stays claimed and
+                            // is claimed again when its lease runs out, here
+                            // or by the next holder. Not DEAD.
+                            in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
+                            return;
+                        }
                         if matches!(delivery, Delivery::Dead(_)) {
                             // Given up on: the frame of its last attempt must
                             // not go out on a later link after the session
