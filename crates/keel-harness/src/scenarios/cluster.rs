@@ -599,7 +599,6 @@ async fn live_counts(cluster: &Cluster, dead: usize) -> (f64, f64) {
 }
 
 async fn run_herd(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    use crate::client::{PayloadCheck, SubscriberSpec, spawn_subscriber};
     ctx.phase("starting the cluster");
     let mut cluster = ctx.cluster(NODES, ClusterOptions::default(), "").await?;
     let r = &ctx.recorder;
@@ -616,27 +615,14 @@ async fn run_herd(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 
     ctx.phase("subscribers connecting");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut subs = Vec::with_capacity(n);
-    for i in 0..n {
-        subs.push(spawn_subscriber(
-            SubscriberSpec {
-                sub: i as u32,
-                url: cluster.urls_from(i % NODES).join(" "),
-                source: crate::client::source_ip(i),
-                channels: vec![(channel(i), 1)],
-                read_delay: None,
-                resume: true,
-                payloads: PayloadCheck::None,
-                stop_after: None,
-            },
-            r.clone(),
-            stop_rx.clone(),
-            Duration::from_secs(2),
-        ));
-        if i % 200 == 199 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let subs = super::herd::spawn_herd(
+        n,
+        |i| cluster.urls_from(i % NODES).join(" "),
+        &channel,
+        r,
+        &stop_rx,
+    )
+    .await;
     let all_connected = wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
         let cluster = &cluster;
         async move { live_counts(cluster, usize::MAX).await.0 >= n as f64 }

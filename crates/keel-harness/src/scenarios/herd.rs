@@ -182,6 +182,43 @@ async fn run_drops(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     run_herd(ctx, plan, Herd::RandomDrops).await
 }
 
+/// Opens `n` resuming subscribers, subscriber `i` on `url(i)` (URLs
+/// separated by spaces for a cluster) and `channel(i)`, a few hundred at a
+/// time; their progress and tasks.
+pub(super) async fn spawn_herd(
+    n: usize,
+    url: impl Fn(usize) -> String,
+    channel: &impl Fn(usize) -> String,
+    r: &crate::history::Recorder,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<(
+    crate::client::Progress,
+    tokio::task::JoinHandle<crate::client::SubscriberReport>,
+)> {
+    let mut subs = Vec::with_capacity(n);
+    for i in 0..n {
+        subs.push(spawn_subscriber(
+            SubscriberSpec {
+                sub: i as u32,
+                url: url(i),
+                source: crate::client::source_ip(i),
+                channels: vec![(channel(i), 1)],
+                read_delay: None,
+                resume: true,
+                payloads: PayloadCheck::None,
+                stop_after: None,
+            },
+            r.clone(),
+            stop.clone(),
+            Duration::from_secs(2),
+        ));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    subs
+}
+
 /// Waits (up to 60 s from `from`) until `connections()` counts the `n`
 /// subscribers and the publishers again; returns how long that took and
 /// the share of the subscribers back 5 s after `from`.
@@ -313,32 +350,17 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
 
     ctx.phase("subscribers connecting");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut subs = Vec::with_capacity(n);
-    for i in 0..n {
-        let url = match (&proxy, proxied(i)) {
+    let subs = spawn_herd(
+        n,
+        |i| match (&proxy, proxied(i)) {
             (Some(p), true) => format!("ws://{}/ws", p.listen_addr()),
             _ => relay.url(),
-        };
-        subs.push(spawn_subscriber(
-            SubscriberSpec {
-                sub: i as u32,
-                url,
-                source: crate::client::source_ip(i),
-                channels: vec![(channel(i), 1)],
-                read_delay: None,
-                resume: true,
-                payloads: PayloadCheck::None,
-                stop_after: None,
-            },
-            r.clone(),
-            stop_rx.clone(),
-            Duration::from_secs(2),
-        ));
-        // Opened a few hundred at a time.
-        if i % 200 == 199 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+        },
+        &channel,
+        r,
+        &stop_rx,
+    )
+    .await;
     let all_connected = wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
         let relay = &relay;
         async move { health_figure(relay, "connections").await >= n as f64 }
