@@ -161,6 +161,9 @@ struct Shared {
     mode: watch::Sender<UpstreamMode>,
     books: Mutex<Books>,
     clients: Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>,
+    /// Sends to this recipient make the upstream drop the connection.
+    poison: Mutex<Option<String>>,
+    poisoned: AtomicU64,
     next_client: AtomicU64,
     next_push: AtomicU64,
     connections: AtomicU64,
@@ -211,6 +214,8 @@ impl MockUpstream {
             mode: watch::Sender::new(UpstreamMode::Normal),
             books: Mutex::new(books),
             clients: Mutex::new(HashMap::new()),
+            poison: Mutex::new(None),
+            poisoned: AtomicU64::new(0),
             next_client: AtomicU64::new(0),
             next_push: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -239,6 +244,18 @@ impl MockUpstream {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
+    }
+
+    /// A send to `to` (a frame the real API chokes on) makes the upstream
+    /// drop that connection without an answer; `None` ends it. Other sends
+    /// are answered as the mode says.
+    pub fn set_poison_recipient(&self, to: Option<&str>) {
+        *self.shared.poison.lock().unwrap_or_else(|p| p.into_inner()) = to.map(str::to_owned);
+    }
+
+    /// Connections dropped over a poisoned send.
+    pub fn poisoned(&self) -> u64 {
+        self.shared.poisoned.load(Ordering::Relaxed)
     }
 
     /// The current mode.
@@ -362,6 +379,10 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         tokio::select! {
             frame = read.next() => {
                 let Some(Ok(frame)) = frame else { break };
+                if is_poison(&shared, &frame) {
+                    shared.poisoned.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 let current = *mode.borrow();
                 match current {
                     UpstreamMode::Down => break,
@@ -402,6 +423,14 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
+}
+
+fn is_poison(shared: &Shared, frame: &Message) -> bool {
+    let poison = shared.poison.lock().unwrap_or_else(|p| p.into_inner());
+    let (Some(poison), Message::Text(text)) = (poison.as_deref(), frame) else {
+        return false;
+    };
+    serde_json::from_str::<Send>(text.as_str()).is_ok_and(|s| s.to == poison)
 }
 
 #[derive(Deserialize)]

@@ -67,6 +67,16 @@ pub struct Config {
     /// Rate-limit answers one message may get before it becomes a dead letter;
     /// `None` (the default) retries for as long as the server keeps asking.
     pub max_rate_limited: Option<u32>,
+    /// How long after its first try a message may keep failing for want of
+    /// a link or an answer ([`SendOutcome::Unavailable`](crate::SendOutcome)
+    /// and retryable failures): a try that fails once this has passed makes
+    /// it a dead letter ([`DeadReason::TimedOut`](crate::DeadReason)). It
+    /// bounds what `max_attempts` cannot: tries that are not counted, such
+    /// as a message whose every try loses the link (a frame the server
+    /// drops the connection over). Rate-limit answers are bounded by
+    /// `max_rate_limited` instead, and time queued before the first try
+    /// does not count. `None` (the default) never gives up on time.
+    pub give_up_after: Option<Duration>,
     /// Seed of the jitter RNG. Default 0; the same seed gives the same delays.
     pub seed: u64,
 }
@@ -82,6 +92,7 @@ impl Default for Config {
             max_in_flight: 64,
             backoff: Backoff::default(),
             max_rate_limited: None,
+            give_up_after: None,
             seed: 0,
         }
     }

@@ -40,6 +40,16 @@ pub enum DeadReason {
         /// The error.
         error: String,
     },
+    /// Still failing for want of a link or an answer when
+    /// `Config::give_up_after` had passed since its first try.
+    TimedOut {
+        /// Calls to the sink made (unavailable tries included).
+        attempts: u32,
+        /// Time from the first try to the end of the last.
+        elapsed: Duration,
+        /// The last error (or why the last try could not be made).
+        last_error: String,
+    },
     /// Rate-limited more often than `Config::max_rate_limited` allows.
     RateLimited {
         /// Rate-limit answers received.
@@ -183,6 +193,8 @@ struct Entry<M> {
     attempts: u32,
     rate_limited: u32,
     unavailable: u32,
+    /// When its first try started.
+    first_try: Option<Instant>,
     receipt: Option<oneshot::Sender<Delivery>>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
@@ -316,6 +328,7 @@ where
                 attempts: 0,
                 rate_limited: 0,
                 unavailable: 0,
+                first_try: None,
                 receipt: Some(tx),
                 _permits: permits,
             };
@@ -579,7 +592,8 @@ where
                 *wake = earliest(*wake, at);
                 return;
             }
-            let entry = ks.queue.pop_front().expect("checked non-empty");
+            let mut entry = ks.queue.pop_front().expect("checked non-empty");
+            entry.first_try.get_or_insert(now);
             ks.slot = Slot::InFlight;
             self.queued -= 1;
             self.in_flight += 1;
@@ -603,6 +617,17 @@ where
         };
         let mut requeue = false;
         let mut dead = None;
+        // Past its time budget, a try that failed for want of a link or an
+        // answer is its last.
+        let timed_out = |entry: &Entry<M>, last_error: String| {
+            let elapsed = now - entry.first_try.unwrap_or(now);
+            let budget = config.give_up_after?;
+            (elapsed >= budget).then_some(DeadReason::TimedOut {
+                attempts: entry.attempts,
+                elapsed,
+                last_error,
+            })
+        };
         match outcome {
             SendOutcome::Sent => {
                 self.metrics.sent += 1;
@@ -638,9 +663,12 @@ where
             SendOutcome::Unavailable { retry_after } => {
                 self.metrics.unavailable += 1;
                 entry.unavailable += 1;
-                let until = now + retry_after;
-                ks.frozen_until = Some(ks.frozen_until.map_or(until, |f| f.max(until)));
-                requeue = true;
+                dead = timed_out(&entry, "unavailable: no link to send on".to_owned());
+                if dead.is_none() {
+                    let until = now + retry_after;
+                    ks.frozen_until = Some(ks.frozen_until.map_or(until, |f| f.max(until)));
+                    requeue = true;
+                }
             }
             SendOutcome::Failed { retryable, error } => {
                 self.metrics.failed += 1;
@@ -652,6 +680,8 @@ where
                         attempts: entry.attempts,
                         last_error: error,
                     });
+                } else if let Some(reason) = timed_out(&entry, error) {
+                    dead = Some(reason);
                 } else {
                     let delay = backoff::delay(&config.backoff, failures, &mut self.rng);
                     ks.backoff = Some(delay);

@@ -91,6 +91,18 @@ impl SendHandle {
     }
 }
 
+/// Links that ended with one buffered message unacknowledged on them
+/// ([`crate::ReconnectingClient::lost_links`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LostLinks {
+    /// Links that ended with it the oldest unacknowledged message written on
+    /// them: the first one the peer read.
+    pub first: u32,
+    /// Links that ended with it the only unacknowledged message written on
+    /// them.
+    pub alone: u32,
+}
+
 struct Pending {
     seq: u64,
     msg: Message,
@@ -98,6 +110,8 @@ struct Pending {
     size: usize,
     /// The link generation it was last written on.
     sent_on: Option<u64>,
+    /// Links that ended with it written on them and unacknowledged.
+    lost: LostLinks,
     written: Option<oneshot::Sender<Result<(), SendError>>>,
     acked: Option<oneshot::Sender<Result<(), SendError>>>,
 }
@@ -214,6 +228,7 @@ impl Buffer {
             ack_key: ack_key.take(),
             size,
             sent_on: None,
+            lost: LostLinks::default(),
             written: Some(wtx),
             acked: Some(atx),
         });
@@ -320,6 +335,34 @@ impl Buffer {
             self.room.notify_waiters();
         }
         n
+    }
+
+    /// Link `generation` ended (not at the sender's request): the oldest
+    /// message written on it and unacknowledged, the first the peer read,
+    /// lost one more link; alone, if it was the only one.
+    pub(crate) fn link_ended(&self, generation: u64) {
+        let mut inner = self.lock();
+        let mut written = inner
+            .queue
+            .iter_mut()
+            .filter(|p| p.sent_on == Some(generation));
+        if let Some(first) = written.next() {
+            first.lost.first = first.lost.first.saturating_add(1);
+            if written.next().is_none() {
+                first.lost.alone = first.lost.alone.saturating_add(1);
+            }
+        }
+    }
+
+    /// The links lost with the message of this ack key outstanding (`None`:
+    /// no such message buffered).
+    pub(crate) fn lost_links(&self, key: &str) -> Option<LostLinks> {
+        let inner = self.lock();
+        inner
+            .queue
+            .iter()
+            .find(|p| p.ack_key.as_deref() == Some(key))
+            .map(|p| p.lost)
     }
 
     /// Messages and bytes buffered.

@@ -299,6 +299,16 @@ impl ReconnectingClient {
         self.shared.buffer.withdraw(key)
     }
 
+    /// The links that ended (other than by [`Self::reconnect_now`]) with the
+    /// buffered message of ack key `key` unacknowledged on them: as the
+    /// oldest such message (the first the peer read) and as the only one.
+    /// `None`: no such message buffered. A message that is first on every
+    /// link that dies is one the peer may be dropping the link over: its
+    /// sender can take it back ([`Self::withdraw`]) and try it alone.
+    pub fn lost_links(&self, key: &str) -> Option<crate::LostLinks> {
+        self.shared.buffer.lost_links(key)
+    }
+
     /// Drops the current link (or skips the current backoff) and reconnects now.
     pub fn reconnect_now(&self) {
         self.shared.reconnect.notify_one();
@@ -392,6 +402,9 @@ async fn run_link<T: Target, P: Protocol>(
         .await;
         let (ended, up_for) = outcome;
         if up_for.is_some() {
+            if !matches!(&ended, Ended::Retry(reason, _) if reason == RECONNECT_REQUESTED) {
+                shared.buffer.link_ended(generation);
+            }
             shared.stats.drops.fetch_add(1, Ordering::Relaxed);
         }
         let (reason, at_least) = match ended {
@@ -432,6 +445,9 @@ async fn run_link<T: Target, P: Protocol>(
         let _ = state.set(State::Connecting);
     }
 }
+
+/// Why a link ended at the user's request ([`ReconnectingClient::reconnect_now`]).
+const RECONNECT_REQUESTED: &str = "reconnect requested";
 
 /// TCP, WebSocket handshake and resume hook, each with its own timeout.
 async fn connect<T: Target, P: Protocol>(
@@ -625,7 +641,7 @@ async fn session<P: Protocol>(
                     None,
                 );
             }
-            _ = shared.reconnect.notified() => return Ended::Retry("reconnect requested".into(), None),
+            _ = shared.reconnect.notified() => return Ended::Retry(RECONNECT_REQUESTED.into(), None),
             _ = shared.close.notified() => {
                 let _ = timeout(config.close_timeout, sink.send(Message::Close(None))).await;
                 return Ended::Stop("closed by the user".into());

@@ -44,7 +44,7 @@ mod frames;
 mod state;
 
 pub use crate::backoff::Backoff;
-pub use crate::buffer::{BufferConfig, Overflow, SendError, SendHandle};
+pub use crate::buffer::{BufferConfig, LostLinks, Overflow, SendError, SendHandle};
 #[cfg(feature = "tls")]
 pub use crate::client::tls_config;
 pub use crate::client::{

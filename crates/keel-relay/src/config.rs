@@ -392,6 +392,12 @@ pub struct Sending {
     pub backoff_cap_ms: u64,
     /// How long one attempt waits for the upstream's answer. Default 10,000 ms.
     pub answer_timeout_ms: u64,
+    /// How long after its first try a send may keep failing (tries while
+    /// the link is down included, which `max_attempts` does not count)
+    /// before it is DEAD. 0 (the default) never gives up: sends wait out an
+    /// upstream outage however long. Set it to report sends DEAD rather
+    /// than wait past that.
+    pub give_up_after_ms: u64,
     /// Outbox claim lease. Default 60,000 ms.
     pub lease_ms: u64,
 }
@@ -408,6 +414,7 @@ impl Default for Sending {
             backoff_base_ms: 1000,
             backoff_cap_ms: 60_000,
             answer_timeout_ms: 10_000,
+            give_up_after_ms: 0,
             lease_ms: 60_000,
         }
     }

@@ -64,6 +64,8 @@ fn register_metrics() {
         "keel_upstream_inbound_total",
         "keel_upstream_garbage_total",
         "keel_upstream_unknown_answers_total",
+        "keel_upstream_suspect_sends_total",
+        "keel_upstream_links_lost_alone_total",
         "keel_connections_refused_total",
     ] {
         metrics::counter!(name).increment(0);

@@ -7,7 +7,10 @@
 //! link until answered) -> `ok` -> SENT; `rate_limited` -> retry no sooner
 //! than told; no answer on a live link -> backoff; attempts used up -> DEAD.
 //! A try while the link is down (or one it drops before the answer) is not
-//! an attempt: the frame stays buffered for the next link.
+//! an attempt: the frame stays buffered for the next link. A send that
+//! [`SUSPECT_AFTER`] links died with is taken back and tried alone: a frame
+//! the upstream drops the link over must neither block the others (the
+//! client re-sends it first on every link) nor escape its attempts.
 
 use keel_session::SessionStore;
 use std::collections::{HashMap, HashSet};
@@ -95,9 +98,19 @@ struct Envelope {
 /// upstream (link down): the try after it waits for the link and the answer.
 const UNAVAILABLE_RETRY: Duration = Duration::from_millis(100);
 
+/// Links that died with a send's frame the first unanswered one on them
+/// (the first the upstream read) before the send is taken back from the
+/// client and tried alone.
+const SUSPECT_AFTER: u32 = 3;
+
 struct UpstreamSink {
     client: Arc<ReconnectingClient>,
     pending: Arc<Pending>,
+    /// Held shared by every try from its write to its answer; a suspect's
+    /// try holds it alone, so that a link lost then is that send's doing.
+    turns: tokio::sync::RwLock<()>,
+    /// Sends to try alone (idempotency keys); bounded by the queue.
+    suspects: Arc<Mutex<HashSet<String>>>,
     answer_timeout: Duration,
     /// When the link was last dropped for want of an answer.
     last_redial: Mutex<Option<tokio::time::Instant>>,
@@ -107,6 +120,35 @@ struct UpstreamSink {
 
 impl Sink<String, Envelope> for UpstreamSink {
     async fn send(&self, _to: &String, msg: &Envelope) -> SendOutcome {
+        let alone = self.is_suspect(&msg.idem_key);
+        if !alone {
+            let _shared = self.turns.read().await;
+            return self.try_send(msg, false).await;
+        }
+        // Waits for the tries in progress to end; holds back new ones.
+        let _alone = self.turns.write().await;
+        let mut link = self.client.state();
+        let up = matches!(
+            tokio::time::timeout(
+                self.answer_timeout,
+                link.wait_for(|s| *s == State::Connected),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !up {
+            return SendOutcome::Unavailable {
+                retry_after: UNAVAILABLE_RETRY,
+            };
+        }
+        self.try_send(msg, true).await
+    }
+}
+
+impl UpstreamSink {
+    /// One try: `alone`, no other try is in progress, and a link lost
+    /// before the answer counts as an attempt.
+    async fn try_send(&self, msg: &Envelope, alone: bool) -> SendOutcome {
         // An earlier attempt whose answer never came is still buffered in the
         // client and will be re-sent on the next link: wait for it rather than
         // sending a second copy.
@@ -180,10 +222,50 @@ impl Sink<String, Envelope> for UpstreamSink {
                     error: "the upstream client is closed".to_owned(),
                 };
             }
+            None if link_lost && !redialled && alone => {
+                // Taken back either way: the next try writes it alone again.
+                // The link died with this send the only one unanswered on
+                // it: an attempt. Otherwise (it died before the frame went
+                // out, or a frame buffered earlier went out with it) it
+                // says nothing about this send.
+                let lost_alone = self
+                    .client
+                    .lost_links(&msg.idem_key)
+                    .is_some_and(|l| l.alone > 0);
+                self.client.withdraw(&msg.idem_key);
+                self.forget(&msg.idem_key);
+                if !lost_alone {
+                    return SendOutcome::Unavailable {
+                        retry_after: UNAVAILABLE_RETRY,
+                    };
+                }
+                metrics::counter!("keel_upstream_links_lost_alone_total").increment(1);
+                return SendOutcome::Failed {
+                    retryable: true,
+                    error: "the upstream dropped the link with only this send outstanding"
+                        .to_owned(),
+                };
+            }
             None if link_lost && !redialled => {
                 // Not an attempt the upstream could answer: the frame stays
                 // buffered (written again on the next link) and the next
-                // try waits for its answer rather than writing a copy.
+                // try waits for its answer rather than writing a copy. One
+                // that is the first unanswered frame on every link that dies
+                // is taken back (the client would write it first on every
+                // link) and tried alone.
+                if self
+                    .client
+                    .lost_links(&msg.idem_key)
+                    .is_some_and(|l| l.first >= SUSPECT_AFTER)
+                {
+                    self.client.withdraw(&msg.idem_key);
+                    self.forget(&msg.idem_key);
+                    self.suspects
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(msg.idem_key.clone());
+                    metrics::counter!("keel_upstream_suspect_sends_total").increment(1);
+                }
                 return SendOutcome::Unavailable {
                     retry_after: UNAVAILABLE_RETRY,
                 };
@@ -205,6 +287,12 @@ impl Sink<String, Envelope> for UpstreamSink {
             }
         };
         self.forget(&msg.idem_key);
+        if alone {
+            self.suspects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&msg.idem_key);
+        }
         match answer {
             Some(Answer::Ok) => SendOutcome::Sent,
             Some(Answer::RateLimited { retry_after, scope }) => {
@@ -220,9 +308,14 @@ impl Sink<String, Envelope> for UpstreamSink {
             },
         }
     }
-}
 
-impl UpstreamSink {
+    fn is_suspect(&self, key: &str) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
     /// Drops the link (when it is up); at most once per answer timeout,
     /// however many sends time out.
     fn redial(&self) {
@@ -274,6 +367,13 @@ pub(crate) async fn run(
                 ..Default::default()
             },
             tls,
+            // Refuse rather than wait when full: a try waiting for room
+            // would hold its turn (see `UpstreamSink::turns`) while the
+            // frame at the head, the one to take back, waits behind it.
+            buffer: keel_reconnect::BufferConfig {
+                overflow: keel_reconnect::Overflow::Reject,
+                ..Default::default()
+            },
             ..Default::default()
         },
     );
@@ -359,12 +459,15 @@ pub(crate) async fn run(
         })
     };
 
+    let suspects: Arc<Mutex<HashSet<String>>> = Arc::default();
     let sink = UpstreamSink {
         client: client.clone(),
         pending: pending.clone(),
         answer_timeout: Duration::from_millis(sending.answer_timeout_ms),
         last_redial: Mutex::new(None),
         redials: std::sync::atomic::AtomicU64::new(0),
+        turns: tokio::sync::RwLock::new(()),
+        suspects: suspects.clone(),
     };
     let max_queued = 1024;
     let (queue, _dead) = SendQueue::new(
@@ -376,6 +479,8 @@ pub(crate) async fn run(
                     .allow_burst(nz(sending.per_recipient_burst)),
             ],
             max_total: max_queued,
+            give_up_after: (sending.give_up_after_ms > 0)
+                .then(|| Duration::from_millis(sending.give_up_after_ms)),
             backoff: Backoff {
                 base: Duration::from_millis(sending.backoff_base_ms),
                 cap: Duration::from_millis(sending.backoff_cap_ms),
@@ -446,7 +551,8 @@ pub(crate) async fn run(
             match queue.submit(to, envelope).await {
                 Ok(receipt) => {
                     let (ctx, worker, in_queue) = (ctx.clone(), worker.clone(), in_queue.clone());
-                    let (client, pending) = (client.clone(), pending.clone());
+                    let (client, pending, suspects) =
+                        (client.clone(), pending.clone(), suspects.clone());
                     tokio::spawn(async move {
                         let delivery = receipt.await;
                         if matches!(
@@ -458,6 +564,10 @@ pub(crate) async fn run(
                             // is claimed again when its lease runs out, here
                             // or by the next holder. Not DEAD.
                             in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
+                            suspects
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&wire_id);
                             return;
                         }
                         if matches!(delivery, Delivery::Dead(_)) {
@@ -470,6 +580,10 @@ pub(crate) async fn run(
                                 .unwrap_or_else(|p| p.into_inner())
                                 .remove(&wire_id);
                         }
+                        suspects
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&wire_id);
                         finish(&ctx, &worker, &item, delivery).await;
                         in_queue.lock().map(|mut s| s.remove(&item.id)).ok();
                     });

@@ -161,6 +161,110 @@ async fn unavailable_tries_do_not_use_up_attempts() {
     ));
 }
 
+/// Tries that use no attempt still end: a message whose every try finds
+/// no link (or loses it) is a dead letter once `give_up_after` has passed
+/// since its first try, and time queued before that try does not count.
+/// Without the budget the same script keeps it retrying.
+#[tokio::test(start_paused = true)]
+async fn give_up_after_bounds_tries_that_use_no_attempt() {
+    let down = || SendOutcome::Unavailable {
+        retry_after: Duration::from_millis(500),
+    };
+    let budget = Duration::from_secs(30);
+    let with_budget = |budget| Config {
+        give_up_after: budget,
+        ..config_with_attempts(3)
+    };
+
+    let sink = Recorder::default();
+    for _ in 0..10_000 {
+        sink.then(Some("a"), down());
+    }
+    let (queue, mut dead) = SendQueue::new(sink.clone(), with_budget(Some(budget)));
+    let first = queue.submit("a".into(), 1).await.unwrap();
+    let Delivery::Dead(DeadReason::TimedOut {
+        attempts,
+        elapsed,
+        last_error,
+    }) = first.await
+    else {
+        panic!("expected a timed-out dead letter");
+    };
+    assert!(
+        elapsed >= budget && elapsed < budget + Duration::from_secs(1),
+        "{elapsed:?}"
+    );
+    assert_eq!(attempts, 61, "a try every 500 ms for 30 s, the first at 0");
+    assert!(last_error.contains("unavailable"), "{last_error}");
+    assert_eq!(dead.recv().await.unwrap().msg, 1);
+    assert_eq!(queue.metrics().unavailable, 61);
+
+    // Failures that back off count against the same clock, and a message
+    // that waited for its turn starts its own: one try per 10 s for the
+    // key, so the second message's first try comes after the first's last.
+    let sink = Recorder::default();
+    for _ in 0..2 {
+        sink.then(
+            Some("b"),
+            SendOutcome::Failed {
+                retryable: true,
+                error: "503".into(),
+            },
+        );
+    }
+    for _ in 0..10_000 {
+        sink.then(Some("b"), down());
+    }
+    let config = Config {
+        per_key: vec![keel_ratelimit::Quota::with_period(Duration::from_secs(10)).unwrap()],
+        ..with_budget(Some(budget))
+    };
+    let (queue, _dead) = SendQueue::new(sink.clone(), config);
+    let one = queue.submit("b".into(), 1).await.unwrap();
+    let two = queue.submit("b".into(), 2).await.unwrap();
+    let (one, two) = tokio::join!(one, two);
+    let Delivery::Dead(DeadReason::TimedOut { elapsed, .. }) = one else {
+        panic!("expected a timed-out dead letter, got {one:?}");
+    };
+    assert!(
+        elapsed >= budget && elapsed < budget + Duration::from_secs(1),
+        "{elapsed:?}"
+    );
+    let Delivery::Dead(DeadReason::TimedOut { elapsed, .. }) = two else {
+        panic!("expected a timed-out dead letter, got {two:?}");
+    };
+    assert!(
+        elapsed >= budget && elapsed < budget + Duration::from_secs(11),
+        "{elapsed:?}"
+    );
+    let tries_of = |msg| {
+        sink.calls()
+            .iter()
+            .filter(|c| c.msg == msg)
+            .map(|c| c.at)
+            .collect::<Vec<_>>()
+    };
+    let (t1, t2) = (tries_of(1), tries_of(2));
+    assert!(t2[0] > *t1.last().unwrap(), "FIFO within the key");
+    assert!(
+        t2.last().unwrap().duration_since(t2[0]) >= budget - Duration::from_secs(1),
+        "the second message's clock starts at its own first try"
+    );
+
+    // No budget: still retrying long after.
+    let sink = Recorder::default();
+    for _ in 0..10_000 {
+        sink.then(Some("a"), down());
+    }
+    let (queue, _dead) = SendQueue::new(sink.clone(), with_budget(None));
+    let mut receipt = queue.submit("a".into(), 1).await.unwrap();
+    tokio::select! {
+        d = &mut receipt => panic!("ended without a budget: {d:?}"),
+        () = tokio::time::sleep(budget * 4) => {}
+    }
+    assert!(queue.metrics().unavailable > 200);
+}
+
 fn config_with_attempts(max_attempts: u32) -> Config {
     Config {
         backoff: Backoff {

@@ -295,3 +295,47 @@ async fn reconnect_now_skips_the_wait() {
     wait_connected(&mut state).await;
     wait_until(Duration::from_secs(1), || client.counters().connects == 2).await;
 }
+
+/// A message the peer drops the link over is re-sent first on every link
+/// and every link dies with it: `lost_links` counts them (only links it
+/// was written on), so that its sender can take it back; then the rest
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_lost_with_a_message_outstanding_are_counted() {
+    let (addr, seen) = server(ServerMode {
+        drop_on_seq: Some(7),
+        ..ServerMode::default()
+    })
+    .await;
+    let (client, _frames) =
+        keel_reconnect::ReconnectingClient::start(url(addr), Acks, fast(Config::default()));
+    let mut state = client.state();
+    wait_connected(&mut state).await;
+    let (m, k) = seq(7);
+    let _poison = client.send(m, k).await.unwrap();
+    let (m, k) = seq(8);
+    let fine = client.send(m, k).await.unwrap();
+    wait_until(Duration::from_secs(10), || {
+        client.lost_links("7").is_some_and(|l| l.first >= 3)
+    })
+    .await;
+    assert!(client.counters().drops >= 3);
+    let behind = client.lost_links("8").expect("8 is buffered");
+    assert_eq!(behind.first, 0, "8 was behind 7 on every link");
+    assert!(client.lost_links("99").is_none(), "no such message");
+    assert_eq!(client.withdraw("7"), 1);
+    tokio::time::timeout(Duration::from_secs(5), fine.acked())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.lost_links("8"), None, "acknowledged: gone");
+    assert_eq!(seen.lock().unwrap().seqs(), [8], "7 never answered, 8 once");
+
+    // Alone on the link: counted as alone.
+    let (m, k) = seq(7);
+    let _poison = client.send(m, k).await.unwrap();
+    wait_until(Duration::from_secs(10), || {
+        client.lost_links("7").is_some_and(|l| l.alone >= 2)
+    })
+    .await;
+}

@@ -20,6 +20,8 @@ pub(crate) struct ServerMode {
     pub(crate) welcome_delay: Duration,
     /// Never read after the handshake.
     pub(crate) deaf: bool,
+    /// Drop the connection (no ack, no close frame) on this seq.
+    pub(crate) drop_on_seq: Option<u64>,
 }
 
 /// What the server saw.
@@ -87,6 +89,9 @@ pub(crate) async fn server(mode: ServerMode) -> (SocketAddr, Arc<Mutex<Seen>>) {
                             return;
                         }
                     } else if let Some(seq) = v["seq"].as_u64() {
+                        if mode.drop_on_seq == Some(seq) {
+                            return;
+                        }
                         seen.lock()
                             .unwrap()
                             .frames

@@ -21,14 +21,6 @@ fn rss_mib(pid: i32) -> f64 {
     kib / 1024.0
 }
 
-async fn metric(relay: &RelayProcess, name: &str) -> f64 {
-    let text = http_get(&format!("http://{}/metrics", relay.addr)).await;
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn healthz(relay: &RelayProcess) -> serde_json::Value {
     let text = http_get(&format!("http://{}/healthz", relay.addr)).await;
     let body = text.split("\r\n\r\n").nth(1).unwrap_or(&text);

@@ -275,6 +275,15 @@ impl RawWs {
 }
 
 /// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
+/// The sum of a metric's series on the relay's `/metrics`.
+pub(crate) async fn metric(relay: &RelayProcess, name: &str) -> f64 {
+    let text = http_get(&format!("http://{}/metrics", relay.addr)).await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub(crate) async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();

@@ -294,6 +294,71 @@ async fn tries_while_the_upstream_is_down_use_no_attempts() {
     assert_eq!(up.accepted().len(), 3);
 }
 
+/// A send whose frame makes the upstream drop the link (a poison frame):
+/// the client re-sends it first on every new link, so every link dies and
+/// nothing else gets through, and no try of it is an attempt (none gets an
+/// answer on a live link). After three lost links it is taken back and
+/// tried alone: then a lost link is its attempt, it ends DEAD, and the
+/// sends to other recipients are all SENT. Once it is DEAD the frame is
+/// no longer written, so the link stays up. (Without the isolation
+/// nothing at all was SENT within 20 s.)
+#[tokio::test]
+async fn a_send_the_upstream_drops_the_link_over_ends_dead() {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    up.set_poison_recipient(Some("mallory"));
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(
+                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(&relay.url()).await;
+    c.send("poison", "mallory", &json!("x")).await.unwrap();
+    for i in 0..5 {
+        c.send(&format!("fine-{i}"), &format!("r{i}"), &json!(i))
+            .await
+            .unwrap();
+    }
+    let mut done = results(&mut c, 6, Duration::from_secs(20)).await;
+    done.sort();
+    let expected: Vec<(String, String)> = (0..5)
+        .map(|i| (format!("fine-{i}"), "SENT".to_owned()))
+        .chain([("poison".to_owned(), "DEAD".to_owned())])
+        .collect();
+    assert_eq!(done, expected);
+    assert!(
+        up.poisoned() >= 2,
+        "the poison frame was tried more than once: {}",
+        up.poisoned()
+    );
+    assert!(metric(&relay, "keel_upstream_suspect_sends_total").await >= 1.0);
+    assert_eq!(
+        metric(&relay, "keel_upstream_links_lost_alone_total").await,
+        2.0,
+        "its two attempts, each a link lost with it alone"
+    );
+    let accepted: Vec<String> = up.accepted().into_iter().map(|a| a.to).collect();
+    assert_eq!(accepted.len(), 5, "{accepted:?}");
+    assert!(!accepted.contains(&"mallory".to_owned()));
+    // DEAD: not written again on any later link.
+    let poisoned = up.poisoned();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(up.poisoned(), poisoned, "the DEAD frame was written again");
+}
+
 /// A send that went DEAD is withdrawn from the upstream client's buffer:
 /// the frame of its last attempt is not written on a later link (the
 /// session was told DEAD; the upstream must not get it after that).
