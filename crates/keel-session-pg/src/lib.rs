@@ -88,8 +88,8 @@ pub struct PgConfig {
     /// Payload bytes committed in one transaction at most (a batch always
     /// holds at least one append). Default 1 MiB.
     pub max_batch_bytes: usize,
-    /// Appends that may wait for the writer before callers are held back.
-    /// Default 65 536.
+    /// Appends that may wait for the writer before callers are held back
+    /// (as many again may wait in the writer's lanes). Default 65 536.
     pub write_queue: usize,
     /// Activity rows kept per session. Default 10.
     pub activity_limit: usize,

@@ -517,7 +517,7 @@ impl SessionStore for PgStore {
 
     async fn queue_append_scoped<P>(
         &self,
-        _lane: u64,
+        lane: u64,
         scope: &str,
         channel: &str,
         msg_id: &str,
@@ -529,6 +529,7 @@ impl SessionStore for PgStore {
         self.check_open()?;
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = Job::Append(Append {
+            lane,
             scope: scope.to_owned(),
             channel: channel.to_owned(),
             msg_id: msg_id.to_owned(),

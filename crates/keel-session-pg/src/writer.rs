@@ -1,10 +1,15 @@
 //! Group commit of appends: one task per node commits whatever is queued
-//! in one transaction, pipelined on one pooled connection.
+//! in one transaction, pipelined on one pooled connection. Appends wait in
+//! lanes (a caller's, e.g. a client connection's) taken in weighted fair
+//! order ([`keel_session::fair::FairQueue`]), as the SQLite writer's do: a
+//! flood of large appends from one lane delays another lane's append by
+//! about one commit, not by its whole backlog.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Pool;
+use keel_session::fair::FairQueue;
 use keel_session::{Appended, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -202,6 +207,7 @@ pub(crate) async fn append_batch(
 
 /// A queued append.
 pub(crate) struct Append {
+    pub(crate) lane: u64,
     pub(crate) scope: String,
     pub(crate) channel: String,
     pub(crate) msg_id: String,
@@ -220,43 +226,87 @@ pub(crate) struct Writer {
     pool: Pool,
     rx: mpsc::Receiver<Job>,
     config: PgConfig,
+    lanes: FairQueue<Append>,
+    /// A close request: answered once everything queued before it committed.
+    closing: Option<oneshot::Sender<()>>,
+    /// Every sender is gone.
+    gone: bool,
 }
 
 impl Writer {
     pub(crate) fn new(pool: Pool, rx: mpsc::Receiver<Job>, config: PgConfig) -> Self {
-        Writer { pool, rx, config }
+        Writer {
+            pool,
+            rx,
+            config,
+            lanes: FairQueue::default(),
+            closing: None,
+            gone: false,
+        }
     }
 
     pub(crate) async fn run(mut self) {
-        while let Some(job) = self.rx.recv().await {
-            let mut batch = Vec::new();
-            let mut close = None;
-            match job {
-                Job::Append(a) => batch.push(a),
-                Job::Close(tx) => close = Some(tx),
-            }
-            let mut bytes = batch.first().map_or(0, |a| a.payload.len());
-            while close.is_none()
-                && batch.len() < self.config.max_batch
-                && bytes < self.config.max_batch_bytes
-            {
-                match self.rx.try_recv() {
-                    Ok(Job::Append(a)) => {
-                        bytes += a.payload.len();
-                        batch.push(a);
-                    }
-                    Ok(Job::Close(tx)) => close = Some(tx),
-                    Err(_) => break,
+        loop {
+            if self.lanes.is_empty() {
+                if let Some(tx) = self.closing.take() {
+                    let _ = tx.send(());
+                    return;
+                }
+                if self.gone {
+                    return;
+                }
+                match self.rx.recv().await {
+                    Some(job) => self.take(job),
+                    None => self.gone = true,
                 }
             }
+            self.drain();
+            let batch = self.next_batch();
             if !batch.is_empty() {
                 self.commit(batch).await;
             }
-            if let Some(tx) = close {
-                let _ = tx.send(());
-                return;
+        }
+    }
+
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Append(a) => self.lanes.push(a.lane, a.payload.len(), a),
+            Job::Close(tx) => self.closing = Some(tx),
+        }
+    }
+
+    /// Moves queued appends into the lanes, up to `write_queue` of them
+    /// waiting there, and stops at a close request.
+    fn drain(&mut self) {
+        let cap = self.config.write_queue.max(1);
+        while self.closing.is_none() && self.lanes.len() < cap {
+            match self.rx.try_recv() {
+                Ok(job) => self.take(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.gone = true;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
             }
         }
+    }
+
+    /// The lanes' next appends in fair order, up to `max_batch` of them
+    /// and `max_batch_bytes` of payload (at least one).
+    fn next_batch(&mut self) -> Vec<Append> {
+        let max = self.config.max_batch.max(1);
+        let max_bytes = self.config.max_batch_bytes.max(1);
+        let (mut batch, mut bytes) = (Vec::new(), 0usize);
+        while batch.len() < max {
+            match self.lanes.peek_bytes() {
+                Some(next) if batch.is_empty() || bytes + next <= max_bytes => {}
+                _ => break,
+            }
+            let Some(a) = self.lanes.pop() else { break };
+            bytes += a.payload.len();
+            batch.push(a);
+        }
+        batch
     }
 
     /// Commits `batch` in one transaction. If that fails for a reason

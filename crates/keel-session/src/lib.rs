@@ -45,6 +45,7 @@ mod api;
 mod clock;
 mod config;
 mod error;
+pub mod fair;
 mod health;
 mod messages;
 mod outbox;

@@ -67,6 +67,7 @@ macro_rules! conformance_suite {
             appends_are_idempotent_per_scope,
             offsets_are_dense_under_concurrent_appends,
             queued_appends_keep_their_order,
+            a_flooding_lane_does_not_hold_up_another,
             repeats_in_one_commit_are_duplicates,
             channel_reads_page_by_count_and_bytes,
             channels_are_listed_in_pages,
@@ -475,6 +476,41 @@ pub async fn queued_appends_keep_their_order<H: Harness>(h: H) {
         assert_eq!(a.offset, next[i % 2], "append {i} out of its lane's order");
         next[i % 2] += 1;
     }
+}
+
+/// A small append queued in one lane behind a flood of 400 appends of
+/// 64 KiB in another (25 MiB, about 25 commits at the default byte bound)
+/// commits before most of the flood, not after all of it: lanes are served
+/// in fair order. The flood keeps its own order.
+pub async fn a_flooding_lane_does_not_hold_up_another<H: Harness>(h: H) {
+    let store = h.store();
+    let big = vec![b'x'; 64 * 1024];
+    let mut flood = Vec::new();
+    for i in 0..400 {
+        flood.push(
+            store
+                .queue_append_in(1, "shared", &format!("big{i}"), big.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let small = store
+        .queue_append_in(2, "shared", "small", b"{}".to_vec())
+        .await
+        .unwrap();
+    let small = small.await.unwrap();
+    let mut last = 0;
+    for (i, committing) in flood.into_iter().enumerate() {
+        let a = committing.await.unwrap();
+        assert!(a.offset > last, "the flood's append {i} out of order");
+        last = a.offset;
+    }
+    // In arrival order it would be 401.
+    assert!(
+        small.offset < 200,
+        "the small append waited for the flood: offset {}",
+        small.offset
+    );
 }
 
 /// A message id queued twice before either commits (one group commit, as

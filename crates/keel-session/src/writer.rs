@@ -3,7 +3,7 @@
 //! Every write is a closure queued on a bounded channel, in a lane (lane 0
 //! unless the caller names one, e.g. a connection's appends). The writer
 //! moves what is queued into its lanes (FIFO each), then builds a batch by
-//! taking writes from the lanes in fair order (see [`Lanes`]), up to
+//! taking writes from the lanes in fair order (see [`FairQueue`]), up to
 //! `max_batch` writes and
 //! `max_batch_bytes` payload bytes (optionally waiting up to
 //! `max_batch_delay` for more), and runs them in one `BEGIN IMMEDIATE`
@@ -14,7 +14,7 @@
 //! whole batch and fails every write that ran in it; the writes that had not
 //! run yet go into the next batch.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::{Clock, UnixMillis};
 use crate::config::Config;
 use crate::error::{OpError, StoreError};
+use crate::fair::FairQueue;
 
 /// What a write closure sees: the connection (inside the batch transaction) and
 /// the settings it may need.
@@ -113,77 +114,6 @@ pub(crate) struct Queued {
     pub(crate) bytes: usize,
 }
 
-/// What a write costs its lane in the fair order besides its payload bytes,
-/// so that writes without a payload still take turns.
-const WRITE_COST: u64 = 256;
-
-fn cost(q: &Queued) -> u64 {
-    q.bytes as u64 + WRITE_COST
-}
-
-/// Writes waiting, one FIFO per lane, served in weighted fair order (WFQ,
-/// equal weights): each lane's next write is tagged with the virtual time
-/// at which it would finish (where the lane's last write finished, or the
-/// virtual time now if that is later, plus the write's bytes and
-/// [`WRITE_COST`]), and the smallest tag goes first. The virtual time
-/// advances by each write served divided among the lanes waiting, as if
-/// they were all served at once at equal rates. A lane of small writes is
-/// thus served next to fifty lanes of 1 MiB writes after about one of
-/// them, not after a round of all of them, even when those move in
-/// lockstep.
-#[derive(Default)]
-struct Lanes {
-    /// Each lane's writes and the finish tag of its last write.
-    queues: HashMap<u64, (VecDeque<Queued>, u64)>,
-    /// (finish tag of its next write, lane) of every non-empty lane.
-    order: BTreeSet<(u64, u64)>,
-    /// The virtual time.
-    now: u64,
-    len: usize,
-}
-
-impl Lanes {
-    fn push(&mut self, q: Queued) {
-        let lane = q.lane;
-        let now = self.now;
-        let (queue, last) = self
-            .queues
-            .entry(lane)
-            .or_insert_with(|| (VecDeque::new(), now));
-        if queue.is_empty() {
-            *last = (*last).max(now) + cost(&q);
-            self.order.insert((*last, lane));
-        }
-        queue.push_back(q);
-        self.len += 1;
-    }
-
-    /// The oldest write of the lane with the smallest tag.
-    fn pop(&mut self) -> Option<Queued> {
-        let (tag, lane) = self.order.pop_first()?;
-        let waiting = self.order.len() as u64 + 1;
-        let (queue, last) = self.queues.get_mut(&lane)?;
-        let q = queue.pop_front()?;
-        self.now += cost(&q) / waiting;
-        if let Some(next) = queue.front() {
-            *last = tag + cost(next);
-            self.order.insert((*last, lane));
-        } else if self.order.is_empty() {
-            // Nothing waits: virtual time catches up with the last write.
-            self.now = self.now.max(tag);
-        }
-        if self.queues.len() > 2 * self.order.len() + 64 {
-            // An idle lane keeps its tag while it is ahead of the virtual
-            // time (it had its share; coming back at once must not jump
-            // the queue); the others are forgotten.
-            let now = self.now;
-            self.queues.retain(|_, (q, t)| !q.is_empty() || *t > now);
-        }
-        self.len -= 1;
-        Some(q)
-    }
-}
-
 pub(crate) enum Msg {
     Job(Queued),
     /// Finish queued writes and stop; `true` also records a clean shutdown.
@@ -212,7 +142,7 @@ pub(crate) struct Writer {
     counters: Arc<Counters>,
     /// Writes of a failed batch that never ran: first in the next batch.
     backlog: VecDeque<Queued>,
-    lanes: Lanes,
+    lanes: FairQueue<Queued>,
     closing: Option<CloseRequest>,
     /// Every sender is gone.
     gone: bool,
@@ -303,7 +233,7 @@ impl Writer {
             wal_path,
             counters,
             backlog: VecDeque::new(),
-            lanes: Lanes::default(),
+            lanes: FairQueue::default(),
             closing: None,
             gone: false,
             checkpointer,
@@ -339,7 +269,7 @@ impl Writer {
     fn collect(&mut self) -> Vec<Queued> {
         let max = self.config.max_batch.max(1);
         if self.closing.is_none() && !self.gone {
-            if self.backlog.is_empty() && self.lanes.len == 0 {
+            if self.backlog.is_empty() && self.lanes.is_empty() {
                 match self.rx.blocking_recv() {
                     Some(m) => self.take(m),
                     None => self.gone = true,
@@ -351,7 +281,7 @@ impl Writer {
             // takes whatever arrived meanwhile: the writers answered by the
             // previous commit are usually about to send their next write.
             if !self.config.max_batch_delay.is_zero()
-                && self.backlog.len() + self.lanes.len < max
+                && self.backlog.len() + self.lanes.len() < max
                 && self.closing.is_none()
                 && !self.gone
             {
@@ -373,7 +303,7 @@ impl Writer {
 
     fn take(&mut self, m: Msg) {
         match m {
-            Msg::Job(q) => self.lanes.push(q),
+            Msg::Job(q) => self.lanes.push(q.lane, q.bytes, q),
             Msg::Close(reply, clean) => self.closing = Some((reply, clean)),
         }
     }
@@ -382,7 +312,7 @@ impl Writer {
     /// waiting there, and stops at a close request.
     fn drain(&mut self) {
         let cap = self.config.write_queue.max(1);
-        while self.closing.is_none() && self.lanes.len < cap {
+        while self.closing.is_none() && self.lanes.len() < cap {
             match self.rx.try_recv() {
                 Ok(m) => self.take(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -668,124 +598,5 @@ mod tests {
         // 400 x 64 KiB at 256 KiB per commit: about 100 commits, not one.
         assert!(batches >= 90, "{batches} commits for 25 MiB");
         assert!(stats.max_batch <= 5, "{stats:?}");
-    }
-
-    struct Nothing;
-
-    impl super::Job for Nothing {
-        fn run(&mut self, _ctx: &super::Ctx<'_>) -> super::Outcome {
-            super::Outcome::Done
-        }
-        fn finish(self: Box<Self>, _commit: Result<(), &StoreError>) {}
-    }
-
-    fn write(lane: u64, bytes: usize) -> super::Queued {
-        super::Queued {
-            job: Box::new(Nothing),
-            lane,
-            bytes,
-        }
-    }
-
-    /// Fair order, not turns: a lane that becomes active while fifty lanes
-    /// flood large writes is served next, not after a write of each; a
-    /// flooding lane's writes keep their order.
-    #[test]
-    fn a_new_small_lane_goes_next_among_many_flooding_lanes() {
-        let mut lanes = super::Lanes::default();
-        for i in 0..8 {
-            for lane in 1..=50 {
-                lanes.push(write(lane, 1 << 20 | i));
-            }
-        }
-        let mut seen = std::collections::HashMap::new();
-        for _ in 0..100 {
-            let q = lanes.pop().expect("queued");
-            let last = seen.insert(q.lane, q.bytes).unwrap_or(0);
-            assert!(q.bytes > last, "lane {} in order", q.lane);
-        }
-        lanes.push(write(999, 2));
-        assert_eq!(lanes.pop().map(|q| q.lane), Some(999));
-        assert_eq!(lanes.len, 300);
-        let mut left = 0;
-        while lanes.pop().is_some() {
-            left += 1;
-        }
-        assert_eq!((left, lanes.len), (300, 0));
-    }
-
-    /// Lanes that empty and refill at once (a pipelining connection with a
-    /// write or two queued at a time) keep their place in virtual time:
-    /// they cannot starve a lane that arrives between their writes.
-    #[test]
-    fn refilling_lanes_do_not_starve_a_new_one() {
-        let mut lanes = super::Lanes::default();
-        for lane in 1..=50 {
-            lanes.push(write(lane, 1 << 20));
-        }
-        for _ in 0..100 {
-            let q = lanes.pop().expect("queued");
-            lanes.push(write(q.lane, 1 << 20));
-        }
-        lanes.push(write(999, 2));
-        assert_eq!(lanes.pop().map(|q| q.lane), Some(999));
-    }
-
-    /// Fifty lanes of equal 1 MiB writes move in lockstep; a lane of small
-    /// writes that queues its next write as soon as one is served waits
-    /// for about one large write each time, not for a round of fifty.
-    #[test]
-    fn a_small_lane_keeps_up_beside_lanes_in_lockstep() {
-        let mut lanes = super::Lanes::default();
-        for _ in 0..20 {
-            for lane in 1..=50 {
-                lanes.push(write(lane, 1 << 20));
-            }
-        }
-        lanes.push(write(999, 2));
-        let (mut since, mut worst, mut small) = (0, 0, 0);
-        for _ in 0..300 {
-            let q = lanes.pop().expect("queued");
-            if q.lane == 999 {
-                worst = worst.max(since);
-                since = 0;
-                small += 1;
-                lanes.push(write(999, 2));
-            } else {
-                since += 1;
-            }
-        }
-        assert!(worst <= 1, "{worst} large writes between two small ones");
-        assert!(small >= 100, "{small} small writes served of 300");
-    }
-
-    /// A hundred pipelining lanes with two 1 MiB writes queued each, each
-    /// refilled as soon as one is served (their tags end up equal), and a
-    /// lane that queues a small write now and then: it waits for at most
-    /// about one large write, not for the hundred.
-    #[test]
-    fn a_small_write_arriving_mid_round_goes_next() {
-        let mut lanes = super::Lanes::default();
-        for _ in 0..2 {
-            for lane in 1..=100 {
-                lanes.push(write(lane, 1 << 20));
-            }
-        }
-        let (mut queued_at, mut worst, mut served) = (None, 0, 0);
-        for i in 0..2_000 {
-            if queued_at.is_none() && i % 7 == 3 {
-                lanes.push(write(999, 20));
-                queued_at = Some(i);
-            }
-            let q = lanes.pop().expect("queued");
-            if q.lane == 999 {
-                worst = worst.max(i - queued_at.take().expect("it was queued"));
-                served += 1;
-            } else {
-                lanes.push(write(q.lane, 1 << 20));
-            }
-        }
-        assert!(served > 200, "{served} small writes served");
-        assert!(worst <= 1, "a small write waited for {worst} large ones");
     }
 }
