@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::PgStore;
 use crate::error::{AsStore, pg, retryable};
-use crate::writer::{Append, Item, Job, LOCK_CHANNELS, Statements, append_batch};
+use crate::writer::{Append, Framing, Item, Job, LOCK_CHANNELS, Statements, append_batch};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -1165,7 +1165,7 @@ pub(crate) async fn append_notices(
             )
         })
         .collect();
-    let done = append_batch(tx, &st, now, &items).await?;
+    let done = append_batch(tx, &st, now, &items, Framing::Caller).await?;
     Ok(notices
         .into_iter()
         .zip(done)

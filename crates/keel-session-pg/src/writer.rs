@@ -8,12 +8,12 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use keel_session::fair::FairQueue;
 use keel_session::{Appended, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Statement, Transaction};
 
 use crate::PgConfig;
 use crate::error::{pg, pool, retryable};
@@ -43,19 +43,27 @@ JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (channel, msg_id, publisher
   ON m.channel = k.channel AND m.msg_id = k.msg_id AND m.publisher = k.publisher
 "#;
 
-/// Takes `n` offsets from each channel (rows the batch has locked);
-/// returns the first of each.
-pub(crate) const TAKE_OFFSETS: &str = r#"
-UPDATE channels AS c SET next_offset = c.next_offset + v.n
-FROM unnest($1::text[], $2::bigint[]) AS v (name, n)
-WHERE c.name = v.name
-RETURNING c.name, c.next_offset - v.n
-"#;
-
-/// The batch's new messages, in one statement.
-pub(crate) const INSERT_MESSAGES: &str = r#"
-INSERT INTO messages (channel, seq, publisher, msg_id, at, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])
+/// Takes `n` offsets from each channel (rows the batch has locked) and
+/// inserts the batch's new messages at them, in one statement: message
+/// `idx` of a channel (0-based, batch order) gets the channel's first
+/// offset plus `idx`. Returns each channel's first offset. A channel
+/// missing from the bump (it cannot be: its row is locked) leaves its
+/// messages without an offset, which the NOT NULL constraint refuses:
+/// the statement fails whole rather than leave them out.
+pub(crate) const TAKE_AND_INSERT: &str = r#"
+WITH taken AS (
+  UPDATE channels AS c SET next_offset = c.next_offset + v.n
+  FROM unnest($1::text[], $2::bigint[]) AS v (name, n)
+  WHERE c.name = v.name
+  RETURNING c.name, c.next_offset - v.n AS first
+), inserted AS (
+  INSERT INTO messages (channel, seq, publisher, msg_id, at, payload)
+  SELECT m.channel, t.first + m.idx, m.publisher, m.msg_id, m.at, m.payload
+  FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::bytea[])
+    AS m (channel, idx, publisher, msg_id, at, payload)
+  LEFT JOIN taken t ON t.name = m.channel
+)
+SELECT name, first FROM taken
 "#;
 
 /// The statements of [`append_batch`], prepared on one connection.
@@ -63,27 +71,34 @@ pub(crate) struct Statements {
     create: Statement,
     lock: Statement,
     find: Statement,
-    take: Statement,
-    insert: Statement,
+    take_and_insert: Statement,
 }
 
 impl Statements {
     /// From the pooled connection's statement cache.
-    pub(crate) async fn cached(
-        tx: &deadpool_postgres::Transaction<'_>,
-    ) -> Result<Statements, StoreError> {
+    pub(crate) async fn cached<C: GenericClient>(client: &C) -> Result<Statements, StoreError> {
         Ok(Statements {
-            create: tx.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?,
-            lock: tx.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?,
-            find: tx.prepare_cached(FIND_DUPLICATES).await.map_err(pg)?,
-            take: tx.prepare_cached(TAKE_OFFSETS).await.map_err(pg)?,
-            insert: tx.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?,
+            create: client.prepare_cached(CREATE_CHANNELS).await.map_err(pg)?,
+            lock: client.prepare_cached(LOCK_CHANNELS).await.map_err(pg)?,
+            find: client.prepare_cached(FIND_DUPLICATES).await.map_err(pg)?,
+            take_and_insert: client.prepare_cached(TAKE_AND_INSERT).await.map_err(pg)?,
         })
     }
 }
 
 /// One append of a batch: (channel, scope, msg_id, payload).
 pub(crate) type Item<'a> = (&'a str, &'a str, &'a str, &'a [u8]);
+
+/// Whose transaction [`append_batch`] runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// The caller's, already open; the caller commits.
+    Caller,
+    /// Its own: `BEGIN` goes out with the first statements and `COMMIT`
+    /// with the last, two round trips in all. On an error the connection
+    /// may be left in the transaction: the caller rolls it back.
+    Own,
+}
 
 /// Appends `items` inside `tx`, set-based: a constant number of statements
 /// whatever the batch's size. The channels' rows are created, then locked
@@ -92,12 +107,14 @@ pub(crate) type Item<'a> = (&'a str, &'a str, &'a str, &'a [u8]);
 /// before, or earlier in this batch) is a duplicate with its original
 /// offset and time. A concurrent writer of the same id on another node
 /// ends in a unique violation, and the retry finds its row.
-pub(crate) async fn append_batch(
-    tx: &Transaction<'_>,
+pub(crate) async fn append_batch<C: GenericClient>(
+    client: &C,
     st: &Statements,
     now: UnixMillis,
     items: &[Item<'_>],
+    framing: Framing,
 ) -> Result<Vec<Appended>, StoreError> {
+    let own = framing == Framing::Own;
     let mut names: Vec<&str> = items.iter().map(|i| i.0).collect();
     names.sort_unstable();
     names.dedup();
@@ -121,14 +138,22 @@ pub(crate) async fn append_batch(
         ids.push(*id);
         scopes.push(*scope);
     }
-    // Create, lock, find: sent back to back (the driver pipelines them;
-    // the server runs them in order), one round trip for the three.
+    // (Begin,) create, lock, find: sent back to back (the driver
+    // pipelines them; the server runs them in order), one round trip.
     let by_name: [&(dyn ToSql + Sync); 1] = [&names];
     let by_key: [&(dyn ToSql + Sync); 3] = [&channels, &ids, &scopes];
-    let (_, locked, found) = futures::try_join!(
-        tx.execute(&st.create, &by_name),
-        tx.execute(&st.lock, &by_name),
-        tx.query(&st.find, &by_key),
+    let begin = async {
+        if own {
+            client.batch_execute("BEGIN").await
+        } else {
+            Ok(())
+        }
+    };
+    let (_, _, locked, found) = futures::try_join!(
+        begin,
+        client.execute(&st.create, &by_name),
+        client.execute(&st.lock, &by_name),
+        client.query(&st.find, &by_key),
     )
     .map_err(pg)?;
     if locked != names.len() as u64 {
@@ -151,48 +176,55 @@ pub(crate) async fn append_batch(
         }
     }
 
-    // The new ones take their channel's next offsets in batch order.
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    for &k in first.values() {
-        if done[k].is_none() {
-            *counts.entry(items[k].0).or_default() += 1;
+    // The new ones take their channel's next offsets in batch order:
+    // bumped and inserted in one statement (then, in its own transaction,
+    // the commit, sent with it: if the statement fails, the commit rolls
+    // back).
+    let fresh: Vec<usize> = (0..items.len())
+        .filter(|&k| {
+            done[k].is_none() && first.get(&(items[k].0, items[k].2, items[k].1)) == Some(&k)
+        })
+        .collect();
+    let commit = async {
+        if own {
+            client.batch_execute("COMMIT").await
+        } else {
+            Ok(())
         }
-    }
-    if !counts.is_empty() {
-        let (names, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
-        let taken = tx.query(&st.take, &[&names, &ns]).await.map_err(pg)?;
-        let mut next: HashMap<&str, i64> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let fresh: Vec<usize> = (0..items.len())
-            .filter(|&k| {
-                done[k].is_none() && first.get(&(items[k].0, items[k].2, items[k].1)) == Some(&k)
-            })
-            .collect();
-        let mut seqs = Vec::with_capacity(fresh.len());
+    };
+    if fresh.is_empty() {
+        commit.await.map_err(pg)?;
+    } else {
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut idx = Vec::with_capacity(fresh.len());
         for &k in &fresh {
-            let seq = next
-                .get_mut(items[k].0)
-                .ok_or_else(|| StoreError::Corrupt {
-                    detail: format!("channel {} has no row after it was locked", items[k].0),
-                })?;
-            seqs.push(*seq);
-            done[k] = Some(Appended {
-                offset: *seq as Offset,
-                at: now,
-                duplicate: false,
-            });
-            *seq += 1;
+            let n = counts.entry(items[k].0).or_default();
+            idx.push(*n);
+            *n += 1;
         }
+        let (names, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
         let channels: Vec<&str> = fresh.iter().map(|&k| items[k].0).collect();
         let scopes: Vec<&str> = fresh.iter().map(|&k| items[k].1).collect();
         let ids: Vec<&str> = fresh.iter().map(|&k| items[k].2).collect();
         let ats = vec![now; fresh.len()];
         let payloads: Vec<&[u8]> = fresh.iter().map(|&k| items[k].3).collect();
-        tx.execute(
-            &st.insert,
-            &[&channels, &seqs, &scopes, &ids, &ats, &payloads],
-        )
-        .await
-        .map_err(pg)?;
+        let params: [&(dyn ToSql + Sync); 8] =
+            [&names, &ns, &channels, &idx, &scopes, &ids, &ats, &payloads];
+        let (taken, ()) =
+            futures::try_join!(client.query(&st.take_and_insert, &params), commit).map_err(pg)?;
+        let first_of: HashMap<&str, i64> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for (&k, i) in fresh.iter().zip(&idx) {
+            let first = first_of
+                .get(items[k].0)
+                .ok_or_else(|| StoreError::Corrupt {
+                    detail: format!("channel {} has no row after it was locked", items[k].0),
+                })?;
+            done[k] = Some(Appended {
+                offset: (first + i) as Offset,
+                at: now,
+                duplicate: false,
+            });
+        }
     }
     for (k, of) in repeats {
         done[k] = done[of].map(|a| Appended {
@@ -357,9 +389,8 @@ impl Writer {
 
     async fn attempt(&self, jobs: &[Append]) -> Result<Vec<Appended>, StoreError> {
         let now = self.config.clock.now_millis();
-        let mut conn = self.pool.get().await.map_err(pool)?;
-        let tx = conn.transaction().await.map_err(pg)?;
-        let st = Statements::cached(&tx).await?;
+        let conn = self.pool.get().await.map_err(pool)?;
+        let st = Statements::cached(&conn).await?;
         let items: Vec<Item<'_>> = jobs
             .iter()
             .map(|j| {
@@ -371,9 +402,15 @@ impl Writer {
                 )
             })
             .collect();
-        let done = append_batch(&tx, &st, now, &items).await?;
-        tx.commit().await.map_err(pg)?;
-        Ok(done)
+        let result = append_batch(&conn, &st, now, &items, Framing::Own).await;
+        if result.is_err() {
+            // Never back to the pool inside a transaction: rolled back, or
+            // (when even that fails) out of the pool for good.
+            if conn.batch_execute("ROLLBACK").await.is_err() {
+                drop(deadpool_postgres::Object::take(conn));
+            }
+        }
+        result
     }
 }
 

@@ -264,3 +264,52 @@ async fn one_node_holds_the_leader_lock_until_it_lets_go() {
     }
     assert!(taken.is_some(), "b takes it once a's connection is gone");
 }
+
+/// A batch the server refuses (a NUL byte in a message id: not valid
+/// text) fails that append alone, and the pooled connection it failed on
+/// is rolled back before it serves anyone again: with one connection in
+/// the pool, every later append still commits. (A connection returned
+/// inside its failed transaction refused everything after it.)
+#[tokio::test]
+async fn a_failed_batch_leaves_its_connection_usable() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PgStore::open(PgConfig {
+        url: db.url.clone(),
+        pool_size: 1,
+        ..PgConfig::default()
+    })
+    .await
+    .expect("open");
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let id = if i == 7 {
+            "bad\0id".to_owned()
+        } else {
+            format!("m{i}")
+        };
+        pending.push(
+            store
+                .queue_append_in(0, "c", &id, b"{}".to_vec())
+                .await
+                .expect("queued"),
+        );
+    }
+    let mut offsets = Vec::new();
+    for (i, p) in pending.into_iter().enumerate() {
+        match p.await {
+            Ok(a) => offsets.push(a.offset),
+            Err(e) => assert_eq!(i, 7, "append {i} failed: {e}"),
+        }
+    }
+    assert_eq!(offsets, (1..=19).collect::<Vec<_>>());
+    for i in 0..5 {
+        let a = store
+            .append("c", &format!("after{i}"), b"{}")
+            .await
+            .expect("an append after the failure");
+        assert_eq!(a.offset, 20 + i);
+    }
+    store.close().await.expect("close");
+}
