@@ -100,7 +100,8 @@ pub(crate) enum Framing {
     Own,
 }
 
-/// Appends `items` inside `tx`, set-based: a constant number of statements
+/// Appends `items` on `client`, in the caller's transaction or its own
+/// (`framing`), set-based: a constant number of statements
 /// whatever the batch's size. The channels' rows are created, then locked
 /// in name order, so that offsets are taken without waits or races; a
 /// message id already in its channel for the same scope (committed
@@ -214,6 +215,9 @@ pub(crate) async fn append_batch<C: GenericClient>(
             futures::try_join!(client.query(&st.take_and_insert, &params), commit).map_err(pg)?;
         let first_of: HashMap<&str, i64> = taken.iter().map(|r| (r.get(0), r.get(1))).collect();
         for (&k, i) in fresh.iter().zip(&idx) {
+            // Unreachable: a channel missing from the bump failed the
+            // statement (its messages' NULL offsets), and the statement ran
+            // before this check and (in its own transaction) the commit.
             let first = first_of
                 .get(items[k].0)
                 .ok_or_else(|| StoreError::Corrupt {
@@ -389,8 +393,7 @@ impl Writer {
 
     async fn attempt(&self, jobs: &[Append]) -> Result<Vec<Appended>, StoreError> {
         let now = self.config.clock.now_millis();
-        let conn = self.pool.get().await.map_err(pool)?;
-        let st = Statements::cached(&conn).await?;
+        let mut conn = InTransaction(Some(self.pool.get().await.map_err(pool)?));
         let items: Vec<Item<'_>> = jobs
             .iter()
             .map(|j| {
@@ -402,15 +405,37 @@ impl Writer {
                 )
             })
             .collect();
-        let result = append_batch(&conn, &st, now, &items, Framing::Own).await;
-        if result.is_err() {
-            // Never back to the pool inside a transaction: rolled back, or
-            // (when even that fails) out of the pool for good.
-            if conn.batch_execute("ROLLBACK").await.is_err() {
-                drop(deadpool_postgres::Object::take(conn));
+        let result = {
+            let client = conn.0.as_ref().ok_or(StoreError::Closed)?;
+            match Statements::cached(client).await {
+                Ok(st) => append_batch(client, &st, now, &items, Framing::Own).await,
+                Err(e) => Err(e),
             }
+        };
+        let rolled_back = match (&result, conn.0.as_ref()) {
+            (Err(_), Some(client)) => client.batch_execute("ROLLBACK").await.is_ok(),
+            _ => true,
+        };
+        if rolled_back {
+            // Ended (committed or rolled back): back to the pool.
+            conn.0.take();
         }
         result
+    }
+}
+
+/// A pooled connection a batch may have left inside its own transaction:
+/// unless the batch ends it (committed or rolled back), dropping this
+/// (an error, a dropped future, a panic) takes the connection out of the
+/// pool, and closing it rolls the transaction back. A connection is never
+/// returned to the pool inside a transaction holding channel locks.
+struct InTransaction(Option<deadpool_postgres::Object>);
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
     }
 }
 

@@ -267,9 +267,10 @@ async fn one_node_holds_the_leader_lock_until_it_lets_go() {
 
 /// A batch the server refuses (a NUL byte in a message id: not valid
 /// text) fails that append alone, and the pooled connection it failed on
-/// is rolled back before it serves anyone again: with one connection in
-/// the pool, every later append still commits. (A connection returned
-/// inside its failed transaction refused everything after it.)
+/// is rolled back before it serves anyone again: on the smallest pool
+/// (two connections; the writer uses one at a time, the same one again),
+/// every later append still commits. (A connection returned inside its
+/// failed transaction refused everything after it: 25P02.)
 #[tokio::test]
 async fn a_failed_batch_leaves_its_connection_usable() {
     let Some(db) = TestDatabase::create().await else {
