@@ -65,6 +65,29 @@ async fn relay_with_upstream(
     (up, dir, relay)
 }
 
+/// A relay whose `[sending]` section is `config`, on a mock upstream that
+/// allows 1,000 sends/s: the tests of its link's failures.
+async fn relay_with_fast_upstream(config: &str) -> (MockUpstream, tempfile::TempDir, RelayProcess) {
+    let up = MockUpstream::start(UpstreamConfig {
+        global_rate: 1000.0,
+        global_burst: 1000.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(config.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await;
+    (up, dir, relay)
+}
+
 #[tokio::test]
 async fn upstream_429_storm_exactly_once() {
     // The relay believes it may send 200/s: the upstream answers 429 hard.
@@ -208,26 +231,7 @@ fn send_key(upstream_id: &str) -> String {
 /// redial the sends waited on the old link until they went DEAD.
 #[tokio::test]
 async fn a_stalled_upstream_link_is_redialled() {
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 1000.0,
-        global_burst: 1000.0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(
-                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\nmax_attempts = 20\n"
-                    .into(),
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (up, _dir, relay) = relay_with_fast_upstream("[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 200\nmax_attempts = 20\n").await;
     let mut c = client(&relay.url()).await;
     up.set_mode(UpstreamMode::Stall);
     for i in 0..5 {
@@ -256,26 +260,7 @@ async fn a_stalled_upstream_link_is_redialled() {
 /// `concurrent_transitions`: a flapping upstream used up sends' attempts).
 #[tokio::test]
 async fn tries_while_the_upstream_is_down_use_no_attempts() {
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 1000.0,
-        global_burst: 1000.0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(
-                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n"
-                    .into(),
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (up, _dir, relay) = relay_with_fast_upstream("[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n").await;
     let mut c = client(&relay.url()).await;
     up.set_mode(UpstreamMode::Down);
     for i in 0..3 {
@@ -304,27 +289,8 @@ async fn tries_while_the_upstream_is_down_use_no_attempts() {
 /// nothing at all was SENT within 20 s.)
 #[tokio::test]
 async fn a_send_the_upstream_drops_the_link_over_ends_dead() {
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 1000.0,
-        global_burst: 1000.0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (up, _dir, relay) = relay_with_fast_upstream("[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n").await;
     up.set_poison_recipient(Some("mallory"));
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(
-                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nbackoff_base_ms = 50\nbackoff_cap_ms = 100\nmax_attempts = 2\n"
-                    .into(),
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
     let mut c = client(&relay.url()).await;
     c.send("poison", "mallory", &json!("x")).await.unwrap();
     for i in 0..5 {
@@ -364,26 +330,7 @@ async fn a_send_the_upstream_drops_the_link_over_ends_dead() {
 /// session was told DEAD; the upstream must not get it after that).
 #[tokio::test]
 async fn a_dead_send_is_not_sent_later() {
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: 1000.0,
-        global_burst: 1000.0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(
-                "[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nmax_attempts = 1\n"
-                    .into(),
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (up, _dir, relay) = relay_with_fast_upstream("[sending]\nper_recipient_rate = 100\nper_recipient_burst = 100\nanswer_timeout_ms = 300\nmax_attempts = 1\n").await;
     let mut c = client(&relay.url()).await;
     up.set_mode(UpstreamMode::Stall);
     c.send("doomed", "bob", &json!(1)).await.unwrap();
