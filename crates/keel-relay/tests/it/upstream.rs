@@ -42,45 +42,43 @@ async fn relay_with_upstream(
     burst: f64,
     relay_rate: u32,
 ) -> (MockUpstream, tempfile::TempDir, RelayProcess) {
-    let up = MockUpstream::start(UpstreamConfig {
-        global_rate: rate,
-        global_burst: burst,
-        // A send the relay dispatched before a 429 reached it may wait a
-        // while on a loaded machine before it is written: not early.
-        in_flight_grace: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(
-        &dir.path().join("data"),
-        Opts {
-            upstream: Some(up.url()),
-            config: Some(sending_config(relay_rate)),
+    relay_on(
+        UpstreamConfig {
+            global_rate: rate,
+            global_burst: burst,
+            // A send the relay dispatched before a 429 reached it may wait a
+            // while on a loaded machine before it is written: not early.
+            in_flight_grace: Duration::from_millis(200),
             ..Default::default()
         },
+        sending_config(relay_rate),
     )
-    .await;
-    (up, dir, relay)
+    .await
 }
 
 /// A relay whose `[sending]` section is `config`, on a mock upstream that
 /// allows 1,000 sends/s: the tests of its link's failures.
 async fn relay_with_fast_upstream(config: &str) -> (MockUpstream, tempfile::TempDir, RelayProcess) {
-    let up = MockUpstream::start(UpstreamConfig {
+    let up = UpstreamConfig {
         global_rate: 1000.0,
         global_burst: 1000.0,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    relay_on(up, config.to_owned()).await
+}
+
+/// A mock upstream started with `up` and a relay with `config` sending to it.
+async fn relay_on(
+    up: UpstreamConfig,
+    config: String,
+) -> (MockUpstream, tempfile::TempDir, RelayProcess) {
+    let up = MockUpstream::start(up).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(
         &dir.path().join("data"),
         Opts {
             upstream: Some(up.url()),
-            config: Some(config.to_owned()),
+            config: Some(config),
             ..Default::default()
         },
     )
