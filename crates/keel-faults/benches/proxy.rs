@@ -74,6 +74,7 @@ async fn proxy(upstream: SocketAddr) -> Proxy {
         listen: "127.0.0.1:0".parse().expect("addr"),
         upstream,
         seed: 0,
+        protocol: keel_faults::Protocol::Tcp,
     })
     .await
     .expect("proxy")

@@ -4,7 +4,7 @@
 //! | method | path | body | |
 //! |---|---|---|---|
 //! | GET | /proxies | | every proxy |
-//! | POST | /proxies | `{"name","listen","upstream","seed"?}` | create (201) |
+//! | POST | /proxies | `{"name","listen","upstream","seed"?,"protocol"?: "tcp"\|"websocket"}` | create (201) |
 //! | GET | /proxies/{name} | | one proxy |
 //! | POST | /proxies/{name} | `{"enabled": bool}` | enable or disable |
 //! | DELETE | /proxies/{name} | | delete (204) |
@@ -14,9 +14,17 @@
 //! | DELETE | /proxies/{name}/toxics/{toxic} | | remove (204) |
 //! | POST | /proxies/{name}/cut | | drop live connections |
 //! | POST | /proxies/{name}/partition | `{"duration_ms", "mode": "hang"\|"refuse"}` | partition |
+//! | GET | /proxies/{name}/tamperings | | `{"tamperings": [Tampering], "dropped": n}` |
+//! | DELETE | /proxies/{name}/tamperings | | empty the record (204) |
 //! | POST | /reset | | every proxy: no toxics, no partition, enabled |
 //!
 //! Errors are `{"error": "...", "code": "not_found"|"exists"|"invalid"|"bind"|"remote"|"host"}`.
+//!
+//! Frame (`ws_*`) toxics are refused (`invalid`, 400) on a proxy not created
+//! with `"protocol": "websocket"`. A tampering is
+//! `{"seq","at_ms","toxic","action": "drop"|"duplicate"|"reorder"|"corrupt"|"delay",
+//! "effective","connection","stream","fields": {...},"detail"}`
+//! ([`Tampering`](crate::Tampering)).
 //!
 //! It is a test tool, loopback only by default: a proxy's listen and
 //! upstream addresses must be loopback ones (`remote`, 403) unless the set
@@ -39,7 +47,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::proxy::{PartitionMode, Proxy, ProxyConfig, ProxyError, ProxyStats, Toxic};
+use crate::proxy::{
+    PartitionMode, Protocol, Proxy, ProxyConfig, ProxyError, ProxyStats, Tampering, Toxic,
+};
 
 /// The proxies an API server manages.
 #[derive(Debug, Default)]
@@ -94,6 +104,9 @@ pub struct ProxyView {
     pub listen: SocketAddr,
     /// Upstream address.
     pub upstream: SocketAddr,
+    /// What it forwards.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Enabled or not.
     pub enabled: bool,
     /// Toxics in force.
@@ -115,6 +128,24 @@ pub struct StatsView {
     pub bytes_upstream: u64,
     /// Bytes server to client.
     pub bytes_downstream: u64,
+    /// WebSocket frames parsed.
+    #[serde(default)]
+    pub frames_seen: u64,
+    /// WebSocket frames of text messages checked against frame toxics.
+    #[serde(default)]
+    pub frames_inspected: u64,
+    /// WebSocket data frames never inspected (binary, compressed, too large).
+    #[serde(default)]
+    pub frames_opaque: u64,
+}
+
+/// The body of `GET /proxies/{name}/tamperings`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TamperingsView {
+    /// The records kept, in order.
+    pub tamperings: Vec<Tampering>,
+    /// Records not kept because the record was full.
+    pub dropped: u64,
 }
 
 impl ProxyView {
@@ -124,11 +155,15 @@ impl ProxyView {
             open,
             bytes_upstream,
             bytes_downstream,
+            frames_seen,
+            frames_inspected,
+            frames_opaque,
         } = p.stats();
         ProxyView {
             name: p.name().to_owned(),
             listen: p.listen_addr(),
             upstream: p.upstream_addr(),
+            protocol: p.protocol(),
             enabled: p.enabled(),
             toxics: p.toxics(),
             partition_ms_left: p.partitioned().map(|part| {
@@ -141,6 +176,9 @@ impl ProxyView {
                 open,
                 bytes_upstream,
                 bytes_downstream,
+                frames_seen,
+                frames_inspected,
+                frames_opaque,
             },
         }
     }
@@ -198,6 +236,10 @@ pub fn router(proxies: Arc<Proxies>) -> Router {
         )
         .route("/proxies/{name}/cut", post(cut))
         .route("/proxies/{name}/partition", post(partition))
+        .route(
+            "/proxies/{name}/tamperings",
+            get(tamperings).delete(clear_tamperings),
+        )
         .route("/reset", post(reset))
         .layer(axum::middleware::from_fn(check_host))
         .with_state(proxies)
@@ -374,6 +416,30 @@ async fn partition(
     with(&p, &name, |proxy| {
         proxy.partition(Duration::from_millis(req.duration_ms), req.mode);
         Ok(Json(ProxyView::of(proxy)))
+    })
+    .await
+}
+
+async fn tamperings(
+    State(p): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<TamperingsView>, ApiError> {
+    with(&p, &name, |proxy| {
+        Ok(Json(TamperingsView {
+            tamperings: proxy.tamperings(),
+            dropped: proxy.tamperings_dropped(),
+        }))
+    })
+    .await
+}
+
+async fn clear_tamperings(
+    State(p): Shared,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    with(&p, &name, |proxy| {
+        proxy.clear_tamperings();
+        Ok(StatusCode::NO_CONTENT)
     })
     .await
 }

@@ -8,6 +8,12 @@
 //!   reset_peer, slow_close, slicer, limit_data) per direction with a
 //!   toxicity probability, `cut` and `partition`, controlled from Rust or over
 //!   an HTTP JSON API ([`api`], binary `keel-chaos-proxy`).
+//! - In [`Protocol::WebSocket`] mode the proxy reads the HTTP upgrade and the
+//!   WebSocket frames, and frame toxics (`ws_drop`, `ws_duplicate`,
+//!   `ws_reorder`, `ws_corrupt`, `ws_delay`, see [`ToxicKind`]) tamper with
+//!   single JSON text messages chosen by a [`FrameFilter`]; every tampering is
+//!   recorded as a [`Tampering`] ([`Proxy::tamperings`]), the ground truth a
+//!   test's checker is held to.
 //! - A [`MockUpstream`]: a WebSocket messaging API that enforces a rate limit
 //!   with 429 answers, can go down, answer garbage, stall or slow down, and
 //!   records every accepted message, duplicates and early sends.
@@ -38,6 +44,7 @@
 //!     listen: "127.0.0.1:0".parse()?,
 //!     upstream,
 //!     seed: 7,
+//!     protocol: keel_faults::Protocol::Tcp,
 //! })
 //! .await?;
 //! proxy.add_toxic(Toxic::new("slow", Stream::Downstream, ToxicKind::Latency { latency: 20, jitter: 0 }))?;
@@ -66,6 +73,7 @@ mod upstream;
 pub use crate::inject::{FailureInjector, LatencySimulator};
 pub use crate::monitor::{MonitorError, Report, ResourceMonitor, Sample, sample};
 pub use crate::proxy::{
-    Partition, PartitionMode, Proxy, ProxyConfig, ProxyError, ProxyStats, Stream, Toxic, ToxicKind,
+    FrameFilter, Partition, PartitionMode, Protocol, Proxy, ProxyConfig, ProxyError, ProxyStats,
+    Stream, TamperAction, Tampering, Toxic, ToxicKind,
 };
 pub use crate::upstream::{Accepted, EarlySend, MockUpstream, UpstreamConfig, UpstreamMode};

@@ -171,6 +171,7 @@ async fn nats_proxy(url: &str) -> Result<keel_faults::Proxy, Error> {
         listen: "127.0.0.1:0".parse().expect("an address"),
         upstream,
         seed: 0,
+        protocol: keel_faults::Protocol::Tcp,
     })
     .await
     .map_err(|e| Error::Relay(format!("cannot start the NATS proxy: {e}")))

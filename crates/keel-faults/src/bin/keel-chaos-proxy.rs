@@ -4,7 +4,8 @@
 //! keel-chaos-proxy --api 127.0.0.1:8474 [--config proxies.json] [--allow-remote]
 //! ```
 //!
-//! `--config` takes a JSON array of `{"name","listen","upstream","seed"?}`.
+//! `--config` takes a JSON array of
+//! `{"name","listen","upstream","seed"?,"protocol"?: "tcp"|"websocket"}`.
 //! The API is described in the crate README and in `keel_faults::api`.
 
 use std::net::SocketAddr;

@@ -1,4 +1,6 @@
 //! One proxied connection: two pumps and the timers of close/reset toxics.
+//! On a WebSocket proxy each pump reads through a [`WsLayer`] and applies the
+//! byte toxics to the bytes it hands out.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -13,7 +15,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::{Shared, Stream, Toxic, ToxicKind};
+use super::ws::{Cx, Handshake, WsLayer};
+use super::{Protocol, Shared, Stream, Toxic, ToxicKind};
 
 /// How a link is being ended from outside its pumps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,8 @@ struct Link<'a> {
     /// Whether each toxic (by name) applies to this link, decided once.
     applies: Mutex<HashMap<String, bool>>,
     end: watch::Sender<Option<End>>,
+    /// What the pumps learnt of the WebSocket handshake.
+    handshake: watch::Sender<Handshake>,
 }
 
 impl Link<'_> {
@@ -72,6 +77,21 @@ impl Link<'_> {
             .then_some(None)
     }
 
+    /// The frame toxics of `stream` that apply to this link now.
+    fn frame_toxics(&self, stream: Stream) -> Vec<Toxic> {
+        let mut toxics = self.active(Some(stream));
+        toxics.retain(|t| t.kind.frame_filter().is_some());
+        toxics
+    }
+
+    fn cx<'b>(&'b self, toxics: &'b [Toxic]) -> Cx<'b> {
+        Cx {
+            shared: self.shared,
+            toxics,
+            handshake: &self.handshake,
+        }
+    }
+
     fn rng(&self, stream: Stream) -> StdRng {
         let mut h = DefaultHasher::new();
         (self.shared.seed, self.id, stream).hash(&mut h);
@@ -86,6 +106,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, id: u64, client: TcpStream, stop: 
         id,
         applies: Mutex::new(HashMap::new()),
         end: watch::Sender::new(None),
+        handshake: watch::Sender::new(Handshake::Pending),
     };
     // A partition that hangs new connections holds this one before it reaches
     // the upstream.
@@ -198,6 +219,36 @@ async fn forward(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
 ) -> Option<End> {
+    let mut ws =
+        (link.shared.protocol == Protocol::WebSocket).then(|| WsLayer::new(stream, link.id));
+    let how = forward_through(link, stream, from, to, &mut ws).await;
+    if let Some(ws) = &mut ws {
+        // Messages still held by a reorder never reach the other side.
+        let toxics = link.frame_toxics(stream);
+        ws.abandon(&link.cx(&toxics));
+    }
+    how
+}
+
+/// What a pump got to forward next.
+enum Got {
+    /// The first n bytes of the read buffer.
+    Read(usize),
+    /// Bytes from the WebSocket layer, due since the instant.
+    Layer(Vec<u8>, Instant),
+    /// The source closed.
+    Eof,
+}
+
+/// [`forward`] with the WebSocket layer, if any; `ws` becomes `None` when
+/// the link turns out not to be WebSocket.
+async fn forward_through(
+    link: &Link<'_>,
+    stream: Stream,
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    ws: &mut Option<WsLayer>,
+) -> Option<End> {
     let mut end = link.end.subscribe();
     let mut toxics = link.shared.toxics.subscribe();
     let mut partition = link.shared.partition.subscribe();
@@ -211,9 +262,12 @@ async fn forward(
         let _ = nix::fcntl::fcntl(pipe_in, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     }
     loop {
+        if ws.as_ref().is_some_and(WsLayer::is_raw) {
+            *ws = None;
+        }
         // While nothing is to be done to the bytes, move them socket to pipe
         // to socket in the kernel (splice), without copying them through here.
-        if let Some(pipe) = &pipe {
+        if let (Some(pipe), None) = (&pipe, &ws) {
             match splice_while_clean(link, stream, from, to, pipe, &mut end).await {
                 Spliced::Dirty => {}
                 Spliced::Eof => {
@@ -224,13 +278,30 @@ async fn forward(
                 Spliced::Ended(how) => return how,
             }
         }
-        let n = tokio::select! {
-            r = from.read(&mut buf) => r.unwrap_or(0),
-            _ = end.changed() => {
-                return *end.borrow();
+        let got = match ws.as_mut() {
+            None => tokio::select! {
+                r = from.read(&mut buf) => match r.unwrap_or(0) {
+                    0 => Got::Eof,
+                    n => Got::Read(n),
+                },
+                _ = end.changed() => {
+                    return *end.borrow();
+                }
+            },
+            Some(layer) => {
+                match next_from_layer(link, stream, layer, from, &mut buf, &mut end).await {
+                    Ok(got) => got,
+                    Err(how) => return how,
+                }
             }
         };
-        if n == 0 {
+        let (chunk, read_at): (&[u8], Instant) = match &got {
+            Got::Read(n) => (&buf[..*n], Instant::now()),
+            Got::Layer(bytes, at) => (bytes, *at),
+            Got::Eof => (&[], Instant::now()),
+        };
+        let n = chunk.len();
+        if matches!(got, Got::Eof) {
             // The source closed: pass the close on, late if a slow_close says so.
             let delay: u64 = link
                 .active(Some(stream))
@@ -245,7 +316,11 @@ async fn forward(
             let _ = to.shutdown().await;
             return None;
         }
-        let read_at = Instant::now();
+        if n == 0 {
+            // The WebSocket layer found the link is not WebSocket and had
+            // nothing left to hand out.
+            continue;
+        }
 
         // Blackholes and partitions hold the data until they are lifted.
         while let Some(until) = link.held(stream) {
@@ -303,7 +378,7 @@ async fn forward(
             }
         }
         let allowed = limit.map_or(n, |l| (l.saturating_sub(passed)).min(n as u64) as usize);
-        let chunk = &buf[..allowed];
+        let chunk = &chunk[..allowed];
         let written = match (slicer, rate) {
             (Some((avg, var, gap)), _) => write_sliced(to, chunk, avg, var, gap, &mut rng).await,
             (None, Some(kib)) => write_paced(to, chunk, kib).await,
@@ -318,6 +393,60 @@ async fn forward(
             // Enough bytes went through: close the whole connection.
             link.end.send_replace(Some(End::Close));
             return None;
+        }
+    }
+}
+
+/// The next bytes the WebSocket layer hands out, reading the source and
+/// waiting for its timers as needed; `Err` if the link was ended from outside.
+async fn next_from_layer(
+    link: &Link<'_>,
+    stream: Stream,
+    layer: &mut WsLayer,
+    from: &mut OwnedReadHalf,
+    buf: &mut [u8],
+    end: &mut watch::Receiver<Option<End>>,
+) -> Result<Got, Option<End>> {
+    let mut toxics = link.shared.toxics.subscribe();
+    let mut handshake = link.handshake.subscribe();
+    loop {
+        handshake.borrow_and_update();
+        toxics.borrow_and_update();
+        let now = Instant::now();
+        let frame_toxics = link.frame_toxics(stream);
+        layer.advance(&link.cx(&frame_toxics), now);
+        if let Some((bytes, at)) = layer.take_ready(now) {
+            return Ok(Got::Layer(bytes, at));
+        }
+        if layer.is_done() {
+            return Ok(Got::Eof);
+        }
+        if layer.is_raw() {
+            return Ok(Got::Layer(Vec::new(), now));
+        }
+        let wake = layer.wake_at();
+        let read = layer.wants_input();
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = from.read(buf), if read => {
+                let n = r.unwrap_or(0);
+                let frame_toxics = link.frame_toxics(stream);
+                let cx = link.cx(&frame_toxics);
+                if n == 0 {
+                    layer.finish(&cx, Instant::now());
+                } else {
+                    layer.push(&cx, &buf[..n], Instant::now());
+                }
+            }
+            _ = sleep => {}
+            _ = toxics.changed() => {}
+            _ = handshake.changed() => {}
+            _ = end.changed() => return Err(*end.borrow()),
         }
     }
 }

@@ -5,9 +5,17 @@
 //! pumps (upstream: client to server; downstream: server to client). Toxics,
 //! partitions and cuts are read live, so a change applies to connections
 //! already open as well as new ones.
+//!
+//! A proxy created with [`Protocol::WebSocket`] parses each link's HTTP
+//! handshake and RFC 6455 frames (`ws.rs`), so that frame toxics can drop,
+//! duplicate, reorder, corrupt or delay single messages; each such tampering
+//! is recorded ([`Tampering`]) as ground truth for the checker of a test.
 
+mod frame;
 mod link;
+mod tamper;
 mod toxic;
+mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +29,21 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use self::toxic::{Stream, Toxic, ToxicKind};
+pub use self::tamper::{TamperAction, Tampering};
+pub use self::toxic::{FrameFilter, Stream, Toxic, ToxicKind};
+
+/// What a proxy knows of the protocol it forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Bytes only (JSON `"tcp"`, the default).
+    #[default]
+    Tcp,
+    /// HTTP/1.1 upgrade, then WebSocket frames (JSON `"websocket"`): frame
+    /// (`ws_*`) toxics apply, byte toxics apply to the bytes that result.
+    #[serde(rename = "websocket")]
+    WebSocket,
+}
 
 /// What a partition does to new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,9 +95,13 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// Where to forward.
     pub upstream: SocketAddr,
-    /// Seed of the RNG for toxicity, jitter and slices.
+    /// Seed of the RNG for toxicity, jitter, slices and frame toxics.
     #[serde(default)]
     pub seed: u64,
+    /// What it forwards: `tcp` (default) or `websocket`, which frame
+    /// (`ws_*`) toxics need.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Counters of a proxy.
@@ -89,12 +115,29 @@ pub struct ProxyStats {
     pub bytes_upstream: u64,
     /// Bytes forwarded server to client.
     pub bytes_downstream: u64,
+    /// WebSocket frames parsed, both directions.
+    pub frames_seen: u64,
+    /// WebSocket frames of text messages checked against frame toxics.
+    pub frames_inspected: u64,
+    /// WebSocket data frames never inspected: binary, compressed (RSV1),
+    /// reserved opcodes, or messages above 16 MiB.
+    pub frames_opaque: u64,
+}
+
+/// The frame counters of [`ProxyStats`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FrameCount {
+    Seen = 0,
+    Inspected = 1,
+    Opaque = 2,
 }
 
 pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) upstream: SocketAddr,
     pub(crate) seed: u64,
+    pub(crate) protocol: Protocol,
+    started: Instant,
     pub(crate) toxics: watch::Sender<Arc<Vec<Toxic>>>,
     pub(crate) partition: watch::Sender<Option<Partition>>,
     enabled: watch::Sender<bool>,
@@ -102,9 +145,64 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     accepted: AtomicU64,
     pub(crate) bytes: [AtomicU64; 2],
+    frames: [AtomicU64; 3],
+    tamperings: Mutex<tamper::TamperLog>,
+    /// Tamperings so far of each frame toxic with a limit, by name.
+    budgets: Mutex<HashMap<String, u64>>,
 }
 
 impl Shared {
+    fn new(config: ProxyConfig) -> Shared {
+        Shared {
+            name: config.name,
+            upstream: config.upstream,
+            seed: config.seed,
+            protocol: config.protocol,
+            started: Instant::now(),
+            toxics: watch::Sender::new(Arc::new(Vec::new())),
+            partition: watch::Sender::new(None),
+            enabled: watch::Sender::new(true),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            frames: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            tamperings: Mutex::new(tamper::TamperLog::default()),
+            budgets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn count_frames(&self, counter: FrameCount, n: u64) {
+        self.frames[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Appends a tampering, stamped with the time since the proxy started.
+    pub(crate) fn record(&self, mut t: Tampering) {
+        t.at_ms = Instant::now().duration_since(self.started).as_millis() as u64;
+        tracing::debug!(proxy = %self.name, toxic = %t.toxic, action = ?t.action,
+            effective = t.effective, fields = %serde_json::Value::Object(t.fields.clone()),
+            "{}", t.detail);
+        lock(&self.tamperings).push(t);
+    }
+
+    /// Takes one tampering from the toxic's limit; false if it is used up.
+    pub(crate) fn take_budget(&self, toxic: &str, limit: Option<u64>) -> bool {
+        let Some(limit) = limit else {
+            return true;
+        };
+        let mut budgets = lock(&self.budgets);
+        let used = budgets.entry(toxic.to_owned()).or_insert(0);
+        if *used >= limit {
+            return false;
+        }
+        *used += 1;
+        true
+    }
+
+    /// The toxic was added, replaced or removed: its limit counts from 0.
+    fn forget_budget(&self, toxic: &str) {
+        lock(&self.budgets).remove(toxic);
+    }
     pub(crate) fn count(&self, stream: Stream, n: usize) {
         let i = match stream {
             Stream::Upstream => 0,
@@ -154,18 +252,7 @@ impl Proxy {
             addr: config.listen,
             source,
         })?;
-        let shared = Arc::new(Shared {
-            name: config.name,
-            upstream: config.upstream,
-            seed: config.seed,
-            toxics: watch::Sender::new(Arc::new(Vec::new())),
-            partition: watch::Sender::new(None),
-            enabled: watch::Sender::new(true),
-            conns: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
-        });
+        let shared = Arc::new(Shared::new(config));
         let listener = tokio::spawn(accept_loop(shared.clone(), listener, listen));
         Ok(Proxy {
             shared,
@@ -189,9 +276,15 @@ impl Proxy {
         self.shared.upstream
     }
 
-    /// Adds a toxic; it applies to open connections at once.
+    /// What it forwards.
+    pub fn protocol(&self) -> Protocol {
+        self.shared.protocol
+    }
+
+    /// Adds a toxic; it applies to open connections at once. Frame (`ws_*`)
+    /// toxics need a [`Protocol::WebSocket`] proxy.
     pub fn add_toxic(&self, toxic: Toxic) -> Result<(), ProxyError> {
-        validate(&toxic)?;
+        self.validate(&toxic)?;
         let mut result = Ok(());
         self.shared.toxics.send_modify(|list| {
             if list.iter().any(|t| t.name == toxic.name) {
@@ -202,12 +295,16 @@ impl Proxy {
             next.push(toxic.clone());
             *list = Arc::new(next);
         });
+        if result.is_ok() {
+            self.shared.forget_budget(&toxic.name);
+        }
         result
     }
 
-    /// Replaces the toxic with the same name.
+    /// Replaces the toxic with the same name (a frame toxic's limit counts
+    /// from 0 again).
     pub fn update_toxic(&self, toxic: Toxic) -> Result<(), ProxyError> {
-        validate(&toxic)?;
+        self.validate(&toxic)?;
         let mut found = false;
         self.shared.toxics.send_modify(|list| {
             let mut next = (**list).clone();
@@ -218,13 +315,15 @@ impl Proxy {
             *list = Arc::new(next);
         });
         if found {
+            self.shared.forget_budget(&toxic.name);
             Ok(())
         } else {
             Err(ProxyError::ToxicNotFound(toxic.name))
         }
     }
 
-    /// Removes a toxic; held data flows again.
+    /// Removes a toxic; held data (and messages held by a `ws_reorder`)
+    /// flows again.
     pub fn remove_toxic(&self, name: &str) -> Result<(), ProxyError> {
         let mut found = false;
         self.shared.toxics.send_modify(|list| {
@@ -233,6 +332,7 @@ impl Proxy {
             *list = Arc::new(next);
         });
         if found {
+            self.shared.forget_budget(name);
             Ok(())
         } else {
             Err(ProxyError::ToxicNotFound(name.to_owned()))
@@ -293,11 +393,31 @@ impl Proxy {
         *self.shared.enabled.borrow()
     }
 
-    /// Removes every toxic, heals any partition and enables the proxy.
+    /// Removes every toxic, heals any partition and enables the proxy. The
+    /// tampering record is kept.
     pub fn reset(&self) {
         self.shared.toxics.send_replace(Arc::new(Vec::new()));
+        lock(&self.shared.budgets).clear();
         self.shared.partition.send_replace(None);
         self.shared.enabled.send_replace(true);
+    }
+
+    /// Every message tampered with by a frame toxic so far, in order (the
+    /// first 100,000 since the last [`Proxy::clear_tamperings`]).
+    pub fn tamperings(&self) -> Vec<Tampering> {
+        lock(&self.shared.tamperings).records.clone()
+    }
+
+    /// Tamperings not kept because the record was full.
+    pub fn tamperings_dropped(&self) -> u64 {
+        lock(&self.shared.tamperings).dropped
+    }
+
+    /// Empties the tampering record (sequence numbers keep counting).
+    pub fn clear_tamperings(&self) {
+        let mut log = lock(&self.shared.tamperings);
+        log.records = Vec::new();
+        log.dropped = 0;
     }
 
     /// Counters so far.
@@ -312,8 +432,27 @@ impl Proxy {
                 .unwrap_or(0),
             bytes_upstream: self.shared.bytes[0].load(Ordering::Relaxed),
             bytes_downstream: self.shared.bytes[1].load(Ordering::Relaxed),
+            frames_seen: self.shared.frames[0].load(Ordering::Relaxed),
+            frames_inspected: self.shared.frames[1].load(Ordering::Relaxed),
+            frames_opaque: self.shared.frames[2].load(Ordering::Relaxed),
         }
     }
+
+    fn validate(&self, toxic: &Toxic) -> Result<(), ProxyError> {
+        validate(toxic)?;
+        if toxic.kind.frame_filter().is_some() && self.shared.protocol != Protocol::WebSocket {
+            return Err(ProxyError::InvalidToxic(format!(
+                "{} is a WebSocket frame toxic: the proxy must be created with \"protocol\":\"websocket\"",
+                toxic.kind.type_name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Locks, ignoring poisoning: every critical section leaves its data whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for Proxy {
@@ -333,9 +472,18 @@ fn validate(toxic: &Toxic) -> Result<(), ProxyError> {
             toxic.toxicity
         )));
     }
-    match toxic.kind {
+    if toxic.kind.frame_filter().is_some_and(|f| f.every == 0) {
+        return Err(ProxyError::InvalidToxic(format!(
+            "{} every must be >= 1",
+            toxic.kind.type_name()
+        )));
+    }
+    match &toxic.kind {
         ToxicKind::Bandwidth { rate: 0 } => Err(ProxyError::InvalidToxic(
             "bandwidth rate must be > 0".into(),
+        )),
+        ToxicKind::WsCorrupt { field, .. } if field.is_empty() => Err(ProxyError::InvalidToxic(
+            "ws_corrupt field must not be empty".into(),
         )),
         ToxicKind::Slicer {
             average_size: 0, ..

@@ -1,6 +1,8 @@
-//! Toxics: what the chaos proxy does to the bytes of a link, modelled on Toxiproxy's.
+//! Toxics: what the chaos proxy does to the bytes of a link, modelled on
+//! Toxiproxy's, and to the WebSocket messages of a link (the `ws_*` ones).
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// Which direction a toxic acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,6 +69,148 @@ pub enum ToxicKind {
         /// Bytes allowed through.
         bytes: u64,
     },
+    /// WebSocket proxies only: the chosen messages are not forwarded.
+    WsDrop {
+        /// Which messages, how often, how many.
+        #[serde(flatten)]
+        filter: FrameFilter,
+    },
+    /// WebSocket proxies only: the chosen messages are forwarded twice, back
+    /// to back.
+    WsDuplicate {
+        /// Which messages, how often, how many.
+        #[serde(flatten)]
+        filter: FrameFilter,
+    },
+    /// WebSocket proxies only: a chosen message is held and forwarded right
+    /// after the next matching message (the next one with the same values of
+    /// the `same` fields, if any). If none comes within `max_hold` ms, or a
+    /// close frame or the end of the stream comes first, it is released
+    /// without being overtaken (recorded as not effective).
+    WsReorder {
+        /// Which messages, how often, how many.
+        #[serde(flatten)]
+        filter: FrameFilter,
+        /// Top-level fields the overtaking message must share with the held
+        /// one (e.g. `["channel"]`); empty: any matching message overtakes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        same: Vec<String>,
+        /// ms a message is held at most. Default 1000.
+        #[serde(default = "max_hold")]
+        max_hold: u64,
+    },
+    /// WebSocket proxies only: the top-level `field` of a chosen JSON message
+    /// is replaced by `value` and the frame re-encoded. A message without that
+    /// field is left alone.
+    WsCorrupt {
+        /// Which messages, how often, how many.
+        #[serde(flatten)]
+        filter: FrameFilter,
+        /// The field replaced. Default `"payload"`.
+        #[serde(default = "payload")]
+        field: String,
+        /// What replaces it. Default the string `"corrupted by keel-chaos-proxy"`.
+        #[serde(default = "corrupted")]
+        value: Value,
+    },
+    /// WebSocket proxies only: a chosen message, and so everything behind it
+    /// on its stream (order kept), waits `delay` ms before being forwarded,
+    /// counted from when everything before it was due: the receiver sees a
+    /// gap of at least `delay` ms before each delayed message.
+    WsDelay {
+        /// Which messages, how often, how many.
+        #[serde(flatten)]
+        filter: FrameFilter,
+        /// ms.
+        delay: u64,
+    },
+}
+
+impl ToxicKind {
+    /// The filter of a frame (`ws_*`) toxic; `None` for a byte-level one.
+    pub fn frame_filter(&self) -> Option<&FrameFilter> {
+        match self {
+            ToxicKind::WsDrop { filter }
+            | ToxicKind::WsDuplicate { filter }
+            | ToxicKind::WsReorder { filter, .. }
+            | ToxicKind::WsCorrupt { filter, .. }
+            | ToxicKind::WsDelay { filter, .. } => Some(filter),
+            _ => None,
+        }
+    }
+
+    /// The toxic's `type` as written in JSON, e.g. `"ws_drop"`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ToxicKind::Latency { .. } => "latency",
+            ToxicKind::Bandwidth { .. } => "bandwidth",
+            ToxicKind::Timeout { .. } => "timeout",
+            ToxicKind::ResetPeer { .. } => "reset_peer",
+            ToxicKind::SlowClose { .. } => "slow_close",
+            ToxicKind::Slicer { .. } => "slicer",
+            ToxicKind::LimitData { .. } => "limit_data",
+            ToxicKind::WsDrop { .. } => "ws_drop",
+            ToxicKind::WsDuplicate { .. } => "ws_duplicate",
+            ToxicKind::WsReorder { .. } => "ws_reorder",
+            ToxicKind::WsCorrupt { .. } => "ws_corrupt",
+            ToxicKind::WsDelay { .. } => "ws_delay",
+        }
+    }
+}
+
+/// Which WebSocket text messages a frame toxic acts on, how often and how
+/// many times: the attributes every `ws_*` toxic shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameFilter {
+    /// JSON `match`: a message matches if it is a JSON object whose top-level
+    /// fields equal each of these. Empty (the default) matches every text
+    /// message, JSON or not.
+    #[serde(rename = "match", default, skip_serializing_if = "Map::is_empty")]
+    pub matching: Map<String, Value>,
+    /// One matching message in `every` is tampered with (each with
+    /// probability 1/`every`, from a seeded RNG). At least 1; default 1.
+    #[serde(default = "one")]
+    pub every: u64,
+    /// At most this many tamperings by the toxic in the proxy's life, across
+    /// connections (the count restarts when the toxic is replaced or removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+impl Default for FrameFilter {
+    /// Every text message, no limit.
+    fn default() -> Self {
+        FrameFilter {
+            matching: Map::new(),
+            every: 1,
+            limit: None,
+        }
+    }
+}
+
+impl FrameFilter {
+    /// Whether a message whose JSON object is `object` (`None`: not a JSON
+    /// object) matches.
+    pub(crate) fn matches(&self, object: Option<&Map<String, Value>>) -> bool {
+        self.matching.is_empty()
+            || object.is_some_and(|o| self.matching.iter().all(|(k, v)| o.get(k) == Some(v)))
+    }
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn max_hold() -> u64 {
+    1000
+}
+
+fn payload() -> String {
+    "payload".to_owned()
+}
+
+fn corrupted() -> Value {
+    Value::String("corrupted by keel-chaos-proxy".to_owned())
 }
 
 fn downstream() -> Stream {
@@ -104,5 +248,109 @@ impl Toxic {
             stream,
             toxicity: 1.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[track_caller]
+    fn check(json: Value, expected: Toxic) {
+        let parsed: Toxic = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(parsed, expected);
+        let back: Toxic = serde_json::from_value(serde_json::to_value(&parsed).unwrap()).unwrap();
+        assert_eq!(back, expected, "round trip");
+    }
+
+    #[test]
+    fn frame_toxics_in_json() {
+        check(
+            json!({"name": "d", "type": "ws_drop", "attributes": {}}),
+            Toxic::new(
+                "d",
+                Stream::Downstream,
+                ToxicKind::WsDrop {
+                    filter: FrameFilter::default(),
+                },
+            ),
+        );
+        let mut matching = Map::new();
+        matching.insert("type".into(), json!("deliver"));
+        check(
+            json!({"name": "r", "type": "ws_reorder", "stream": "upstream", "toxicity": 0.5,
+                "attributes": {"match": {"type": "deliver"}, "every": 5, "limit": 3,
+                    "same": ["channel"], "max_hold": 200}}),
+            Toxic {
+                toxicity: 0.5,
+                ..Toxic::new(
+                    "r",
+                    Stream::Upstream,
+                    ToxicKind::WsReorder {
+                        filter: FrameFilter {
+                            matching,
+                            every: 5,
+                            limit: Some(3),
+                        },
+                        same: vec!["channel".into()],
+                        max_hold: 200,
+                    },
+                )
+            },
+        );
+        check(
+            json!({"name": "c", "type": "ws_corrupt", "attributes": {}}),
+            Toxic::new(
+                "c",
+                Stream::Downstream,
+                ToxicKind::WsCorrupt {
+                    filter: FrameFilter::default(),
+                    field: "payload".into(),
+                    value: json!("corrupted by keel-chaos-proxy"),
+                },
+            ),
+        );
+        check(
+            json!({"name": "w", "type": "ws_delay", "attributes": {"delay": 200, "every": 2}}),
+            Toxic::new(
+                "w",
+                Stream::Downstream,
+                ToxicKind::WsDelay {
+                    filter: FrameFilter {
+                        every: 2,
+                        ..FrameFilter::default()
+                    },
+                    delay: 200,
+                },
+            ),
+        );
+        let dup = ToxicKind::WsDuplicate {
+            filter: FrameFilter::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(Toxic::new("u", Stream::Downstream, dup)).unwrap(),
+            json!({"name": "u", "type": "ws_duplicate", "attributes": {"every": 1},
+                "stream": "downstream", "toxicity": 1.0})
+        );
+    }
+
+    #[test]
+    fn match_filter() {
+        let filter: FrameFilter =
+            serde_json::from_value(json!({"match": {"type": "deliver", "channel": "c"}})).unwrap();
+        let object = |v: Value| v.as_object().cloned();
+        assert!(
+            filter
+                .matches(object(json!({"type": "deliver", "channel": "c", "offset": 1})).as_ref())
+        );
+        assert!(!filter.matches(object(json!({"type": "ack", "channel": "c"})).as_ref()));
+        assert!(!filter.matches(object(json!({"type": "deliver"})).as_ref()));
+        assert!(
+            !filter.matches(None),
+            "not JSON: only an empty match matches"
+        );
+        assert!(FrameFilter::default().matches(None));
     }
 }

@@ -192,3 +192,129 @@ async fn proxy_refuses_remote_listen() {
     .await;
     assert_eq!(status, 201, "{body}");
 }
+
+/// Frame toxics and their record over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_proxy_and_tamperings_over_http() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let api = api().await;
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = server.local_addr().unwrap();
+    let (status, view) = call(
+        api,
+        "POST",
+        "/proxies",
+        Some(
+            json!({"name": "ws", "listen": "127.0.0.1:0", "upstream": upstream.to_string(),
+            "seed": 5, "protocol": "websocket"}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, &view["protocol"]),
+        (201, &json!("websocket")),
+        "{view}"
+    );
+    let listen: SocketAddr = view["listen"].as_str().unwrap().parse().unwrap();
+
+    let drop = json!({"name": "drop", "type": "ws_drop", "stream": "downstream",
+        "attributes": {"match": {"type": "deliver"}, "every": 1, "limit": 2}});
+    let (status, added) = call(api, "POST", "/proxies/ws/toxics", Some(drop)).await;
+    assert_eq!(status, 201, "{added}");
+    assert_eq!(added["attributes"]["limit"], 2);
+
+    // A WebSocket server sending four messages, through the proxy.
+    tokio::spawn(async move {
+        let (tcp, _) = server.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        for k in 0..4 {
+            let m = json!({"type": "deliver", "channel": "c", "offset": k, "id": format!("m-{k}")});
+            ws.send(Message::text(m.to_string())).await.unwrap();
+        }
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{listen}/"))
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), client.next()).await {
+        if let Message::Text(t) = m {
+            offsets.push(serde_json::from_str::<Value>(t.as_str()).unwrap()["offset"].clone());
+        }
+    }
+    assert_eq!(offsets, [json!(2), json!(3)]);
+
+    let (status, record) = call(api, "GET", "/proxies/ws/tamperings", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(record["dropped"], 0);
+    let first = &record["tamperings"][0];
+    assert_eq!(
+        (
+            &first["seq"],
+            &first["toxic"],
+            &first["action"],
+            &first["effective"],
+            &first["connection"],
+            &first["stream"],
+            &first["fields"],
+            &first["detail"],
+        ),
+        (
+            &json!(0),
+            &json!("drop"),
+            &json!("drop"),
+            &json!(true),
+            &json!(0),
+            &json!("downstream"),
+            &json!({"type": "deliver", "channel": "c", "offset": 0, "id": "m-0"}),
+            &json!("dropped"),
+        )
+    );
+    assert!(first["at_ms"].is_u64());
+    assert_eq!(record["tamperings"][1]["fields"]["offset"], 1);
+    assert_eq!(record["tamperings"].as_array().unwrap().len(), 2);
+    let (_, view) = call(api, "GET", "/proxies/ws", None).await;
+    assert!(
+        view["stats"]["frames_inspected"].as_u64().unwrap() >= 4,
+        "{view}"
+    );
+
+    assert_eq!(
+        call(api, "DELETE", "/proxies/ws/tamperings", None).await.0,
+        204
+    );
+    let (_, record) = call(api, "GET", "/proxies/ws/tamperings", None).await;
+    assert_eq!(record, json!({"tamperings": [], "dropped": 0}));
+    assert_eq!(
+        call(api, "GET", "/proxies/nope/tamperings", None).await.0,
+        404
+    );
+
+    // A frame toxic on a TCP proxy is refused.
+    let (status, _) = call(
+        api,
+        "POST",
+        "/proxies",
+        Some(json!({"name": "tcp", "listen": "127.0.0.1:0", "upstream": upstream.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, err) = call(
+        api,
+        "POST",
+        "/proxies/tcp/toxics",
+        Some(json!({"name": "d", "type": "ws_drop", "attributes": {}})),
+    )
+    .await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid")));
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains(r#""protocol":"websocket""#),
+        "{err}"
+    );
+}

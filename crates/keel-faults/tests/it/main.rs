@@ -6,3 +6,4 @@ mod processes;
 mod proxy;
 mod support;
 mod upstream;
+mod ws;

@@ -332,6 +332,7 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 upstream: relay.addr(),
                 seed: plan.seed,
+                protocol: keel_faults::Protocol::Tcp,
             })
             .await
             .map_err(|e| setup("chaos proxy", e))?,

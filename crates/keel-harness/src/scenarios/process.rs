@@ -718,6 +718,7 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 upstream: relay.addr(),
                 seed: plan.seed,
+                protocol: keel_faults::Protocol::Tcp,
             })
             .await
             .map_err(|e| setup("chaos proxy", e))?,

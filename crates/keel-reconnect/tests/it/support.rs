@@ -156,6 +156,7 @@ pub(crate) async fn proxy_to(upstream: SocketAddr) -> Proxy {
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream,
         seed: 3,
+        protocol: keel_faults::Protocol::Tcp,
     })
     .await
     .unwrap()

@@ -19,6 +19,7 @@ async fn resume_after_disconnect_no_loss_no_dup() {
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: relay.addr,
         seed: 1,
+        protocol: keel_faults::Protocol::Tcp,
     })
     .await
     .unwrap();
