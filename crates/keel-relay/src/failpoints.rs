@@ -6,7 +6,8 @@
 //! failpoint, e.g. `KEEL_FAILPOINTS=drop_delivery=50` (one live delivery in
 //! 50 is not written). Failpoints: `drop_delivery`, `duplicate_delivery`,
 //! `reorder_delivery` (swapped with the next live delivery of the same
-//! batch), each one in N; `reverse_batch` (one batch of pipelined publishes
+//! batch), `corrupt_delivery` (written with its payload replaced), each
+//! one in N; `reverse_batch` (one batch of pipelined publishes
 //! in N is queued to the store in reverse, so its offsets run against the
 //! send order); `hide_crash` (a CRASHED session's welcome says DETACHED:
 //! the crash goes unreported); `slow_detach=N` (a closing connection waits
@@ -26,6 +27,21 @@ pub(crate) enum Delivery {
     Duplicate,
     /// Write it after the next one.
     Reorder,
+    /// Write it with another payload.
+    Corrupt,
+}
+
+/// `frame` (a `deliver` frame, whose last field is its payload) with the
+/// payload replaced, for the `corrupt_delivery` failpoint.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub(crate) fn corrupted(frame: &str) -> String {
+    match frame.rfind(r#""payload":"#) {
+        Some(at) => format!(
+            r#"{}"payload":"corrupted by the corrupt_delivery failpoint"}}"#,
+            &frame[..at]
+        ),
+        None => frame.to_owned(),
+    }
 }
 
 #[cfg(not(feature = "failpoints"))]
@@ -63,6 +79,7 @@ mod imp {
         drop: u64,
         duplicate: u64,
         reorder: u64,
+        corrupt: u64,
         reverse: u64,
         hide_crash: u64,
         slow_detach: u64,
@@ -82,6 +99,7 @@ mod imp {
                     "drop_delivery" => p.drop = n,
                     "duplicate_delivery" => p.duplicate = n,
                     "reorder_delivery" => p.reorder = n,
+                    "corrupt_delivery" => p.corrupt = n,
                     "reverse_batch" => p.reverse = n,
                     "hide_crash" => p.hide_crash = n,
                     "slow_detach" => p.slow_detach = n,
@@ -97,7 +115,7 @@ mod imp {
 
     pub(crate) fn delivery() -> Delivery {
         let p = points();
-        if p.drop == 0 && p.duplicate == 0 && p.reorder == 0 {
+        if p.drop == 0 && p.duplicate == 0 && p.reorder == 0 && p.corrupt == 0 {
             return Delivery::Write;
         }
         let n = p.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
@@ -108,6 +126,8 @@ mod imp {
             Delivery::Duplicate
         } else if hit(p.reorder) {
             Delivery::Reorder
+        } else if hit(p.corrupt) {
+            Delivery::Corrupt
         } else {
             Delivery::Write
         }

@@ -35,6 +35,7 @@ mod failpoints;
 mod gate;
 mod hub;
 mod limits;
+mod procmetrics;
 pub mod protocol;
 mod relay;
 mod retention;

@@ -570,9 +570,7 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
             metrics::gauge!("keel_outbox", "state" => state).set(n as f64);
         }
     }
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        shared.metrics.render(),
-    )
-        .into_response()
+    let mut text = shared.metrics.render();
+    text.push_str(&crate::procmetrics::render());
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

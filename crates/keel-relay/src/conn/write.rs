@@ -235,6 +235,11 @@ async fn live(
                 held = Some(frame.clone());
                 continue;
             }
+            Delivery::Corrupt => {
+                let bad = crate::failpoints::corrupted(frame.as_str());
+                bounded(ctx.deadline, end, sink.feed(Message::Text(bad.into()))).await?;
+                0
+            }
         };
         for _ in 0..copies {
             bounded(ctx.deadline, end, sink.feed(Message::Text(frame.clone()))).await?;

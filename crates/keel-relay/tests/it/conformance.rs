@@ -449,7 +449,7 @@ async fn documented_metrics_exist_from_the_start() {
         .skip(1)
         .step_by(2)
         .map(|n| n.split('{').next().unwrap())
-        .filter(|n| n.starts_with("keel_"))
+        .filter(|n| n.starts_with("keel_") || n.starts_with("process_"))
         .collect();
     assert!(names.len() >= 15, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
