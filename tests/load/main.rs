@@ -205,9 +205,9 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) {
 }
 
 /// The checker is trusted because it catches each planted bug: the relay
-/// built with `failpoints` drops, duplicates or reorders one live delivery
-/// in N, or queues a batch of publishes in reverse; a run without a
-/// failpoint is clean.
+/// built with `failpoints` drops, duplicates, reorders or corrupts one live
+/// delivery in N, or queues a batch of publishes in reverse; each is caught
+/// as its own kind and nothing else; a run without a failpoint is clean.
 #[test]
 fn checker_catches_every_planted_bug() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -220,7 +220,9 @@ fn checker_catches_every_planted_bug() {
         let clean = planted("", dir.path()).await;
         assert!(!clean.violated(), "no failpoint, no violation: {clean:?}");
         assert!(
-            clean.stats.acked >= 300 && clean.stats.delivered >= 900,
+            clean.stats.acked >= 300
+                && clean.stats.delivered >= 900
+                && clean.stats.payloads_checked == clean.stats.delivered,
             "{:?}",
             clean.stats
         );
@@ -228,29 +230,26 @@ fn checker_catches_every_planted_bug() {
             ("drop_delivery=50", "lost"),
             ("duplicate_delivery=50", "duplicated"),
             ("reorder_delivery=20", "reordered"),
+            ("corrupt_delivery=50", "corrupted"),
             ("reverse_batch=2", "send_order"),
         ] {
             let v = planted(failpoint, dir.path()).await;
-            let found = v.count(caught_as);
-            println!(
-                "{failpoint}: {caught_as} {found}; all: {:?}",
-                v.checks
-                    .iter()
-                    .map(|c| (c.name.clone(), c.count))
-                    .collect::<Vec<_>>()
-            );
+            let counts: Vec<_> = v.checks.iter().map(|c| (c.name.clone(), c.count)).collect();
+            println!("{failpoint}: {counts:?}");
             assert!(
-                found > 0,
+                v.count(caught_as) > 0,
                 "{failpoint} planted, but the checker found no {caught_as}: {v:?}"
             );
-            let witness = &v
-                .checks
-                .iter()
-                .find(|c| c.name == caught_as)
-                .unwrap()
-                .witnesses[0];
+            assert_eq!(
+                v.violations(),
+                v.count(caught_as),
+                "{failpoint} planted: only {caught_as} may be found: {counts:?}"
+            );
+            let witness = &v.get(caught_as).unwrap().witnesses[0];
             assert!(
-                !witness.summary.is_empty() && !witness.timeline.is_empty(),
+                !witness.summary.is_empty()
+                    && !witness.timeline.is_empty()
+                    && witness.subject.is_some(),
                 "{witness:?}"
             );
         }

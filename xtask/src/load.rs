@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use keel_harness::fixture::{RelayBinary, Target};
+use keel_harness::fixture::{RelayBinary, Remote, Target};
 use keel_harness::{RunOptions, Scale, Suite};
 
 /// Flags shared by the load and chaos suites.
@@ -37,10 +37,18 @@ pub(crate) struct SuiteArgs {
     /// Compare with an earlier run (its directory or report.json).
     #[arg(long, value_name = "DIR")]
     compare: Option<PathBuf>,
-    /// Run against a relay you started (ws://HOST:PORT/ws); scenarios that
-    /// must control the relay process are reported as not applicable.
+    /// Run against a relay you started (ws://HOST:PORT/ws), perhaps through
+    /// a proxy; scenarios that must control the relay process are reported
+    /// as not applicable, saying why.
     #[arg(long, value_name = "URL")]
     target: Option<String>,
+    /// With --target: where the relay's Prometheus /metrics is (default:
+    /// http://<the target's host and port>/metrics); the memory, file
+    /// descriptor and CPU figures of scenarios run against --target are
+    /// read there (process_resident_memory_bytes, process_open_fds,
+    /// process_cpu_seconds_total).
+    #[arg(long, value_name = "URL", requires = "target")]
+    metrics_url: Option<String>,
     /// Use this relay binary instead of building target/release/keel-relay.
     #[arg(long, value_name = "PATH")]
     relay_bin: Option<PathBuf>,
@@ -168,10 +176,9 @@ pub(crate) fn list(suite: Suite) {
             format!("{} {}", s.seed.seed, s.seed.test),
             s.seed.threshold.to_owned(),
             s.target.to_owned(),
-            if s.needs_process {
-                "no".into()
-            } else {
-                "yes".into()
+            match s.needs_process {
+                Some(why) => format!("no: it {why}"),
+                None => "yes".into(),
             },
         ]);
     }
@@ -208,7 +215,10 @@ pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {
         }
     }
     let target = match (&args.target, &args.relay_bin) {
-        (Some(url), _) => Target::Url(url.clone()),
+        (Some(url), _) => Target::Url(match &args.metrics_url {
+            Some(m) => Remote::with_metrics(url, m),
+            None => Remote::new(url),
+        }),
         (None, Some(bin)) => Target::Spawn(RelayBinary::at(bin)),
         (None, None) => Target::Spawn(RelayBinary::at(&build_relay_with(
             args.failpoints.is_some(),

@@ -20,7 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::Error;
-use crate::history::{ChannelId, Delivery, Expectation, Micros, MsgId, Outcome, Publish, Recorder};
+use crate::history::{
+    ChannelId, Delivery, Digest, Expectation, Micros, MsgId, Outcome, Publish, Recorder,
+};
 
 /// A client WebSocket.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -214,6 +216,183 @@ pub fn text(v: &serde_json::Value) -> Message {
     Message::text(v.to_string())
 }
 
+// --------------------------------------------------------------- reader
+
+/// One raw session connection read step by step, recording every delivery
+/// it reads into the history (repeats included: the checker judges them)
+/// and counting what it waits for by offset.
+#[derive(Debug)]
+pub struct Reader {
+    /// Its number in the history.
+    pub sub: u32,
+    /// Which of its connections this is.
+    pub conn: u32,
+    /// The connection.
+    pub ws: Ws,
+    recorder: Recorder,
+    buffer: Vec<Delivery>,
+    had: HashMap<ChannelId, Offsets>,
+}
+
+/// What one frame was, to a [`Reader`].
+enum Read {
+    /// A delivery of an offset not had before on this reader.
+    New(String, u64),
+    /// A delivery of an offset had before.
+    Repeat,
+    /// `pong`.
+    Pong,
+    /// Anything else.
+    Other,
+}
+
+impl Reader {
+    /// A reader of `ws` recording as subscriber `sub`, connection `conn`.
+    pub fn new(sub: u32, conn: u32, ws: Ws, recorder: &Recorder) -> Reader {
+        Reader {
+            sub,
+            conn,
+            ws,
+            recorder: recorder.clone(),
+            buffer: Vec::new(),
+            had: HashMap::new(),
+        }
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, v: serde_json::Value) -> Result<(), Error> {
+        self.ws
+            .send(text(&v))
+            .await
+            .map_err(|e| Error::Client(format!("send: {e}")))
+    }
+
+    /// Handles one text frame; an `error` frame fails.
+    fn on_text(&mut self, t: &str) -> Result<Read, Error> {
+        let f = parse(t)?;
+        match f.kind.as_ref() {
+            "deliver" => {
+                let channel = f.channel.unwrap_or_default();
+                let offset = f.offset.unwrap_or(0);
+                let cid = self.recorder.channel(&channel);
+                self.buffer.push(Delivery {
+                    sub: self.sub,
+                    conn: self.conn,
+                    channel: cid,
+                    offset,
+                    id: self.recorder.id(f.id.as_deref().unwrap_or("")),
+                    at: self.recorder.now(),
+                    digest: Digest::of(f.payload.map_or("", |p| p.get())),
+                });
+                Ok(if self.had.entry(cid).or_default().insert(offset) {
+                    Read::New(channel.into_owned(), offset)
+                } else {
+                    Read::Repeat
+                })
+            }
+            "pong" => Ok(Read::Pong),
+            "error" => Err(Error::Client(format!("relay refused: {t}"))),
+            _ => Ok(Read::Other),
+        }
+    }
+
+    /// The next frame, within `deadline`: `Ok(None)` when the deadline
+    /// passed; a closed link fails.
+    async fn next(&mut self, deadline: Instant) -> Result<Option<Read>, Error> {
+        loop {
+            let Ok(msg) = tokio::time::timeout_at(deadline, self.ws.next()).await else {
+                return Ok(None);
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => return self.on_text(t.as_str()).map(Some),
+                Some(Ok(_)) => continue,
+                _ => {
+                    self.flush();
+                    return Err(Error::Client(format!(
+                        "subscriber {} lost its link",
+                        self.sub
+                    )));
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.recorder.deliveries(&mut self.buffer);
+    }
+
+    /// Reads until `n` offsets not had before arrived (or `limit` passed);
+    /// returns them as (channel, offset) in arrival order. A repeat is
+    /// recorded but does not count towards `n`.
+    pub async fn deliveries(
+        &mut self,
+        n: usize,
+        limit: Duration,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + limit;
+        let result = async {
+            while got.len() < n {
+                match self.next(deadline).await? {
+                    None => break,
+                    Some(Read::New(channel, offset)) => got.push((channel, offset)),
+                    Some(_) => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.flush();
+        result.map(|()| got)
+    }
+
+    /// Reads until `pong` (deliveries on the way are recorded).
+    pub async fn until_pong(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + WAIT;
+        let result = async {
+            loop {
+                match self.next(deadline).await? {
+                    None => return Err(Error::Timeout("pong".into())),
+                    Some(Read::Pong) => return Ok(()),
+                    Some(_) => {}
+                }
+            }
+        }
+        .await;
+        self.flush();
+        result
+    }
+
+    /// Closes the connection: sends a close frame and reads (recording
+    /// deliveries) until the peer's close frame comes back, for at most
+    /// `limit`. Returns when the close was sent and whether it was
+    /// answered. An answer proves the relay handled the close only on a
+    /// direct connection: an intermediary may answer for it.
+    pub async fn close(mut self, limit: Duration) -> (Micros, bool) {
+        let at = self.recorder.now();
+        if self.ws.close(None).await.is_err() {
+            self.flush();
+            return (at, false);
+        }
+        let deadline = Instant::now() + limit;
+        let answered = loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let _ = self.on_text(t.as_str());
+                }
+                Ok(Some(Ok(Message::Close(_)))) => break true,
+                Ok(Some(Ok(_))) => {}
+                // A peer that answers the close and then closes the socket
+                // shows as the end of the stream after the close frame,
+                // which tungstenite hands over first.
+                Ok(Some(Err(_)) | None) | Err(_) => break false,
+            }
+        };
+        self.flush();
+        (at, answered)
+    }
+}
+
 // ------------------------------------------------------------ publisher
 
 /// The answer to one publish.
@@ -388,6 +567,7 @@ impl Publisher {
             invoke,
             done: self.recorder.now(),
             outcome,
+            digest: Digest::of(payload),
         });
         answer
     }
@@ -400,17 +580,15 @@ impl Publisher {
 
 // ----------------------------------------------------------- subscriber
 
-/// What a subscriber does with each delivered payload.
+/// What a subscriber does with each delivered payload besides recording
+/// its digest (which every delivery carries into the history).
 #[derive(Debug, Clone)]
 pub enum PayloadCheck {
-    /// Nothing.
+    /// Nothing more.
     None,
     /// Reads `"t"` (microseconds of the run clock when it was meant to be
     /// sent) and records publish-to-deliver latency into the sink.
     Latency(crate::load::LatencySink),
-    /// Hashes the payload text (FNV-1a 64) and records it, to compare byte
-    /// for byte with what was published.
-    Digest,
 }
 
 /// How a subscriber behaves.
@@ -432,7 +610,9 @@ pub struct SubscriberSpec {
     pub resume: bool,
     /// What to do with payloads.
     pub payloads: PayloadCheck,
-    /// Stop once this many deliveries were seen in all (None: until told).
+    /// Stop once this many distinct offsets were delivered in all (None:
+    /// until told). Counted by offset, never by frame: a duplicate does
+    /// not stand in for a message still to come.
     pub stop_after: Option<u64>,
 }
 
@@ -443,10 +623,10 @@ pub struct SubscriberReport {
     pub connections: u32,
     /// Close codes the relay sent it.
     pub closes: Vec<Option<u16>>,
-    /// Deliveries seen.
+    /// Distinct offsets delivered (a repeat of one is not counted again).
     pub delivered: u64,
-    /// (id, digest) per delivery (with [`PayloadCheck::Digest`]).
-    pub digests: Vec<(MsgId, u64)>,
+    /// Deliver frames received, repeats included.
+    pub frames: u64,
     /// Why it stopped early, if it did.
     pub error: Option<String>,
 }
@@ -461,14 +641,92 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
     h
 }
 
-/// A running subscriber's live count of deliveries.
+/// The offsets of one channel a client has had: a contiguous run plus
+/// whatever arrived out of it, so that millions of in-order deliveries
+/// cost two numbers. Clients count what they still wait for by offset with
+/// it, never by frame.
+#[derive(Debug, Clone, Default)]
+pub struct Offsets {
+    run: Option<(u64, u64)>,
+    others: std::collections::BTreeSet<u64>,
+}
+
+impl Offsets {
+    /// Adds `offset`; false if it was there already.
+    pub fn insert(&mut self, offset: u64) -> bool {
+        let Some((lo, hi)) = &mut self.run else {
+            self.run = Some((offset, offset));
+            return true;
+        };
+        if (*lo..=*hi).contains(&offset) {
+            return false;
+        }
+        if offset == *hi + 1 {
+            *hi = offset;
+            while self.others.remove(&(*hi + 1)) {
+                *hi += 1;
+            }
+            true
+        } else if offset + 1 == *lo {
+            *lo = offset;
+            while *lo > 0 && self.others.remove(&(*lo - 1)) {
+                *lo -= 1;
+            }
+            true
+        } else {
+            self.others.insert(offset)
+        }
+    }
+
+    /// Whether `offset` is there.
+    pub fn contains(&self, offset: u64) -> bool {
+        self.run.is_some_and(|(lo, hi)| (lo..=hi).contains(&offset))
+            || self.others.contains(&offset)
+    }
+
+    /// How many offsets are there.
+    pub fn len(&self) -> u64 {
+        self.run.map_or(0, |(lo, hi)| hi - lo + 1) + self.others.len() as u64
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.run.is_none()
+    }
+}
+
+/// A running subscriber's live count of distinct offsets delivered.
 #[derive(Debug, Clone, Default)]
 pub struct Progress(Arc<AtomicU64>);
 
 impl Progress {
-    /// Deliveries so far.
+    /// Distinct offsets delivered so far.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until the subscribers' distinct deliveries reach `want` in all,
+/// for at most `limit`, and no longer than `quiet` without any progress
+/// (a message that never comes is the checker's to report, not a reason
+/// to wait out the whole limit); returns how many arrived.
+pub async fn settle(progress: &[Progress], want: u64, limit: Duration, quiet: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let total = || progress.iter().map(Progress::get).sum::<u64>();
+    let (mut last, mut since) = (total(), Instant::now());
+    loop {
+        let now_total = total();
+        if now_total >= want {
+            return now_total;
+        }
+        if now_total != last {
+            (last, since) = (now_total, Instant::now());
+        }
+        let now = Instant::now();
+        if now >= deadline || now.duration_since(since) >= quiet {
+            return now_total;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -507,6 +765,9 @@ async fn subscribe_loop(
         .map(|(c, _)| (c.clone(), recorder.channel(c)))
         .collect();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    // Offsets delivered per channel (by index in `ids`, or past it for a
+    // channel the subscriber did not ask for), for counting by offset.
+    let mut had: Vec<Offsets> = vec![Offsets::default(); ids.len() + 1];
     let mut token: Option<String> = None;
     let mut buffer: Vec<Delivery> = Vec::with_capacity(1024);
     let mut latencies: Vec<(Duration, u64)> = Vec::new();
@@ -594,12 +855,14 @@ async fn subscribe_loop(
                 continue;
             };
             let at = std::time::Instant::now();
-            let cid = ids
-                .iter()
-                .find(|(n, _)| n == channel)
-                .map(|(_, c)| *c)
+            let slot = ids.iter().position(|(n, _)| n == channel);
+            let cid = slot
+                .map(|k| ids[k].1)
                 .unwrap_or_else(|| recorder.channel(channel));
             let mid = recorder.id(id);
+            // A deliver frame without a payload is recorded as an empty
+            // one: nobody published that.
+            let payload = f.payload.map_or("", |p| p.get());
             buffer.push(Delivery {
                 sub: spec.sub,
                 conn,
@@ -607,6 +870,7 @@ async fn subscribe_loop(
                 offset,
                 id: mid,
                 at: at.saturating_duration_since(epoch).as_micros() as Micros,
+                digest: Digest::of(payload),
             });
             // Flushed in batches (one lock per batch), and at least twice a
             // second so that the live display is current.
@@ -619,22 +883,19 @@ async fn subscribe_loop(
                 recorder.suspicious();
             }
             *seen = (*seen).max(offset);
-            report.delivered += 1;
-            counter.fetch_add(1, Ordering::Relaxed);
-            match (&spec.payloads, f.payload) {
-                (PayloadCheck::Latency(sink), Some(p)) => {
-                    if let Some(t) = payload_time(p.get()) {
-                        let now = at.saturating_duration_since(epoch).as_micros() as u64;
-                        latencies.push((Duration::from_micros(t), now.saturating_sub(t)));
-                        if latencies.len() >= 512 {
-                            sink.record_all(&mut latencies);
-                        }
-                    }
+            report.frames += 1;
+            if had[slot.unwrap_or(ids.len())].insert(offset) {
+                report.delivered += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (PayloadCheck::Latency(sink), Some(p)) = (&spec.payloads, f.payload)
+                && let Some(t) = payload_time(p.get())
+            {
+                let now = at.saturating_duration_since(epoch).as_micros() as u64;
+                latencies.push((Duration::from_micros(t), now.saturating_sub(t)));
+                if latencies.len() >= 512 {
+                    sink.record_all(&mut latencies);
                 }
-                (PayloadCheck::Digest, Some(p)) => {
-                    report.digests.push((mid, fnv64(p.get().as_bytes())))
-                }
-                _ => {}
             }
             if spec.stop_after.is_some_and(|n| report.delivered >= n) {
                 break None;
@@ -669,4 +930,26 @@ fn payload_time(payload: &str) -> Option<u64> {
         t: Option<u64>,
     }
     serde_json::from_str::<T>(payload).ok()?.t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_count_each_offset_once_in_any_order() {
+        let mut o = Offsets::default();
+        assert!(o.is_empty());
+        for x in [5, 6, 8, 7, 4, 10, 6, 5, 2, 3, 9, 9] {
+            o.insert(x);
+        }
+        assert_eq!(o.len(), 9);
+        assert!((2..=10).all(|x| o.contains(x)));
+        assert!(!o.contains(1) && !o.contains(11));
+        assert_eq!(o.run, Some((2, 10)));
+        assert!(o.others.is_empty());
+        assert!(!o.insert(7));
+        assert!(o.insert(1));
+        assert_eq!(o.len(), 10);
+    }
 }

@@ -46,9 +46,43 @@ impl RelayBinary {
 pub enum Target {
     /// Relay processes the harness starts, kills and restarts itself.
     Spawn(RelayBinary),
-    /// A relay someone else runs, by its URL (`ws://HOST:PORT/ws`): only
-    /// scenarios that need no control of the process apply.
-    Url(String),
+    /// A relay someone else runs: only scenarios that need no control of
+    /// the process apply; its resource figures come from its `/metrics`.
+    Url(Remote),
+}
+
+/// A relay someone else runs, as the harness reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// Its WebSocket URL (`ws://HOST:PORT/ws`), perhaps through a proxy.
+    pub url: String,
+    /// Its Prometheus text (`http://HOST:PORT/metrics`), where the
+    /// process's memory, file descriptors and CPU time are read.
+    pub metrics: String,
+}
+
+impl Remote {
+    /// `url`, its metrics at the same host and port (`/metrics`).
+    pub fn new(url: &str) -> Remote {
+        let host = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        Remote {
+            url: url.to_owned(),
+            metrics: format!("http://{host}/metrics"),
+        }
+    }
+
+    /// `url`, its metrics at `metrics` (`--metrics-url`).
+    pub fn with_metrics(url: &str, metrics: &str) -> Remote {
+        Remote {
+            url: url.to_owned(),
+            metrics: metrics.to_owned(),
+        }
+    }
 }
 
 /// Options of one relay process.
@@ -391,6 +425,141 @@ impl Drop for RelayProcess {
     }
 }
 
+/// The relay a scenario measures: one it started, or the `--target` relay,
+/// whose figures it reads from that relay's `/metrics`.
+#[derive(Debug)]
+pub enum Relay {
+    /// A process this harness started.
+    Spawned(Box<RelayProcess>),
+    /// A relay someone else runs.
+    Remote(RemoteRelay),
+}
+
+impl Relay {
+    /// Its WebSocket URL.
+    pub fn url(&self) -> String {
+        match self {
+            Relay::Spawned(r) => r.url(),
+            Relay::Remote(r) => r.remote.url.clone(),
+        }
+    }
+
+    /// Its Prometheus text.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        match self {
+            Relay::Spawned(r) => r.metrics().await,
+            Relay::Remote(r) => r.metrics().await,
+        }
+    }
+
+    /// One metric's value (summed over its labels).
+    pub async fn metric(&self, name: &str) -> Result<f64, Error> {
+        Ok(metric_value(&self.metrics().await?, name))
+    }
+
+    /// Its resident memory now, MiB (from /proc for a process this harness
+    /// started, else `process_resident_memory_bytes`); 0 if unknown.
+    pub async fn rss_mib(&self) -> f64 {
+        let bytes = match self {
+            Relay::Spawned(r) => {
+                keel_faults::sample(r.pid(), Duration::ZERO).map_or(0.0, |s| s.rss_bytes as f64)
+            }
+            Relay::Remote(_) => self
+                .metric("process_resident_memory_bytes")
+                .await
+                .unwrap_or(0.0),
+        };
+        bytes / (1024.0 * 1024.0)
+    }
+}
+
+/// The `--target` relay: its `/metrics` sampled every 250 ms into the
+/// scenario's resources (memory, file descriptors, CPU time), for as long
+/// as this lives.
+#[derive(Debug)]
+pub struct RemoteRelay {
+    remote: Remote,
+    addr: SocketAddr,
+    path: String,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl RemoteRelay {
+    /// Starts sampling `remote`'s metrics into `resources` (`epoch`: the
+    /// run's clock). Fails if they cannot be read, or lack the process's
+    /// resident memory: a figure judged from nothing would be a lie.
+    pub async fn start(
+        remote: &Remote,
+        resources: &Resources,
+        epoch: tokio::time::Instant,
+    ) -> Result<RemoteRelay, Error> {
+        let rest = remote.metrics.strip_prefix("http://").ok_or_else(|| {
+            Error::Usage(format!(
+                "--metrics-url {}: only http:// URLs are supported",
+                remote.metrics
+            ))
+        })?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+        let addr = tokio::net::lookup_host(host)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| Error::Usage(format!("--metrics-url {}: no address", remote.metrics)))?;
+        let path = format!("/{path}");
+        let text = http_get(addr, &path).await?;
+        if !text.contains("process_resident_memory_bytes") {
+            return Err(Error::NotApplicable(format!(
+                "{} has no process_resident_memory_bytes: this scenario judges the relay's memory; point --metrics-url at the relay's /metrics",
+                remote.metrics
+            )));
+        }
+        let (sink, p) = (resources.clone(), path.clone());
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let t = epoch.elapsed();
+                let Ok(text) = http_get(addr, &p).await else {
+                    continue;
+                };
+                let rss = metric_value(&text, "process_resident_memory_bytes") as u64;
+                let sample = Sample {
+                    elapsed: t,
+                    rss_bytes: rss,
+                    // The peak between scrapes is not published: the
+                    // largest sampled stands for it.
+                    peak_rss_bytes: rss,
+                    open_fds: metric_value(&text, "process_open_fds") as u64,
+                    cpu_time: Duration::from_secs_f64(
+                        metric_value(&text, "process_cpu_seconds_total").max(0.0),
+                    ),
+                };
+                sink.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((t.as_secs_f64(), sample));
+            }
+        });
+        Ok(RemoteRelay {
+            remote: remote.clone(),
+            addr,
+            path,
+            sampler,
+        })
+    }
+
+    /// Its Prometheus text.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        http_get(self.addr, &self.path).await
+    }
+}
+
+impl Drop for RemoteRelay {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
+}
+
 /// The value of `name` in Prometheus text (summed over labels).
 pub fn metric_value(text: &str, name: &str) -> f64 {
     text.lines()
@@ -428,6 +597,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_relays_metrics_default_to_its_host_and_port() {
+        let r = Remote::new("ws://127.0.0.5:7700/ws");
+        assert_eq!(r.metrics, "http://127.0.0.5:7700/metrics");
+        assert_eq!(
+            Remote::with_metrics("ws://h:1/ws", "http://m:2/x").metrics,
+            "http://m:2/x"
+        );
+    }
 
     #[test]
     fn metric_values_sum_over_labels() {

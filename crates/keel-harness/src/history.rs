@@ -57,6 +57,48 @@ impl MsgId {
     }
 }
 
+/// A payload's fingerprint: FNV-1a (64 bits) of its JSON text exactly as
+/// it went on the wire, and its length in bytes. The relay stores and
+/// delivers a payload's bytes verbatim, so a delivery's digest equals its
+/// publish's unless something between the publisher and the subscriber
+/// changed the payload (the `corrupted` check).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Digest {
+    /// FNV-1a 64 of the payload's bytes (hexadecimal in JSON: readers
+    /// whose numbers are doubles would round it).
+    #[serde(serialize_with = "hex")]
+    pub fnv: u64,
+    /// The payload's length in bytes.
+    pub len: u32,
+}
+
+impl Digest {
+    /// The digest of a payload's JSON text.
+    pub fn of(text: &str) -> Digest {
+        Digest {
+            fnv: crate::client::fnv64(text.as_bytes()),
+            len: u32::try_from(text.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The digest of a payload an SDK handed over parsed: its compact
+    /// serialization, which is what the SDK put on the wire for a payload
+    /// it was given as a value (so both ends hash the same text).
+    pub fn of_value(value: &serde_json::Value) -> Digest {
+        Digest::of(&value.to_string())
+    }
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:016x}"))
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}/{}B", self.fnv, self.len)
+    }
+}
+
 /// How an operation ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -92,6 +134,8 @@ pub struct Publish {
     pub done: Micros,
     /// The outcome.
     pub outcome: Outcome,
+    /// The payload it carried.
+    pub digest: Digest,
 }
 
 /// One delivery a subscriber saw.
@@ -109,6 +153,8 @@ pub struct Delivery {
     pub id: MsgId,
     /// When it arrived.
     pub at: Micros,
+    /// The payload as it arrived.
+    pub digest: Digest,
 }
 
 /// Subscriber `sub` must see every acknowledged message of `channel` from
@@ -131,12 +177,60 @@ pub struct StateCheck {
     pub client: u32,
     /// The session id.
     pub session: String,
-    /// What docs/protocol.md says it must be.
+    /// What docs/protocol.md says it must be once the relay has seen
+    /// everything the client did.
     pub expected: String,
     /// What the relay said (in `welcome.state`).
     pub observed: String,
     /// When it was observed.
     pub at: Micros,
+    /// What the client did to the session's previous connection that the
+    /// relay may not have seen yet.
+    pub after: After,
+}
+
+/// What came before a session state was observed, as far as the client
+/// knows. The system is asynchronous: a client's close reaches the relay
+/// some time after the client sent it, and through an intermediary (a
+/// reverse proxy, a load balancer, a TLS terminator) that may answer the
+/// close handshake itself, the client cannot tell when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum After {
+    /// Nothing the relay may not have seen: `expected` is the only state
+    /// allowed (a new session; after a kill of the relay, CRASHED).
+    Settled,
+    /// The client closed its previous connection itself at `at`. With
+    /// `seen`, the history proves the relay handled that close before this
+    /// hello (the relay itself answered the close handshake on a direct
+    /// connection): only `expected` is allowed. Without, the resume may
+    /// also find the session ACTIVE (its old connection taken over), unless
+    /// `expected` is CRASHED (a kill ends every connection).
+    ClientClose {
+        /// When the client sent its close.
+        at: Micros,
+        /// Whether the relay is known to have handled it.
+        seen: bool,
+    },
+}
+
+impl StateCheck {
+    /// The states the checker accepts (see [`After`]).
+    pub fn allowed(&self) -> Vec<&str> {
+        let mut allowed = vec![self.expected.as_str()];
+        if let After::ClientClose { seen: false, .. } = self.after
+            && self.expected != "CRASHED"
+            && self.expected != "ACTIVE"
+        {
+            allowed.push("ACTIVE");
+        }
+        allowed
+    }
+
+    /// Whether the observed state is one the checker accepts.
+    pub fn holds(&self) -> bool {
+        self.allowed().contains(&self.observed.as_str())
+    }
 }
 
 /// Any other operation (hello, subscribe, send, a command), for the record.
@@ -382,6 +476,8 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
 }
 
@@ -416,6 +512,7 @@ impl History {
                     channel,
                     id: Some(p.id.wire(names)),
                     offset: None,
+                    digest: Some(p.digest),
                     detail: None,
                 },
             ));
@@ -434,6 +531,7 @@ impl History {
                         Outcome::Ok { offset } => Some(offset),
                         _ => None,
                     },
+                    digest: None,
                     detail,
                 },
             ));
@@ -450,6 +548,7 @@ impl History {
                     channel: Some(names.channel(d.channel)),
                     id: Some(d.id.wire(names)),
                     offset: Some(d.offset),
+                    digest: Some(d.digest),
                     detail: None,
                 },
             ));
@@ -474,6 +573,7 @@ impl History {
                         channel: None,
                         id: None,
                         offset: None,
+                        digest: None,
                         detail,
                     },
                 ));
@@ -484,18 +584,19 @@ impl History {
                 s.at,
                 Line {
                     t: s.at,
-                    kind: if s.expected == s.observed {
-                        "ok"
-                    } else {
-                        "fail"
-                    },
+                    kind: if s.holds() { "ok" } else { "fail" },
                     f: "session_state",
                     process: Some(s.client),
                     conn: None,
                     channel: None,
                     id: Some(s.session.clone()),
                     offset: None,
-                    detail: Some(format!("expected {} observed {}", s.expected, s.observed)),
+                    digest: None,
+                    detail: Some(format!(
+                        "expected {} observed {}",
+                        s.allowed().join(" or "),
+                        s.observed
+                    )),
                 },
             ));
         }
@@ -511,6 +612,7 @@ impl History {
                     channel: None,
                     id: None,
                     offset: None,
+                    digest: None,
                     detail: Some(format!("{} until t={} us", f.target, f.end)),
                 },
             ));

@@ -5,7 +5,8 @@
 //!
 //! Layers, each a module with one job: [`scenario`] (catalogue, seeds,
 //! plans, thresholds) → [`fixture`] (relay processes, teardown) → [`load`]
-//! (open-model generator) and [`client`] (raw keel.v1 clients) →
+//! (open-model generator), [`client`] (raw keel.v1 clients) and `workload`
+//! (SDK clients recording into the history) →
 //! [`history`] → [`check`] → [`report`]. [`run`] strings them together for
 //! `cargo xtask load`; `tests/load` runs the same scenarios small.
 //!
@@ -16,20 +17,24 @@
 //!
 //! ```
 //! use keel_harness::check::check;
-//! use keel_harness::history::{Delivery, Expectation, MsgId, Outcome, Publish, Recorder};
+//! use keel_harness::history::{Delivery, Digest, Expectation, MsgId, Outcome, Publish, Recorder};
 //!
 //! let r = Recorder::new();
 //! let room = r.channel("room");
 //! let id = MsgId::harness(1, 1);
-//! r.publish(Publish { client: 1, conn: 1, channel: room, id, invoke: 10, done: 20, outcome: Outcome::Ok { offset: 1 } });
+//! let digest = Digest::of(r#"{"text":"hi"}"#);
+//! r.publish(Publish { client: 1, conn: 1, channel: room, id, invoke: 10, done: 20, outcome: Outcome::Ok { offset: 1 }, digest });
 //! r.expect(Expectation { sub: 2, channel: room, from: 1 });
-//! let d = Delivery { sub: 2, conn: 1, channel: room, offset: 1, id, at: 30 };
-//! r.deliveries(&mut vec![d, Delivery { conn: 2, at: 40, ..d }]);
+//! let d = Delivery { sub: 2, conn: 1, channel: room, offset: 1, id, at: 30, digest };
+//! // The same offset again, and a copy whose payload changed on the way.
+//! let changed = Digest::of(r#"{"text":"hI"}"#);
+//! r.deliveries(&mut vec![d, Delivery { conn: 2, at: 40, ..d }, Delivery { sub: 3, digest: changed, ..d }]);
 //!
 //! let verdict = check(&r.take());
 //! assert_eq!(verdict.count("duplicated"), 1);
+//! assert_eq!(verdict.count("corrupted"), 1);
 //! assert_eq!(verdict.count("lost"), 0);
-//! println!("{}", verdict.checks[1].witnesses[0].summary);
+//! println!("{}", verdict.get("corrupted").unwrap().witnesses[0].summary);
 //! ```
 
 pub mod check;
@@ -44,6 +49,7 @@ pub mod scenario;
 mod scenarios;
 pub mod shrink;
 pub mod threshold;
+mod workload;
 
 pub use crate::run::{RunOptions, RunSummary, run};
 pub use crate::scenario::{Scale, Scenario, Suite};

@@ -228,13 +228,10 @@ async fn run_in(
             notes: Vec::new(),
             series: Series::default(),
         };
-        if matches!(opts.target, Target::Url(_)) && s.needs_process {
+        if let (Target::Url(_), Some(why)) = (&opts.target, s.needs_process) {
             reports.push(ScenarioReport {
                 status: Status::NotApplicable,
-                notes: vec![
-                    "needs to start, kill or inspect the relay process; run it without --target"
-                        .into(),
-                ],
+                notes: vec![format!("not applicable to --target: it {why}")],
                 ..base
             });
             continue;
@@ -276,6 +273,7 @@ async fn run_in(
         write_resources_csv(&sdir, &series)?;
         let report = match outcome {
             Err(_) => ScenarioReport {
+                status: errored(&verdict),
                 error: Some(format!("did not finish within its budget of {budget:?}")),
                 seconds,
                 checks: Some(verdict),
@@ -285,6 +283,7 @@ async fn run_in(
             },
             Ok(Err(e @ Error::UnknownMetric(_))) => return Err(e),
             Ok(Err(e)) => ScenarioReport {
+                status: errored(&verdict),
                 error: Some(e.to_string()),
                 seconds,
                 checks: Some(verdict),
@@ -359,7 +358,7 @@ async fn run_in(
         scale: opts.scale.label(),
         target: match &opts.target {
             Target::Spawn(b) => format!("spawned {}", b.program.display()),
-            Target::Url(u) => u.clone(),
+            Target::Url(r) => format!("{} (metrics {})", r.url, r.metrics),
         },
         scenarios: reports,
         comparison,
@@ -371,6 +370,17 @@ async fn run_in(
         exit_code,
         report,
     })
+}
+
+/// A scenario that ended in a harness error: what its history shows still
+/// stands (a violation recorded before the error is a violation), else the
+/// result is unknown.
+fn errored(verdict: &crate::check::Verdict) -> Status {
+    if verdict.violated() {
+        Status::Violated
+    } else {
+        Status::Error
+    }
 }
 
 /// 3 if any invariant was violated, else 4 if any threshold is red, else 1

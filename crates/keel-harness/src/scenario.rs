@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 
 use crate::Error;
-use crate::fixture::{RelayOptions, RelayProcess, Resources, Target};
+use crate::fixture::{Relay, RelayOptions, RelayProcess, RemoteRelay, Resources, Target};
 use crate::history::Recorder;
 use crate::load::Latency;
 use crate::threshold::Threshold;
@@ -286,6 +286,7 @@ pub struct Ctx {
     phase: std::sync::Arc<Mutex<String>>,
     relays: Mutex<u32>,
     relay_env: Vec<(String, String)>,
+    run_tag: String,
 }
 
 impl Ctx {
@@ -300,7 +301,23 @@ impl Ctx {
             phase: std::sync::Arc::new(Mutex::new("starting".into())),
             relays: Mutex::new(0),
             relay_env: Vec::new(),
+            run_tag: run_tag(),
         }
+    }
+
+    /// Whether clients talk to a relay this harness started, with nothing
+    /// in between (so that what the relay answers is the relay's). False
+    /// for `--target`: whatever is at that URL may be a proxy, a load
+    /// balancer or a TLS terminator.
+    pub fn direct(&self) -> bool {
+        matches!(self.target, Target::Spawn(_))
+    }
+
+    /// A tag unique to this run (base 36 of the wall clock's nanoseconds),
+    /// for names that must not meet an earlier run's on a long-lived
+    /// `--target` relay, even one run with the same seed.
+    pub fn run_tag(&self) -> &str {
+        &self.run_tag
     }
 
     /// Adds environment for every relay this context starts (the checker's
@@ -352,13 +369,44 @@ impl Ctx {
         options: RelayOptions,
     ) -> Result<(String, Option<RelayProcess>), Error> {
         match &self.target {
-            Target::Url(url) => Ok((url.clone(), None)),
+            Target::Url(remote) => Ok((remote.url.clone(), None)),
             Target::Spawn(_) => {
                 let relay = self.relay(options).await?;
                 Ok((relay.url(), Some(relay)))
             }
         }
     }
+
+    /// The relay to load and measure: a fresh process started with
+    /// `options`, or the `--target` relay (then `options` must be the
+    /// defaults: a relay someone else runs has its own configuration),
+    /// whose figures come from its `/metrics`.
+    pub async fn measured_relay(&self, options: RelayOptions) -> Result<Relay, Error> {
+        match &self.target {
+            Target::Spawn(_) => Ok(Relay::Spawned(Box::new(self.relay(options).await?))),
+            Target::Url(remote) => Ok(Relay::Remote(
+                RemoteRelay::start(
+                    remote,
+                    &self.resources,
+                    tokio::time::Instant::from_std(self.recorder.epoch()),
+                )
+                .await?,
+            )),
+        }
+    }
+}
+
+fn run_tag() -> String {
+    let mut n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut tag = Vec::new();
+    while n > 0 {
+        tag.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+    }
+    tag.reverse();
+    String::from_utf8(tag).unwrap_or_default()
 }
 
 /// A scenario's body: runs its plan against the context.
@@ -377,9 +425,10 @@ pub struct Scenario {
     pub what: &'static str,
     /// keel's own target, in words.
     pub target: &'static str,
-    /// Whether it must start, kill or inspect the relay process (not
-    /// applicable to `--target`).
-    pub needs_process: bool,
+    /// Why it must start, kill or inspect the relay process itself (then
+    /// it is not applicable to `--target`); `None` when it runs against any
+    /// relay by its URL.
+    pub needs_process: Option<&'static str>,
     /// Its thresholds, for a plan (a floor may depend on the sizes).
     pub thresholds: fn(&Plan) -> Vec<Threshold>,
     /// Expands the plan (pure: same input, same plan).

@@ -30,7 +30,9 @@ pub(crate) const ABUSE_MEMORY: Scenario = Scenario {
     },
     what: "100 connections pipelining 1 MiB publishes, 100 subscribers that never read the channel they flood, 100 replays of a 100 MiB backlog never read, beside a well-behaved client publishing and receiving 50 messages/s",
     target: "relay RSS within its baseline plus the 512 MiB global budget plus 10%; the well-behaved client's p99 < 100 ms, nothing of it lost",
-    needs_process: true,
+    needs_process: Some(
+        "starts the relay with its own byte budget, which its memory is judged against",
+    ),
     thresholds: |plan| {
         let mut t = vec![
             Threshold::new("growth_over_budget", "x", None, Bound::Le(1.1)),

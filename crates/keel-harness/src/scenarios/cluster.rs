@@ -47,7 +47,7 @@ pub(crate) const NODE_KILL_SCENARIO: Scenario = Scenario {
     },
     what: "SIGKILL one of 3 nodes under publish/subscribe load (clients spread over the nodes, failing over), restart it; repeat (--iterations)",
     target: "0 acknowledged lost or duplicated; the dead node's connected sessions CRASHED exactly once (one notice each); failover p95 < 3 s",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| {
         vec![
             Threshold::exact("kills", plan.num("iterations")),
@@ -80,7 +80,7 @@ pub(crate) const PG_RESTART_SCENARIO: Scenario = Scenario {
     },
     what: "stop the cluster's PostgreSQL (its own instance) under load for the action's duration, start it again; repeat (--iterations)",
     target: "publishes refused with `unavailable` and retried, 0 acknowledged lost or duplicated, every node recovers without a restart; every publisher acknowledged again within 10 s (p95)",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| {
         vec![
             Threshold::exact("restarts", plan.num("iterations")),
@@ -113,7 +113,7 @@ pub(crate) const NATS_RESTART_SCENARIO: Scenario = Scenario {
     },
     what: "kill the cluster's NATS server (its own) under load for the action's duration, start it again; repeat (--iterations)",
     target: "publishes go on; deliveries across nodes come from the store's catch-up meanwhile (delivery delay max < 3 s); 0 acknowledged lost or duplicated; every node's bus connected again without a restart",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| bus_outage_thresholds("restarts", plan),
     plan: plan_nats_restart,
     run: body!(run_nats_restart),
@@ -130,7 +130,7 @@ pub(crate) const NODE_PARTITION_SCENARIO: Scenario = Scenario {
     },
     what: "blackhole one node's link to NATS (a fault proxy holds its traffic, new connections hang) under load for the action's duration; repeat (--iterations)",
     target: "the cut-off node's subscribers still get everything through the store's catch-up, and the others get its publishes (delivery delay max < 3 s); 0 acknowledged lost or duplicated; its bus connected again after the heal",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| bus_outage_thresholds("partitions", plan),
     plan: plan_node_partition,
     run: body!(run_node_partition),
@@ -147,7 +147,7 @@ pub(crate) const CLUSTER_CRASH_RECOVERY: Scenario = Scenario {
     },
     what: "SIGKILL all 3 nodes at once under publish/subscribe load, check the database (every channel's offsets contiguous, its head where the offsets end), restart them; repeat (--iterations)",
     target: "0 acknowledged lost or duplicated, the database intact after every kill, every session held by a node CRASHED exactly once per kill (one notice each), every publisher acknowledged again within 5 s of the restart (p95)",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| {
         vec![
             Threshold::exact("kills", plan.num("iterations")),
@@ -181,7 +181,7 @@ pub(crate) const CLUSTER_CHAOS_MONKEY: Scenario = Scenario {
     },
     what: "for --duration (5 min; 20 s small), a seeded random sequence of node SIGKILLs, node SIGSTOPs (at most half the node lease), PostgreSQL stops, NATS kills and one node's NATS link blackholed, under publish/subscribe load on 3 nodes, each after a seeded stretch of calm",
     target: "every publish acknowledged in the end (the SDK re-sends what was refused), nothing lost or duplicated, the database intact, only killed nodes' sessions CRASHED (once per kill), every node serving at the end; every publisher acknowledged again within 10 s of each fault (p95), time to recover reported per fault kind",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| {
         vec![
             Threshold::exact("faults", plan.num("iterations")),
@@ -215,7 +215,7 @@ pub(crate) const CLUSTER_THUNDERING_HERD: Scenario = Scenario {
     },
     what: "9,000 subscribers (300 at small scale) spread over 3 nodes on 100 channels under publish load; one node is SIGKILLed and its third of them reconnect and resume on the other two at once",
     target: "everyone back within 5 s of the kill, every acknowledged message delivered once and in order, the survivors' counts exact, the dead node's sessions CRASHED exactly once",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |_| {
         vec![
             Threshold::new(
@@ -248,7 +248,7 @@ pub(crate) const LEADER_KILL_SCENARIO: Scenario = Scenario {
     },
     what: "SIGKILL the node holding the upstream lock (the one sending to the mock messaging API) while sessions on every node queue sends; restart it; repeat (--iterations)",
     target: "another node takes the lock and sends on; every acknowledged send accepted by the upstream, none accepted twice (a send re-sent after the kill carries its idempotency key); takeover p95 < 10 s",
-    needs_process: true,
+    needs_process: Some("starts its own cluster of relay nodes on PostgreSQL and NATS"),
     thresholds: |plan| {
         vec![
             Threshold::exact("kills", plan.num("iterations")),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::watch;
 
-use super::{body, open_many, params, rss_mib, wait_until};
+use super::{body, open_many, params, wait_until};
 use crate::Error;
 use crate::client::{
     self, PayloadCheck, Publisher, SubscriberSpec, next_text, parse, spawn_subscriber,
@@ -27,7 +27,7 @@ pub(crate) const CONNECTIONS_10K: Scenario = Scenario {
     },
     what: "10,000 WebSocket sessions open at once (500 handshakes in flight), then stay idle; all must still answer",
     target: "100% in <= 2 s, <= 16 KiB of relay RSS per idle session",
-    needs_process: true,
+    needs_process: None,
     thresholds: |plan| {
         let mut t = vec![
             Threshold::new("connected_ratio", "", Some(Bound::Ge(0.99)), Bound::Ge(1.0)),
@@ -93,7 +93,9 @@ pub(crate) const CONNECTIONS_MAX: Scenario = Scenario {
     },
     what: "as many sessions as the per-process open-file limit (20,000) leaves room for: 19,000, spread over 127.0.0.1-8",
     target: "100% of 19,000; the ceiling reported",
-    needs_process: true,
+    needs_process: Some(
+        "finds the connection ceiling of a relay it started under the known per-process open-file limit",
+    ),
     thresholds: |_| {
         vec![
             Threshold::new("connected_ratio", "", None, Bound::Ge(1.0)),
@@ -116,16 +118,16 @@ pub(crate) const CONNECTIONS_MAX: Scenario = Scenario {
 };
 
 async fn run_many(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let relay = ctx.relay(RelayOptions::default()).await?;
+    let relay = ctx.measured_relay(RelayOptions::default()).await?;
     let n = plan.count("connections");
     // Warm the allocator and runtime, then take the baseline.
     let (warm, _, _) = open_many(&relay.url(), 20, 20).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_mib(relay.pid());
+    let before = relay.rss_mib().await;
     ctx.phase(&format!("{n} sessions connecting"));
     let (open, failed, took) = open_many(&relay.url(), n, plan.count("handshakes_in_flight")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_mib(relay.pid());
+    let after = relay.rss_mib().await;
     ctx.phase("idle");
     tokio::time::sleep(Duration::from_secs_f64(plan.num("idle_seconds"))).await;
     ctx.phase("pinging every session");
@@ -195,7 +197,7 @@ pub(crate) const SUBSCRIPTIONS_50K: Scenario = Scenario {
     },
     what: "500 sessions x 100 channels subscribed in waves of 10,000; /metrics must count them exactly; one message to every channel must reach its subscriber",
     target: "all active, exact count on /metrics, <= 10 s",
-    needs_process: true,
+    needs_process: None,
     thresholds: |_| {
         vec![
             Threshold::all("active_ratio"),
@@ -226,7 +228,10 @@ pub(crate) const SUBSCRIPTIONS_50K: Scenario = Scenario {
 };
 
 async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let relay = ctx.relay(RelayOptions::default()).await?;
+    let relay = ctx.measured_relay(RelayOptions::default()).await?;
+    let tag = ctx.run_tag();
+    // Subscriptions a --target relay holds already are not this run's.
+    let base = relay.metric("keel_subscriptions").await.unwrap_or(0.0);
     let (conns, per, wave) = (
         plan.count("connections"),
         plan.count("per_connection"),
@@ -246,7 +251,9 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                 sub: c as u32,
                 url: relay.url(),
                 source: client::source_ip(c),
-                channels: (0..per).map(|k| (format!("s50k-{c}-{k}"), 1)).collect(),
+                channels: (0..per)
+                    .map(|k| (format!("s50k-{tag}-{c}-{k}"), 1))
+                    .collect(),
                 read_delay: None,
                 resume: true,
                 payloads: PayloadCheck::None,
@@ -263,7 +270,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         }
         // A wave is done when /metrics counts it (each session also reads
         // its private channel: one more subscription per session).
-        let want = (last * per + last) as f64;
+        let want = base + (last * per + last) as f64;
         let counted = wait_until(
             Duration::from_secs(60),
             Duration::from_millis(25),
@@ -275,7 +282,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         }
     }
     let subscribe_seconds = started.elapsed().as_secs_f64();
-    let counted = relay.metric("keel_subscriptions").await.unwrap_or(0.0) - conns as f64;
+    let counted = relay.metric("keel_subscriptions").await.unwrap_or(0.0) - base - conns as f64;
     ctx.phase("one message to every channel");
     let publishers: Vec<Publisher> = {
         let mut v = Vec::new();
@@ -285,7 +292,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         v
     };
     let channels: Vec<(String, crate::history::ChannelId)> = (0..conns)
-        .flat_map(|c| (0..per).map(move |k| format!("s50k-{c}-{k}")))
+        .flat_map(|c| (0..per).map(move |k| format!("s50k-{tag}-{c}-{k}")))
         .map(|name| {
             let id = ctx.recorder.channel(&name);
             (name, id)
@@ -301,10 +308,12 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .for_each(|_| async {})
         .await;
     ctx.phase("waiting for every delivery");
-    wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
-        let done = progress.iter().map(|p| p.get()).sum::<u64>() >= total as u64;
-        async move { done }
-    })
+    client::settle(
+        &progress,
+        total as u64,
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    )
     .await;
     let delivered: u64 = progress.iter().map(|p| p.get()).sum();
     let _ = stop_tx.send(true);
@@ -317,7 +326,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .set("count_exact", f64::from(u8::from(counted == total as f64)))
         .set("subscribe_seconds", subscribe_seconds)
         .set("active_ratio", delivered as f64 / total as f64)
-        .set("relay_rss_mib", rss_mib(relay.pid()));
+        .set("relay_rss_mib", relay.rss_mib().await);
     m.note(format!("{total} subscriptions in waves of {} in {subscribe_seconds:.2} s; /metrics counted {counted}", per_wave * per));
     Ok(m)
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{body, params, setup, wait_until};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::history::StateCheck;
+use crate::history::{After, StateCheck};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -52,7 +52,7 @@ pub(crate) const PROCESS_KILL_DURING_COMMAND: Scenario = Scenario {
     },
     what: "sessions run a supervised child working on a command (with a child of its own); each child is SIGKILLed from outside at a seeded moment mid-command while another session publishes",
     target: "each session told child_exited (signal 9) within 500 ms (p95), CRASHED on its next welcome, the child's whole process group gone; the relay and the other session unaffected",
-    needs_process: true,
+    needs_process: Some("starts the relay with a command allowed to run and SIGKILLs its children"),
     thresholds: |plan| {
         vec![
             Threshold::exact("kills", plan.num("sessions")),
@@ -211,6 +211,7 @@ async fn run_kill_cmd(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                 expected: "CRASHED".into(),
                 observed,
                 at: r.now(),
+                after: After::Settled,
             });
             again.close().await;
             Ok::<_, Error>(KillSeen {
@@ -266,7 +267,7 @@ pub(crate) const NO_ORPHANS: Scenario = Scenario {
     },
     what: "sessions run supervised children that start background processes of their own; the relay is SIGKILLed, restarted on the same data, and every process of those groups is looked for; repeat (--iterations)",
     target: "no process of any child's group alive 5 s after the restart (the parent-death signal takes the children, the restart reaps the rest)",
-    needs_process: true,
+    needs_process: Some("SIGKILLs and restarts the relay and looks for its children's processes"),
     thresholds: |plan| {
         vec![
             Threshold::exact("groups", plan.num("iterations") * plan.num("sessions")),

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::{body, params, peak_rss_mib, wait_until};
 use crate::Error;
 use crate::client::{
-    self, Answer, PayloadCheck, Progress, Publisher, SubscriberReport, SubscriberSpec, fnv64,
+    self, Answer, PayloadCheck, Progress, Publisher, SubscriberReport, SubscriberSpec,
     spawn_subscriber,
 };
 use crate::fixture::RelayOptions;
@@ -51,14 +51,10 @@ impl Subscribers {
         }
     }
 
-    /// Waits until `want` deliveries in all (or `limit`), then stops them.
+    /// Waits until `want` distinct deliveries in all (at most `limit`, and
+    /// 5 s without progress), then stops them.
     async fn finish(self, want: u64, limit: Duration) -> Vec<SubscriberReport> {
-        let progress = &self.progress;
-        wait_until(limit, Duration::from_millis(50), || {
-            let done = progress.iter().map(Progress::get).sum::<u64>() >= want;
-            async move { done }
-        })
-        .await;
+        client::settle(&self.progress, want, limit, Duration::from_secs(5)).await;
         let _ = self.stop.send(true);
         let mut out = Vec::new();
         for t in self.tasks {
@@ -93,7 +89,7 @@ pub(crate) const FANOUT_BACKPRESSURE: Scenario = Scenario {
     },
     what: "10,000 events at an open-model rate to 100 subscribers of one channel, 10 of them slow readers (closed as slow consumers and resuming): every event to every subscriber, exactly once, in order",
     target: "every event to every live or resumed subscriber; relay RSS bounded (<= 512 MiB)",
-    needs_process: true,
+    needs_process: None,
     thresholds: |_| {
         vec![
             Threshold::all("delivered_ratio"),
@@ -138,13 +134,13 @@ fn plan_fanout(input: &PlanInput) -> Plan {
 }
 
 async fn run_fanout(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let relay = ctx.relay(RelayOptions::default()).await?;
+    let relay = ctx.measured_relay(RelayOptions::default()).await?;
     let (subs, events, rate) = (
         plan.count("subscribers"),
         plan.count("events"),
         plan.num("rate"),
     );
-    let channel = "fanout";
+    let channel = &format!("fanout-{}", ctx.run_tag());
     let cid = ctx.recorder.channel(channel);
     let slow: std::collections::HashMap<usize, u64> = plan
         .actions
@@ -175,11 +171,14 @@ async fn run_fanout(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         })
         .collect();
     ctx.phase("subscribing");
+    let base = relay.metric("keel_subscriptions").await.unwrap_or(0.0);
     let subscribers = Subscribers::start(ctx, specs);
     wait_until(
         Duration::from_secs(30),
         Duration::from_millis(20),
-        || async { relay.metric("keel_subscriptions").await.unwrap_or(0.0) >= (2 * subs) as f64 },
+        || async {
+            relay.metric("keel_subscriptions").await.unwrap_or(0.0) >= base + (2 * subs) as f64
+        },
     )
     .await;
     let pubs = publishers(ctx, &relay.url(), 1_000, 4).await?;
@@ -260,12 +259,11 @@ pub(crate) const LARGE_PAYLOADS: Scenario = Scenario {
         test: "test_stress_large_payload_memory_limits",
         threshold: "100 KB, 500 KB, 1 MB events to 100 subscribers: all delivered uncorrupted, memory not 10x the payloads",
     },
-    what: "100 events each of 100 KB, 500 KB and 1 MB to 100 subscribers: every payload byte-exact (FNV-1a digests), relay RSS growth against the payload bytes published",
+    what: "100 events each of 100 KB, 500 KB and 1 MB to 100 subscribers: every payload byte-exact (the checker's `corrupted`), relay RSS growth against the payload bytes published",
     target: "byte-exact; relay RSS growth <= 2x the payload working set",
-    needs_process: true,
+    needs_process: None,
     thresholds: |_| {
         vec![
-            Threshold::zero("corrupted"),
             Threshold::all("delivered_ratio"),
             Threshold::new(
                 "rss_growth_ratio",
@@ -294,7 +292,7 @@ pub(crate) const LARGE_PAYLOADS: Scenario = Scenario {
 const SIZES: [usize; 3] = [100_000, 500_000, 1_000_000];
 
 async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let relay = ctx.relay(RelayOptions::default()).await?;
+    let relay = ctx.measured_relay(RelayOptions::default()).await?;
     let (subs, events, in_flight) = (
         plan.count("subscribers"),
         plan.count("events_per_size"),
@@ -302,13 +300,13 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     );
     let publisher = Publisher::open(&relay.url(), 2_000, None, &ctx.recorder).await?;
     let mut m = Measured::default();
-    let (mut corrupted, mut delivered, mut wanted) = (0u64, 0u64, 0u64);
+    let (mut delivered, mut wanted) = (0u64, 0u64);
     let mut worst_ratio: f64 = 0.0;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
         crate::scenario::sub_seed(plan.seed, "large_payloads/bytes"),
     );
     for (k, size) in SIZES.iter().enumerate() {
-        let channel = format!("large-{size}");
+        let channel = format!("large-{size}-{}", ctx.run_tag());
         let cid = ctx.recorder.channel(&channel);
         let specs = (0..subs)
             .map(|s| SubscriberSpec {
@@ -318,7 +316,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                 channels: vec![(channel.clone(), 1)],
                 read_delay: None,
                 resume: true,
-                payloads: PayloadCheck::Digest,
+                payloads: PayloadCheck::None,
                 stop_after: Some(events as u64),
             })
             .collect();
@@ -336,7 +334,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = ctx.recorder.now();
-        let base = super::rss_mib(relay.pid());
+        let base = relay.rss_mib().await;
         // Payloads: JSON strings of seeded letters, exactly `size` bytes.
         let payloads: Vec<String> = (0..events)
             .map(|_| {
@@ -346,17 +344,10 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                 format!("\"{body}\"")
             })
             .collect();
-        let digests: std::collections::HashMap<u64, u64> = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i as u64, fnv64(p.as_bytes())))
-            .collect();
         ctx.phase(&format!("{} KB: publishing", size / 1000));
-        let mut ids = Vec::new();
         let payloads = &payloads;
         let sends = (0..payloads.len()).map(|i| {
             let (id, wire) = publisher.next_id();
-            ids.push(id);
             let (publisher, channel) = (&publisher, channel.clone());
             async move {
                 publisher
@@ -373,19 +364,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             .finish((events * subs) as u64, Duration::from_secs(120))
             .await;
         let t1 = ctx.recorder.now();
-        let by_id: std::collections::HashMap<_, _> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, digests[&(i as u64)]))
-            .collect();
-        for r in &reports {
-            delivered += r.delivered;
-            for (id, d) in &r.digests {
-                if by_id.get(id) != Some(d) {
-                    corrupted += 1;
-                }
-            }
-        }
+        delivered += reports.iter().map(|r| r.delivered).sum::<u64>();
         wanted += (events * subs) as u64;
         let working = (events * size) as f64 / (1024.0 * 1024.0);
         let peak = peak_rss_mib(&ctx.resources, t0 as f64 / 1e6, t1 as f64 / 1e6).max(base);
@@ -402,8 +381,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             (t1 - t0) as f64 / 1e6
         ));
     }
-    m.set("corrupted", corrupted as f64)
-        .set("delivered_ratio", delivered as f64 / wanted as f64)
+    m.set("delivered_ratio", delivered as f64 / wanted as f64)
         .set("rss_growth_ratio", worst_ratio);
     Ok(m)
 }
@@ -422,7 +400,7 @@ pub(crate) const SOAK: Scenario = Scenario {
     },
     what: "10,000 subscriptions (1,000 sessions x 10 channels) under a steady open-model stream spread over the channels (6,000 events/s for 5 minutes: 1.8 M events): RSS fitted over time, p99 per window",
     target: "all delivered, none dropped; RSS slope ~0 over the second half (fit reported); p99 flat (last third <= 2x first third)",
-    needs_process: true,
+    needs_process: None,
     thresholds: |plan| {
         let mut t = vec![
             Threshold::all("delivered_ratio"),
@@ -485,14 +463,16 @@ pub(crate) const SOAK: Scenario = Scenario {
 };
 
 async fn run_soak(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
-    let relay = ctx.relay(RelayOptions::default()).await?;
+    let relay = ctx.measured_relay(RelayOptions::default()).await?;
     let (conns, per, events, rate) = (
         plan.count("sessions"),
         plan.count("channels_per_session"),
         plan.count("events"),
         plan.num("rate"),
     );
-    let names: Vec<String> = (0..conns * per).map(|i| format!("soak-{i}")).collect();
+    let names: Vec<String> = (0..conns * per)
+        .map(|i| format!("soak-{}-{i}", ctx.run_tag()))
+        .collect();
     let ids: Vec<ChannelId> = names.iter().map(|n| ctx.recorder.channel(n)).collect();
     let sink = LatencySink::default();
     let specs = (0..conns)
@@ -508,12 +488,14 @@ async fn run_soak(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         })
         .collect();
     ctx.phase("subscribing");
+    let base = relay.metric("keel_subscriptions").await.unwrap_or(0.0);
     let subscribers = Subscribers::start(ctx, specs);
     wait_until(
         Duration::from_secs(60),
         Duration::from_millis(50),
         || async {
-            relay.metric("keel_subscriptions").await.unwrap_or(0.0) >= (conns * per + conns) as f64
+            relay.metric("keel_subscriptions").await.unwrap_or(0.0)
+                >= base + (conns * per + conns) as f64
         },
     )
     .await;

@@ -6,123 +6,18 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keel_relay::client::{Client, ClientConfig, Event};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{body, params, setup};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::load::Latency;
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
-
-/// A well-behaved client: publishes to its own channel every 20 ms and
-/// receives each message back; counts, and times each publish.
-pub(super) struct Calm {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Result<CalmSeen, Error>>,
-}
-
-/// What the calm client saw.
-struct CalmSeen {
-    acked: u64,
-    errors: u64,
-    delivered: u64,
-    latency: Latency,
-}
-
-impl Calm {
-    pub(super) async fn start(url: &str, epoch: tokio::time::Instant) -> Result<Calm, Error> {
-        let mut client = Client::connect(ClientConfig::new(url))
-            .await
-            .map_err(|e| setup("calm client", e))?;
-        client
-            .subscribe("calm", Some(1))
-            .await
-            .map_err(|e| setup("calm subscribe", e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                let mut seen = CalmSeen {
-                    acked: 0,
-                    errors: 0,
-                    delivered: 0,
-                    latency: Latency::default(),
-                };
-                let mut n = 0u64;
-                let drain = |client: &mut Client, seen: &mut CalmSeen| {
-                    while let Some(Some(e)) = client.next_event().now_or_never() {
-                        if matches!(e, Event::Deliver { ref channel, .. } if channel == "calm") {
-                            seen.delivered += 1;
-                        }
-                    }
-                };
-                while !stop.load(Ordering::Acquire) {
-                    n += 1;
-                    let sent = tokio::time::Instant::now();
-                    match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        client.publish("calm", &format!("calm-{n}"), &json!(n)),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_)) => {
-                            seen.acked += 1;
-                            seen.latency.record(
-                                sent.duration_since(epoch),
-                                sent.elapsed().as_micros() as u64,
-                            );
-                        }
-                        _ => seen.errors += 1,
-                    }
-                    drain(&mut client, &mut seen);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                // The last ones arrive.
-                let until = tokio::time::Instant::now() + Duration::from_secs(5);
-                while seen.delivered < seen.acked && tokio::time::Instant::now() < until {
-                    if let Ok(Some(Event::Deliver { channel, .. })) =
-                        tokio::time::timeout(Duration::from_millis(100), client.next_event()).await
-                        && channel == "calm"
-                    {
-                        seen.delivered += 1;
-                    }
-                }
-                client.close().await;
-                Ok(seen)
-            }
-        });
-        Ok(Calm { stop, task })
-    }
-
-    pub(super) async fn finish(self, m: &mut Measured) -> Result<(), Error> {
-        self.stop.store(true, Ordering::Release);
-        let seen = self.task.await.map_err(|e| setup("calm task", e))??;
-        m.set("calm_errors", seen.errors as f64)
-            .set(
-                "calm_delivered_ratio",
-                seen.delivered as f64 / seen.acked.max(1) as f64,
-            )
-            .set("calm_p99_ms", seen.latency.ms(0.99));
-        m.note(format!(
-            "the calm client: {} publishes acknowledged, {} failed, {} delivered back; publish p50 {:.1} ms, p99 {:.1} ms",
-            seen.acked,
-            seen.errors,
-            seen.delivered,
-            seen.latency.ms(0.5),
-            seen.latency.ms(0.99)
-        ));
-        m.latency = Some(seen.latency);
-        Ok(())
-    }
-}
-
-use futures::FutureExt;
+use crate::workload::Calm;
 
 /// A TCP connection to `addr` from `source`.
 async fn tcp_from(
@@ -161,7 +56,7 @@ pub(crate) const SLOWLORIS_SCENARIO: Scenario = Scenario {
     },
     what: "many connections trickle a request head (or, upgraded, a WebSocket frame) one byte every 200 ms, beside a calm client publishing and receiving every 20 ms",
     target: "every trickler closed by the relay within its header or frame timeout plus 2 s, the relay's connections back to the calm client's alone, the calm client without an error or a loss",
-    needs_process: true,
+    needs_process: Some("starts the relay with the limits it abuses, and counts its sockets"),
     thresholds: |plan| {
         vec![
             Threshold::exact("tricklers", plan.num("connections")),
@@ -269,7 +164,7 @@ async fn run_slowloris(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         })
         .await?;
     let epoch = tokio::time::Instant::from_std(ctx.recorder.epoch());
-    let calm = Calm::start(&relay.url(), epoch).await?;
+    let calm = Calm::start(&relay.url(), epoch, &ctx.recorder).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctx.phase("tricklers");
     let t0 = ctx.recorder.now();
@@ -356,7 +251,9 @@ pub(crate) const SESSION_FLOOD: Scenario = Scenario {
     },
     what: "for the flood's time, one address opens new sessions (hello without a token) as fast as 50 connections at a time allow, with the relay's default per-address session limits (20/s, burst 200), beside a calm client on another address",
     target: "sessions created no faster than the limit allows (burst plus rate times duration), the rest refused `rate_limited`; the calm client without an error or a loss",
-    needs_process: true,
+    needs_process: Some(
+        "starts the relay with its default per-address session limits, which it floods",
+    ),
     thresholds: |_| {
         vec![
             Threshold::new(
@@ -408,7 +305,7 @@ async fn run_flood(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         })
         .await?;
     let epoch = tokio::time::Instant::from_std(ctx.recorder.epoch());
-    let calm = Calm::start(&relay.url(), epoch).await?;
+    let calm = Calm::start(&relay.url(), epoch, &ctx.recorder).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctx.phase("flooding");
     let t0 = ctx.recorder.now();

@@ -44,7 +44,7 @@ pub(crate) const THUNDERING_HERD: Scenario = Scenario {
     },
     what: "10,000 subscribers (200 at small scale) on 100 channels under publish load; the relay is SIGKILLed and restarted, and every subscriber reconnects and resumes at once",
     target: "all 10,000 back within 5 s of the restart, every acknowledged message delivered once and in order",
-    needs_process: true,
+    needs_process: Some("SIGKILLs and restarts the relay"),
     thresholds: |_| {
         vec![
             Threshold::new(
@@ -76,7 +76,7 @@ pub(crate) const CASCADING_FAILURES: Scenario = Scenario {
     },
     what: "100 channels × 10 subscribers (10 × 10 small); the half of them that run through a chaos proxy lose their links, and new ones are refused, for the outage; the other half connect directly",
     target: "the direct half never reconnects, the proxied half all back within 5 s of the heal, every acknowledged message delivered once and in order, the relay's counts exact",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |_| {
         vec![
             Threshold::zero("healthy_reconnects"),
@@ -114,7 +114,7 @@ pub(crate) const RANDOM_CONNECTION_DROPS: Scenario = Scenario {
     },
     what: "1,000 subscribers (100 small) through a chaos proxy under publish load; a reset toxic with toxicity 0.2 (decided per link from the proxy's seed) applies for 300 ms",
     target: "about 20% of the subscribers lose their link and resume, the others never reconnect, every acknowledged message delivered once and in order, the relay's connection and subscription counts exact afterwards",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |_| {
         vec![
             Threshold::new(

@@ -12,12 +12,12 @@ use futures::SinkExt;
 use keel_relay::client::{Client, ClientConfig};
 use serde_json::json;
 
-use super::flood::Calm;
 use super::{body, params, setup};
 use crate::Error;
 use crate::fixture::RelayOptions;
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
+use crate::workload::Calm;
 
 const MEMORY: &str = "memory_pressure";
 
@@ -31,7 +31,7 @@ pub(crate) const MEMORY_PRESSURE: Scenario = Scenario {
     },
     what: "the relay in a memory cgroup limited to its idle RSS + 128 MiB (a 64 MiB global buffer budget); four publishers send 512 KiB payloads every 40 ms to a channel that 20 subscribers never read (unbounded buffering would hold everything published, more than the limit), beside a calm client",
     target: "no OOM kill and the process up throughout, its peak memory under the limit, the non-readers shed as slow consumers, the calm client without an error or a loss",
-    needs_process: true,
+    needs_process: Some("runs the relay in a memory cgroup it makes"),
     thresholds: |plan| {
         let mut t = vec![
             Threshold::all("stayed_up"),
@@ -189,7 +189,7 @@ async fn run_memory(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         Limit::AddressSpace => "RLIMIT_AS (no memory cgroup here)",
     };
     let epoch = tokio::time::Instant::from_std(ctx.recorder.epoch());
-    let calm = Calm::start(&relay.url(), epoch).await?;
+    let calm = Calm::start(&relay.url(), epoch, &ctx.recorder).await?;
     let channel = "memory:big";
     // The non-readers: subscribed, never reading again.
     let mut held = Vec::new();

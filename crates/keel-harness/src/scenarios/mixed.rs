@@ -28,7 +28,7 @@ pub(crate) const COMBINED_STRESSORS: Scenario = Scenario {
     },
     what: "100 SDK subscribers (10 small) of 100 KB payloads through the chaos proxy; for the window, 500 ms added each way and every second a fresh 10% of the links reset (churn and failures at once)",
     target: "nothing lost or duplicated, no publish failed (the SDK re-sends across resets), round trips at least 1 s while slow, every publisher acknowledged again within 4 s of the end (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |plan| {
         let mut t = outage_thresholds(plan, "stress_windows", false);
         // Churn drops links: at least one, not none.
@@ -84,7 +84,7 @@ pub(crate) const CHAOS_MONKEY: Scenario = Scenario {
     },
     what: "for --duration (5 min; 20 s small), a seeded random sequence of SIGKILL, SIGSTOP, partition, blackhole and latency faults under SDK publish/subscribe load, each after a seeded stretch of calm",
     target: "99.9% of publishes succeed, nothing lost or duplicated, every publisher acknowledged again within 3 s of each fault (p95); time to recover reported per fault kind",
-    needs_process: true,
+    needs_process: Some("SIGKILLs, SIGSTOPs and partitions the relay"),
     thresholds: |plan| {
         vec![
             Threshold::exact("faults", plan.num("iterations")),
@@ -172,7 +172,7 @@ pub(crate) const CONCURRENT_TRANSITIONS: Scenario = Scenario {
     },
     what: "the mock upstream flaps down and up at seeded intervals of 20 to 300 ms while clients send and publish and /healthz is read every 10 ms; then it stays up and the relay is stopped",
     target: "the health log's ids unique and its chain unbroken (each from = the last to), at least as many transitions logged as /healthz showed, OPERATIONAL at the end, the database intact, every send accepted once (none DEAD: a flapping link uses no attempts)",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream, and stops the relay"),
     thresholds: |_| {
         vec![
             Threshold::all("chain_valid"),

@@ -26,7 +26,7 @@ pub(crate) const HALF_OPEN_LINKS: Scenario = Scenario {
     },
     what: "every client's link blackholed by the chaos proxy (held: no FIN, no RST) past the clients' liveness timeout, new connections hang; then healed; repeat (--iterations)",
     target: "every half-open link detected by liveness within its timeout, clients resume after the heal with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |plan| outage_thresholds(plan, "blackholes", true),
     plan: |input| plan_outages(input, HALF_OPEN, "blackhole", &OutageShape::PROCESS),
     run: body!(run_half_open),
@@ -116,7 +116,7 @@ pub(crate) const LATENCY_1000MS: Scenario = Scenario {
     },
     what: "1,000 SDK connections through the chaos proxy; 1000 ms added to every chunk both ways for the slow window, then removed; repeat (--iterations)",
     target: "no link lost, no publish failed, everything delivered once; round trips at least 2 s while slow (the fault was real); every publisher acknowledged again within 4 s of the heal (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: slow_thresholds,
     plan: |input| plan_slow(input, "latency_1000ms", 1_000, 0),
     run: body!(run_slow),
@@ -133,7 +133,7 @@ pub(crate) const JITTER_50_500MS: Scenario = Scenario {
     },
     what: "as latency_1000ms with 50 to 500 ms (uniform, seeded) added to every chunk both ways",
     target: "no link lost, no publish failed, everything delivered once and in order; round trips vary by at least 200 ms (p5 to p95) while slow; acknowledged again within 3 s of the heal (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |plan| {
         let mut t = slow_thresholds(plan);
         t.push(Threshold::new(
@@ -175,7 +175,7 @@ pub(crate) const WEBSOCKET_DROP_RECONNECT: Scenario = Scenario {
     },
     what: "every link cut by the chaos proxy, which refuses new connections for 14 s, under SDK load; one more client with the seed's backoff (1 s doubling, no jitter) is watched state by state",
     target: "the seed's states and ladder exactly (each wait within 250 ms of its delay), nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |plan| {
         let mut t = outage_thresholds(plan, "drops", true);
         t.push(Threshold::all("states_observed_ok"));

@@ -67,7 +67,7 @@ pub(crate) const UPSTREAM_OUTAGE: Scenario = Scenario {
     },
     what: "SDK sessions send to the upstream at a steady rate; the mock upstream goes down (refusing connections) for the outage, then returns",
     target: "every acknowledged send accepted by the upstream exactly once; the backlog drained within 10 s of its return",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |plan| {
         let mut t = once_thresholds(plan);
         t.push(Threshold::new(
@@ -95,7 +95,7 @@ pub(crate) const INVALID_UPSTREAM_RESPONSES: Scenario = Scenario {
     },
     what: "under send load the mock upstream answers with garbage (non-JSON text, binary junk), then `ok` for ids never sent, then answers cut in half, a third of the fault each; then it is well again",
     target: "the relay stays up and counts the bad frames; every acknowledged send accepted exactly once (SENT), none DEAD, and `keel-relay doctor` says so",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |plan| {
         let mut t = once_thresholds(plan);
         t.push(Threshold::new(
@@ -124,7 +124,7 @@ pub(crate) const TIMEOUTS: Scenario = Scenario {
     },
     what: "the mock upstream accepts sends and answers nothing for the fault, while a client that never reads is subscribed to a channel another client publishes 16 KiB messages to every 2 ms",
     target: "100% of client operations complete within 10 s; the relay times the upstream out and re-sends, every acknowledged send accepted exactly once; the stalled client shed as a slow consumer",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |plan| {
         let mut t = once_thresholds(plan);
         t.push(Threshold::new(
@@ -164,7 +164,7 @@ pub(crate) const RATE_LIMIT_STORM: Scenario = Scenario {
     },
     what: "the relay's send limits far above the mock upstream's (global and per recipient): it learns the real limits only from 429s, under steady send load twice the upstream's rate",
     target: "zero sends before a known retry_after; every acknowledged send accepted exactly once; the upstream's capacity at least 80% used while a backlog waits",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |plan| {
         let mut t = once_thresholds(plan);
         t.push(Threshold::zero("early_sends"));

@@ -18,7 +18,9 @@ use serde_json::json;
 use super::{body, params, setup, wait_until};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::history::{Delivery, Expectation, MsgId, Op, Outcome, Publish, Recorder, StateCheck};
+use crate::history::{
+    After, Digest, Expectation, MsgId, Op, Outcome, Publish, Recorder, StateCheck,
+};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -34,7 +36,7 @@ pub(crate) const DAEMON_CRASH_RECOVERY: Scenario = Scenario {
     },
     what: "SIGKILL the relay at seeded moments under publish/subscribe load, integrity check, restart on the same data, repeat (--iterations)",
     target: "0 acknowledged lost or duplicated, integrity ok after every kill, only connected sessions CRASHED, MTTR p95 < 1 s",
-    needs_process: true,
+    needs_process: Some("SIGKILLs and restarts the relay, and checks its database"),
     thresholds: |plan| {
         vec![
             Threshold::exact("kills", plan.num("iterations")),
@@ -67,7 +69,7 @@ pub(crate) const PAUSE_RESUME: Scenario = Scenario {
     },
     what: "SIGSTOP the relay under publish/subscribe load for longer than the clients' liveness timeout, then SIGCONT; repeat (--iterations)",
     target: "clients detect the dead links, resume after SIGCONT with nothing lost or duplicated; every publisher acknowledged again within 2 s of SIGCONT (p95)",
-    needs_process: true,
+    needs_process: Some("SIGSTOPs the relay"),
     thresholds: |plan| outage_thresholds(plan, "pauses", true),
     plan: plan_pause,
     run: body!(run_pause),
@@ -86,7 +88,7 @@ pub(crate) const PARTITION_HEAL: Scenario = Scenario {
     },
     what: "every client's link cut by a chaos proxy, which then refuses new connections for the partition, then heals; repeat (--iterations)",
     target: "every link seen dropping, clients retry until the heal and resume with nothing lost or duplicated, every publisher acknowledged again within 2 s of the heal (p95)",
-    needs_process: true,
+    needs_process: Some("puts its own chaos proxy in front of the relay"),
     thresholds: |plan| outage_thresholds(plan, "partitions", true),
     plan: |input| plan_outages(input, PARTITION, "partition", &OutageShape::PROCESS),
     run: body!(run_partition),
@@ -432,6 +434,7 @@ fn check_welcome(r: &Recorder, shared: &Shared, client: u32, session: &str, stat
         expected: expected.to_owned(),
         observed: state.to_owned(),
         at: r.now(),
+        after: After::Settled,
     });
 }
 
@@ -477,16 +480,16 @@ pub(super) async fn subscriber(
                 channel,
                 offset,
                 id,
-                ..
+                payload,
             })) => {
-                batch.push(Delivery {
-                    sub,
-                    conn: conns.max(1),
-                    channel: r.channel(&channel),
+                batch.push(crate::workload::sdk_delivery(
+                    &r,
+                    (sub, conns.max(1)),
+                    r.channel(&channel),
                     offset,
-                    id: r.id(&id),
-                    at: r.now(),
-                });
+                    &id,
+                    &payload,
+                ));
                 let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
                 let seen = p.entry(format!("{sub}/{channel}")).or_default();
                 *seen = (*seen).max(offset);
@@ -545,13 +548,10 @@ pub(super) async fn publisher(
         let conn = conns.max(1);
         // The SDK re-sends a publish the relay refused as `unavailable`
         // or `rate_limited` (same id) until it is acknowledged.
+        let payload = json!({"seq": seq, "pad": "x".repeat(shared.pad)});
         let answer = tokio::time::timeout(
             Duration::from_secs(60),
-            client.publish(
-                channel,
-                &wire,
-                &json!({"seq": seq, "pad": "x".repeat(shared.pad)}),
-            ),
+            client.publish(channel, &wire, &payload),
         )
         .await;
         let outcome = match answer {
@@ -584,6 +584,7 @@ pub(super) async fn publisher(
             invoke,
             done: r.now(),
             outcome,
+            digest: Digest::of_value(&payload),
         });
         tokio::time::sleep(interval).await;
     }
@@ -982,6 +983,8 @@ pub(super) async fn run_faults(ctx: &Ctx, plan: &Plan, fault: Fault) -> Result<M
         expected: "DETACHED".into(),
         observed,
         at: r.now(),
+        // Closed long before the first kill, on a direct connection.
+        after: After::Settled,
     });
     resumed.close().await;
 

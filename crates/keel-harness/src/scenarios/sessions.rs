@@ -3,18 +3,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{body, open_many, params, wait_until};
 use crate::Error;
-use crate::client::{self, Publisher, Ws, next_text, parse, text};
+use crate::client::{self, Publisher, Reader, next_text, parse};
 use crate::fixture::RelayOptions;
-use crate::history::{Delivery, Expectation, Micros, Op, Outcome, Recorder, StateCheck};
+use crate::history::{After, Expectation, Micros, Op, Outcome, Recorder, StateCheck};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -30,7 +31,7 @@ pub(crate) const CONCURRENT_SESSIONS: Scenario = Scenario {
     },
     what: "sessions opened in parallel; commands pushed by the upstream to random sessions must reach only them",
     target: "10,000 sessions, 0 errors, 0 cross-talk",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream, which pushes the commands"),
     thresholds: |plan| {
         let n = plan.num("sessions");
         vec![
@@ -227,7 +228,7 @@ pub(crate) const SESSION_ISOLATION: Scenario = Scenario {
     },
     what: "sessions in parallel each publish their own mix, read their own channel, ack a seeded offset and resume from it: no cross-talk, each cursor its own",
     target: "1,000 sessions isolated, 0 cross-talk, every resumed cursor exact",
-    needs_process: false,
+    needs_process: None,
     thresholds: |plan| {
         let n = plan.num("sessions");
         vec![
@@ -267,87 +268,9 @@ fn plan_isolation(input: &PlanInput) -> Plan {
     plan
 }
 
-/// A raw session that records what it reads.
-struct Reader {
-    sub: u32,
-    conn: u32,
-    ws: Ws,
-    recorder: Recorder,
-    buffer: Vec<Delivery>,
-}
-
-impl Reader {
-    /// Reads until `n` deliveries of any channel arrived (or `limit`);
-    /// returns the (channel, offset) seen.
-    async fn deliveries(&mut self, n: usize, limit: Duration) -> Result<Vec<(String, u64)>, Error> {
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + limit;
-        while got.len() < n {
-            let Ok(msg) = tokio::time::timeout_at(deadline, self.ws.next()).await else {
-                break;
-            };
-            let t = match msg {
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => t,
-                Some(Ok(_)) => continue,
-                _ => {
-                    return Err(Error::Client(format!(
-                        "subscriber {} lost its link",
-                        self.sub
-                    )));
-                }
-            };
-            let f = parse(t.as_str())?;
-            match f.kind.as_ref() {
-                "deliver" => {
-                    let (channel, offset) = (
-                        f.channel.unwrap_or_default().into_owned(),
-                        f.offset.unwrap_or(0),
-                    );
-                    self.buffer.push(Delivery {
-                        sub: self.sub,
-                        conn: self.conn,
-                        channel: self.recorder.channel(&channel),
-                        offset,
-                        id: self.recorder.id(f.id.as_deref().unwrap_or("")),
-                        at: self.recorder.now(),
-                    });
-                    got.push((channel, offset));
-                }
-                "error" => return Err(Error::Client(format!("relay refused: {t}"))),
-                _ => {}
-            }
-        }
-        self.recorder.deliveries(&mut self.buffer);
-        Ok(got)
-    }
-
-    /// Reads (and drops) frames until `pong`; an error frame fails.
-    async fn until_pong(&mut self) -> Result<(), Error> {
-        let (_, mut stream) = (&mut self.ws).split();
-        loop {
-            let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
-                .await
-                .map_err(|_| Error::Timeout("pong".into()))?
-                .map_err(|c| Error::Client(format!("closed {c:?}")))?
-                .ok_or_else(|| Error::Client("closed".into()))?;
-            match parse(&t)?.kind.as_ref() {
-                "pong" => return Ok(()),
-                "error" => return Err(Error::Client(t)),
-                _ => {}
-            }
-        }
-    }
-
-    async fn send(&mut self, v: serde_json::Value) -> Result<(), Error> {
-        self.ws
-            .send(text(&v))
-            .await
-            .map_err(|e| Error::Client(format!("send: {e}")))
-    }
-}
-
 async fn run_isolation(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let (url, _relay) = ctx.endpoint(RelayOptions::default()).await?;
+    let run_tag = ctx.run_tag();
     let n = plan.count("sessions");
     let permits = Arc::new(Semaphore::new(plan.count("in_flight").max(1)));
     ctx.phase("sessions publishing, reading, acking and resuming");
@@ -358,11 +281,16 @@ async fn run_isolation(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         let channel = a.target.clone();
         let messages = a.params["messages"].as_u64().unwrap_or(1) as usize;
         let ack = a.params["ack"].as_u64().unwrap_or(0);
-        // Channels are per run: a --target relay may hold old ones.
-        let channel = format!("{channel}-{}", plan.seed);
+        // Channels are per run: a --target relay may hold old ones, of an
+        // earlier run with the same seed too.
+        let channel = format!("{channel}-{}-{run_tag}", plan.seed);
+        let direct = ctx.direct();
         tasks.push(tokio::spawn(async move {
             let _p = permits.acquire_owned().await;
-            isolated_session(&url, i as u32, n as u32, &channel, messages, ack, &recorder).await
+            isolated_session(
+                &url, direct, i as u32, n as u32, &channel, messages, ack, &recorder,
+            )
+            .await
         }));
     }
     let (mut ok, mut cross_talk, mut cursor_errors, mut first_error) = (0, 0, 0, None);
@@ -395,8 +323,10 @@ async fn run_isolation(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 }
 
 /// One session's life: returns (cross-talk deliveries, cursor errors).
+#[allow(clippy::too_many_arguments)]
 async fn isolated_session(
     url: &str,
+    direct: bool,
     i: u32,
     n: u32,
     channel: &str,
@@ -407,13 +337,7 @@ async fn isolated_session(
     let publisher = Publisher::open(url, i, client::source_ip(i as usize), recorder).await?;
     let (ws, welcome) = client::open_session(url, client::source_ip(i as usize)).await?;
     let cid = recorder.channel(channel);
-    let mut reader = Reader {
-        sub: i,
-        conn: 1,
-        ws,
-        recorder: recorder.clone(),
-        buffer: Vec::new(),
-    };
+    let mut reader = Reader::new(i, 1, ws, recorder);
     reader
         .send(json!({"type": "subscribe", "channel": channel, "from": 1}))
         .await?;
@@ -440,9 +364,10 @@ async fn isolated_session(
     // A ping answered means the ack was handled; then leave.
     reader.send(json!({"type": "ping"})).await?;
     reader.until_pong().await?;
-    let _ = reader.ws.close(None).await;
+    let (closed, answered) = reader.close(Duration::from_secs(2)).await;
     // The relay detaches the session when it sees the close; a resume that
-    // came first would find it still ACTIVE. Wait for the pong's effect.
+    // came first would find it still ACTIVE. Wait for the close's effect
+    // (through an intermediary the checker allows for it not having come).
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Resume with the token and no offsets: delivery restarts after the ack.
@@ -454,6 +379,10 @@ async fn isolated_session(
         expected: "DETACHED".into(),
         observed: w.state.clone(),
         at: recorder.now(),
+        after: After::ClientClose {
+            at: closed,
+            seen: answered && direct,
+        },
     });
     let sub = n + i;
     recorder.expect(Expectation {
@@ -461,28 +390,26 @@ async fn isolated_session(
         channel: cid,
         from: ack + 1,
     });
-    let mut resumed = Reader {
-        sub,
-        conn: 1,
-        ws,
-        recorder: recorder.clone(),
-        buffer: Vec::new(),
-    };
+    let mut resumed = Reader::new(sub, 1, ws, recorder);
     let rest = messages - ack as usize;
     let again = resumed.deliveries(rest, Duration::from_secs(20)).await?;
     cross_talk += again.iter().filter(|(c, _)| c != channel).count() as u64;
-    let offsets: Vec<u64> = again
+    let mut offsets: Vec<u64> = again
         .iter()
         .filter(|(c, _)| c == channel)
         .map(|(_, o)| *o)
         .collect();
+    // Which offsets came back is the cursor's business; in what order is
+    // the checker's.
+    offsets.sort_unstable();
     let want: Vec<u64> = (ack + 1..=messages as u64).collect();
     if offsets != want {
         cursor_errors += 1;
     }
-    // Nothing more may come.
+    // Nothing more may come (a repeat of one that came is the checker's).
     let extra = resumed.deliveries(1, Duration::from_millis(100)).await?;
     cursor_errors += extra.len() as u64;
+    resumed.close(Duration::from_secs(2)).await;
     Ok((cross_talk, cursor_errors))
 }
 
@@ -500,7 +427,7 @@ pub(crate) const DATABASE_CONTENTION: Scenario = Scenario {
     },
     what: "sessions at once each subscribe, ack three times and detach (five state updates each, all through the relay), then resume: every stored state and cursor must be the last one written",
     target: "5,000 concurrent updates, 0 errors, every final state exact",
-    needs_process: false,
+    needs_process: None,
     thresholds: |plan| {
         let total = plan.num("sessions") * 5.0;
         vec![
@@ -540,7 +467,8 @@ fn plan_contention(input: &PlanInput) -> Plan {
 
 async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let (url, _relay) = ctx.endpoint(RelayOptions::default()).await?;
-    let channel = format!("contention-{}", plan.seed);
+    let direct = ctx.direct();
+    let channel = format!("contention-{}-{}", plan.seed, ctx.run_tag());
     let messages = plan.count("messages");
     let r = &ctx.recorder;
     let cid = r.channel(&channel);
@@ -552,8 +480,8 @@ async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     ctx.phase("concurrent state updates");
     let n = plan.count("sessions");
     let (open, failed, _) = open_many(&url, n, 500).await;
-    let errors = Arc::new(std::sync::atomic::AtomicU64::new(failed.len() as u64 * 5));
-    let updates_ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(failed.len() as u64 * 5));
+    let updates_ok = Arc::new(AtomicU64::new(0));
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for (i, ws, welcome) in open {
@@ -562,17 +490,24 @@ async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
             .unwrap_or_default();
         let (channel, errors, updates_ok) = (channel.clone(), errors.clone(), updates_ok.clone());
+        let reader = Reader::new(i as u32, 1, ws, r);
+        r.expect(Expectation {
+            sub: i as u32,
+            channel: cid,
+            from: 1,
+        });
         tasks.push(tokio::spawn(async move {
-            let r = contend(ws, &channel, messages, &acks).await;
-            match r {
-                Ok(()) => {
-                    updates_ok.fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+            let closed = match contend(reader, &channel, messages, &acks).await {
+                Ok(closed) => {
+                    updates_ok.fetch_add(5, Ordering::Relaxed);
+                    Some(closed)
                 }
                 Err(_) => {
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    None
                 }
-            }
-            (i, welcome, acks.last().copied().unwrap_or(0))
+            };
+            (i, welcome, acks.last().copied().unwrap_or(0), closed)
         }));
     }
     let mut finals = Vec::new();
@@ -585,53 +520,59 @@ async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     // Every session detached; its stored cursor is its last ack.
     tokio::time::sleep(Duration::from_millis(300)).await;
     ctx.phase("checking every final state");
-    let wrong = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wrong = Arc::new(AtomicU64::new(0));
     let permits = Arc::new(Semaphore::new(200));
     let mut checks = Vec::new();
-    for (i, welcome, last_ack) in finals {
-        let (url, wrong, permits, recorder, channel) = (
-            url.clone(),
-            wrong.clone(),
-            permits.clone(),
-            r.clone(),
-            channel.clone(),
-        );
+    for (i, welcome, last_ack, closed) in finals {
+        let (url, wrong, permits, recorder) =
+            (url.clone(), wrong.clone(), permits.clone(), r.clone());
+        // The resumed session reads as a subscriber of its own.
+        let sub = (n + i) as u32;
+        recorder.expect(Expectation {
+            sub,
+            channel: cid,
+            from: last_ack + 1,
+        });
         checks.push(tokio::spawn(async move {
             let _p = permits.acquire_owned().await;
             let ok = async {
                 let mut ws = client::connect(&url, client::source_ip(i)).await?;
                 let w = client::hello(&mut ws, welcome.token.as_deref(), &BTreeMap::new()).await?;
+                let (at, answered) = closed.unwrap_or((0, false));
                 recorder.state(StateCheck {
                     client: i as u32,
                     session: w.session_id,
                     expected: "DETACHED".into(),
                     observed: w.state,
                     at: recorder.now(),
+                    after: After::ClientClose {
+                        at,
+                        seen: answered && direct,
+                    },
                 });
-                let mut reader = Reader {
-                    sub: i as u32,
-                    conn: 2,
-                    ws,
-                    recorder: recorder.clone(),
-                    buffer: Vec::new(),
-                };
+                let mut reader = Reader::new(sub, 1, ws, &recorder);
                 let rest = messages - last_ack as usize;
-                let got = reader
-                    .deliveries(
-                        rest.max(1),
-                        Duration::from_millis(if rest == 0 { 200 } else { 10_000 }),
-                    )
-                    .await?;
-                let offsets: Vec<u64> = got
-                    .iter()
-                    .filter(|(c, _)| *c == channel)
-                    .map(|(_, o)| *o)
+                let mut got: Vec<u64> = reader
+                    .deliveries(rest, Duration::from_secs(10))
+                    .await?
+                    .into_iter()
+                    .map(|(_, o)| o)
                     .collect();
-                Ok::<bool, Error>(offsets == (last_ack + 1..=messages as u64).collect::<Vec<_>>())
+                // Nothing past the last message may come.
+                got.extend(
+                    reader
+                        .deliveries(1, Duration::from_millis(200))
+                        .await?
+                        .into_iter()
+                        .map(|(_, o)| o),
+                );
+                reader.close(Duration::from_secs(2)).await;
+                got.sort_unstable();
+                Ok::<bool, Error>(got == (last_ack + 1..=messages as u64).collect::<Vec<_>>())
             }
             .await;
             if !matches!(ok, Ok(true)) {
-                wrong.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                wrong.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
@@ -639,19 +580,10 @@ async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         let _ = c.await;
     }
     let mut m = Measured::default();
-    m.set(
-        "updates_ok",
-        updates_ok.load(std::sync::atomic::Ordering::Relaxed) as f64,
-    )
-    .set(
-        "errors",
-        errors.load(std::sync::atomic::Ordering::Relaxed) as f64,
-    )
-    .set(
-        "wrong_final_state",
-        wrong.load(std::sync::atomic::Ordering::Relaxed) as f64,
-    )
-    .set("update_seconds", update_seconds);
+    m.set("updates_ok", updates_ok.load(Ordering::Relaxed) as f64)
+        .set("errors", errors.load(Ordering::Relaxed) as f64)
+        .set("wrong_final_state", wrong.load(Ordering::Relaxed) as f64)
+        .set("update_seconds", update_seconds);
     if let Some((_, e)) = failed.first() {
         m.note(format!("first failure: {e}"));
     }
@@ -659,51 +591,25 @@ async fn run_contention(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 }
 
 /// Five updates through one connection: subscribe, three acks, detach.
-/// Any error frame fails it.
-async fn contend(ws: Ws, channel: &str, messages: usize, acks: &[u64]) -> Result<(), Error> {
-    let (mut sink, mut stream) = ws.split();
-    let send = |v: serde_json::Value| text(&v);
-    sink.send(send(
-        json!({"type": "subscribe", "channel": channel, "from": 1}),
-    ))
-    .await
-    .map_err(|e| Error::Client(e.to_string()))?;
-    let mut seen = 0;
-    while seen < messages {
-        let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
-            .await
-            .map_err(|_| Error::Timeout("deliveries".into()))?
-            .map_err(|c| Error::Client(format!("closed {c:?}")))?
-            .ok_or_else(|| Error::Client("closed".into()))?;
-        let f = parse(&t)?;
-        match f.kind.as_ref() {
-            "deliver" if f.channel.as_deref() == Some(channel) => seen += 1,
-            "error" => return Err(Error::Client(t)),
-            _ => {}
-        }
-    }
+/// The channel's messages are read first (for up to 10 s: one that never
+/// comes is the checker's `lost`, and the updates go on); an error frame
+/// fails it. Returns when the close was sent and whether it was answered.
+async fn contend(
+    mut reader: Reader,
+    channel: &str,
+    messages: usize,
+    acks: &[u64],
+) -> Result<(Micros, bool), Error> {
+    reader
+        .send(json!({"type": "subscribe", "channel": channel, "from": 1}))
+        .await?;
+    reader.deliveries(messages, Duration::from_secs(10)).await?;
     for a in acks {
-        sink.send(send(
-            json!({"type": "ack", "channel": channel, "offset": a}),
-        ))
-        .await
-        .map_err(|e| Error::Client(e.to_string()))?;
+        reader
+            .send(json!({"type": "ack", "channel": channel, "offset": a}))
+            .await?;
     }
-    sink.send(send(json!({"type": "ping"})))
-        .await
-        .map_err(|e| Error::Client(e.to_string()))?;
-    loop {
-        let t = tokio::time::timeout(client::WAIT, next_text(&mut stream))
-            .await
-            .map_err(|_| Error::Timeout("pong".into()))?
-            .map_err(|c| Error::Client(format!("closed {c:?}")))?
-            .ok_or_else(|| Error::Client("closed".into()))?;
-        match parse(&t)?.kind.as_ref() {
-            "pong" => break,
-            "error" => return Err(Error::Client(t)),
-            _ => {}
-        }
-    }
-    let _ = sink.close().await;
-    Ok(())
+    reader.send(json!({"type": "ping"})).await?;
+    reader.until_pong().await?;
+    Ok(reader.close(Duration::from_secs(2)).await)
 }

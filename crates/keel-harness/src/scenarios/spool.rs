@@ -11,7 +11,7 @@ use super::{body, params, setup};
 use crate::Error;
 use crate::client::{PayloadCheck, SubscriberSpec, spawn_subscriber};
 use crate::fixture::RelayOptions;
-use crate::history::{Micros, Outcome, Publish};
+use crate::history::{Digest, Micros, Outcome, Publish};
 use crate::load::{Latency, Schedule};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
@@ -28,7 +28,7 @@ pub(crate) const BURN_IN: Scenario = Scenario {
     },
     what: "publish jobs dropped into the relay's spool directory at a steady rate, through an upstream outage (health DEGRADED and back, logged), then idle: results, claims, the channel and the health log checked",
     target: "p95 < 20 ms, 0 failed, 0 duplicates, 0 stale claims, health log a valid chain, idle CPU < 0.5%",
-    needs_process: true,
+    needs_process: Some("gives the relay its own spool directory and mock upstream"),
     thresholds: |_| {
         vec![
             Threshold::new("job_p95_ms", "ms", Some(Bound::Le(500.0)), Bound::Le(20.0)),
@@ -201,6 +201,8 @@ async fn run_burn_in(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                     code: v["status"].to_string(),
                 }
             },
+            // The job's payload, as the spool publishes it.
+            digest: Digest::of(&json!({ "i": conn }).to_string()),
         });
     }
     // Every job's message in the channel, once: the subscriber must have them.

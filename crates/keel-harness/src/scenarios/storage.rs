@@ -15,7 +15,7 @@ use serde_json::json;
 use super::{body, params, setup};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::history::{Op, Outcome, StateCheck};
+use crate::history::{After, Expectation, Op, Outcome, StateCheck};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -31,7 +31,7 @@ pub(crate) const DISK_FULL_SCENARIO: Scenario = Scenario {
     },
     what: "the relay's data on a 32 MiB tmpfs under SDK publish/subscribe load (2 KiB payloads); a file fills the tmpfs for the fault, then is removed; repeat (--iterations)",
     target: "publishes answered `unavailable` (the SDK retries them), /healthz DEGRADED with \"disk full\", OPERATIONAL again within 5 s of the space returning, nothing acknowledged lost or duplicated, every publisher acknowledged again within 3 s (p95)",
-    needs_process: true,
+    needs_process: Some("puts the relay's data on a tmpfs it mounts"),
     thresholds: |plan| {
         let mut t = super::process::outage_thresholds(plan, "disk_fulls", false);
         t.push(Threshold::new(
@@ -189,7 +189,7 @@ pub(crate) const CORRUPT_STATE_RECOVERY: Scenario = Scenario {
     },
     what: "sessions publish, some connected and some not; the relay is SIGKILLed; seeded sessions get invalid state values written into the database; the relay restarts on it",
     target: "the relay starts and logs each invalid row; those sessions CRASHED with a notice naming the bad state, connected ones CRASHED, the others DETACHED; every acknowledged message still there",
-    needs_process: true,
+    needs_process: Some("SIGKILLs the relay and writes into its database"),
     thresholds: |plan| {
         vec![
             Threshold::all("started"),
@@ -245,10 +245,17 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             .await
             .map_err(|e| setup("session", e))?;
         for k in 0..each {
-            client
-                .publish(channel, &format!("s{i}-{k}"), &json!({"k": k}))
-                .await
-                .map_err(|e| setup("publish", e))?;
+            crate::workload::sdk_publish(
+                &client,
+                r,
+                (i as u32, 1),
+                channel,
+                k as u64 + 1,
+                &json!({ "k": k }),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| setup("publish", e))?;
             acked += 1;
         }
         tokens.push((
@@ -371,6 +378,7 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             expected: expected.into(),
             observed,
             at: r.now(),
+            after: After::Settled,
         });
         c.close().await;
     }
@@ -382,17 +390,41 @@ async fn run_bad_state(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .subscribe(channel, Some(1))
         .await
         .map_err(|e| setup("subscribe", e))?;
+    // It reads as a subscriber of the history: every acknowledged message
+    // must reach it (the checker's `lost`), byte for byte.
+    const READER: u32 = 500_000;
+    let cid = r.channel(channel);
+    r.expect(Expectation {
+        sub: READER,
+        channel: cid,
+        from: 1,
+    });
     let mut kept = 0u64;
+    let mut batch = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while kept < acked {
         match tokio::time::timeout_at(deadline, reader.next_event()).await {
-            Ok(Some(keel_relay::client::Event::Deliver { channel: c, .. })) if c == channel => {
-                kept += 1
+            Ok(Some(keel_relay::client::Event::Deliver {
+                channel: c,
+                offset,
+                id,
+                payload,
+            })) if c == channel => {
+                kept += 1;
+                batch.push(crate::workload::sdk_delivery(
+                    r,
+                    (READER, 1),
+                    cid,
+                    offset,
+                    &id,
+                    &payload,
+                ));
             }
             Ok(Some(_)) => {}
             _ => break,
         }
     }
+    r.deliveries(&mut batch);
     reader.close().await;
     let k = bad.len().max(1) as f64;
     let mut m = Measured::default();
@@ -423,7 +455,7 @@ pub(crate) const SQLITE_CORRUPTION: Scenario = Scenario {
     },
     what: "publish, SIGKILL the relay, overwrite the database's first pages with seeded garbage, restart",
     target: "the damaged files quarantined (moved, not deleted), an operator message naming them and the salvage command, the relay serving on a fresh database within 1 s",
-    needs_process: true,
+    needs_process: Some("SIGKILLs the relay and overwrites its database"),
     thresholds: |_| {
         vec![
             Threshold::all("quarantined"),

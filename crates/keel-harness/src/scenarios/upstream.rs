@@ -146,7 +146,7 @@ pub(crate) const BURST_HANDLING: Scenario = Scenario {
     },
     what: "10 sends at once through the relay, whose upstream quota is 30/min with a burst of 5: the mock upstream's clock says when each arrived",
     target: "5 at once, then one per interval, each within ±5 ms of its slot",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |plan| {
         let interval = plan.num("interval_ms");
         vec![
@@ -287,7 +287,7 @@ pub(crate) const SUSTAINED_LOAD: Scenario = Scenario {
     },
     what: "sends at a steady rate through the relay to an upstream that limits, and at 10x the rate to one limiting 10x (run side by side): 429s, losses and duplicates counted at the upstream",
     target: "0 API errors, 0 lost, 0 duplicates, also at 10x",
-    needs_process: true,
+    needs_process: Some("points the relay at its own mock upstream"),
     thresholds: |_| {
         vec![
             Threshold::zero("api_errors"),
@@ -505,7 +505,7 @@ pub(crate) const QUEUE_OVERFLOW: Scenario = Scenario {
     },
     what: "keel-ratelimit's SendQueue (drop-oldest, bound 10) takes 20 sends at once: which were dropped, warned and counted, which were sent, in what order (in-process: the relay's durable outbox never drops an acknowledged send)",
     target: "exactly the oldest 10 dropped, 10 warnings, the newest 10 sent in order",
-    needs_process: false,
+    needs_process: None,
     thresholds: |_| {
         vec![
             Threshold::exact("dropped", 10.0),
