@@ -12,6 +12,7 @@ use keel_harness::scenario::{Ctx, PlanInput};
 use keel_harness::{RunOptions, Scale, Suite, catalogue};
 
 mod browser;
+mod tamper;
 
 use keel_tests::ONE_AT_A_TIME;
 

@@ -730,8 +730,9 @@ pub async fn settle(progress: &[Progress], want: u64, limit: Duration, quiet: Du
     }
 }
 
-/// Starts a subscriber; it runs until `stop_after` deliveries, until `stop`
-/// turns true (then it reads what is already coming for up to `drain`), or
+/// Starts a subscriber; it runs until `stop_after` distinct deliveries or
+/// until `stop` turns true (either way it then reads what is still coming
+/// for `drain`, so that a repeat right behind the last message is seen), or
 /// until its link fails for good. It records an expectation per channel.
 pub fn spawn_subscriber(
     spec: SubscriberSpec,
@@ -897,8 +898,10 @@ async fn subscribe_loop(
                     sink.record_all(&mut latencies);
                 }
             }
-            if spec.stop_after.is_some_and(|n| report.delivered >= n) {
-                break None;
+            // Enough: read on for `drain` still, so that a repeat or a
+            // stray right behind the last one is seen (and judged) too.
+            if draining.is_none() && spec.stop_after.is_some_and(|n| report.delivered >= n) {
+                draining = Some(Instant::now() + drain);
             }
             if let Some(d) = spec.read_delay {
                 tokio::time::sleep(d).await;
