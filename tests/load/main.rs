@@ -257,6 +257,45 @@ fn checker_catches_every_planted_bug() {
     });
 }
 
+/// The checker holds a resume after a client's close to DETACHED only when
+/// the history proves the relay handled the close: the relay itself
+/// answered it, on a direct connection. That proof must be there in the
+/// lab (else the strict rule never applies), and the resume must then find
+/// the session DETACHED.
+#[test]
+fn a_relay_answers_a_direct_close_and_the_session_is_detached() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::new(Target::Spawn(relay()), dir.path(), Scale::Small);
+        assert!(ctx.direct());
+        let relay = ctx.relay(RelayOptions::default()).await.unwrap();
+        for _ in 0..20 {
+            let (ws, welcome) = keel_harness::client::open_session(&relay.url(), None)
+                .await
+                .unwrap();
+            let reader = keel_harness::client::Reader::new(1, 1, ws, &ctx.recorder);
+            let (_, answered) = reader.close(Duration::from_secs(2)).await;
+            assert!(answered, "the relay did not answer the close");
+            let mut ws = keel_harness::client::connect(&relay.url(), None)
+                .await
+                .unwrap();
+            let again = keel_harness::client::hello(
+                &mut ws,
+                welcome.token.as_deref(),
+                &std::collections::BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(again.state, "DETACHED");
+        }
+    });
+}
+
 /// Where `cargo test` leaves a report for the browser test.
 fn report_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("keel-report-browser")
