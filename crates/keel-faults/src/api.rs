@@ -22,7 +22,7 @@
 //!
 //! Frame (`ws_*`) toxics are refused (`invalid`, 400) on a proxy not created
 //! with `"protocol": "websocket"`. A tampering is
-//! `{"seq","at_ms","toxic","action": "drop"|"duplicate"|"reorder"|"corrupt"|"delay",
+//! `{"seq","at_ms","toxic","action": "drop"|"duplicate"|"reorder"|"corrupt"|"delay"|"early_close",
 //! "effective","connection","stream","fields": {...},"detail"}`
 //! ([`Tampering`](crate::Tampering)).
 //!

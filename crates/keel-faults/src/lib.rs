@@ -11,9 +11,11 @@
 //! - In [`Protocol::WebSocket`] mode the proxy reads the HTTP upgrade and the
 //!   WebSocket frames, and frame toxics (`ws_drop`, `ws_duplicate`,
 //!   `ws_reorder`, `ws_corrupt`, `ws_delay`, see [`ToxicKind`]) tamper with
-//!   single JSON text messages chosen by a [`FrameFilter`]; every tampering is
-//!   recorded as a [`Tampering`] ([`Proxy::tamperings`]), the ground truth a
-//!   test's checker is held to.
+//!   single JSON text messages chosen by a [`FrameFilter`], and
+//!   `ws_early_close` answers a client's close at once and passes it on to
+//!   the server late, as a WebSocket-terminating intermediary does; every
+//!   tampering is recorded as a [`Tampering`] ([`Proxy::tamperings`]), the
+//!   ground truth a test's checker is held to.
 //! - A [`MockUpstream`]: a WebSocket messaging API that enforces a rate limit
 //!   with 429 answers, can go down, answer garbage, stall or slow down, and
 //!   records every accepted message, duplicates and early sends.

@@ -1,6 +1,8 @@
 //! One proxied connection: two pumps and the timers of close/reset toxics.
 //! On a WebSocket proxy each pump reads through a [`WsLayer`] and applies the
-//! byte toxics to the bytes it hands out.
+//! byte toxics to the bytes it hands out; the upstream layer hands the
+//! downstream one the proxy's answer to a client's close (`ws_early_close`)
+//! through the link.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -15,7 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::ws::{Cx, Handshake, WsLayer};
+use super::ws::{CloseAnswer, Cx, Handshake, WsLayer};
 use super::{Protocol, Shared, Stream, Toxic, ToxicKind};
 
 /// How a link is being ended from outside its pumps.
@@ -35,6 +37,9 @@ struct Link<'a> {
     end: watch::Sender<Option<End>>,
     /// What the pumps learnt of the WebSocket handshake.
     handshake: watch::Sender<Handshake>,
+    /// The proxy's answer to the client's close, from the upstream pump to
+    /// the downstream one: set at most once, 4 bytes.
+    answer: watch::Sender<Option<CloseAnswer>>,
 }
 
 impl Link<'_> {
@@ -89,6 +94,7 @@ impl Link<'_> {
             shared: self.shared,
             toxics,
             handshake: &self.handshake,
+            answer: &self.answer,
         }
     }
 
@@ -107,6 +113,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, id: u64, client: TcpStream, stop: 
         applies: Mutex::new(HashMap::new()),
         end: watch::Sender::new(None),
         handshake: watch::Sender::new(Handshake::Pending),
+        answer: watch::Sender::new(None),
     };
     // A partition that hangs new connections holds this one before it reaches
     // the upstream.
@@ -255,6 +262,7 @@ async fn forward_through(
     let mut rng = link.rng(stream);
     let mut buf = vec![0u8; 128 * 1024];
     let mut passed: u64 = 0;
+    let mut closed_early = false;
     let pipe =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC).ok();
     if let Some((_, pipe_in)) = &pipe {
@@ -389,6 +397,14 @@ async fn forward_through(
         }
         passed += allowed as u64;
         link.shared.count(stream, allowed);
+        if ws.as_ref().is_some_and(WsLayer::answered_close) && !closed_early {
+            // The proxy answered the client's close and the answer is out:
+            // like a terminating intermediary, it closes its connection to
+            // the client first (RFC 6455 7.1.1), and goes on reading the
+            // server so that the server's answer meets no reset.
+            let _ = to.shutdown().await;
+            closed_early = true;
+        }
         if limit.is_some_and(|l| passed >= l) {
             // Enough bytes went through: close the whole connection.
             link.end.send_replace(Some(End::Close));
@@ -409,8 +425,10 @@ async fn next_from_layer(
 ) -> Result<Got, Option<End>> {
     let mut toxics = link.shared.toxics.subscribe();
     let mut handshake = link.handshake.subscribe();
+    let mut answer = link.answer.subscribe();
     loop {
         handshake.borrow_and_update();
+        answer.borrow_and_update();
         toxics.borrow_and_update();
         let now = Instant::now();
         let frame_toxics = link.frame_toxics(stream);
@@ -446,6 +464,7 @@ async fn next_from_layer(
             _ = sleep => {}
             _ = toxics.changed() => {}
             _ = handshake.changed() => {}
+            _ = answer.changed() => {}
             _ = end.changed() => return Err(*end.borrow()),
         }
     }

@@ -8,7 +8,8 @@
 //!
 //! A proxy created with [`Protocol::WebSocket`] parses each link's HTTP
 //! handshake and RFC 6455 frames (`ws.rs`), so that frame toxics can drop,
-//! duplicate, reorder, corrupt or delay single messages; each such tampering
+//! duplicate, reorder, corrupt or delay single messages, or answer a
+//! client's close as a terminating intermediary would; each such tampering
 //! is recorded ([`Tampering`]) as ground truth for the checker of a test.
 
 mod frame;
@@ -485,6 +486,18 @@ fn validate(toxic: &Toxic) -> Result<(), ProxyError> {
         ToxicKind::WsCorrupt { field, .. } if field.is_empty() => Err(ProxyError::InvalidToxic(
             "ws_corrupt field must not be empty".into(),
         )),
+        ToxicKind::WsEarlyClose { .. } if toxic.stream != Stream::Upstream => {
+            Err(ProxyError::InvalidToxic(
+                "ws_early_close acts on the client's close frame: give it \"stream\":\"upstream\""
+                    .into(),
+            ))
+        }
+        ToxicKind::WsEarlyClose { filter, .. } if !filter.matching.is_empty() => {
+            Err(ProxyError::InvalidToxic(
+                "ws_early_close takes no match (close frames are not JSON): use every and limit"
+                    .into(),
+            ))
+        }
         ToxicKind::Slicer {
             average_size: 0, ..
         } => Err(ProxyError::InvalidToxic(

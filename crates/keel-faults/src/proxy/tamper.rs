@@ -9,7 +9,8 @@ use super::Stream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TamperAction {
-    /// Not forwarded (`ws_drop`).
+    /// Not forwarded (`ws_drop`; `ws_early_close`: a message from the
+    /// server after the proxy answered the client's close).
     Drop,
     /// Forwarded twice (`ws_duplicate`).
     Duplicate,
@@ -19,6 +20,9 @@ pub enum TamperAction {
     Corrupt,
     /// Forwarded late (`ws_delay`).
     Delay,
+    /// The client's close answered by the proxy at once and passed on to
+    /// the server late (`ws_early_close`).
+    EarlyClose,
 }
 
 /// One message tampered with by a frame toxic.
@@ -35,17 +39,21 @@ pub struct Tampering {
     /// What it did.
     pub action: TamperAction,
     /// False only for a reorder whose message was released without being
-    /// overtaken (it reached the receiver in its place).
+    /// overtaken (it reached the receiver in its place), and for an early
+    /// close whose connection ended before the client's close was passed on
+    /// (the server never got it).
     pub effective: bool,
     /// The proxy's id of the connection (0 for the first one accepted).
     pub connection: u64,
     /// The direction of the message.
     pub stream: Stream,
     /// The message's top-level scalar fields (strings cut to 200 characters);
-    /// empty if it is not a JSON object.
+    /// empty if it is not a JSON object. For an early close,
+    /// `{"code": <the client's status code, or null>}`.
     pub fields: Map<String, Value>,
     /// What happened, e.g. `overtaken by {...}`, `payload replaced by ...`,
-    /// `delayed 200 ms`.
+    /// `delayed 200 ms`, `answered the client's close at once; passed it on
+    /// 500 ms later`.
     pub detail: String,
 }
 

@@ -124,6 +124,28 @@ pub enum ToxicKind {
         /// ms.
         delay: u64,
     },
+    /// WebSocket proxies only, `upstream` only: behaves like an intermediary
+    /// that terminates WebSocket (a reverse proxy, load balancer or TLS
+    /// terminator) at close time. When the client's close frame is chosen,
+    /// the proxy answers it at once with a close frame of its own (the
+    /// client's status code echoed, 1000 if it sent none) and closes its
+    /// connection to the client, as if it were the server; it passes the
+    /// client's close on to the server `delay` ms later, and everything
+    /// behind it on the stream waits (order kept). From its answer on,
+    /// nothing more from the server reaches the client: the server's own
+    /// close answer is not forwarded, and a data message the server sends
+    /// meanwhile is not either (recorded as a drop). Only
+    /// `every` and `limit` of the filter apply: close frames are not JSON,
+    /// so `match` must be empty. At most one close per connection.
+    WsEarlyClose {
+        /// How often, how many (`match` must be empty).
+        #[serde(flatten)]
+        filter: FrameFilter,
+        /// ms between the proxy's answer and the client's close reaching
+        /// the server. Default 500.
+        #[serde(default = "early_close_delay")]
+        delay: u64,
+    },
 }
 
 impl ToxicKind {
@@ -134,7 +156,8 @@ impl ToxicKind {
             | ToxicKind::WsDuplicate { filter }
             | ToxicKind::WsReorder { filter, .. }
             | ToxicKind::WsCorrupt { filter, .. }
-            | ToxicKind::WsDelay { filter, .. } => Some(filter),
+            | ToxicKind::WsDelay { filter, .. }
+            | ToxicKind::WsEarlyClose { filter, .. } => Some(filter),
             _ => None,
         }
     }
@@ -154,6 +177,7 @@ impl ToxicKind {
             ToxicKind::WsReorder { .. } => "ws_reorder",
             ToxicKind::WsCorrupt { .. } => "ws_corrupt",
             ToxicKind::WsDelay { .. } => "ws_delay",
+            ToxicKind::WsEarlyClose { .. } => "ws_early_close",
         }
     }
 }
@@ -203,6 +227,10 @@ fn one() -> u64 {
 
 fn max_hold() -> u64 {
     1000
+}
+
+fn early_close_delay() -> u64 {
+    500
 }
 
 fn payload() -> String {
@@ -326,6 +354,28 @@ mod tests {
                 },
             ),
         );
+        check(
+            json!({"name": "e", "type": "ws_early_close", "stream": "upstream",
+                "attributes": {"limit": 1}}),
+            Toxic::new(
+                "e",
+                Stream::Upstream,
+                ToxicKind::WsEarlyClose {
+                    filter: filter_with_limit(1),
+                    delay: 500,
+                },
+            ),
+        );
+        let early = ToxicKind::WsEarlyClose {
+            filter: FrameFilter::default(),
+            delay: 250,
+        };
+        assert_eq!(early.type_name(), "ws_early_close");
+        assert_eq!(
+            serde_json::to_value(Toxic::new("e", Stream::Upstream, early)).unwrap(),
+            json!({"name": "e", "type": "ws_early_close", "attributes": {"every": 1, "delay": 250},
+                "stream": "upstream", "toxicity": 1.0})
+        );
         let dup = ToxicKind::WsDuplicate {
             filter: FrameFilter::default(),
         };
@@ -334,6 +384,13 @@ mod tests {
             json!({"name": "u", "type": "ws_duplicate", "attributes": {"every": 1},
                 "stream": "downstream", "toxicity": 1.0})
         );
+    }
+
+    fn filter_with_limit(limit: u64) -> FrameFilter {
+        FrameFilter {
+            limit: Some(limit),
+            ..FrameFilter::default()
+        }
     }
 
     #[test]

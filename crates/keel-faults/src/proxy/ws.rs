@@ -7,6 +7,11 @@
 //! or reassembled text messages without RSV bits, up to [`MAX_MESSAGE`], are
 //! inspected, and only while a frame toxic is in force on the stream;
 //! everything else passes untouched, streamed as it arrives.
+//!
+//! A `ws_early_close` acts on the client's close frame instead: the upstream
+//! layer holds it and hands the downstream layer, through the link's
+//! [`CloseAnswer`] slot, a close frame to send the client at once; from then
+//! on the downstream layer forwards nothing more from the server.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -40,6 +45,17 @@ pub(super) const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// inspected; larger ones pass untouched.
 pub(super) const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
+/// The proxy's own answer to the client's close (`ws_early_close`), passed
+/// from the upstream layer to the downstream one: at most one per link, a
+/// 4-byte frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct CloseAnswer {
+    /// The close frame for the client: unmasked, the client's status code.
+    pub(super) frame: Vec<u8>,
+    /// The toxic's name.
+    pub(super) toxic: String,
+}
+
 /// What the layer needs from its proxy and link on each step.
 pub(super) struct Cx<'a> {
     /// The proxy: seed, tampering record, limits, counters.
@@ -48,6 +64,8 @@ pub(super) struct Cx<'a> {
     pub(super) toxics: &'a [Toxic],
     /// The link's handshake state.
     pub(super) handshake: &'a watch::Sender<Handshake>,
+    /// The proxy's answer to the client's close, once there is one.
+    pub(super) answer: &'a watch::Sender<Option<CloseAnswer>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +112,36 @@ struct Hold {
     max_hold: u64,
 }
 
+/// Upstream: where the layer is with `ws_early_close`.
+enum EarlyClose {
+    /// No close chosen yet.
+    Idle,
+    /// The client's close was answered; it waits in `out` until `due`.
+    Held {
+        toxic: String,
+        code: Option<u16>,
+        read_at: Instant,
+        due: Instant,
+    },
+    /// Passed on or lost: one early close per link at most.
+    Done,
+}
+
+/// Downstream: where the layer is with the proxy's answer to the client's
+/// close.
+enum Answer {
+    /// None asked for.
+    None,
+    /// To be sent at the next frame boundary.
+    Pending(CloseAnswer),
+    /// Sent: nothing more from the server goes to the client.
+    Sent { toxic: String },
+}
+
+/// What a data message from the server after the proxy's answer is
+/// recorded as.
+const AFTER_ANSWER: &str = "not forwarded: the proxy had answered the client's close";
+
 /// One direction of a WebSocket link.
 pub(super) struct WsLayer {
     stream: Stream,
@@ -116,6 +164,10 @@ pub(super) struct WsLayer {
     rngs: HashMap<String, StdRng>,
     eof: bool,
     max_message: usize,
+    /// Upstream: the client's close, if a `ws_early_close` holds it.
+    early: EarlyClose,
+    /// Downstream: the proxy's answer to the client's close.
+    answer: Answer,
 }
 
 impl WsLayer {
@@ -137,6 +189,8 @@ impl WsLayer {
             rngs: HashMap::new(),
             eof: false,
             max_message: MAX_MESSAGE,
+            early: EarlyClose::Idle,
+            answer: Answer::None,
         }
     }
 
@@ -154,6 +208,12 @@ impl WsLayer {
     /// The source ended and everything was handed out.
     pub(super) fn is_done(&self) -> bool {
         self.eof && self.out.is_empty()
+    }
+
+    /// Downstream: the proxy's answer to the client's close was handed out,
+    /// and nothing more will be.
+    pub(super) fn answered_close(&self) -> bool {
+        matches!(self.answer, Answer::Sent { .. }) && self.out.is_empty()
     }
 
     /// When something is due: the head of the output, or a hold's deadline.
@@ -195,6 +255,15 @@ impl WsLayer {
         match self.phase {
             Phase::Frames => {
                 self.release_all(cx, "at the end of the stream");
+                if self.through == 0 {
+                    self.answer_client(cx, now);
+                }
+                if matches!(self.answer, Answer::Sent { .. }) {
+                    // Nothing more from the server reaches the client; what
+                    // is left is at most a partial frame.
+                    self.input.clear();
+                    return;
+                }
                 if let Some(asm) = self.assembly.take() {
                     self.emit(asm.raw, now);
                 }
@@ -209,8 +278,21 @@ impl WsLayer {
         }
     }
 
-    /// The link ended before the source did: held messages are lost.
+    /// The link ended before the source did: held messages, and a held
+    /// close, are lost.
     pub(super) fn abandon(&mut self, cx: &Cx<'_>) {
+        if let EarlyClose::Held { toxic, code, .. } =
+            std::mem::replace(&mut self.early, EarlyClose::Done)
+        {
+            self.record(
+                cx,
+                &toxic,
+                TamperAction::EarlyClose,
+                false,
+                code_field(code),
+                "answered the client's close at once; never passed it on: the connection ended while it was held".into(),
+            );
+        }
         for h in std::mem::take(&mut self.holds) {
             self.record(
                 cx,
@@ -228,6 +310,12 @@ impl WsLayer {
     pub(super) fn advance(&mut self, cx: &Cx<'_>, now: Instant) {
         self.release_orphans(cx);
         self.expire(cx, now);
+        self.pass_on_early_close(cx, now);
+        if self.stream == Stream::Downstream && matches!(self.answer, Answer::None) {
+            if let Some(answer) = cx.answer.borrow().clone() {
+                self.answer = Answer::Pending(answer);
+            }
+        }
         loop {
             match self.phase {
                 Phase::Request => {
@@ -347,12 +435,22 @@ impl WsLayer {
                 }
                 let bytes: Vec<u8> = self.input.drain(..n).collect();
                 self.through -= n as u64;
-                self.emit(bytes, now);
+                if !matches!(self.answer, Answer::Sent { .. }) {
+                    self.emit(bytes, now);
+                }
                 continue;
             }
+            self.answer_client(cx, now);
             let Some(h) = Header::parse(&self.input) else {
                 return;
             };
+            if let Answer::Sent { toxic } = &self.answer {
+                let toxic = toxic.clone();
+                if !self.swallow(cx, h, &toxic) {
+                    return;
+                }
+                continue;
+            }
             if h.is_control() {
                 if h.len > 125 {
                     // Not a valid control frame: none of our business.
@@ -363,12 +461,14 @@ impl WsLayer {
                     return;
                 };
                 cx.shared.count_frames(FrameCount::Seen, 1);
+                let mut ready_at = now;
                 if h.opcode == frame::CLOSE {
                     self.release_all(cx, "before a close frame");
+                    ready_at = self.close_early(cx, &h, &bytes, now);
                 }
                 // Control frames inside a fragmented message being
                 // reassembled go out at once, ahead of it.
-                self.emit(bytes, now);
+                self.emit(bytes, ready_at);
                 continue;
             }
             if h.opcode == frame::CONTINUATION {
@@ -409,7 +509,7 @@ impl WsLayer {
             }
             let inspectable =
                 h.opcode == frame::TEXT && h.rsv == 0 && h.len <= self.max_message as u64;
-            if !inspectable || cx.toxics.is_empty() {
+            if !inspectable || !cx.toxics.iter().any(on_messages) {
                 self.pass_through(cx, h, !inspectable, now);
                 continue;
             }
@@ -451,13 +551,7 @@ impl WsLayer {
     /// Applies the frame toxics to a complete text message.
     fn inspect(&mut self, cx: &Cx<'_>, asm: Assembly, now: Instant) {
         cx.shared.count_frames(FrameCount::Inspected, asm.frames);
-        let object = std::str::from_utf8(&asm.payload)
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(s).ok())
-            .and_then(|v| match v {
-                Value::Object(o) => Some(o),
-                _ => None,
-            });
+        let object = json_object(&asm.payload);
         let object = object.as_ref();
         let fields = scalar_fields(object);
         let mut rewritten: Option<Map<String, Value>> = None;
@@ -467,7 +561,10 @@ impl WsLayer {
             let Some(filter) = t.kind.frame_filter() else {
                 continue;
             };
-            if matches!(t.kind, ToxicKind::WsReorder { .. }) || !filter.matches(object) {
+            if !on_messages(t)
+                || matches!(t.kind, ToxicKind::WsReorder { .. })
+                || !filter.matches(object)
+            {
                 continue;
             }
             if let ToxicKind::WsCorrupt { field, .. } = &t.kind {
@@ -593,6 +690,132 @@ impl WsLayer {
         }
     }
 
+    /// Upstream: if a `ws_early_close` chooses this close frame of the
+    /// client's, asks the downstream layer to answer it and returns when it
+    /// may go on to the server; `now` otherwise.
+    fn close_early(&mut self, cx: &Cx<'_>, h: &Header, bytes: &[u8], now: Instant) -> Instant {
+        if self.stream != Stream::Upstream || !matches!(self.early, EarlyClose::Idle) {
+            return now;
+        }
+        for t in cx.toxics {
+            let ToxicKind::WsEarlyClose { delay, .. } = t.kind else {
+                continue;
+            };
+            if !self.chosen(cx, t) {
+                continue;
+            }
+            let payload = unmasked(h, bytes);
+            let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            // As the server would answer: the client's code echoed, and
+            // 1000 (normal closure) where it gave none, never 1005.
+            let frame = frame::encode(frame::CLOSE, &code.unwrap_or(1000).to_be_bytes(), None);
+            cx.answer.send_replace(Some(CloseAnswer {
+                frame,
+                toxic: t.name.clone(),
+            }));
+            let behind = self.out.back().map_or(now, |o| o.ready_at);
+            let due = behind.max(now + Duration::from_millis(delay));
+            self.early = EarlyClose::Held {
+                toxic: t.name.clone(),
+                code,
+                read_at: now,
+                due,
+            };
+            return due;
+        }
+        now
+    }
+
+    /// Upstream: records the held close once it is due, just before the
+    /// pump hands it on.
+    fn pass_on_early_close(&mut self, cx: &Cx<'_>, now: Instant) {
+        if !matches!(&self.early, EarlyClose::Held { due, .. } if *due <= now) {
+            return;
+        }
+        if let EarlyClose::Held {
+            toxic,
+            code,
+            read_at,
+            due,
+        } = std::mem::replace(&mut self.early, EarlyClose::Done)
+        {
+            let ms = (due - read_at).as_millis();
+            self.record(
+                cx,
+                &toxic,
+                TamperAction::EarlyClose,
+                true,
+                code_field(code),
+                format!("answered the client's close at once; passed it on {ms} ms later"),
+            );
+        }
+    }
+
+    /// Downstream, at a frame boundary: sends the client the proxy's answer
+    /// to its close, behind everything already due to it. Held messages go
+    /// first; a message still being reassembled never goes.
+    fn answer_client(&mut self, cx: &Cx<'_>, now: Instant) {
+        if !matches!(self.answer, Answer::Pending(_)) {
+            return;
+        }
+        let Answer::Pending(answer) = std::mem::replace(&mut self.answer, Answer::None) else {
+            return;
+        };
+        self.release_all(cx, "before a close frame");
+        if self.assembly.take().is_some() {
+            self.record(
+                cx,
+                &answer.toxic,
+                TamperAction::Drop,
+                true,
+                Map::new(),
+                AFTER_ANSWER.into(),
+            );
+        }
+        self.emit(answer.frame, now);
+        self.answer = Answer::Sent {
+            toxic: answer.toxic,
+        };
+    }
+
+    /// Downstream, after the answer: the frame at the head of `input` is not
+    /// forwarded (the client already had a close), and a data message it
+    /// starts is recorded as dropped. False until enough is read to judge it.
+    fn swallow(&mut self, cx: &Cx<'_>, h: Header, toxic: &str) -> bool {
+        let starts_message = !h.is_control() && h.opcode != frame::CONTINUATION;
+        // Whole frames are read for their fields; others are skipped as
+        // they come, so that nothing is buffered beyond the usual bounds.
+        let whole = if h.is_control() {
+            h.len <= 125
+        } else {
+            h.opcode == frame::TEXT && h.fin && h.rsv == 0 && h.len <= self.max_message as u64
+        };
+        let mut fields = Map::new();
+        if whole {
+            let Some(bytes) = self.take_frame(&h) else {
+                return false;
+            };
+            if starts_message {
+                fields = scalar_fields(json_object(&unmasked(&h, &bytes)).as_ref());
+            }
+        } else {
+            self.input.drain(..h.header_len);
+            self.through = h.len;
+        }
+        cx.shared.count_frames(FrameCount::Seen, 1);
+        if starts_message {
+            self.record(
+                cx,
+                toxic,
+                TamperAction::Drop,
+                true,
+                fields,
+                AFTER_ANSWER.into(),
+            );
+        }
+        true
+    }
+
     /// Whether toxic `t` tampers with this matching message: one in
     /// `every`, from its seeded RNG, within its limit.
     fn chosen(&mut self, cx: &Cx<'_>, t: &Toxic) -> bool {
@@ -695,6 +918,30 @@ fn unmasked(h: &Header, frame: &[u8]) -> Vec<u8> {
     payload
 }
 
+/// The JSON object a text payload holds, if it is one.
+fn json_object(payload: &[u8]) -> Option<Map<String, Value>> {
+    std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .and_then(|v| match v {
+            Value::Object(o) => Some(o),
+            _ => None,
+        })
+}
+
+/// Whether frame toxic `t` acts on text messages (all but
+/// `ws_early_close`, which acts on the client's close frame).
+fn on_messages(t: &Toxic) -> bool {
+    !matches!(t.kind, ToxicKind::WsEarlyClose { .. })
+}
+
+/// The fields of an early close record.
+fn code_field(code: Option<u16>) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("code".into(), code.map_or(Value::Null, Value::from));
+    fields
+}
+
 fn same_key(object: Option<&Map<String, Value>>, same: &[String]) -> Vec<Option<Value>> {
     same.iter()
         .map(|f| object.and_then(|o| o.get(f)).cloned())
@@ -719,6 +966,7 @@ mod tests {
         shared: Shared,
         toxics: Vec<Toxic>,
         handshake: watch::Sender<Handshake>,
+        answer: watch::Sender<Option<CloseAnswer>>,
         layer: WsLayer,
     }
 
@@ -751,6 +999,7 @@ mod tests {
                 }),
                 toxics,
                 handshake: watch::Sender::new(Handshake::Pending),
+                answer: watch::Sender::new(None),
                 layer: WsLayer::new(stream, 0),
             }
         }
@@ -760,21 +1009,30 @@ mod tests {
                 shared: &self.shared,
                 toxics: &self.toxics,
                 handshake: &self.handshake,
+                answer: &self.answer,
             }
         }
 
-        fn push(&mut self, bytes: &[u8]) {
+        /// The layer and its context, borrowed apart.
+        fn split(&mut self) -> (&mut WsLayer, Cx<'_>) {
             let Rig {
                 shared,
                 toxics,
                 handshake,
+                answer,
                 layer,
             } = self;
             let cx = Cx {
                 shared,
                 toxics,
                 handshake,
+                answer,
             };
+            (layer, cx)
+        }
+
+        fn push(&mut self, bytes: &[u8]) {
+            let (layer, cx) = self.split();
             layer.push(&cx, bytes, Instant::now());
         }
 
@@ -783,17 +1041,7 @@ mod tests {
         }
 
         fn finish(&mut self) {
-            let Rig {
-                shared,
-                toxics,
-                handshake,
-                layer,
-            } = self;
-            let cx = Cx {
-                shared,
-                toxics,
-                handshake,
-            };
+            let (layer, cx) = self.split();
             layer.finish(&cx, Instant::now());
         }
 
@@ -1361,5 +1609,270 @@ mod tests {
         let a = plan(11);
         assert_eq!(a, plan(11), "same seed, same messages");
         assert_ne!(a, plan(12));
+    }
+
+    fn early_close(filter: FrameFilter, delay: u64) -> Toxic {
+        toxic(
+            "early",
+            Stream::Upstream,
+            ToxicKind::WsEarlyClose { filter, delay },
+        )
+    }
+
+    /// A client's close frame with `code`, masked.
+    fn client_close(code: Option<u16>) -> Vec<u8> {
+        let payload = code.map_or(Vec::new(), |c| {
+            let mut p = c.to_be_bytes().to_vec();
+            p.extend_from_slice(b"bye");
+            p
+        });
+        frame::encode(frame::CLOSE, &payload, Some([4, 3, 2, 1]))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_close_answers_at_once_and_holds_the_close() {
+        let mut rig = Rig::new(Stream::Upstream, vec![early_close(filter(1, None), 500)]);
+        // Messages are not its business: they pass as they came.
+        let text = frame::encode(frame::TEXT, &msg(0, "c"), Some([1, 2, 3, 4]));
+        rig.push(&text);
+        assert_eq!(rig.out(), text);
+        assert_eq!(
+            rig.shared.frames[FrameCount::Inspected as usize].load(Ordering::Relaxed),
+            0
+        );
+
+        let close = client_close(Some(1001));
+        rig.push(&close);
+        assert_eq!(
+            *rig.answer.borrow(),
+            Some(CloseAnswer {
+                frame: frame::encode(frame::CLOSE, &1001u16.to_be_bytes(), None),
+                toxic: "early".into(),
+            }),
+            "the client's code echoed, unmasked, no reason"
+        );
+        assert!(rig.out().is_empty());
+        assert!(!rig.layer.wants_input(), "nothing more is read meanwhile");
+        assert_eq!(
+            rig.layer.wake_at(),
+            Some(Instant::now() + Duration::from_millis(500))
+        );
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(rig.out().is_empty());
+        assert!(rig.records().is_empty(), "recorded when passed on");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(rig.out(), close, "the client's own frame, intact");
+        let records = rig.records();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(
+            (r.toxic.as_str(), r.action, r.effective, r.stream),
+            ("early", TamperAction::EarlyClose, true, Stream::Upstream)
+        );
+        assert_eq!(Value::Object(r.fields.clone()), json!({"code": 1001}));
+        assert_eq!(
+            r.detail,
+            "answered the client's close at once; passed it on 500 ms later"
+        );
+        assert_eq!(r.at_ms, 500);
+
+        // One per link: a second close goes on at once.
+        rig.push(&close);
+        assert_eq!(rig.out(), close);
+        assert_eq!(rig.records().len(), 1);
+        rig.finish();
+        assert!(rig.layer.is_done());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_close_without_a_code_is_answered_with_1000() {
+        let mut rig = Rig::new(Stream::Upstream, vec![early_close(filter(1, None), 100)]);
+        let close = client_close(None);
+        rig.push(&close);
+        let answer = rig.answer.borrow().clone().unwrap();
+        assert_eq!(parse(&answer.frame), [(frame::CLOSE, vec![3, 232], None)]);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(rig.out(), close);
+        assert_eq!(rig.records()[0].fields["code"], Value::Null);
+        assert!(
+            rig.records()[0]
+                .detail
+                .ends_with("passed it on 100 ms later")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_close_waits_behind_a_delayed_message_and_can_be_lost() {
+        let toxics = vec![
+            toxic(
+                "slow",
+                Stream::Upstream,
+                ToxicKind::WsDelay {
+                    filter: filter(1, None),
+                    delay: 800,
+                },
+            ),
+            early_close(filter(1, None), 500),
+        ];
+        let mut rig = Rig::new(Stream::Upstream, toxics);
+        rig.push(&frame::encode(
+            frame::TEXT,
+            &msg(0, "c"),
+            Some([1, 2, 3, 4]),
+        ));
+        rig.push(&client_close(Some(1000)));
+        assert!(
+            rig.answer.borrow().is_some(),
+            "answered at once all the same"
+        );
+        tokio::time::advance(Duration::from_millis(800)).await;
+        let frames = rig.frames();
+        let opcodes: Vec<u8> = frames.iter().map(|f| f.0).collect();
+        assert_eq!(opcodes, [frame::TEXT, frame::CLOSE], "order kept");
+        let early = rig.records().pop().unwrap();
+        assert_eq!(early.action, TamperAction::EarlyClose);
+        assert!(early.detail.ends_with("passed it on 800 ms later"));
+
+        // The link ends while the close is held: the server never gets it.
+        let mut rig = Rig::new(Stream::Upstream, vec![early_close(filter(1, None), 500)]);
+        rig.push(&client_close(Some(4000)));
+        let (layer, cx) = rig.split();
+        layer.abandon(&cx);
+        let records = rig.records();
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (records[0].action, records[0].effective),
+            (TamperAction::EarlyClose, false)
+        );
+        assert_eq!(records[0].fields["code"], 4000);
+        assert!(
+            records[0].detail.contains("never passed it on"),
+            "{}",
+            records[0].detail
+        );
+    }
+
+    #[test]
+    fn early_close_every_and_limit_are_seeded() {
+        let plan = |seed: u64, limit: Option<u64>| {
+            let mut rig = Rig::raw(
+                Stream::Upstream,
+                vec![early_close(filter(3, limit), 500)],
+                seed,
+            );
+            rig.handshake.send_replace(Handshake::Upgraded);
+            let mut chosen = Vec::new();
+            for conn in 0..40 {
+                rig.layer = WsLayer::new(Stream::Upstream, conn);
+                rig.answer.send_replace(None);
+                rig.push(REQUEST);
+                assert_eq!(rig.out(), REQUEST);
+                rig.push(&client_close(Some(1000)));
+                if rig.answer.borrow().is_some() {
+                    chosen.push(conn);
+                }
+            }
+            chosen
+        };
+        let all = plan(7, None);
+        assert!((5..=25).contains(&all.len()), "about one in 3: {all:?}");
+        assert_eq!(all, plan(7, None), "same seed, same connections");
+        assert_ne!(all, plan(8, None));
+        assert_eq!(plan(7, Some(4)), all[..4], "at most limit");
+    }
+
+    #[test]
+    fn after_the_answer_nothing_from_the_server_reaches_the_client() {
+        let mut rig = Rig::new(Stream::Downstream, Vec::new());
+        let before = frame::encode(frame::TEXT, &msg(0, "c"), None);
+        rig.push(&before);
+        assert_eq!(rig.out(), before);
+        // A large binary frame is on its way when the answer is asked for:
+        // the answer waits for its end.
+        let big = frame::encode(0x2, &[7u8; 1000], None);
+        rig.push(&big[..300]);
+        assert_eq!(rig.out(), big[..300]);
+        let answer = frame::encode(frame::CLOSE, &1001u16.to_be_bytes(), None);
+        rig.answer.send_replace(Some(CloseAnswer {
+            frame: answer.clone(),
+            toxic: "early".into(),
+        }));
+        assert!(rig.out().is_empty());
+        assert!(!rig.layer.answered_close());
+        let mut rest = big[300..].to_vec();
+        rest.extend(frame::encode(frame::TEXT, &msg(1, "c"), None));
+        rest.extend(frame::encode(0x9, b"ping", None));
+        rest.extend(frame::encode(0x2, &[1u8; 200], None));
+        rest.extend(frame::encode(frame::CLOSE, &1001u16.to_be_bytes(), None));
+        rig.push(&rest);
+        let mut expected = big[300..].to_vec();
+        expected.extend_from_slice(&answer);
+        assert!(rig.out() == expected);
+        assert!(rig.layer.answered_close());
+        let records = rig.records();
+        let summary: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.toxic.as_str(),
+                    r.action,
+                    r.stream,
+                    r.fields.get("offset").and_then(Value::as_u64),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("early", TamperAction::Drop, Stream::Downstream, Some(1)),
+                ("early", TamperAction::Drop, Stream::Downstream, None),
+            ],
+            "the text and the binary message; not the ping or the close"
+        );
+        assert_eq!(
+            records[0].detail,
+            "not forwarded: the proxy had answered the client's close"
+        );
+        rig.push(&frame::encode(frame::TEXT, b"late", None));
+        rig.finish();
+        assert!(rig.out().is_empty());
+        assert!(rig.layer.is_done());
+    }
+
+    #[test]
+    fn the_answer_goes_before_a_message_being_reassembled() {
+        let reorder = toxic(
+            "r",
+            Stream::Downstream,
+            ToxicKind::WsReorder {
+                filter: FrameFilter::default(),
+                same: Vec::new(),
+                max_hold: 1000,
+            },
+        );
+        let mut rig = Rig::new(Stream::Downstream, vec![reorder]);
+        let held = frame::encode(frame::TEXT, &msg(0, "c"), None);
+        rig.push(&held);
+        assert!(rig.out().is_empty(), "held by the reorder");
+        let mut first = frame::encode(frame::TEXT, b"{\"a\":", None);
+        first[0] &= 0x7f;
+        rig.push(&first);
+        rig.answer.send_replace(Some(CloseAnswer {
+            frame: frame::encode(frame::CLOSE, &1000u16.to_be_bytes(), None),
+            toxic: "early".into(),
+        }));
+        rig.push(&frame::encode(frame::CONTINUATION, b"1}", None));
+        let frames = rig.frames();
+        assert_eq!(
+            frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+            [frame::TEXT, frame::CLOSE],
+            "the held message is released before the answer"
+        );
+        let records = rig.records();
+        let actions: Vec<_> = records.iter().map(|r| (r.action, r.effective)).collect();
+        assert_eq!(
+            actions,
+            [(TamperAction::Reorder, false), (TamperAction::Drop, true)]
+        );
     }
 }

@@ -733,3 +733,246 @@ async fn limit_spans_connections_and_restarts_with_the_toxic() {
     proxy.clear_tamperings();
     assert!(proxy.tamperings().is_empty());
 }
+
+/// (opcode, payload) of each frame the client read after the HTTP
+/// response; server frames are never masked.
+fn frames_read(read: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let start = read.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = &read[start..];
+    let mut frames = Vec::new();
+    while !rest.is_empty() {
+        assert_eq!(rest[1] & 0x80, 0, "unmasked");
+        let (len, at) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => (
+                u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (usize::from(n), 2),
+        };
+        frames.push((rest[0] & 0x0f, rest[at..at + len].to_vec()));
+        rest = &rest[at + len..];
+    }
+    frames
+}
+
+fn early_close(delay: u64, limit: Option<u64>) -> Toxic {
+    Toxic::new(
+        "early",
+        Stream::Upstream,
+        ToxicKind::WsEarlyClose {
+            filter: filter(1, limit),
+            delay,
+        },
+    )
+}
+
+/// What one close through the proxy looked like from both ends.
+struct Closing {
+    /// From the client's close to its receiving a close frame.
+    answered_after: Duration,
+    /// From the client's close to the server's seeing it.
+    server_after: Duration,
+    /// The code and reason the server got.
+    server_got: (u16, String),
+    /// Every frame the client's socket delivered, to its end.
+    client_read: Vec<(u8, Vec<u8>)>,
+}
+
+/// Connects a client and a server through `proxy`, sends one message up,
+/// closes the client (code 1001, reason "bye"), and once the client has a
+/// close frame sends `after_close` from the server; returns what each end
+/// saw.
+async fn closing(
+    proxy: &keel_faults::Proxy,
+    server: &tokio::net::TcpListener,
+    after_close: Option<Value>,
+) -> Closing {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let ((mut client, client_taps), (mut accepted, _)) = ws_pair(proxy, server).await;
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let mut closed_rx = Some(closed_rx);
+        let mut got = None;
+        while let Some(Ok(m)) = accepted.next().await {
+            match m {
+                Message::Text(_) => {
+                    if let (Some(rx), Some(m)) = (closed_rx.take(), &after_close) {
+                        rx.await.unwrap();
+                        accepted.send(Message::text(m.to_string())).await.unwrap();
+                    }
+                }
+                Message::Close(frame) => {
+                    let frame = frame.unwrap();
+                    got = Some((
+                        Instant::now(),
+                        (u16::from(frame.code), frame.reason.to_string()),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        got.expect("the client's close reached the server")
+    });
+    client.send(Message::text("hello")).await.unwrap();
+    let sent = Instant::now();
+    client
+        .close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Close(_))) => return Instant::now(),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame for the client: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame in time");
+    let _ = closed_tx.send(());
+    // The rest of what reaches the client's socket, to its end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_mut().read_to_end(&mut rest),
+    )
+    .await
+    .expect("the client's connection ends")
+    .unwrap();
+    let (server_at, server_got) = tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("the server finishes")
+        .unwrap();
+    Closing {
+        answered_after: answer - sent,
+        server_after: server_at - sent,
+        server_got,
+        client_read: frames_read(&client_taps.read()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_early_close_answers_the_client_at_once_and_the_server_late() {
+    let (proxy, server) = ws_proxy(7).await;
+    proxy.add_toxic(early_close(500, None)).unwrap();
+    let c = closing(&proxy, &server, None).await;
+    // Loose bound on a loaded 2-core machine; the point is that it is far
+    // below the delay.
+    assert!(
+        c.answered_after < Duration::from_millis(150),
+        "{:?}",
+        c.answered_after
+    );
+    assert!(
+        c.server_after >= Duration::from_millis(450),
+        "{:?}",
+        c.server_after
+    );
+    assert_eq!(
+        c.server_got,
+        (1001, "bye".to_owned()),
+        "the client's own close"
+    );
+    assert_eq!(
+        c.client_read,
+        [(0x8, 1001u16.to_be_bytes().to_vec())],
+        "the proxy's answer only, not the server's"
+    );
+    let records = proxy.tamperings();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(
+        (
+            r.toxic.as_str(),
+            r.action,
+            r.effective,
+            r.connection,
+            r.stream
+        ),
+        ("early", TamperAction::EarlyClose, true, 0, Stream::Upstream)
+    );
+    assert_eq!(r.fields, only(json!({"code": 1001})));
+    assert_eq!(
+        r.detail,
+        "answered the client's close at once; passed it on 500 ms later"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_early_close_forwards_nothing_from_the_server_after_its_answer() {
+    let (proxy, server) = ws_proxy(7).await;
+    proxy.add_toxic(early_close(500, None)).unwrap();
+    let c = closing(&proxy, &server, Some(deliver(3))).await;
+    assert_eq!(c.client_read, [(0x8, 1001u16.to_be_bytes().to_vec())]);
+    let records = proxy.tamperings();
+    let summary: Vec<_> = records
+        .iter()
+        .map(|r| (r.action, r.stream, r.fields.get("offset").cloned()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (TamperAction::Drop, Stream::Downstream, Some(json!(3))),
+            (TamperAction::EarlyClose, Stream::Upstream, None),
+        ],
+        "{records:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_early_close_limit_leaves_later_closes_alone() {
+    let (proxy, server) = ws_proxy(7).await;
+    proxy.add_toxic(early_close(500, Some(1))).unwrap();
+    let first = closing(&proxy, &server, None).await;
+    assert!(first.server_after >= Duration::from_millis(450));
+    // The second connection closes as it would without the proxy: the
+    // server's answer (tungstenite echoes the reason) reaches the client.
+    let second = closing(&proxy, &server, None).await;
+    assert!(
+        second.server_after < Duration::from_millis(300),
+        "{:?}",
+        second.server_after
+    );
+    let mut echoed = 1001u16.to_be_bytes().to_vec();
+    echoed.extend_from_slice(b"bye");
+    assert_eq!(second.client_read, [(0x8, echoed)]);
+    let records = proxy.tamperings();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].connection, 0);
+}
+
+#[tokio::test]
+async fn ws_early_close_is_refused_off_upstream_or_on_a_tcp_proxy() {
+    let (proxy, _server) = ws_proxy(1).await;
+    let refused = |toxic: Toxic| match proxy.add_toxic(toxic) {
+        Err(ProxyError::InvalidToxic(why)) => why,
+        other => panic!("{other:?}"),
+    };
+    let down = Toxic {
+        stream: Stream::Downstream,
+        ..early_close(500, None)
+    };
+    assert!(refused(down).contains(r#""stream":"upstream""#));
+    let mut matching = early_close(500, None);
+    if let ToxicKind::WsEarlyClose { filter, .. } = &mut matching.kind {
+        filter.matching = only(json!({"type": "close"}));
+    }
+    assert!(refused(matching).contains("no match"));
+    assert!(proxy.toxics().is_empty());
+
+    let tcp = proxy_to(echo_server().await, 1).await;
+    match tcp.add_toxic(early_close(500, None)) {
+        Err(ProxyError::InvalidToxic(why)) => {
+            assert!(why.contains(r#""protocol":"websocket""#), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
