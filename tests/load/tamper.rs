@@ -3,11 +3,14 @@
 //! receive deliveries runs against it as a user would run it, with
 //! `--target` (here `Target::Url`), once per frame toxic: `ws_drop`,
 //! `ws_duplicate`, `ws_reorder`, `ws_corrupt` on `deliver` frames (three
-//! each), `ws_delay`, and none (the proxy only forwards). The proxy records
+//! each), `ws_delay`, `ws_early_close` (the proxy answers each client's
+//! close itself and passes it on late, as terminating intermediaries do),
+//! and none (the proxy only forwards). The proxy records
 //! what it did; the checker's witnesses must equal that record one for one
 //! (channel, offset, id), of the kind each tampering must be found as, with
-//! nothing else found; the run must exit 3. With no toxic, or only delays,
-//! it must exit 0. Beside the failpoints planted inside the relay
+//! nothing else found; the run must exit 3. With no toxic, only delays,
+//! or closes answered early (resumes then find sessions still ACTIVE), it
+//! must exit 0. Beside the failpoints planted inside the relay
 //! (`checker_catches_every_planted_bug`), this is the evidence that the
 //! checker sees what a relay or anything in front of it does wrong, and
 //! cries wolf on nothing.
@@ -33,16 +36,26 @@ enum Mode {
     Reorder,
     Corrupt,
     Delay,
+    /// The proxy answers each client's close itself and passes it on to
+    /// the relay 500 ms later, as terminating intermediaries do: a resume
+    /// right after may find the session still held (ACTIVE), which is no
+    /// violation.
+    EarlyClose,
 }
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     Mode::None,
     Mode::Drop,
     Mode::Duplicate,
     Mode::Reorder,
     Mode::Corrupt,
     Mode::Delay,
+    Mode::EarlyClose,
 ];
+
+/// Why the early close is moot for a scenario that never resumes a
+/// session its client closed.
+const NO_RESUME: &str = "its clients never resume a session they closed themselves";
 
 /// Tamperings per run.
 const LIMIT: u64 = 3;
@@ -67,6 +80,11 @@ impl Mode {
                 a["delay"] = json!(200);
                 ("ws_delay", a)
             }
+            Mode::EarlyClose => {
+                let toxic = json!({"name": "tamper", "type": "ws_early_close", "stream": "upstream",
+                    "attributes": {"delay": 500}});
+                return Some(serde_json::from_value(toxic).expect("a toxic the API takes"));
+            }
         };
         let toxic = json!({"name": "tamper", "type": kind, "stream": "downstream", "attributes": attributes});
         Some(serde_json::from_value(toxic).expect("a toxic the API takes"))
@@ -79,7 +97,7 @@ impl Mode {
             TamperAction::Duplicate => Some("duplicated"),
             TamperAction::Reorder => Some("reordered"),
             TamperAction::Corrupt => Some("corrupted"),
-            TamperAction::Delay => None,
+            TamperAction::Delay | TamperAction::EarlyClose => None,
         }
     }
 }
@@ -108,16 +126,20 @@ async fn one(scenario: &str, mode: Mode, every: u64, proxy: &Proxy, dir: &Path) 
     let summary = keel_harness::run(opts).await.expect("the run");
     let s = &summary.report.scenarios[0];
     let verdict: &check::Verdict = s.checks.as_ref().expect("checked");
-    let truth: Vec<Tampering> = proxy
-        .tamperings()
-        .into_iter()
-        .filter(|t| t.effective)
-        .collect();
+    if mode == Mode::EarlyClose {
+        // Closes the proxy holds are recorded when it passes them on.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let all = proxy.tamperings();
+    let truth: Vec<Tampering> = all.iter().filter(|t| t.effective).cloned().collect();
     let context = format!(
-        "{scenario} with {mode:?}: status {}, exit {}, error {:?}\nground truth: {truth:#?}\nverdict: {:#?}",
+        "{scenario} with {mode:?}: status {}, exit {}, error {:?}\nground truth: {truth:#?}\nall records: {}, proxy {:?} {:?}\nverdict: {:#?}",
         s.status.as_str(),
         summary.exit_code,
         s.error,
+        all.len(),
+        proxy.stats(),
+        proxy.toxics(),
         verdict.checks
     );
     // What the proxy did, by the check it must be found as.
@@ -128,6 +150,34 @@ async fn one(scenario: &str, mode: Mode, every: u64, proxy: &Proxy, dir: &Path) 
         }
     }
     match mode {
+        Mode::EarlyClose => {
+            // The proxy answered every close itself; the relay saw each
+            // 500 ms later (or never: a resume took the session over first
+            // and the relay closed the old link): resumes found sessions
+            // still held, and the checker must take that as the
+            // asynchronous system it is.
+            let closes = all
+                .iter()
+                .filter(|t| t.action == TamperAction::EarlyClose)
+                .count();
+            assert!(closes > 0, "no close was answered early: {context}");
+            assert!(!verdict.violated(), "a false alarm: {context}");
+            assert_eq!(summary.exit_code, EXIT_OK, "{context}");
+            let history = std::fs::read_to_string(summary.dir.join(scenario).join("history.jsonl"))
+                .expect("the history");
+            let held = history
+                .lines()
+                .filter(|l| l.contains("\"f\":\"session_state\"") && l.contains("observed ACTIVE"))
+                .count();
+            assert!(
+                held > 0,
+                "no resume found its session still held: the early close proved nothing: {context}"
+            );
+            return format!(
+                "{scenario} {mode:?}: exit {}, {closes} closes answered early, {held} resumes found the session ACTIVE, no violation",
+                summary.exit_code
+            );
+        }
         Mode::None | Mode::Delay => {
             assert!(want.is_empty(), "nothing but delays was planted: {context}");
             assert!(!verdict.violated(), "a false alarm: {context}");
@@ -242,26 +292,29 @@ fn subscriptions_50k_through_a_tampering_proxy() {
     through_the_proxy(
         "subscriptions_50k",
         10,
-        &[(
-            Mode::Reorder,
-            "each channel carries one message: there is no order within a channel to break",
-        )],
+        &[
+            (
+                Mode::Reorder,
+                "each channel carries one message: there is no order within a channel to break",
+            ),
+            (Mode::EarlyClose, NO_RESUME),
+        ],
     );
 }
 
 #[test]
 fn fanout_backpressure_through_a_tampering_proxy() {
-    through_the_proxy("fanout_backpressure", 20, &[]);
+    through_the_proxy("fanout_backpressure", 20, &[(Mode::EarlyClose, NO_RESUME)]);
 }
 
 #[test]
 fn large_payloads_through_a_tampering_proxy() {
-    through_the_proxy("large_payloads", 5, &[]);
+    through_the_proxy("large_payloads", 5, &[(Mode::EarlyClose, NO_RESUME)]);
 }
 
 #[test]
 fn soak_through_a_tampering_proxy() {
-    through_the_proxy("soak", 50, &[]);
+    through_the_proxy("soak", 50, &[(Mode::EarlyClose, NO_RESUME)]);
 }
 
 /// Every load scenario that receives deliveries and runs against
@@ -269,7 +322,10 @@ fn soak_through_a_tampering_proxy() {
 /// so here.
 #[test]
 fn every_target_scenario_that_receives_deliveries_is_tampered_with() {
-    let source = include_str!("tamper.rs");
+    let source: String = include_str!("tamper.rs")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     let without_deliveries = ["connections_10k", "queue_overflow"];
     for s in keel_harness::catalogue()
         .into_iter()
@@ -277,7 +333,7 @@ fn every_target_scenario_that_receives_deliveries_is_tampered_with() {
     {
         assert!(
             without_deliveries.contains(&s.name)
-                || source.contains(&format!("through_the_proxy(\"{}\"", s.name)),
+                || source.contains(&format!("through_the_proxy(\"{}\",", s.name)),
             "{} runs against --target and has no tampering test",
             s.name
         );
