@@ -32,6 +32,16 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Run exactly what CI runs (`.ci/run`): fmt check, clippy, the test suite.
     Ci,
+    /// Write a run's docs/results page from its report.json, its charts
+    /// beside it (e.g. `cargo xtask results target/keel-report/<stamp>-load
+    /// docs/results/load.md`: charts into docs/results/load/).
+    Results {
+        /// The run directory (`target/keel-report/<stamp>-<suite>`).
+        run: std::path::PathBuf,
+        /// The page to write; its charts go into a directory of its name
+        /// beside it.
+        page: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +62,9 @@ fn main() -> Result<()> {
                 "  bench   every benchmark, one table of figures against baselines and targets"
             );
             println!("  ci      run exactly what CI runs (.ci/run): fmt check, clippy, tests");
+            println!(
+                "  results a run's docs/results page from its report (cargo xtask results RUN_DIR PAGE.md)"
+            );
             Ok(())
         }
         Some(Task::Load(args)) => {
@@ -70,5 +83,15 @@ fn main() -> Result<()> {
         }
         Some(Task::Bench(args)) => std::process::exit(bench::run(args)?),
         Some(Task::Ci) => ci::run(),
+        Some(Task::Results { run, page }) => {
+            let charts = page
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("charts")
+                .to_owned();
+            keel_harness::results::write(&run, &page, &charts)?;
+            println!("wrote {} and its charts in {charts}/", page.display());
+            Ok(())
+        }
     }
 }

@@ -44,6 +44,7 @@ pub mod fixture;
 pub mod history;
 pub mod load;
 pub mod report;
+pub mod results;
 pub mod run;
 pub mod scenario;
 mod scenarios;
