@@ -258,10 +258,11 @@ fn checker_catches_every_planted_bug() {
 }
 
 /// The checker holds a resume after a client's close to DETACHED only when
-/// the history proves the relay handled the close: the relay itself
-/// answered it, on a direct connection. That proof must be there in the
-/// lab (else the strict rule never applies), and the resume must then find
-/// the session DETACHED.
+/// the relay itself answered the close on a direct connection and the
+/// client resumed 100 ms later. That proof must be there in the lab (else
+/// the strict rule never applies), and the resume must then find the
+/// session DETACHED, also while deliveries were being written to it when
+/// it closed.
 #[test]
 fn a_relay_answers_a_direct_close_and_the_session_is_detached() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -274,13 +275,29 @@ fn a_relay_answers_a_direct_close_and_the_session_is_detached() {
         let ctx = Ctx::new(Target::Spawn(relay()), dir.path(), Scale::Small);
         assert!(ctx.direct());
         let relay = ctx.relay(RelayOptions::default()).await.unwrap();
-        for _ in 0..20 {
+        let publisher = Publisher::open(&relay.url(), 9, None, &ctx.recorder)
+            .await
+            .unwrap();
+        let busy = ctx.recorder.channel("busy");
+        for round in 0..10u32 {
             let (ws, welcome) = keel_harness::client::open_session(&relay.url(), None)
                 .await
                 .unwrap();
-            let reader = keel_harness::client::Reader::new(1, 1, ws, &ctx.recorder);
-            let (_, answered) = reader.close(Duration::from_secs(2)).await;
+            let mut reader = keel_harness::client::Reader::new(round, 1, ws, &ctx.recorder);
+            reader
+                .send(serde_json::json!({"type": "subscribe", "channel": "busy"}))
+                .await
+                .unwrap();
+            // Deliveries on their way while the client closes.
+            let flood = (0..200).map(|_| publisher.publish(busy, "busy", "{}", None));
+            let flood = futures_join(flood);
+            let close = async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                reader.close(Duration::from_secs(2)).await
+            };
+            let ((_, answered), ()) = tokio::join!(close, flood);
             assert!(answered, "the relay did not answer the close");
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let mut ws = keel_harness::client::connect(&relay.url(), None)
                 .await
                 .unwrap();
@@ -291,7 +308,7 @@ fn a_relay_answers_a_direct_close_and_the_session_is_detached() {
             )
             .await
             .unwrap();
-            assert_eq!(again.state, "DETACHED");
+            assert_eq!(again.state, "DETACHED", "round {round}");
         }
     });
 }

@@ -32,10 +32,13 @@ pub(crate) enum Delivery {
 }
 
 /// `frame` (a `deliver` frame, whose last field is its payload) with the
-/// payload replaced, for the `corrupt_delivery` failpoint.
+/// payload replaced, for the `corrupt_delivery` failpoint. The first
+/// `"payload":` is the frame's own: the fields before it are escaped
+/// strings and numbers, where the quotes of such a key cannot appear
+/// unescaped; the payload itself may hold one.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub(crate) fn corrupted(frame: &str) -> String {
-    match frame.rfind(r#""payload":"#) {
+    match frame.find(r#""payload":"#) {
         Some(at) => format!(
             r#"{}"payload":"corrupted by the corrupt_delivery failpoint"}}"#,
             &frame[..at]

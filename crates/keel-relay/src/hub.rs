@@ -52,6 +52,9 @@ pub(crate) enum Ending {
     /// resumes from its last offset (a writer that stopped without closing
     /// would leave the subscriber waiting on a live socket forever).
     Unreadable,
+    /// The client closed (or its stream ended) and the session is detached:
+    /// nothing more is written but the answer to its close.
+    Closed,
 }
 
 /// Set once when a connection must end; the reader and writer both watch it.
@@ -69,6 +72,7 @@ impl EndFlag {
             Ending::Stuck => 2,
             Ending::Gone => 3,
             Ending::Unreadable => 4,
+            Ending::Closed => 5,
         };
         if self
             .state
@@ -86,6 +90,7 @@ impl EndFlag {
             2 => Some(Ending::Stuck),
             3 => Some(Ending::Gone),
             4 => Some(Ending::Unreadable),
+            5 => Some(Ending::Closed),
             _ => None,
         }
     }

@@ -367,6 +367,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         }
         (None, _) => tracing::debug!(conn = id, "connection closed by the client"),
     }
+    let client_closed = ending.is_none();
     if let Some((code, reason)) = ending {
         let _ = tokio::time::timeout(
             limits.write_deadline(),
@@ -375,6 +376,13 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         .await;
     }
     Box::pin(conn.detach()).await;
+    // The client closed: the writer stops and answers its close now, once
+    // the session is detached (a resume that follows finds it DETACHED),
+    // instead of writing deliveries tungstenite would refuse after the
+    // client's close, and leaving the close unanswered.
+    if client_closed {
+        end.raise(Ending::Closed);
+    }
     drop(conn);
     // The writer ends once every sender is gone (the publish pipeline
     // drains first) and its queue is written, or at its write deadline;

@@ -75,7 +75,8 @@ where
 /// channel's offsets go out in order, each once. Ends when every sender is
 /// gone and the queue is written, at a close, when the connection must end
 /// (slow: it drops its queue, then sends 1013 if the socket takes it within
-/// [`CLOSE_GRACE`]), or when a write fails or times out.
+/// [`CLOSE_GRACE`]; the client closed: it drops its queue and answers the
+/// close), or when a write fails or times out.
 pub(super) async fn write_loop(
     mut sink: Sink,
     rx: mpsc::Receiver<Queued>,
@@ -91,6 +92,13 @@ pub(super) async fn write_loop(
             "slow consumer: resume from your last offset",
         );
         let _ = tokio::time::timeout(CLOSE_GRACE.min(ctx.deadline), sink.send(close)).await;
+    }
+    if matches!(end.get(), Some(Ending::Closed | Ending::Gone)) {
+        // The client closed, or a write failed (after the client's close,
+        // tungstenite refuses data): the answer to its close, which
+        // tungstenite queued when the reader read it, goes out now. On a
+        // broken link this fails at once.
+        let _ = tokio::time::timeout(CLOSE_GRACE.min(ctx.deadline), sink.close()).await;
     }
     if end.get() == Some(Ending::Unreadable) {
         metrics::counter!("keel_errors_total", "code" => crate::protocol::ErrorCode::Unavailable.as_str())
