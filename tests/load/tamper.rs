@@ -104,10 +104,17 @@ impl Mode {
 
 /// (channel, offset, id) of a tampered message, from the proxy's record.
 fn subject_of(t: &Tampering) -> (String, u64, String) {
+    let field = |k: &str| t.fields.get(k);
     (
-        t.fields["channel"].as_str().unwrap_or_default().to_owned(),
-        t.fields["offset"].as_u64().unwrap_or(0),
-        t.fields["id"].as_str().unwrap_or_default().to_owned(),
+        field("channel")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        field("offset").and_then(|v| v.as_u64()).unwrap_or(0),
+        field("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned(),
     )
 }
 
@@ -126,9 +133,12 @@ async fn one(scenario: &str, mode: Mode, every: u64, proxy: &Proxy, dir: &Path) 
     let summary = keel_harness::run(opts).await.expect("the run");
     let s = &summary.report.scenarios[0];
     let verdict: &check::Verdict = s.checks.as_ref().expect("checked");
-    if mode == Mode::EarlyClose {
-        // Closes the proxy holds are recorded when it passes them on.
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // What the proxy does as a link ends (a close it held passed on, a
+    // message it held never forwarded) is recorded then: every link ends
+    // first (at most 5 s).
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while proxy.stats().open > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let all = proxy.tamperings();
     let truth: Vec<Tampering> = all.iter().filter(|t| t.effective).cloned().collect();

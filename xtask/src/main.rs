@@ -3,6 +3,7 @@
 mod bench;
 mod ci;
 mod load;
+mod results;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -83,15 +84,6 @@ fn main() -> Result<()> {
         }
         Some(Task::Bench(args)) => std::process::exit(bench::run(args)?),
         Some(Task::Ci) => ci::run(),
-        Some(Task::Results { run, page }) => {
-            let charts = page
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("charts")
-                .to_owned();
-            keel_harness::results::write(&run, &page, &charts)?;
-            println!("wrote {} and its charts in {charts}/", page.display());
-            Ok(())
-        }
+        Some(Task::Results { run, page }) => results::run(&run, &page),
     }
 }

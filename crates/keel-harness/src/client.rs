@@ -30,13 +30,18 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How long any single wait of a client may take before it gives up.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Connects to `url` (`ws://HOST:PORT/PATH`), from `source` if given (spread
-/// many connections over 127.0.0.x so that ephemeral ports last), with the
-/// 4 KiB buffers that keep 10,000 connections cheap.
+/// Connects to `url` (`ws://HOST:PORT/PATH`), from `source` if given and
+/// the relay is on loopback too (spread many connections over 127.0.0.x so
+/// that ephemeral ports last), with the 4 KiB buffers that keep 10,000
+/// connections cheap.
 pub async fn connect(url: &str, source: Option<IpAddr>) -> Result<Ws, Error> {
     let rest = url
         .strip_prefix("ws://")
-        .ok_or_else(|| Error::Client(format!("{url}: only ws:// URLs are supported")))?;
+        .ok_or_else(|| {
+            Error::Client(format!(
+                "{url}: only ws:// URLs are supported (wss:// is not built into the harness yet: reach a TLS-terminated deployment through its plain inside address)"
+            ))
+        })?;
     let host = rest.split('/').next().unwrap_or(rest);
     let addr: SocketAddr = tokio::net::lookup_host(host)
         .await
@@ -49,7 +54,10 @@ pub async fn connect(url: &str, source: Option<IpAddr>) -> Result<Ws, Error> {
         TcpSocket::new_v6()
     }
     .map_err(|e| Error::Client(format!("socket: {e}")))?;
-    if let Some(ip) = source {
+    // Loopback sources spread connections to a loopback relay over more
+    // ephemeral ports; a relay elsewhere (`--target`) is reached from the
+    // address the kernel picks.
+    if let Some(ip) = source.filter(|ip| ip.is_loopback() == addr.ip().is_loopback()) {
         socket
             .bind(SocketAddr::new(ip, 0))
             .map_err(|e| Error::Client(format!("bind {ip}: {e}")))?;
@@ -218,9 +226,31 @@ pub fn text(v: &serde_json::Value) -> Message {
 
 // --------------------------------------------------------------- reader
 
+/// A `deliver` frame as the history records it. A frame missing its
+/// channel, offset or id is recorded all the same (an empty channel, offset
+/// 0, an empty id: never published, so `unexpected` where it can be
+/// judged) and counted as suspicious: a client never drops what it read.
+pub fn delivery_of(f: &Frame<'_>, sub: u32, conn: u32, recorder: &Recorder) -> Delivery {
+    if f.channel.is_none() || f.offset.is_none() || f.id.is_none() {
+        recorder.suspicious();
+    }
+    Delivery {
+        sub,
+        conn,
+        channel: recorder.channel(f.channel.as_deref().unwrap_or("")),
+        offset: f.offset.unwrap_or(0),
+        id: recorder.id(f.id.as_deref().unwrap_or("")),
+        at: recorder.now(),
+        // A deliver frame without a payload is recorded as an empty one:
+        // nobody published that.
+        digest: Digest::of(f.payload.map_or("", |p| p.get())),
+    }
+}
+
 /// One raw session connection read step by step, recording every delivery
 /// it reads into the history (repeats included: the checker judges them)
-/// and counting what it waits for by offset.
+/// and counting what it waits for by offset: only offsets of the channels
+/// it expects, from the offset it expects them.
 #[derive(Debug)]
 pub struct Reader {
     /// Its number in the history.
@@ -231,19 +261,21 @@ pub struct Reader {
     pub ws: Ws,
     recorder: Recorder,
     buffer: Vec<Delivery>,
-    had: HashMap<ChannelId, Offsets>,
+    /// Per expected channel: the first offset expected and those had.
+    expected: HashMap<ChannelId, (u64, Offsets)>,
 }
 
 /// What one frame was, to a [`Reader`].
 enum Read {
-    /// A delivery of an offset not had before on this reader.
-    New(String, u64),
-    /// A delivery of an offset had before.
-    Repeat,
+    /// A delivery of an expected offset not had before.
+    Expected(String, u64),
+    /// Any other delivery: a repeat, another channel's, one before the
+    /// first offset expected.
+    Other(String, u64),
     /// `pong`.
     Pong,
     /// Anything else.
-    Other,
+    Frame,
 }
 
 impl Reader {
@@ -255,16 +287,33 @@ impl Reader {
             ws,
             recorder: recorder.clone(),
             buffer: Vec::new(),
-            had: HashMap::new(),
+            expected: HashMap::new(),
         }
+    }
+
+    /// Says (and records) that this reader must see every acknowledged
+    /// message of `channel` from offset `from` on.
+    pub fn expect(&mut self, channel: &str, from: u64) {
+        let cid = self.recorder.channel(channel);
+        self.recorder.expect(Expectation {
+            sub: self.sub,
+            channel: cid,
+            from,
+        });
+        self.expected.insert(cid, (from, Offsets::default()));
     }
 
     /// Sends a frame.
     pub async fn send(&mut self, v: serde_json::Value) -> Result<(), Error> {
-        self.ws
-            .send(text(&v))
-            .await
-            .map_err(|e| Error::Client(format!("send: {e}")))
+        let sent = self.ws.send(text(&v)).await;
+        sent.map_err(|e| self.gave_up(format!("send: {e}")))
+    }
+
+    /// The link failed: the reader stops being held to what it expected.
+    fn gave_up(&mut self, why: String) -> Error {
+        self.flush();
+        self.recorder.abandon(self.sub, &why);
+        Error::Client(why)
     }
 
     /// Handles one text frame; an `error` frame fails.
@@ -272,27 +321,22 @@ impl Reader {
         let f = parse(t)?;
         match f.kind.as_ref() {
             "deliver" => {
-                let channel = f.channel.unwrap_or_default();
-                let offset = f.offset.unwrap_or(0);
-                let cid = self.recorder.channel(&channel);
-                self.buffer.push(Delivery {
-                    sub: self.sub,
-                    conn: self.conn,
-                    channel: cid,
-                    offset,
-                    id: self.recorder.id(f.id.as_deref().unwrap_or("")),
-                    at: self.recorder.now(),
-                    digest: Digest::of(f.payload.map_or("", |p| p.get())),
-                });
-                Ok(if self.had.entry(cid).or_default().insert(offset) {
-                    Read::New(channel.into_owned(), offset)
+                let d = delivery_of(&f, self.sub, self.conn, &self.recorder);
+                self.buffer.push(d);
+                let channel = f.channel.unwrap_or_default().into_owned();
+                let expected = self
+                    .expected
+                    .get_mut(&d.channel)
+                    .is_some_and(|(from, had)| d.offset >= *from && had.insert(d.offset));
+                Ok(if expected {
+                    Read::Expected(channel, d.offset)
                 } else {
-                    Read::Repeat
+                    Read::Other(channel, d.offset)
                 })
             }
             "pong" => Ok(Read::Pong),
-            "error" => Err(Error::Client(format!("relay refused: {t}"))),
-            _ => Ok(Read::Other),
+            "error" => Err(self.gave_up(format!("relay refused: {t}"))),
+            _ => Ok(Read::Frame),
         }
     }
 
@@ -306,13 +350,7 @@ impl Reader {
             match msg {
                 Some(Ok(Message::Text(t))) => return self.on_text(t.as_str()).map(Some),
                 Some(Ok(_)) => continue,
-                _ => {
-                    self.flush();
-                    return Err(Error::Client(format!(
-                        "subscriber {} lost its link",
-                        self.sub
-                    )));
-                }
+                _ => return Err(self.gave_up(format!("subscriber {} lost its link", self.sub))),
             }
         }
     }
@@ -321,21 +359,28 @@ impl Reader {
         self.recorder.deliveries(&mut self.buffer);
     }
 
-    /// Reads until `n` offsets not had before arrived (or `limit` passed);
-    /// returns them as (channel, offset) in arrival order. A repeat is
-    /// recorded but does not count towards `n`.
+    /// Reads until `n` expected offsets not had before arrived (or `limit`
+    /// passed); returns every delivery read, as (channel, offset) in
+    /// arrival order, and how many of them were expected and new. A repeat,
+    /// another channel's message or one before the expected offset is
+    /// recorded and returned, never counted towards `n`.
     pub async fn deliveries(
         &mut self,
         n: usize,
         limit: Duration,
-    ) -> Result<Vec<(String, u64)>, Error> {
+    ) -> Result<(Vec<(String, u64)>, usize), Error> {
         let mut got = Vec::new();
+        let mut new = 0;
         let deadline = Instant::now() + limit;
         let result = async {
-            while got.len() < n {
+            while new < n {
                 match self.next(deadline).await? {
                     None => break,
-                    Some(Read::New(channel, offset)) => got.push((channel, offset)),
+                    Some(Read::Expected(channel, offset)) => {
+                        new += 1;
+                        got.push((channel, offset));
+                    }
+                    Some(Read::Other(channel, offset)) => got.push((channel, offset)),
                     Some(_) => {}
                 }
             }
@@ -343,7 +388,7 @@ impl Reader {
         }
         .await;
         self.flush();
-        result.map(|()| got)
+        result.map(|()| (got, new))
     }
 
     /// Reads until `pong` (deliveries on the way are recorded).
@@ -382,9 +427,8 @@ impl Reader {
                 }
                 Ok(Some(Ok(Message::Close(_)))) => break true,
                 Ok(Some(Ok(_))) => {}
-                // A peer that answers the close and then closes the socket
-                // shows as the end of the stream after the close frame,
-                // which tungstenite hands over first.
+                // The end of the stream without the peer's close frame
+                // (tungstenite hands that frame over first when it comes).
                 Ok(Some(Err(_)) | None) | Err(_) => break false,
             }
         };
@@ -623,75 +667,67 @@ pub struct SubscriberReport {
     pub connections: u32,
     /// Close codes the relay sent it.
     pub closes: Vec<Option<u16>>,
-    /// Distinct offsets delivered (a repeat of one is not counted again).
+    /// Distinct offsets delivered of the channels it asked for, from the
+    /// offsets it asked for (a repeat is not counted again).
     pub delivered: u64,
-    /// Deliver frames received, repeats included.
-    pub frames: u64,
     /// Why it stopped early, if it did.
     pub error: Option<String>,
 }
 
-/// FNV-1a, 64 bits: a digest for byte-exact payload checks.
-pub fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The offsets of one channel a client has had: a contiguous run plus
-/// whatever arrived out of it, so that millions of in-order deliveries
-/// cost two numbers. Clients count what they still wait for by offset with
-/// it, never by frame.
+/// The offsets of one channel a client has had, as disjoint runs (first,
+/// last): millions of in-order deliveries cost one entry, and so does
+/// everything after a gap. Clients count what they still wait for by
+/// offset with it, never by frame.
 #[derive(Debug, Clone, Default)]
 pub struct Offsets {
-    run: Option<(u64, u64)>,
-    others: std::collections::BTreeSet<u64>,
+    runs: std::collections::BTreeMap<u64, u64>,
 }
 
 impl Offsets {
     /// Adds `offset`; false if it was there already.
     pub fn insert(&mut self, offset: u64) -> bool {
-        let Some((lo, hi)) = &mut self.run else {
-            self.run = Some((offset, offset));
-            return true;
-        };
-        if (*lo..=*hi).contains(&offset) {
+        if self.contains(offset) {
             return false;
         }
-        if offset == *hi + 1 {
-            *hi = offset;
-            while self.others.remove(&(*hi + 1)) {
-                *hi += 1;
+        // Joins the run ending just before it and the one starting just
+        // after it, if any.
+        let before = self
+            .runs
+            .range(..offset)
+            .next_back()
+            .filter(|(_, last)| **last + 1 == offset)
+            .map(|(first, _)| *first);
+        let after = offset
+            .checked_add(1)
+            .and_then(|next| self.runs.remove(&next).map(|last| (next, last)));
+        let last = after.map_or(offset, |(_, last)| last);
+        match before {
+            Some(first) => {
+                self.runs.insert(first, last);
             }
-            true
-        } else if offset + 1 == *lo {
-            *lo = offset;
-            while *lo > 0 && self.others.remove(&(*lo - 1)) {
-                *lo -= 1;
+            None => {
+                self.runs.insert(offset, last);
             }
-            true
-        } else {
-            self.others.insert(offset)
         }
+        true
     }
 
     /// Whether `offset` is there.
     pub fn contains(&self, offset: u64) -> bool {
-        self.run.is_some_and(|(lo, hi)| (lo..=hi).contains(&offset))
-            || self.others.contains(&offset)
+        self.runs
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, last)| *last >= offset)
     }
 
     /// How many offsets are there.
     pub fn len(&self) -> u64 {
-        self.run.map_or(0, |(lo, hi)| hi - lo + 1) + self.others.len() as u64
+        self.runs.iter().map(|(first, last)| last - first + 1).sum()
     }
 
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
-        self.run.is_none()
+        self.runs.is_empty()
     }
 }
 
@@ -733,7 +769,9 @@ pub async fn settle(progress: &[Progress], want: u64, limit: Duration, quiet: Du
 /// Starts a subscriber; it runs until `stop_after` distinct deliveries or
 /// until `stop` turns true (either way it then reads what is still coming
 /// for `drain`, so that a repeat right behind the last message is seen), or
-/// until its link fails for good. It records an expectation per channel.
+/// until its link fails for good (then it records that it gave up: it is
+/// not held to what it did not read). It records an expectation per
+/// channel.
 pub fn spawn_subscriber(
     spec: SubscriberSpec,
     recorder: Recorder,
@@ -745,6 +783,8 @@ pub fn spawn_subscriber(
     let task = tokio::spawn(async move {
         let mut report = SubscriberReport::default();
         if let Err(e) = subscribe_loop(&spec, &recorder, stop, drain, &counter, &mut report).await {
+            // It stopped on its own: not held to what it did not read.
+            recorder.abandon(spec.sub, &e.to_string());
             report.error = Some(e.to_string());
         }
         report
@@ -766,9 +806,9 @@ async fn subscribe_loop(
         .map(|(c, _)| (c.clone(), recorder.channel(c)))
         .collect();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
-    // Offsets delivered per channel (by index in `ids`, or past it for a
-    // channel the subscriber did not ask for), for counting by offset.
-    let mut had: Vec<Offsets> = vec![Offsets::default(); ids.len() + 1];
+    // Offsets delivered per channel it asked for (by index in `ids`), for
+    // counting by offset.
+    let mut had: Vec<Offsets> = vec![Offsets::default(); ids.len()];
     let mut token: Option<String> = None;
     let mut buffer: Vec<Delivery> = Vec::with_capacity(1024);
     let mut latencies: Vec<(Duration, u64)> = Vec::new();
@@ -846,46 +886,34 @@ async fn subscribe_loop(
                 Ok(None) => break Some(None),
                 Err(code) => break Some(code),
             };
-            let Ok(f) = parse(&t) else { continue };
+            let Ok(f) = parse(&t) else {
+                recorder.suspicious();
+                continue;
+            };
             if f.kind != "deliver" {
                 continue;
             }
-            let (Some(channel), Some(offset), Some(id)) =
-                (f.channel.as_deref(), f.offset, f.id.as_deref())
-            else {
-                continue;
-            };
             let at = std::time::Instant::now();
-            let slot = ids.iter().position(|(n, _)| n == channel);
-            let cid = slot
-                .map(|k| ids[k].1)
-                .unwrap_or_else(|| recorder.channel(channel));
-            let mid = recorder.id(id);
-            // A deliver frame without a payload is recorded as an empty
-            // one: nobody published that.
-            let payload = f.payload.map_or("", |p| p.get());
-            buffer.push(Delivery {
-                sub: spec.sub,
-                conn,
-                channel: cid,
-                offset,
-                id: mid,
-                at: at.saturating_duration_since(epoch).as_micros() as Micros,
-                digest: Digest::of(payload),
-            });
+            let d = delivery_of(&f, spec.sub, conn, recorder);
+            buffer.push(d);
             // Flushed in batches (one lock per batch), and at least twice a
             // second so that the live display is current.
             if buffer.len() >= 1024 || at.duration_since(flushed) >= Duration::from_millis(500) {
                 recorder.deliveries(&mut buffer);
                 flushed = at;
             }
+            let channel = f.channel.as_deref().unwrap_or("");
             let seen = last.entry(channel.to_owned()).or_insert(0);
-            if offset <= *seen {
+            if d.offset <= *seen {
                 recorder.suspicious();
             }
-            *seen = (*seen).max(offset);
-            report.frames += 1;
-            if had[slot.unwrap_or(ids.len())].insert(offset) {
+            *seen = (*seen).max(d.offset);
+            // Only what it expects counts: its channels, from the offset
+            // asked for, each offset once.
+            if let Some(k) = ids.iter().position(|(_, c)| *c == d.channel)
+                && d.offset >= spec.channels[k].1.max(1)
+                && had[k].insert(d.offset)
+            {
                 report.delivered += 1;
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -912,8 +940,11 @@ async fn subscribe_loop(
             None => break Ok(()),
             Some(code) => {
                 report.closes.push(code);
-                if !spec.resume || *stop.borrow() {
+                if *stop.borrow() {
                     break Ok(());
+                }
+                if !spec.resume {
+                    break Err(Error::Client(format!("closed ({code:?}) and not resuming")));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -949,10 +980,20 @@ mod tests {
         assert_eq!(o.len(), 9);
         assert!((2..=10).all(|x| o.contains(x)));
         assert!(!o.contains(1) && !o.contains(11));
-        assert_eq!(o.run, Some((2, 10)));
-        assert!(o.others.is_empty());
+        assert_eq!(o.runs.len(), 1);
         assert!(!o.insert(7));
         assert!(o.insert(1));
         assert_eq!(o.len(), 10);
+        // After a gap, everything that follows is one run more, not one
+        // entry per offset.
+        let mut gap = Offsets::default();
+        for x in (1..=1000).filter(|x| *x != 3) {
+            gap.insert(x);
+        }
+        assert_eq!((gap.len(), gap.runs.len()), (999, 2));
+        assert!(!gap.contains(3));
+        assert!(gap.insert(3));
+        assert_eq!((gap.len(), gap.runs.len()), (1000, 1));
+        assert!(gap.insert(u64::MAX) && gap.contains(u64::MAX));
     }
 }

@@ -458,18 +458,27 @@ impl Relay {
     }
 
     /// Its resident memory now, MiB (from /proc for a process this harness
-    /// started, else `process_resident_memory_bytes`); 0 if unknown.
-    pub async fn rss_mib(&self) -> f64 {
+    /// started, else `process_resident_memory_bytes`). A figure that cannot
+    /// be read is an error, never a zero.
+    pub async fn rss_mib(&self) -> Result<f64, Error> {
         let bytes = match self {
             Relay::Spawned(r) => {
-                keel_faults::sample(r.pid(), Duration::ZERO).map_or(0.0, |s| s.rss_bytes as f64)
+                keel_faults::sample(r.pid(), Duration::ZERO)
+                    .map_err(|e| Error::Relay(format!("relay memory: {e}")))?
+                    .rss_bytes as f64
             }
-            Relay::Remote(_) => self
-                .metric("process_resident_memory_bytes")
-                .await
-                .unwrap_or(0.0),
+            Relay::Remote(r) => {
+                let text = r.metrics().await?;
+                if !text.contains("process_resident_memory_bytes") {
+                    return Err(Error::Relay(format!(
+                        "{} has no process_resident_memory_bytes now",
+                        r.remote.metrics
+                    )));
+                }
+                metric_value(&text, "process_resident_memory_bytes")
+            }
         };
-        bytes / (1024.0 * 1024.0)
+        Ok(bytes / (1024.0 * 1024.0))
     }
 }
 
@@ -480,6 +489,7 @@ impl Relay {
 pub struct RemoteRelay {
     remote: Remote,
     addr: SocketAddr,
+    host: String,
     path: String,
     sampler: tokio::task::JoinHandle<()>,
 }
@@ -506,20 +516,22 @@ impl RemoteRelay {
             .and_then(|mut a| a.next())
             .ok_or_else(|| Error::Usage(format!("--metrics-url {}: no address", remote.metrics)))?;
         let path = format!("/{path}");
-        let text = http_get(addr, &path).await?;
+        let host = host.to_owned();
+        let text = http_get_host(addr, &host, &path).await?;
         if !text.contains("process_resident_memory_bytes") {
             return Err(Error::NotApplicable(format!(
                 "{} has no process_resident_memory_bytes: this scenario judges the relay's memory; point --metrics-url at the relay's /metrics",
                 remote.metrics
             )));
         }
-        let (sink, p) = (resources.clone(), path.clone());
+        let (sink, p, h) = (resources.clone(), path.clone(), host.clone());
         let sampler = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
                 tick.tick().await;
                 let t = epoch.elapsed();
-                let Ok(text) = http_get(addr, &p).await else {
+                // A scrape that fails is a gap in the chart, not a zero.
+                let Ok(text) = http_get_host(addr, &h, &p).await else {
                     continue;
                 };
                 let rss = metric_value(&text, "process_resident_memory_bytes") as u64;
@@ -543,6 +555,7 @@ impl RemoteRelay {
         Ok(RemoteRelay {
             remote: remote.clone(),
             addr,
+            host,
             path,
             sampler,
         })
@@ -550,7 +563,7 @@ impl RemoteRelay {
 
     /// Its Prometheus text.
     pub async fn metrics(&self) -> Result<String, Error> {
-        http_get(self.addr, &self.path).await
+        http_get_host(self.addr, &self.host, &self.path).await
     }
 }
 
@@ -572,31 +585,79 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A minimal HTTP/1.1 GET on 127.0.0.1; returns the body.
+/// A minimal HTTP/1.1 GET to `addr`; returns the body of a 2xx answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, Error> {
+    http_get_host(addr, &addr.to_string(), path).await
+}
+
+/// [`http_get`] naming `host` in the `Host` header (a server behind a
+/// reverse proxy may route by it). The body may be chunked; a status other
+/// than 2xx is an error. At most 64 MiB and 10 s.
+pub async fn http_get_host(addr: SocketAddr, host: &str, path: &str) -> Result<String, Error> {
     use tokio::io::AsyncReadExt;
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
+        let mut out = Vec::new();
+        s.take(64 << 20).read_to_end(&mut out).await?;
         Ok::<_, std::io::Error>(out)
     };
-    let text = tokio::time::timeout(Duration::from_secs(10), io)
+    let raw = tokio::time::timeout(Duration::from_secs(10), io)
         .await
         .map_err(|_| Error::Timeout(format!("GET {path}")))?
         .map_err(|e| Error::io(&format!("GET {path}"), e))?;
-    Ok(text
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map_or(text.clone(), |(_, b)| b.to_owned()))
+        .ok_or_else(|| Error::Client(format!("GET {path}: no HTTP answer")))?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if !status.starts_with('2') {
+        return Err(Error::Client(format!(
+            "GET {path}: HTTP {status} from {host}"
+        )));
+    }
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    Ok(if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    })
+}
+
+/// A chunked body's content (extensions and trailers ignored).
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = size.split(';').next().unwrap_or("").trim();
+        let Ok(n) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n7;x=1\r\n, world\r\n0\r\n\r\n"),
+            "hello, world"
+        );
+    }
 
     #[test]
     fn a_remote_relays_metrics_default_to_its_host_and_port() {

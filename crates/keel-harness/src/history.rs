@@ -57,12 +57,22 @@ impl MsgId {
     }
 }
 
+/// FNV-1a, 64 bits: a digest for byte-exact payload checks (and seeds).
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// A payload's fingerprint: FNV-1a (64 bits) of its JSON text exactly as
 /// it went on the wire, and its length in bytes. The relay stores and
 /// delivers a payload's bytes verbatim, so a delivery's digest equals its
 /// publish's unless something between the publisher and the subscriber
 /// changed the payload (the `corrupted` check).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Digest {
     /// FNV-1a 64 of the payload's bytes (hexadecimal in JSON: readers
     /// whose numbers are doubles would round it).
@@ -76,7 +86,7 @@ impl Digest {
     /// The digest of a payload's JSON text.
     pub fn of(text: &str) -> Digest {
         Digest {
-            fnv: crate::client::fnv64(text.as_bytes()),
+            fnv: fnv64(text.as_bytes()),
             len: u32::try_from(text.len()).unwrap_or(u32::MAX),
         }
     }
@@ -201,9 +211,10 @@ pub enum After {
     /// allowed (a new session; after a kill of the relay, CRASHED).
     Settled,
     /// The client closed its previous connection itself at `at`. With
-    /// `seen`, the history proves the relay handled that close before this
-    /// hello (the relay itself answered the close handshake on a direct
-    /// connection): only `expected` is allowed. Without, the resume may
+    /// `seen`, the relay handled that close before this hello: the relay
+    /// itself answered the close handshake on a direct connection and the
+    /// client resumed at least 100 ms later (the relay answers as it
+    /// detaches): only `expected` is allowed. Without, the resume may
     /// also find the session ACTIVE (its old connection taken over), unless
     /// `expected` is CRASHED (a kill ends every connection).
     ClientClose {
@@ -296,8 +307,23 @@ pub struct History {
     pub ops: Vec<Op>,
     /// Faults applied.
     pub faults: Vec<Fault>,
+    /// Subscribers that gave up on their link.
+    pub abandoned: Vec<Abandon>,
     /// Interned names.
     pub names: Names,
+}
+
+/// A subscriber gave up on its link (it failed and could not be resumed,
+/// or the client stopped on an error): from then on it is not held to the
+/// messages it expected. A client that resumes never records this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Abandon {
+    /// The subscriber.
+    pub sub: u32,
+    /// When.
+    pub at: Micros,
+    /// Why.
+    pub why: String,
 }
 
 /// Records a history from many tasks. Cheap to clone.
@@ -409,6 +435,16 @@ impl Recorder {
         self.lock().expectations.push(e);
     }
 
+    /// Records that subscriber `sub` gave up on its link.
+    pub fn abandon(&self, sub: u32, why: &str) {
+        let at = self.now();
+        self.lock().abandoned.push(Abandon {
+            sub,
+            at,
+            why: why.to_owned(),
+        });
+    }
+
     /// Records an observed session state against the expected one.
     pub fn state(&self, s: StateCheck) {
         self.lock().states.push(s);
@@ -493,7 +529,8 @@ impl History {
             + self.deliveries.len()
             + self.ops.len() * 2
             + self.faults.len()
-            + self.states.len();
+            + self.states.len()
+            + self.abandoned.len();
         let outcome_line = |o: &Outcome| match o {
             Outcome::Ok { .. } => ("ok", None),
             Outcome::Fail { code } => ("fail", Some(code.clone())),
@@ -597,6 +634,23 @@ impl History {
                         s.allowed().join(" or "),
                         s.observed
                     )),
+                },
+            ));
+        }
+        for a in &self.abandoned {
+            lines.push((
+                a.at,
+                Line {
+                    t: a.at,
+                    kind: "abandon",
+                    f: "subscriber",
+                    process: Some(a.sub),
+                    conn: None,
+                    channel: None,
+                    id: None,
+                    offset: None,
+                    digest: None,
+                    detail: Some(a.why.clone()),
                 },
             ));
         }

@@ -222,7 +222,7 @@ fn scenario(out: &mut String, s: &ScenarioReport, charts: &str) {
 
 /// Writes the page of the run in `run` (its directory) to `page_path`,
 /// and copies its charts into the directory `charts` beside it (the page
-/// links them relatively). Returns the page's path.
+/// links them relatively).
 pub fn write(run: &Path, page_path: &Path, charts: &str) -> Result<(), Error> {
     let report = RunReport::read(run)?;
     let dir = page_path.parent().unwrap_or(Path::new("."));

@@ -372,11 +372,13 @@ async fn run_in(
     })
 }
 
-/// A scenario that ended in a harness error: what its history shows still
-/// stands (a violation recorded before the error is a violation), else the
-/// result is unknown.
+/// A scenario that ended in a harness error: a violation its history shows
+/// up to the error still stands (a duplicate, a corruption, an order, a
+/// state), except `lost`: a scenario cut short leaves messages acknowledged
+/// and not yet delivered, and deliveries read and not yet recorded, so a
+/// loss there proves nothing. Otherwise the result is unknown.
 fn errored(verdict: &crate::check::Verdict) -> Status {
-    if verdict.violated() {
+    if verdict.violations() > verdict.count("lost") {
         Status::Violated
     } else {
         Status::Error

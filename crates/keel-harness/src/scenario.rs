@@ -237,7 +237,7 @@ impl PlanInput {
 /// SplitMix64 over the seed and an FNV-1a hash of `name`: stable across
 /// builds and platforms (unlike `std`'s hasher).
 pub fn sub_seed(seed: u64, name: &str) -> u64 {
-    let mut z = seed ^ crate::client::fnv64(name.as_bytes());
+    let mut z = seed ^ crate::history::fnv64(name.as_bytes());
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -313,11 +313,15 @@ impl Ctx {
         matches!(self.target, Target::Spawn(_))
     }
 
-    /// A tag unique to this run (base 36 of the wall clock's nanoseconds),
-    /// for names that must not meet an earlier run's on a long-lived
-    /// `--target` relay, even one run with the same seed.
-    pub fn run_tag(&self) -> &str {
-        &self.run_tag
+    /// `name`, made unique to this run for `--target` (a tag from the wall
+    /// clock appended), so that a long-lived relay's channels of an earlier
+    /// run, even one with the same seed, are never read as this run's; as
+    /// it is for a relay this run started.
+    pub fn unique(&self, name: &str) -> String {
+        match self.target {
+            Target::Spawn(_) => name.to_owned(),
+            Target::Url(_) => format!("{name}-{}", self.run_tag),
+        }
     }
 
     /// Adds environment for every relay this context starts (the checker's
@@ -384,6 +388,18 @@ impl Ctx {
     pub async fn measured_relay(&self, options: RelayOptions) -> Result<Relay, Error> {
         match &self.target {
             Target::Spawn(_) => Ok(Relay::Spawned(Box::new(self.relay(options).await?))),
+            Target::Url(_)
+                if !options.config.is_empty()
+                    || options.upstream.is_some()
+                    || options.spool.is_some()
+                    || !options.env.is_empty()
+                    || options.data.is_some() =>
+            {
+                Err(Error::NotApplicable(
+                    "this scenario configures the relay it measures; it cannot run against --target"
+                        .into(),
+                ))
+            }
             Target::Url(remote) => Ok(Relay::Remote(
                 RemoteRelay::start(
                     remote,

@@ -96,6 +96,14 @@ struct CalmSeen {
 /// The calm client's number in the history, as publisher and subscriber.
 const CALM: u32 = 900_000;
 
+impl Drop for Calm {
+    /// A scenario that ends early (an error, its budget) takes its calm
+    /// client down with it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Calm {
     pub(crate) async fn start(
         url: &str,
@@ -138,6 +146,11 @@ impl Calm {
                     {
                         seen.delivered += 1;
                         batch.push(sdk_delivery(&r, (CALM, 1), calm, offset, &id, &payload));
+                        // Into the history as it goes (a scenario cut short
+                        // still shows what arrived), one lock per 64.
+                        if batch.len() >= 64 {
+                            r.deliveries(&mut batch);
+                        }
                     }
                 };
                 let mut n = 0u64;
@@ -186,10 +199,9 @@ impl Calm {
         Ok(Calm { stop, task })
     }
 
-    pub(crate) async fn finish(self, m: &mut Measured) -> Result<(), Error> {
+    pub(crate) async fn finish(mut self, m: &mut Measured) -> Result<(), Error> {
         self.stop.store(true, Ordering::Release);
-        let seen = self
-            .task
+        let seen = (&mut self.task)
             .await
             .map_err(|e| Error::Client(format!("calm task: {e}")))??;
         m.set("calm_errors", seen.errors as f64)

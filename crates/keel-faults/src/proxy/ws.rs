@@ -293,14 +293,15 @@ impl WsLayer {
                 "answered the client's close at once; never passed it on: the connection ended while it was held".into(),
             );
         }
+        // What the other side never got was, in effect, dropped.
         for h in std::mem::take(&mut self.holds) {
             self.record(
                 cx,
                 &h.toxic,
-                TamperAction::Reorder,
+                TamperAction::Drop,
                 true,
                 h.fields,
-                "never forwarded: the connection ended while it was held".into(),
+                "never forwarded: a reorder held it when the connection ended".into(),
             );
         }
     }
@@ -1523,7 +1524,10 @@ mod tests {
         let mut layer = std::mem::replace(&mut rig.layer, WsLayer::new(Stream::Downstream, 0));
         layer.abandon(&rig.cx());
         let records = rig.records();
-        assert_eq!((records.len(), records[0].effective), (1, true));
+        assert_eq!(
+            (records.len(), records[0].effective, records[0].action),
+            (1, true, TamperAction::Drop)
+        );
         assert!(records[0].detail.starts_with("never forwarded"));
     }
 

@@ -19,7 +19,7 @@ pub(super) fn check(ix: &Index<'_>) -> Found {
             if *n < 2 {
                 continue;
             }
-            let first = ix.seen[&(*sub, d.channel)][&d.offset].0;
+            let first = ix.seen[&(*sub, d.channel)][&d.offset].first;
             duplicated.add(|| Witness {
                 summary: format!(
                     "subscriber {sub} got offset {} of {} ({}) more than once",

@@ -12,7 +12,10 @@ pub(super) fn check(ix: &Index<'_>) -> (Found, u64) {
     let mut expectations = h.expectations.clone();
     expectations.sort_by_key(|e| (e.sub, e.channel, e.from));
     expectations.dedup_by_key(|e| (e.sub, e.channel));
-    for e in &expectations {
+    for e in expectations
+        .iter()
+        .filter(|e| !ix.abandoned.contains(&e.sub))
+    {
         let got = ix.seen.get(&(e.sub, e.channel));
         let wanted = ix
             .offsets
@@ -21,7 +24,7 @@ pub(super) fn check(ix: &Index<'_>) -> (Found, u64) {
             .unwrap_or(&[]);
         for &offset in wanted {
             expected_deliveries += 1;
-            if got.is_some_and(|g| g.contains_key(&offset)) {
+            if got.and_then(|g| g.get(&offset)).is_some_and(|s| s.right) {
                 continue;
             }
             lost.add(|| {

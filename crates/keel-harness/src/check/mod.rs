@@ -24,9 +24,14 @@
 //! - A publish whose outcome is unknown (`info`) or refused may or may not
 //!   be in the log: delivering it is not unexpected and not delivering it
 //!   is not a loss. Only an acknowledged publish must be delivered.
-//! - A subscriber records an expectation (channel, first offset) only when
-//!   it stays subscribed, or resumes, to the end of the run; the relay's log
-//!   retention is longer than any run.
+//! - A subscriber records an expectation (channel, first offset) when it
+//!   subscribes, and records that it gave up if its link fails for good
+//!   (it could not resume): only those that stayed or resumed to the end
+//!   are held to every acknowledged message. The relay's log retention is
+//!   longer than any run.
+//! - An offset counts as delivered only with the message acknowledged
+//!   there: another message at that offset is `unexpected`, and the
+//!   acknowledged one is `lost`.
 //! - The relay delivers a payload's bytes as they were published; an SDK
 //!   that parses payloads hashes their compact serialization on both ends.
 //! - The system is asynchronous: a resume after the client's own close may
@@ -123,6 +128,10 @@ pub struct Stats {
     /// Deliveries whose payload was compared with its publish's.
     #[serde(default)]
     pub payloads_checked: u64,
+    /// Subscribers that gave up on their link (not held to what they
+    /// missed after that).
+    #[serde(default)]
+    pub subscribers_abandoned: u64,
 }
 
 /// Every check over one history.
@@ -172,8 +181,12 @@ struct Index<'h> {
     published: HashSet<ChannelId>,
     /// Delivery indexes per subscriber, in arrival order.
     per_sub: BTreeMap<u32, Vec<usize>>,
-    /// (subscriber, channel) -> offset -> (first delivery, times seen).
-    seen: HashMap<(u32, ChannelId), HashMap<u64, (usize, u32)>>,
+    /// (subscriber, channel) -> offset -> (first delivery, times seen,
+    /// whether one of them was the message acknowledged there).
+    seen: HashMap<(u32, ChannelId), HashMap<u64, Seen>>,
+    /// Subscribers that gave up on their link (see
+    /// [`crate::history::Abandon`]): not held to what they missed.
+    abandoned: HashSet<u32>,
 }
 
 impl<'h> Index<'h> {
@@ -187,6 +200,7 @@ impl<'h> Index<'h> {
             published: HashSet::new(),
             per_sub: BTreeMap::new(),
             seen: HashMap::new(),
+            abandoned: h.abandoned.iter().map(|a| a.sub).collect(),
         };
         for (i, p) in h.publishes.iter().enumerate() {
             ix.published.insert(p.channel);
@@ -213,12 +227,22 @@ impl<'h> Index<'h> {
         for idxs in ix.per_sub.values() {
             for &i in idxs {
                 let d = &h.deliveries[i];
-                ix.seen
+                let right = ix
+                    .acked
+                    .get(&(d.channel, d.offset))
+                    .is_none_or(|(id, _)| *id == d.id);
+                let seen = ix
+                    .seen
                     .entry((d.sub, d.channel))
                     .or_default()
                     .entry(d.offset)
-                    .or_insert((i, 0))
-                    .1 += 1;
+                    .or_insert(Seen {
+                        first: i,
+                        times: 0,
+                        right: false,
+                    });
+                seen.times += 1;
+                seen.right |= right;
             }
         }
         ix
@@ -273,7 +297,7 @@ impl<'h> Index<'h> {
         ]
     }
 
-    /// Whether delivery `d` is of a message published there: acknowledged
+    /// Whether a delivery is of a message published there: acknowledged
     /// at that offset with that id, or an id whose outcome is unknown.
     fn is_published(&self, channel: ChannelId, offset: u64, id: MsgId) -> bool {
         match self.acked.get(&(channel, offset)) {
@@ -281,6 +305,18 @@ impl<'h> Index<'h> {
             None => self.maybe.contains(&(channel, id)),
         }
     }
+}
+
+/// One offset as one subscriber saw it.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Its first delivery.
+    first: usize,
+    /// How many times it came.
+    times: u32,
+    /// Whether one of them was the message acknowledged at that offset (a
+    /// different message there does not deliver the acknowledged one).
+    right: bool,
 }
 
 /// Violations of one kind, as a check finds them.
@@ -321,6 +357,7 @@ pub fn check(h: &History) -> Verdict {
         delivered: h.deliveries.len() as u64,
         expected_deliveries,
         payloads_checked,
+        subscribers_abandoned: ix.abandoned.len() as u64,
     };
     Verdict {
         checks: vec![

@@ -16,7 +16,13 @@ pub(super) fn check(ix: &Index<'_>) -> Found {
         let mut had: HashSet<(u32, u64)> = HashSet::new();
         for &i in idxs {
             let d = &h.deliveries[i];
-            if !had.insert((d.channel.0, d.offset)) {
+            // A message never published there is `unexpected`; judging its
+            // offset too would make one bogus frame every later one's
+            // witness.
+            if !ix.published.contains(&d.channel)
+                || !ix.is_published(d.channel, d.offset, d.id)
+                || !had.insert((d.channel.0, d.offset))
+            {
                 continue;
             }
             match high.get_mut(&(d.conn, d.channel.0)) {

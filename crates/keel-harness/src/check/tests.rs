@@ -137,9 +137,48 @@ fn a_changed_payload_is_one_corrupted_witness_with_both_digests() {
 }
 
 #[test]
-fn a_foreign_id_is_unexpected_not_corrupted() {
+fn another_message_at_an_acknowledged_offset_is_unexpected_and_the_acknowledged_one_lost() {
     let v = check(&history(|d| d[2].id = MsgId::harness(9, 9)));
+    assert_eq!(
+        (
+            v.count("unexpected"),
+            v.count("lost"),
+            v.count("corrupted"),
+            v.violations()
+        ),
+        (1, 1, 0, 2),
+        "{v:?}"
+    );
+    witness_about(&v, "lost", 3);
+}
+
+#[test]
+fn a_bogus_offset_is_one_unexpected_witness_not_a_cascade_of_reorders() {
+    let v = check(&history(|d| {
+        let bogus = Delivery {
+            offset: 99,
+            id: MsgId::harness(9, 9),
+            ..d[0]
+        };
+        d.insert(1, bogus);
+    }));
     only(&v, "unexpected", 1);
+}
+
+#[test]
+fn a_subscriber_that_gave_up_is_not_held_to_what_it_missed() {
+    let mut h = history(|d| {
+        d.truncate(1);
+    });
+    assert_eq!(check(&h).count("lost"), 2);
+    h.abandoned.push(crate::history::Abandon {
+        sub: 7,
+        at: 102,
+        why: "lost its link".into(),
+    });
+    let v = check(&h);
+    assert!(!v.violated(), "{v:?}");
+    assert_eq!(v.stats.subscribers_abandoned, 1);
 }
 
 #[test]

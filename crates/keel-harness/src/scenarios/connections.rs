@@ -123,11 +123,11 @@ async fn run_many(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     // Warm the allocator and runtime, then take the baseline.
     let (warm, _, _) = open_many(&relay.url(), 20, 20).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = relay.rss_mib().await;
+    let before = relay.rss_mib().await?;
     ctx.phase(&format!("{n} sessions connecting"));
     let (open, failed, took) = open_many(&relay.url(), n, plan.count("handshakes_in_flight")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = relay.rss_mib().await;
+    let after = relay.rss_mib().await?;
     ctx.phase("idle");
     tokio::time::sleep(Duration::from_secs_f64(plan.num("idle_seconds"))).await;
     ctx.phase("pinging every session");
@@ -229,7 +229,6 @@ pub(crate) const SUBSCRIPTIONS_50K: Scenario = Scenario {
 
 async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let relay = ctx.measured_relay(RelayOptions::default()).await?;
-    let tag = ctx.run_tag();
     // Subscriptions a --target relay holds already are not this run's.
     let base = relay.metric("keel_subscriptions").await.unwrap_or(0.0);
     let (conns, per, wave) = (
@@ -252,7 +251,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
                 url: relay.url(),
                 source: client::source_ip(c),
                 channels: (0..per)
-                    .map(|k| (format!("s50k-{tag}-{c}-{k}"), 1))
+                    .map(|k| (ctx.unique(&format!("s50k-{c}-{k}")), 1))
                     .collect(),
                 read_delay: None,
                 resume: true,
@@ -292,7 +291,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         v
     };
     let channels: Vec<(String, crate::history::ChannelId)> = (0..conns)
-        .flat_map(|c| (0..per).map(move |k| format!("s50k-{tag}-{c}-{k}")))
+        .flat_map(|c| (0..per).map(move |k| ctx.unique(&format!("s50k-{c}-{k}"))))
         .map(|name| {
             let id = ctx.recorder.channel(&name);
             (name, id)
@@ -326,7 +325,7 @@ async fn run_subscriptions(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .set("count_exact", f64::from(u8::from(counted == total as f64)))
         .set("subscribe_seconds", subscribe_seconds)
         .set("active_ratio", delivered as f64 / total as f64)
-        .set("relay_rss_mib", relay.rss_mib().await);
+        .set("relay_rss_mib", relay.rss_mib().await?);
     m.note(format!("{total} subscriptions in waves of {} in {subscribe_seconds:.2} s; /metrics counted {counted}", per_wave * per));
     Ok(m)
 }

@@ -140,7 +140,7 @@ async fn run_fanout(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         plan.count("events"),
         plan.num("rate"),
     );
-    let channel = &format!("fanout-{}", ctx.run_tag());
+    let channel = &ctx.unique("fanout");
     let cid = ctx.recorder.channel(channel);
     let slow: std::collections::HashMap<usize, u64> = plan
         .actions
@@ -306,7 +306,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         crate::scenario::sub_seed(plan.seed, "large_payloads/bytes"),
     );
     for (k, size) in SIZES.iter().enumerate() {
-        let channel = format!("large-{size}-{}", ctx.run_tag());
+        let channel = ctx.unique(&format!("large-{size}"));
         let cid = ctx.recorder.channel(&channel);
         let specs = (0..subs)
             .map(|s| SubscriberSpec {
@@ -334,7 +334,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = ctx.recorder.now();
-        let base = relay.rss_mib().await;
+        let base = relay.rss_mib().await?;
         // Payloads: JSON strings of seeded letters, exactly `size` bytes.
         let payloads: Vec<String> = (0..events)
             .map(|_| {
@@ -471,7 +471,7 @@ async fn run_soak(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         plan.num("rate"),
     );
     let names: Vec<String> = (0..conns * per)
-        .map(|i| format!("soak-{}-{i}", ctx.run_tag()))
+        .map(|i| ctx.unique(&format!("soak-{i}")))
         .collect();
     let ids: Vec<ChannelId> = names.iter().map(|n| ctx.recorder.channel(n)).collect();
     let sink = LatencySink::default();

@@ -18,9 +18,7 @@ use serde_json::json;
 use super::{body, params, setup, wait_until};
 use crate::Error;
 use crate::fixture::RelayOptions;
-use crate::history::{
-    After, Digest, Expectation, MsgId, Op, Outcome, Publish, Recorder, StateCheck,
-};
+use crate::history::{After, Expectation, Op, Outcome, Recorder, StateCheck};
 use crate::scenario::{Action, Ctx, Measured, Plan, PlanInput, Scenario, SeedRef, Suite};
 use crate::threshold::{Bound, Threshold};
 
@@ -543,19 +541,21 @@ pub(super) async fn publisher(
         }
         seq += 1;
         let channel = &channels[seq as usize % channels.len()];
-        let wire = format!("h{client_no}-{seq}");
-        let invoke = r.now();
-        let conn = conns.max(1);
         // The SDK re-sends a publish the relay refused as `unavailable`
         // or `rate_limited` (same id) until it is acknowledged.
         let payload = json!({"seq": seq, "pad": "x".repeat(shared.pad)});
-        let answer = tokio::time::timeout(
+        let answer = crate::workload::sdk_publish(
+            &client,
+            &r,
+            (client_no, conns.max(1)),
+            channel,
+            seq,
+            &payload,
             Duration::from_secs(60),
-            client.publish(channel, &wire, &payload),
         )
         .await;
-        let outcome = match answer {
-            Ok(Ok(offset)) => {
+        match answer {
+            Ok(offset) => {
                 shared.acked.fetch_add(1, Ordering::Relaxed);
                 if let Some(at) = shared.last_ack.get(client_no as usize) {
                     at.store(r.now(), Ordering::Release);
@@ -563,29 +563,11 @@ pub(super) async fn publisher(
                 let mut heads = shared.heads.lock().unwrap_or_else(|p| p.into_inner());
                 let head = heads.entry(channel.clone()).or_default();
                 *head = (*head).max(offset);
-                Outcome::Ok { offset }
-            }
-            Ok(Err(e)) => {
-                shared.publish_errors.fetch_add(1, Ordering::Relaxed);
-                Outcome::Fail {
-                    code: e.to_string(),
-                }
             }
             Err(_) => {
                 shared.publish_errors.fetch_add(1, Ordering::Relaxed);
-                Outcome::Info
             }
-        };
-        r.publish(Publish {
-            client: client_no,
-            conn,
-            channel: r.channel(channel),
-            id: MsgId::harness(client_no, seq),
-            invoke,
-            done: r.now(),
-            outcome,
-            digest: Digest::of_value(&payload),
-        });
+        }
         tokio::time::sleep(interval).await;
     }
     shared
