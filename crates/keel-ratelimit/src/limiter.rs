@@ -31,6 +31,20 @@ impl Limiter {
             .check()
             .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
     }
+
+    /// Takes `n` tokens at once (a byte rate: a message's bytes), or says
+    /// how long until they are all available; `Err(None)` if `n` is more
+    /// than the burst, which it could never be.
+    pub fn check_n(&self, n: u32) -> Result<(), Option<Duration>> {
+        let Some(n) = std::num::NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        match self.inner.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(TokioClock.now()))),
+            Err(_) => Err(None),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +66,21 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         limiter.check().unwrap();
         assert!(limiter.check().is_err());
+    }
+
+    /// A byte rate: 1,000 bytes/s, 500 at once; a message of 400 then one
+    /// of 300 waits for the 200 bytes it lacks (0.2 s); 600 never fits.
+    #[tokio::test(start_paused = true)]
+    async fn takes_many_tokens_at_once_or_says_how_long() {
+        let limiter = Limiter::new(
+            Quota::per_second(NonZeroU32::new(1_000).unwrap())
+                .allow_burst(NonZeroU32::new(500).unwrap()),
+        );
+        limiter.check_n(400).unwrap();
+        assert_eq!(limiter.check_n(300), Err(Some(Duration::from_millis(200))));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        limiter.check_n(300).unwrap();
+        assert_eq!(limiter.check_n(600), Err(None));
+        assert_eq!(limiter.check_n(0), Ok(()));
     }
 }

@@ -146,6 +146,15 @@ pub struct Limits {
     pub publish_rate: u32,
     /// Publishes allowed at once per connection. Default 4,000.
     pub publish_burst: u32,
+    /// Payload bytes per second one connection may publish: a token bucket
+    /// in bytes. Past it the relay stops reading the connection until the
+    /// bucket refills, so the publisher feels TCP backpressure (never an
+    /// error), and one connection cannot take the disk's bandwidth from
+    /// the others. Default 1 MiB/s.
+    pub publish_bytes_rate: u32,
+    /// Payload bytes a connection may publish at once (the bucket's size);
+    /// at least `max_payload_bytes`. Default 1 MiB (one maximum-size payload).
+    pub publish_bytes_burst: u32,
     /// Publishes in flight per connection (pipelining). Default 256.
     pub max_in_flight: usize,
     /// Error frames before a connection is closed for abuse (1008). Default 50.
@@ -184,6 +193,8 @@ impl Default for Limits {
             outbound_queue: 4096,
             publish_rate: 2000,
             publish_burst: 4000,
+            publish_bytes_rate: 1 << 20,
+            publish_bytes_burst: 1 << 20,
             max_in_flight: 256,
             max_errors: 50,
             max_payload_depth: 64,
@@ -598,8 +609,16 @@ impl Config {
         if self.limits.outbound_queue == 0 || self.limits.max_in_flight == 0 {
             return bad("limits.outbound_queue and limits.max_in_flight must be positive");
         }
-        if self.limits.publish_rate == 0 || self.sending.global_rate == 0 {
+        if self.limits.publish_rate == 0
+            || self.limits.publish_bytes_rate == 0
+            || self.sending.global_rate == 0
+        {
             return bad("rates must be positive");
+        }
+        if (self.limits.publish_bytes_burst as usize) < self.limits.max_payload_bytes {
+            return bad(
+                "limits.publish_bytes_burst must be at least limits.max_payload_bytes (a payload larger than the bucket could never be published)",
+            );
         }
         if self.sending.per_recipient_rate == 0 || self.sending.max_attempts == 0 {
             return bad("sending.per_recipient_rate and sending.max_attempts must be positive");

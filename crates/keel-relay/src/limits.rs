@@ -66,7 +66,7 @@ pub(crate) fn hit(limit: &'static str) {
 }
 
 /// Every limit `keel_limit_hits_total` names, for registering them at zero.
-pub(crate) const LIMITS: [&str; 15] = [
+pub(crate) const LIMITS: [&str; 16] = [
     "connections_total",
     "connections_per_ip",
     "inbound_bytes",
@@ -75,6 +75,7 @@ pub(crate) const LIMITS: [&str; 15] = [
     "write_deadline",
     "frame_timeout",
     "publish_rate",
+    "publish_bytes",
     "send_rate",
     "send_quota",
     "session_rate",

@@ -49,6 +49,21 @@ pub struct Config {
     /// PASSIVE checkpoint (which never blocks the writer or readers); the WAL
     /// then restarts from its beginning on a later commit. Default 4 MiB.
     pub wal_passive_bytes: u64,
+    /// Admission by disk bandwidth: while more than this many bytes were
+    /// committed since the background checkpoint last caught up (the WAL
+    /// is behind the database), the writer serves only writes of at most
+    /// [`Config::small_write_bytes`] (in their fair order) and holds the
+    /// larger ones, for up to [`Config::admit_wait`] at a time, so that a
+    /// flood of large writes waits for the disk instead of making every
+    /// small commit wait behind it and behind the checkpoints it forces.
+    /// Default 8 MiB.
+    pub wal_admit_bytes: u64,
+    /// The largest write that goes on while the WAL is behind. Default 64 KiB.
+    pub small_write_bytes: usize,
+    /// How long large writes are held at most before one goes anyway
+    /// (progress never depends on the checkpoint alone: a reader may keep
+    /// it from finishing). Default 250 ms.
+    pub admit_wait: Duration,
     /// The writer connection's page cache. A transaction whose dirty pages
     /// outgrow it spills them into the WAL before it commits, which is what
     /// made crash recovery of 30,000 sessions slow with SQLite's 2 MiB
@@ -77,6 +92,9 @@ impl Default for Config {
             activity_limit: 10,
             wal_checkpoint_bytes: 16 * 1024 * 1024,
             wal_passive_bytes: 4 * 1024 * 1024,
+            wal_admit_bytes: 8 * 1024 * 1024,
+            small_write_bytes: 64 * 1024,
+            admit_wait: Duration::from_millis(250),
             writer_cache_bytes: 64 * 1024 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_db_bytes: None,

@@ -64,7 +64,26 @@ impl<T> FairQueue<T> {
 
     /// The oldest write of the lane with the smallest tag.
     pub fn pop(&mut self) -> Option<T> {
-        let (tag, lane) = self.order.pop_first()?;
+        let first = *self.order.first()?;
+        self.take(first)
+    }
+
+    /// Like [`Self::pop`], among the lanes whose next write is at most
+    /// `max_bytes`: the heaviest lanes wait while the others go on (what a
+    /// writer does while the disk is behind). `None` if no lane qualifies.
+    pub fn pop_at_most(&mut self, max_bytes: usize) -> Option<T> {
+        let found = self.order.iter().copied().find(|(_, lane)| {
+            self.queues
+                .get(lane)
+                .and_then(|(q, _)| q.front())
+                .is_some_and(|(_, bytes)| *bytes <= max_bytes)
+        })?;
+        self.take(found)
+    }
+
+    /// Serves the next write of the lane at `(tag, lane)` in the order.
+    fn take(&mut self, (tag, lane): (u64, u64)) -> Option<T> {
+        self.order.remove(&(tag, lane));
         let waiting = self.order.len() as u64 + 1;
         let (queue, last) = self.queues.get_mut(&lane)?;
         let (item, bytes) = queue.pop_front()?;
@@ -213,6 +232,28 @@ mod tests {
         }
         assert!(served > 200, "{served} small writes served");
         assert!(worst <= 1, "a small write waited for {worst} large ones");
+    }
+
+    /// While the disk is behind, only writes up to a size are served, in
+    /// their fair order; the large ones keep their places for later.
+    #[test]
+    fn pop_at_most_passes_over_the_heaviest_lanes() {
+        let mut lanes = FairQueue::default();
+        push(&mut lanes, 1, 1 << 20);
+        push(&mut lanes, 2, 100);
+        push(&mut lanes, 3, 1 << 20);
+        push(&mut lanes, 2, 200);
+        push(&mut lanes, 4, 300);
+        let mut small = Vec::new();
+        while let Some(q) = lanes.pop_at_most(64 * 1024) {
+            small.push(q);
+        }
+        assert_eq!(small, [(2, 100), (4, 300), (2, 200)]);
+        assert_eq!(lanes.len(), 2);
+        assert_eq!(lanes.pop_at_most(64 * 1024), None);
+        assert_eq!(lanes.pop(), Some((1, 1 << 20)));
+        assert_eq!(lanes.pop(), Some((3, 1 << 20)));
+        assert!(lanes.is_empty());
     }
 
     #[test]

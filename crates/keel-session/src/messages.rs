@@ -6,6 +6,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::clock::{UnixMillis, millis};
 use crate::error::{SessionError, StoreError};
+use crate::schema::INLINE_PAYLOAD_BYTES;
 use crate::sessions::SessionId;
 use crate::store::{Committing, Store};
 
@@ -145,6 +146,12 @@ fn retention_cut(
 /// An id in its scope: one probe of the (channel, id, publisher) index
 /// (the id before the publisher: time-ordered ids from many publishers
 /// still append at the index's end).
+/// A page of a channel's log from an offset on, its payloads inline or in
+/// `message_payloads` (schema 4).
+const READ_PAGE: &str = "SELECT m.offset, m.msg_id, m.at, coalesce(m.payload, p.payload)
+     FROM messages m LEFT JOIN message_payloads p ON p.id = m.payload_id
+     WHERE m.channel = ?1 AND m.offset >= ?2 ORDER BY m.offset LIMIT ?3";
+
 pub(crate) const FIND_ID: &str =
     "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?3 AND publisher = ?2";
 
@@ -192,12 +199,25 @@ pub(crate) fn append_in(
     // may abort half-way needs a statement journal, whose 64 KiB buffer
     // is allocated and freed per statement and dominated the write path.
     let offset = next_offset(conn, channel)?;
-    // The id was checked above and the offset is fresh, so IGNORE never fires.
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![channel, offset, scope, msg_id, now, payload])?;
+    // The id was checked above and the offset is fresh, so IGNORE never
+    // fires. A large payload goes to its own table (see schema 4), so that
+    // the message b-tree's seeks never read it.
+    if payload.len() > INLINE_PAYLOAD_BYTES {
+        conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
+            .execute(params![payload])?;
+        let payload_id = conn.last_insert_rowid();
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
+    } else {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![channel, offset, scope, msg_id, now, payload])?;
+    }
     Ok(Appended {
         offset: offset as Offset,
         at: now,
@@ -308,10 +328,7 @@ impl Store {
         let channel = channel.to_owned();
         self.read(move |conn| {
             let rows = conn
-                .prepare_cached(
-                    "SELECT offset, msg_id, at, payload FROM messages
-                     WHERE channel = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
-                )?
+                .prepare_cached(READ_PAGE)?
                 .query_map(params![channel, to_sql(from), limit as i64], |r| {
                     Ok(Message {
                         channel: channel.clone(),
@@ -340,10 +357,7 @@ impl Store {
     ) -> Result<Vec<Message>, StoreError> {
         let channel = channel.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT offset, msg_id, at, payload FROM messages
-                 WHERE channel = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
-            )?;
+            let mut stmt = conn.prepare_cached(READ_PAGE)?;
             let mut rows = stmt.query(params![channel, to_sql(from), limit as i64])?;
             let (mut page, mut bytes) = (Vec::new(), 0usize);
             while let Some(r) = rows.next()? {
@@ -468,8 +482,10 @@ impl Store {
                 .query_row([], |r| r.get(0))?;
             let rows = conn
                 .prepare_cached(
-                    "SELECT channel, COUNT(*), MIN(offset), MAX(offset), SUM(length(payload))
-                     FROM messages GROUP BY channel ORDER BY COUNT(*) DESC, channel LIMIT ?1",
+                    "SELECT m.channel, COUNT(*), MIN(m.offset), MAX(m.offset),
+                            SUM(coalesce(length(m.payload), length(p.payload)))
+                     FROM messages m LEFT JOIN message_payloads p ON p.id = m.payload_id
+                     GROUP BY m.channel ORDER BY COUNT(*) DESC, m.channel LIMIT ?1",
                 )?
                 .query_map([limit as i64], |r| {
                     Ok(ChannelStats {

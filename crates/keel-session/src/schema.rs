@@ -146,7 +146,51 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
     CREATE INDEX outbox_by_session ON outbox(session_id, state);
     "#,
+    // 3 -> 4: large payloads out of the message b-tree. `messages` is a
+    // WITHOUT ROWID table: its rows are index cells, and SQLite reads a
+    // cell that overflows its page whole to compare its key, so every
+    // seek past a 1 MiB message read 1 MiB (and a page split copied it
+    // into the parent). Payloads over `INLINE_PAYLOAD_BYTES` now live in
+    // `message_payloads` (a rowid table, whose seeks never read a row's
+    // content), found by `payload_id`; small ones stay inline. A trigger
+    // deletes a message's payload row with the message.
+    r#"
+    CREATE TABLE message_payloads (
+        id      INTEGER PRIMARY KEY,
+        payload BLOB
+    );
+    INSERT INTO message_payloads(id, payload)
+        SELECT row_number() OVER (ORDER BY channel, offset), payload
+        FROM messages WHERE length(payload) > 512;
+    CREATE TABLE messages_v4 (
+        channel    TEXT NOT NULL,
+        offset     INTEGER NOT NULL,
+        publisher  TEXT NOT NULL,
+        msg_id     TEXT NOT NULL,
+        at         INTEGER NOT NULL,
+        payload    BLOB,
+        payload_id INTEGER,
+        PRIMARY KEY (channel, offset),
+        UNIQUE (channel, msg_id, publisher)
+    ) WITHOUT ROWID;
+    INSERT INTO messages_v4(channel, offset, publisher, msg_id, at, payload, payload_id)
+        SELECT channel, offset, publisher, msg_id, at,
+               CASE WHEN length(payload) > 512 THEN NULL ELSE payload END,
+               CASE WHEN length(payload) > 512 THEN row_number() OVER (
+                   PARTITION BY length(payload) > 512 ORDER BY channel, offset) END
+        FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v4 RENAME TO messages;
+    CREATE TRIGGER message_payload_gone AFTER DELETE ON messages
+        WHEN old.payload_id IS NOT NULL
+        BEGIN DELETE FROM message_payloads WHERE id = old.payload_id; END;
+    "#,
 ];
+
+/// Payloads up to this many bytes are stored in the message's row; larger
+/// ones in `message_payloads` (schema 4). A row of this size never
+/// overflows a 4 KiB page of the message b-tree.
+pub(crate) const INLINE_PAYLOAD_BYTES: usize = 512;
 
 /// The schema version this build writes.
 pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
@@ -255,7 +299,7 @@ mod tests {
             .unwrap();
         }
         let store = Store::open(&path, Default::default()).await.unwrap();
-        assert_eq!((store.startup().migrated_from, LATEST), (2, 3));
+        assert_eq!((store.startup().migrated_from, LATEST), (2, 4));
         let log = store.read_channel("room", 1, 10).await.unwrap();
         assert_eq!(
             log.iter().map(|m| m.msg_id.as_str()).collect::<Vec<_>>(),
@@ -312,6 +356,87 @@ mod tests {
         assert!(!spool.duplicate, "another scope");
         // The deleted row's id (2) is not reused.
         assert_eq!((other.id.0, spool.id.0), (3, 4));
+        store.close().await.unwrap();
+    }
+
+    /// Schema 4 keeps large payloads out of the message b-tree: a schema-3
+    /// file's payloads come back byte for byte, the large ones (and new
+    /// large ones) live in `message_payloads`, and a message's payload row
+    /// goes with it (retention leaves no orphan).
+    #[tokio::test]
+    async fn schema_3_database_moves_large_payloads_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.db");
+        let big = vec![b'x'; 100_000];
+        let edge = vec![b'y'; INLINE_PAYLOAD_BYTES];
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate_until(&mut conn, 0, 3).unwrap();
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
+                     VALUES(?1, ?2, '', ?3, 1, ?4)",
+                )
+                .unwrap();
+            for (channel, offset, id, payload) in [
+                ("b", 1, "b1", &big[..]),
+                ("a", 1, "a1", b"{}"),
+                ("a", 2, "a2", &big[..50_000]),
+                ("a", 3, "a3", &edge[..]),
+                ("a", 4, "a4", &big[..70_000]),
+            ] {
+                insert
+                    .execute(rusqlite::params![channel, offset, id, payload])
+                    .unwrap();
+            }
+        }
+        let store = Store::open(&path, Default::default()).await.unwrap();
+        assert_eq!((store.startup().migrated_from, LATEST), (3, 4));
+        let a = store.read_channel("a", 1, 10).await.unwrap();
+        let payloads: Vec<&[u8]> = a.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(
+            payloads,
+            [&b"{}"[..], &big[..50_000], &edge[..], &big[..70_000]]
+        );
+        assert_eq!(
+            store.read_channel("b", 1, 10).await.unwrap()[0].payload,
+            big
+        );
+        let out_of_line = |store: &Store| {
+            let store = store.clone();
+            async move {
+                store
+                    .read(|conn| -> Result<(i64, i64), StoreError> {
+                        Ok(conn.query_row(
+                            "SELECT (SELECT COUNT(*) FROM message_payloads),
+                                    (SELECT COUNT(*) FROM messages WHERE payload_id IS NOT NULL)",
+                            [],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )?)
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(out_of_line(&store).await, (3, 3));
+        // New messages: large ones out of line, small ones in the row.
+        let appended = store.append("a", "a5", &big[..80_000]).await.unwrap();
+        assert_eq!(appended.offset, 5);
+        store.append("a", "a6", b"[1]").await.unwrap();
+        assert_eq!(out_of_line(&store).await, (4, 4));
+        let page = store.read_channel_bounded("a", 4, 10, 1).await.unwrap();
+        assert_eq!((page.len(), &page[0].payload[..]), (1, &big[..70_000]));
+        // Retention takes the payload rows with their messages.
+        let policy = crate::Retention {
+            max_count: Some(1),
+            max_age: None,
+        };
+        assert_eq!(store.apply_retention(policy).await.unwrap(), 5);
+        assert_eq!(out_of_line(&store).await, (1, 1));
+        assert_eq!(
+            store.read_channel("b", 1, 10).await.unwrap()[0].payload,
+            big
+        );
         store.close().await.unwrap();
     }
 }

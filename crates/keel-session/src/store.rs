@@ -49,6 +49,12 @@ pub struct WriterStats {
     pub passive_checkpoints: u64,
     /// The largest batch committed so far.
     pub max_batch: u64,
+    /// Times the writer held large writes because the WAL was behind its
+    /// checkpoints (see [`Config::wal_admit_bytes`](crate::Config::wal_admit_bytes)).
+    pub admission_waits: u64,
+    /// Bytes committed since the background checkpoint last caught up (an
+    /// estimate of how far the WAL is behind the database).
+    pub wal_behind_bytes: u64,
 }
 
 /// A write in the writer's queue; resolves to its result once the
@@ -235,6 +241,8 @@ impl Store {
             checkpoints: get(&c.checkpoints),
             passive_checkpoints: get(&c.passive_checkpoints),
             max_batch: get(&c.max_batch),
+            admission_waits: get(&c.admission_waits),
+            wal_behind_bytes: get(&c.wal_debt),
         }
     }
 

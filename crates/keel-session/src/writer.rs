@@ -129,7 +129,16 @@ pub(crate) struct Counters {
     pub(crate) checkpoints: AtomicU64,
     pub(crate) passive_checkpoints: AtomicU64,
     pub(crate) max_batch: AtomicU64,
+    pub(crate) admission_waits: AtomicU64,
+    /// Bytes committed (payload plus [`WRITE_OVERHEAD`] per write) since
+    /// the checkpoint last caught up: the writer adds, the checkpointer and
+    /// a TRUNCATE checkpoint take off.
+    pub(crate) wal_debt: AtomicU64,
 }
+
+/// What a write adds to the WAL besides its payload (its row, index
+/// entries, page headers), for the debt estimate.
+const WRITE_OVERHEAD: u64 = 512;
 
 pub(crate) struct Writer {
     /// See [`Ctx::legacy_ids`].
@@ -176,10 +185,23 @@ impl Checkpointer {
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let started = Instant::now();
+                    // What it copies is at least what was committed before
+                    // it began.
+                    let owed = counters.wal_debt.load(Ordering::Acquire);
                     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                     }) {
                         Ok((frames, copied)) => {
+                            let paid = if frames <= 0 || copied >= frames {
+                                owed
+                            } else {
+                                (owed as f64 * copied.max(0) as f64 / frames as f64) as u64
+                            };
+                            let _ = counters.wal_debt.fetch_update(
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                                |d| Some(d.saturating_sub(paid)),
+                            );
                             counters.passive_checkpoints.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(
                                 frames,
@@ -292,13 +314,57 @@ impl Writer {
         let max_bytes = self.config.max_batch_bytes.max(1);
         let (mut batch, mut bytes) = (Vec::new(), 0usize);
         while batch.len() < max && (batch.is_empty() || bytes < max_bytes) {
-            let Some(q) = self.backlog.pop_front().or_else(|| self.lanes.pop()) else {
+            let next = match self.backlog.pop_front() {
+                Some(q) => Some(q),
+                None if self.behind() => {
+                    match self.lanes.pop_at_most(self.config.small_write_bytes) {
+                        Some(q) => Some(q),
+                        // Only large writes wait: a batch of them waits for the
+                        // checkpoint (small writes that arrive meanwhile go on).
+                        None if batch.is_empty() && !self.lanes.is_empty() => self.admit(),
+                        None => None,
+                    }
+                }
+                None => self.lanes.pop(),
+            };
+            let Some(q) = next else {
                 break;
             };
             bytes += q.bytes;
             batch.push(q);
         }
         batch
+    }
+
+    /// Whether the WAL is behind its checkpoints by more than
+    /// [`Config::wal_admit_bytes`] (never while closing: everything queued
+    /// commits first).
+    fn behind(&self) -> bool {
+        self.closing.is_none()
+            && !self.gone
+            && self.counters.wal_debt.load(Ordering::Acquire) > self.config.wal_admit_bytes
+    }
+
+    /// Holds the large writes while the checkpoint catches up: returns the
+    /// first small write that arrives meanwhile, or, once the WAL is no
+    /// longer behind or [`Config::admit_wait`] has passed, the next write in
+    /// fair order.
+    fn admit(&mut self) -> Option<Queued> {
+        self.counters
+            .admission_waits
+            .fetch_add(1, Ordering::Relaxed);
+        let until = Instant::now() + self.config.admit_wait;
+        while self.behind() && Instant::now() < until {
+            if let Some(c) = &self.checkpointer {
+                let _ = c.signal.try_send(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.drain();
+            if let Some(q) = self.lanes.pop_at_most(self.config.small_write_bytes) {
+                return Some(q);
+            }
+        }
+        self.lanes.pop()
     }
 
     fn take(&mut self, m: Msg) {
@@ -352,6 +418,8 @@ impl Writer {
         };
         match &result {
             Ok(()) => {
+                let written: u64 = jobs.iter().map(|q| q.bytes as u64 + WRITE_OVERHEAD).sum();
+                self.counters.wal_debt.fetch_add(written, Ordering::AcqRel);
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .writes
@@ -403,7 +471,8 @@ impl Writer {
             .map(|m| m.len())
             .unwrap_or(0);
         if size <= self.config.wal_checkpoint_bytes {
-            if size > self.config.wal_passive_bytes
+            let owed = self.counters.wal_debt.load(Ordering::Acquire);
+            if (size > self.config.wal_passive_bytes || owed > self.config.wal_passive_bytes)
                 && let Some(c) = &self.checkpointer
             {
                 // Coalesced: a full channel means one is already asked for.
@@ -416,6 +485,10 @@ impl Writer {
         let started = Instant::now();
         match checkpoint(&self.conn) {
             Ok(busy) => {
+                if !busy {
+                    // Everything is in the database: nothing is owed.
+                    self.counters.wal_debt.store(0, Ordering::Release);
+                }
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     wal_bytes = size,

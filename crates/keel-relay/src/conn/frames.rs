@@ -475,11 +475,37 @@ impl Conn {
             );
             return self.error(ErrorCode::RateLimited, &msg, Some(&id)).await;
         }
+        let bytes = payload.get().len();
+        // The connection's byte rate: past it, the socket is not read until
+        // the bucket refills (TCP pushes back on the publisher), so that a
+        // flood of large publishes from one connection cannot take the
+        // disk's bandwidth from everyone else's. A payload never exceeds
+        // the bucket (the configuration is checked at start).
+        loop {
+            match self
+                .bytes_limiter
+                .check_n(u32::try_from(bytes).unwrap_or(u32::MAX))
+            {
+                Ok(()) => break,
+                Err(Some(wait)) => {
+                    hit("publish_bytes");
+                    self.until_ended(tokio::time::sleep(wait)).await?;
+                }
+                Err(None) => {
+                    return self
+                        .error(
+                            ErrorCode::TooLarge,
+                            "payload larger than the publish byte rate's burst",
+                            Some(&id),
+                        )
+                        .await;
+                }
+            }
+        }
         // Room for the payload in this connection's inbound budget and the
         // relay's: while there is none, this waits, and so the socket is not
         // read (TCP pushes back on the client) until answers go out. The
         // wait ends with the connection.
-        let bytes = payload.get().len();
         let local = match self.inbound.clone().try_acquire_many_owned(permits(bytes)) {
             Ok(p) => p,
             Err(_) => {

@@ -284,6 +284,8 @@ struct Conn {
     session: Option<Bound>,
     errors: u32,
     limiter: Limiter,
+    /// The connection's publish byte rate (`limits.publish_bytes_rate`).
+    bytes_limiter: Limiter,
     /// The publish pipeline, started on the first publish: idle sessions
     /// (most of them) never pay for its task and channel.
     publish: Option<mpsc::Sender<PublishJob>>,
@@ -328,6 +330,10 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
     let limiter = Limiter::new(
         Quota::per_second(nz(limits.publish_rate)).allow_burst(nz(limits.publish_burst)),
     );
+    let bytes_limiter = Limiter::new(
+        Quota::per_second(nz(limits.publish_bytes_rate))
+            .allow_burst(nz(limits.publish_bytes_burst)),
+    );
     let mut conn = Conn {
         ctx: ctx.clone(),
         id,
@@ -339,6 +345,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         session: None,
         errors: 0,
         limiter,
+        bytes_limiter,
         publish: None,
     };
     metrics::gauge!("keel_connections").increment(1.0);

@@ -64,7 +64,7 @@ async fn memory_bounded_under_pipelined_max_payloads() {
         &dir.path().join("data"),
         Opts {
             config: Some(format!(
-                "[limits]\nmax_inbound_bytes = {}\nglobal_buffer_bytes = {}\nmax_outbound_bytes = 2097152\npublish_rate = 100000\npublish_burst = 100000\n",
+                "[limits]\nmax_inbound_bytes = {}\nglobal_buffer_bytes = {}\nmax_outbound_bytes = 2097152\npublish_rate = 100000\npublish_burst = 100000\npublish_bytes_rate = 4000000000\npublish_bytes_burst = 4000000000\n",
                 2 << 20,
                 (global_mib as usize) << 20
             )),
@@ -126,6 +126,71 @@ async fn memory_bounded_under_pipelined_max_payloads() {
     println!("reads paused by a byte budget {paused} times");
     assert!(sent >= conns, "they published");
     assert!(peak <= bound, "peak RSS {peak:.0} MiB over {bound:.0} MiB");
+}
+
+/// A connection publishing past its byte rate is slowed (its socket is not
+/// read until the bucket refills), never refused: every publish is
+/// acknowledged and the limit is counted (the bucket's arithmetic is
+/// keel-ratelimit's, tested on paused time). A connection publishing small
+/// payloads beside it is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_byte_rate_slows_without_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("data"),
+        Opts {
+            config: Some(
+                "[limits]\nmax_payload_bytes = 65536\nmax_frame_bytes = 131072\npublish_bytes_rate = 262144\npublish_bytes_burst = 65536\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut heavy = session(&relay.url()).await;
+    let mut light = session(&relay.url()).await;
+    let payload = big(60_000);
+    let started = std::time::Instant::now();
+    // 20 x 60 KB = 1.2 MB at 256 KiB/s after a 64 KiB burst: about 4.3 s.
+    for i in 0..20 {
+        heavy
+            .send(json!({"type": "publish", "channel": "heavy", "id": format!("h{i}"), "payload": serde_json::from_str::<serde_json::Value>(&payload).unwrap()}))
+            .await;
+    }
+    for i in 0..20 {
+        light
+            .send(json!({"type": "publish", "channel": "light", "id": format!("l{i}"), "payload": {"n": i}}))
+            .await;
+        assert_eq!(
+            light.next_json().await["type"],
+            "published",
+            "the light one goes on"
+        );
+    }
+    for _ in 0..20 {
+        let answer = heavy.next_json().await;
+        assert_eq!(
+            answer["type"], "published",
+            "slowed, never refused: {answer}"
+        );
+    }
+    let hits = metric(&relay, "keel_limit_hits_total{limit=\"publish_bytes\"}").await;
+    println!(
+        "20 x 60 KB at 256 KiB/s took {:.2} s; limit hit {hits} times",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(hits >= 1.0, "the byte rate was met");
+}
+
+/// A byte bucket smaller than the largest payload could never admit it:
+/// the configuration is refused at start.
+#[test]
+fn byte_burst_below_max_payload_is_refused() {
+    let config: keel_relay::config::Config =
+        toml::from_str("[limits]\nmax_payload_bytes = 1048576\npublish_bytes_burst = 65536\n")
+            .unwrap();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("publish_bytes_burst"), "{err}");
 }
 
 /// A subscriber that never reads is closed once its queue passes its byte

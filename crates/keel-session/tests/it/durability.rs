@@ -254,6 +254,73 @@ async fn wal_stays_bounded_under_constant_reads() {
     );
 }
 
+/// Admission by disk bandwidth: while the WAL is behind its checkpoints
+/// (a reader holds a snapshot, so the checkpoint cannot catch up), large
+/// writes are held, each for at most `admit_wait`, and still all commit;
+/// small ones are never held. Once the reader lets go, the checkpoint
+/// pays the debt back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_wait_while_the_wal_is_behind() {
+    let t = support::open_with(Config {
+        wal_admit_bytes: 256 * 1024,
+        wal_passive_bytes: 64 * 1024,
+        small_write_bytes: 16 * 1024,
+        admit_wait: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    t.store.append("c", "first", b"{}").await.unwrap();
+    // A snapshot held from outside the store: nothing committed after it
+    // can be checkpointed.
+    let pinned = rusqlite::Connection::open(t.path()).unwrap();
+    pinned
+        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
+        .unwrap();
+
+    let large = vec![7u8; 100 * 1024];
+    let mut pending = Vec::new();
+    for i in 0..12 {
+        pending.push(
+            t.store
+                .queue_append_in(1, "c", &format!("big{i}"), large.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let small = t
+        .store
+        .queue_append_in(2, "c", "small", b"{}".to_vec())
+        .await
+        .unwrap();
+    small.await.unwrap();
+    for p in pending {
+        p.await.unwrap();
+    }
+    let held = t.store.writer_stats();
+    assert!(held.admission_waits >= 1, "{held:?}");
+    assert!(held.wal_behind_bytes > 256 * 1024, "{held:?}");
+
+    pinned.execute_batch("COMMIT").unwrap();
+    drop(pinned);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for tick in 0.. {
+        // A small commit asks for a checkpoint when the WAL is owed.
+        t.store
+            .append("c", &format!("tick{tick}"), b"{}")
+            .await
+            .unwrap();
+        let stats = t.store.writer_stats();
+        if stats.wal_behind_bytes <= 256 * 1024 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checkpoint never caught up: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The database, its WAL and its shared-memory file are their owner's only
 /// (0600) whatever the umask, and a file left readable by others is
 /// narrowed when the store opens it.
