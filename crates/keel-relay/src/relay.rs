@@ -37,6 +37,10 @@ pub(crate) struct Shared {
     metrics: PrometheusHandle,
 }
 
+/// How often histogram samples are folded into their summaries.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+const METRICS_UPKEEP_THREAD: &str = "keel-metrics";
+
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -46,6 +50,19 @@ fn prometheus() -> PrometheusHandle {
             // A process holds one global recorder; a second relay in the same
             // process (tests) shares it.
             let _ = metrics::set_global_recorder(recorder);
+            // Histograms keep every sample until something drains them:
+            // without an upkeep, a relay nobody scrapes held 8 bytes per
+            // publish forever (the soak's steady RSS growth, ~170 MiB/h at
+            // 6,000 publishes/s).
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name(METRICS_UPKEEP_THREAD.into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP);
+                        upkeep.run_upkeep();
+                    }
+                });
             handle
         })
         .clone()
@@ -575,4 +592,26 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     let mut text = shared.metrics.render();
     text.push_str(&crate::procmetrics::render());
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recorder comes with its upkeep: a thread that drains histogram
+    /// samples whether or not anyone scrapes `/metrics` (the soak's
+    /// growth when it did not exist).
+    #[test]
+    fn metrics_come_with_their_upkeep() {
+        let _ = prometheus();
+        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect();
+        assert!(
+            threads.iter().any(|t| t == METRICS_UPKEEP_THREAD),
+            "{threads:?}"
+        );
+    }
 }
