@@ -58,9 +58,10 @@ pub enum Check {
 /// does not cover: the next start then checks everything and quarantines.
 pub const DAMAGE_FLAG: &str = "integrity.damaged";
 
-/// The table the startup check leaves to [`full_check`]: the message log,
-/// the one table whose size does not depend on sessions and claims.
-const LOG_TABLE: &str = "messages";
+/// The tables the startup check leaves to [`full_check`]: the message log
+/// and its large payloads (keel-session's schema 4), the tables whose size
+/// does not depend on sessions and claims.
+const LOG_TABLES: [&str; 2] = ["messages", "message_payloads"];
 
 /// Checks what startup needs, in time that depends on sessions and claims
 /// rather than on the size of the message log: `PRAGMA quick_check` of the
@@ -119,9 +120,10 @@ fn run_check(path: &Path, everything: bool) -> Result<Check, StartError> {
         }
         let tables: Vec<String> = conn
             .prepare(
-                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name <> ?1 ORDER BY name",
+                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT IN (?1, ?2)
+                 ORDER BY name",
             )?
-            .query_map([LOG_TABLE], |r| r.get(0))?
+            .query_map(LOG_TABLES, |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         let mut problems = Vec::new();
         for table in tables {

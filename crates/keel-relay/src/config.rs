@@ -153,8 +153,10 @@ pub struct Limits {
     /// the others. Default 1 MiB/s.
     pub publish_bytes_rate: u32,
     /// Payload bytes a connection may publish at once (the bucket's size);
-    /// at least `max_payload_bytes`. Default 1 MiB (one maximum-size payload).
-    pub publish_bytes_burst: u32,
+    /// at least `max_payload_bytes`, and at most what the rate refills in
+    /// 60 s (no publish waits longer). Default: `max_payload_bytes` (one
+    /// maximum-size payload).
+    pub publish_bytes_burst: Option<u32>,
     /// Publishes in flight per connection (pipelining). Default 256.
     pub max_in_flight: usize,
     /// Error frames before a connection is closed for abuse (1008). Default 50.
@@ -165,6 +167,15 @@ pub struct Limits {
     /// recursion limit) cannot read it, and one such message would make a
     /// channel unreadable for every subscriber.
     pub max_payload_depth: usize,
+}
+
+impl Limits {
+    /// The publish byte bucket's size: `publish_bytes_burst`, or one
+    /// maximum-size payload.
+    pub fn bytes_burst(&self) -> u32 {
+        self.publish_bytes_burst
+            .unwrap_or(u32::try_from(self.max_payload_bytes).unwrap_or(u32::MAX))
+    }
 }
 
 impl Default for Limits {
@@ -194,7 +205,7 @@ impl Default for Limits {
             publish_rate: 2000,
             publish_burst: 4000,
             publish_bytes_rate: 1 << 20,
-            publish_bytes_burst: 1 << 20,
+            publish_bytes_burst: None,
             max_in_flight: 256,
             max_errors: 50,
             max_payload_depth: 64,
@@ -615,9 +626,18 @@ impl Config {
         {
             return bad("rates must be positive");
         }
-        if (self.limits.publish_bytes_burst as usize) < self.limits.max_payload_bytes {
+        if self
+            .limits
+            .publish_bytes_burst
+            .is_some_and(|b| (b as usize) < self.limits.max_payload_bytes)
+        {
             return bad(
                 "limits.publish_bytes_burst must be at least limits.max_payload_bytes (a payload larger than the bucket could never be published)",
+            );
+        }
+        if self.limits.bytes_burst() as u64 > u64::from(self.limits.publish_bytes_rate) * 60 {
+            return bad(
+                "limits.publish_bytes_burst (or max_payload_bytes, its default) is more than 60 s of limits.publish_bytes_rate: a publish could wait longer than that",
             );
         }
         if self.sending.per_recipient_rate == 0 || self.sending.max_attempts == 0 {

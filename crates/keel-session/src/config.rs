@@ -49,9 +49,9 @@ pub struct Config {
     /// PASSIVE checkpoint (which never blocks the writer or readers); the WAL
     /// then restarts from its beginning on a later commit. Default 4 MiB.
     pub wal_passive_bytes: u64,
-    /// Admission by disk bandwidth: while more than this many bytes were
-    /// committed since the background checkpoint last caught up (the WAL
-    /// is behind the database), the writer serves only writes of at most
+    /// Admission by disk bandwidth: while the WAL holds more than this many
+    /// bytes not yet copied into the database (as of the last checkpoint,
+    /// plus what was committed since), the writer serves only writes of at most
     /// [`Config::small_write_bytes`] (in their fair order) and holds the
     /// larger ones, for up to [`Config::admit_wait`] at a time, so that a
     /// flood of large writes waits for the disk instead of making every
@@ -60,7 +60,8 @@ pub struct Config {
     pub wal_admit_bytes: u64,
     /// The largest write that goes on while the WAL is behind. Default 64 KiB.
     pub small_write_bytes: usize,
-    /// How long large writes are held at most before one goes anyway
+    /// How long large writes are held at most, from when the hold began
+    /// (small commits meanwhile do not restart it), before one goes anyway
     /// (progress never depends on the checkpoint alone: a reader may keep
     /// it from finishing). Default 250 ms.
     pub admit_wait: Duration,

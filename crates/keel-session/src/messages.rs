@@ -206,11 +206,21 @@ pub(crate) fn append_in(
         conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
             .execute(params![payload])?;
         let payload_id = conn.last_insert_rowid();
-        conn.prepare_cached(
-            "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
+        let inserted = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
+        if inserted == 0 {
+            // Never expected (see above); if it happens, the payload row
+            // goes and the append fails: nothing is acknowledged unstored.
+            conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")?
+                .execute([payload_id])?;
+            return Err(StoreError::Corrupt {
+                detail: format!("offset {offset} of channel {channel} is taken"),
+            });
+        }
     } else {
         conn.prepare_cached(
             "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)

@@ -52,8 +52,9 @@ pub struct WriterStats {
     /// Times the writer held large writes because the WAL was behind its
     /// checkpoints (see [`Config::wal_admit_bytes`](crate::Config::wal_admit_bytes)).
     pub admission_waits: u64,
-    /// Bytes committed since the background checkpoint last caught up (an
-    /// estimate of how far the WAL is behind the database).
+    /// How far the WAL is behind the database: the bytes of WAL frames the
+    /// last checkpoint could not copy yet, plus what was committed since
+    /// (payload bytes and an estimate of each write's overhead).
     pub wal_behind_bytes: u64,
 }
 

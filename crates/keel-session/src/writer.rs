@@ -130,9 +130,10 @@ pub(crate) struct Counters {
     pub(crate) passive_checkpoints: AtomicU64,
     pub(crate) max_batch: AtomicU64,
     pub(crate) admission_waits: AtomicU64,
-    /// Bytes committed (payload plus [`WRITE_OVERHEAD`] per write) since
-    /// the checkpoint last caught up: the writer adds, the checkpointer and
-    /// a TRUNCATE checkpoint take off.
+    /// How far the WAL is behind: each PASSIVE checkpoint sets it to the
+    /// bytes of frames it could not copy plus what was committed while it
+    /// ran; the writer adds each commit (payload plus [`WRITE_OVERHEAD`] per
+    /// write); a TRUNCATE checkpoint zeroes it.
     pub(crate) wal_debt: AtomicU64,
 }
 
@@ -156,6 +157,9 @@ pub(crate) struct Writer {
     /// Every sender is gone.
     gone: bool,
     checkpointer: Option<Checkpointer>,
+    /// Since when large writes have been held for the WAL to catch up (see
+    /// [`Writer::admit`]); `None` while none is held.
+    held_since: Option<Instant>,
 }
 
 /// A thread with its own connection that runs PASSIVE checkpoints when the
@@ -183,24 +187,26 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("keel-session-checkpoint".into())
             .spawn(move || {
+                let page = conn
+                    .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+                    .unwrap_or(4096)
+                    .max(512) as u64;
                 while rx.recv().is_ok() {
                     let started = Instant::now();
-                    // What it copies is at least what was committed before
-                    // it began.
                     let owed = counters.wal_debt.load(Ordering::Acquire);
                     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                     }) {
                         Ok((frames, copied)) => {
-                            let paid = if frames <= 0 || copied >= frames {
-                                owed
-                            } else {
-                                (owed as f64 * copied.max(0) as f64 / frames as f64) as u64
-                            };
+                            // The debt is what the WAL holds that is not in
+                            // the database yet (both figures count the whole
+                            // log, not this run), plus what was committed
+                            // while this checkpoint ran.
+                            let uncopied = (frames - copied).max(0) as u64 * (page + 24);
                             let _ = counters.wal_debt.fetch_update(
                                 Ordering::AcqRel,
                                 Ordering::Acquire,
-                                |d| Some(d.saturating_sub(paid)),
+                                |d| Some(uncopied + d.saturating_sub(owed)),
                             );
                             counters.passive_checkpoints.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(
@@ -259,6 +265,7 @@ impl Writer {
             closing: None,
             gone: false,
             checkpointer,
+            held_since: None,
         }
     }
 
@@ -314,6 +321,9 @@ impl Writer {
         let max_bytes = self.config.max_batch_bytes.max(1);
         let (mut batch, mut bytes) = (Vec::new(), 0usize);
         while batch.len() < max && (batch.is_empty() || bytes < max_bytes) {
+            if !self.behind() {
+                self.held_since = None;
+            }
             let next = match self.backlog.pop_front() {
                 Some(q) => Some(q),
                 None if self.behind() => {
@@ -347,16 +357,30 @@ impl Writer {
 
     /// Holds the large writes while the checkpoint catches up: returns the
     /// first small write that arrives meanwhile, or, once the WAL is no
-    /// longer behind or [`Config::admit_wait`] has passed, the next write in
-    /// fair order.
+    /// longer behind or the oldest hold has lasted [`Config::admit_wait`],
+    /// the next write in fair order. The hold's start is kept across
+    /// batches, so a stream of small writes cannot hold the large ones
+    /// longer than that.
     fn admit(&mut self) -> Option<Queued> {
-        self.counters
-            .admission_waits
-            .fetch_add(1, Ordering::Relaxed);
-        let until = Instant::now() + self.config.admit_wait;
+        let since = match self.held_since {
+            Some(since) => since,
+            None => {
+                self.counters
+                    .admission_waits
+                    .fetch_add(1, Ordering::Relaxed);
+                *self.held_since.insert(Instant::now())
+            }
+        };
+        let until = since + self.config.admit_wait;
+        let mut nudged: Option<Instant> = None;
         while self.behind() && Instant::now() < until {
-            if let Some(c) = &self.checkpointer {
-                let _ = c.signal.try_send(());
+            // Ask for a checkpoint now and then (a request is coalesced
+            // while one runs).
+            if nudged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_millis(10)) {
+                if let Some(c) = &self.checkpointer {
+                    let _ = c.signal.try_send(());
+                }
+                nudged = Some(Instant::now());
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
             self.drain();
@@ -364,6 +388,7 @@ impl Writer {
                 return Some(q);
             }
         }
+        self.held_since = None;
         self.lanes.pop()
     }
 

@@ -96,7 +96,8 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .relay(RelayOptions {
             config: format!(
                 "publish_bytes_rate = {}\npublish_bytes_burst = {}\n",
-                defaults.publish_bytes_rate, defaults.publish_bytes_burst
+                defaults.publish_bytes_rate,
+                defaults.bytes_burst()
             ),
             ..Default::default()
         })
@@ -234,6 +235,7 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
             "calm_delivered_ratio",
             calm_progress.get() as f64 / calm_stats.ok.max(1) as f64,
         )
+        .set("byte_rate_waits", limit("publish_bytes"))
         .set("inbound_pauses", limit("inbound_bytes"))
         .set("global_pauses", limit("global_bytes"))
         .set("outbound_closes", limit("outbound_bytes"))

@@ -331,8 +331,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         Quota::per_second(nz(limits.publish_rate)).allow_burst(nz(limits.publish_burst)),
     );
     let bytes_limiter = Limiter::new(
-        Quota::per_second(nz(limits.publish_bytes_rate))
-            .allow_burst(nz(limits.publish_bytes_burst)),
+        Quota::per_second(nz(limits.publish_bytes_rate)).allow_burst(nz(limits.bytes_burst())),
     );
     let mut conn = Conn {
         ctx: ctx.clone(),

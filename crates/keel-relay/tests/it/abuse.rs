@@ -182,15 +182,27 @@ async fn publish_byte_rate_slows_without_refusing() {
     assert!(hits >= 1.0, "the byte rate was met");
 }
 
-/// A byte bucket smaller than the largest payload could never admit it:
-/// the configuration is refused at start.
+/// A byte bucket smaller than the largest payload could never admit it,
+/// and one that refills over more than a minute makes a publish wait that
+/// long: both configurations are refused at start.
 #[test]
-fn byte_burst_below_max_payload_is_refused() {
+fn byte_bucket_is_checked_at_start() {
     let config: keel_relay::config::Config =
         toml::from_str("[limits]\nmax_payload_bytes = 1048576\npublish_bytes_burst = 65536\n")
             .unwrap();
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("publish_bytes_burst"), "{err}");
+    // A bucket that takes more than a minute to refill: a publish could
+    // wait that long.
+    let config: keel_relay::config::Config =
+        toml::from_str("[limits]\npublish_bytes_rate = 1024\n").unwrap();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("60 s"), "{err}");
+    // Unset, the bucket is one maximum-size payload, whatever that is.
+    let config: keel_relay::config::Config =
+        toml::from_str("[limits]\nmax_payload_bytes = 4194304\nmax_frame_bytes = 4194304\nmax_inbound_bytes = 4194304\npublish_bytes_rate = 1048576\n").unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.limits.bytes_burst(), 4 << 20);
 }
 
 /// A subscriber that never reads is closed once its queue passes its byte
