@@ -604,14 +604,20 @@ mod tests {
     #[test]
     fn metrics_come_with_their_upkeep() {
         let _ = prometheus();
-        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|c| c.trim().to_owned())
-            .collect();
-        assert!(
-            threads.iter().any(|t| t == METRICS_UPKEEP_THREAD),
-            "{threads:?}"
-        );
+        let threads = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        };
+        // A new thread names itself once it runs: wait for it (bounded).
+        for _ in 0..200 {
+            if threads().iter().any(|t| t == METRICS_UPKEEP_THREAD) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no {METRICS_UPKEEP_THREAD} thread: {:?}", threads());
     }
 }
