@@ -154,7 +154,9 @@ async fn slow_consumer_closed_then_resumes() {
     let relay = RelayProcess::start(
         &dir.path().join("data"),
         Opts {
-            config: Some("[limits]\noutbound_queue = 64\n".into()),
+            // The publisher goes as fast as it can (the byte rate lifted):
+            // what is tested is the consumer's queue, not the publisher's pace.
+            config: Some("[limits]\noutbound_queue = 64\npublish_bytes_rate = 1073741824\n".into()),
             ..Default::default()
         },
     )
