@@ -264,6 +264,8 @@ async fn large_writes_wait_while_the_wal_is_behind() {
     let t = support::open_with(Config {
         wal_admit_bytes: 256 * 1024,
         wal_passive_bytes: 64 * 1024,
+        // One large write a commit, so that each is admitted on its own.
+        max_batch_bytes: 64 * 1024,
         small_write_bytes: 16 * 1024,
         admit_wait: Duration::from_millis(20),
         ..Default::default()
@@ -278,6 +280,13 @@ async fn large_writes_wait_while_the_wal_is_behind() {
         .unwrap();
 
     let large = vec![7u8; 100 * 1024];
+    // Behind first: 400 KiB committed after the snapshot, one at a time.
+    for i in 0..4 {
+        t.store
+            .append("c", &format!("before{i}"), &large)
+            .await
+            .unwrap();
+    }
     let mut pending = Vec::new();
     for i in 0..12 {
         pending.push(
