@@ -306,6 +306,31 @@ async fn damaged_page_found_by_quick_check_is_quarantined() {
     assert_eq!(started.store.channel_bounds("room").await.unwrap().next, 1);
 }
 
+/// Appends `count` messages of `bytes` to "room", closes the store and
+/// overwrites eight of the file's newest pages; returns the database path.
+async fn log_with_damaged_tail(
+    dir: &std::path::Path,
+    count: usize,
+    bytes: usize,
+) -> std::path::PathBuf {
+    {
+        let started = start(StartOptions::new(dir)).await.unwrap();
+        let payload = vec![7u8; bytes];
+        for i in 0..count {
+            started
+                .store
+                .append("room", &format!("m{i:05}"), &payload)
+                .await
+                .unwrap();
+        }
+        started.store.close().await.unwrap();
+    }
+    let db = dir.join(keel_recovery::DB_FILE);
+    let len = std::fs::metadata(&db).unwrap().len();
+    keel_faults::corrupt::overwrite(&db, &[len - 4096 * 9..len - 4096], 13).unwrap();
+    db
+}
+
 /// Startup checks the state tables only (its time must not grow with the
 /// message log); damage in the log is found by the full check that runs
 /// once the service serves, which degrades health and makes the next start
@@ -314,21 +339,8 @@ async fn damaged_page_found_by_quick_check_is_quarantined() {
 async fn damage_in_the_message_log_is_found_after_start_and_quarantined_next_time() {
     use keel_recovery::integrity::{Check, check, check_everything, full_check};
     let dir = tempfile::tempdir().unwrap();
-    {
-        let started = start(StartOptions::new(dir.path())).await.unwrap();
-        for i in 0..3000 {
-            started
-                .store
-                .append("room", &format!("m{i:05}"), &[7u8; 300])
-                .await
-                .unwrap();
-        }
-        started.store.close().await.unwrap();
-    }
-    let db = dir.path().join(keel_recovery::DB_FILE);
-    let len = std::fs::metadata(&db).unwrap().len();
     // The newest pages belong to the message log (its table and index).
-    keel_faults::corrupt::overwrite(&db, &[len - 4096 * 9..len - 4096], 13).unwrap();
+    let db = log_with_damaged_tail(dir.path(), 3000, 300).await;
     assert_eq!(
         check(&db).unwrap(),
         Check::Intact,
@@ -366,21 +378,8 @@ async fn damage_in_the_message_log_is_found_after_start_and_quarantined_next_tim
 async fn damage_in_large_payloads_is_left_to_the_full_check() {
     use keel_recovery::integrity::{Check, check, check_everything};
     let dir = tempfile::tempdir().unwrap();
-    {
-        let started = start(StartOptions::new(dir.path())).await.unwrap();
-        for i in 0..300 {
-            started
-                .store
-                .append("room", &format!("m{i:05}"), &[7u8; 6000])
-                .await
-                .unwrap();
-        }
-        started.store.close().await.unwrap();
-    }
-    let db = dir.path().join(keel_recovery::DB_FILE);
-    let len = std::fs::metadata(&db).unwrap().len();
     // The newest pages are the newest payloads (two pages and more each).
-    keel_faults::corrupt::overwrite(&db, &[len - 4096 * 9..len - 4096], 13).unwrap();
+    let db = log_with_damaged_tail(dir.path(), 300, 6000).await;
     assert_eq!(check(&db).unwrap(), Check::Intact);
     assert!(matches!(check_everything(&db).unwrap(), Check::Damaged(_)));
 }
