@@ -576,9 +576,10 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     metrics::gauge!("keel_store_failed_batches").set(w.failed_batches as f64);
     metrics::gauge!("keel_store_checkpoints", "kind" => "passive")
         .set(w.passive_checkpoints as f64);
-    metrics::gauge!("keel_store_checkpoints", "kind" => "truncate").set(w.checkpoints as f64);
+    metrics::gauge!("keel_store_checkpoints", "kind" => "restart").set(w.checkpoints as f64);
     metrics::gauge!("keel_store_admission_waits").set(w.admission_waits as f64);
     metrics::gauge!("keel_store_wal_behind_bytes").set(w.wal_behind_bytes as f64);
+    metrics::gauge!("keel_store_wal_bytes").set(w.wal_bytes as f64);
     if let Ok(counts) = channels.store.outbox_counts().await {
         for (state, n) in [
             ("pending", counts.pending),

@@ -41,9 +41,13 @@ pub struct Config {
     pub readers: usize,
     /// Activity rows kept per session (newest first). Default 10.
     pub activity_limit: usize,
-    /// When the WAL file grows past this size after a commit, the writer runs a
-    /// `TRUNCATE` checkpoint, which waits for readers of old snapshots and resets
-    /// the WAL. Default 16 MiB, which keeps the WAL well under 64 MiB.
+    /// When the WAL holds more than this after a commit (since it last
+    /// restarted from its beginning), the writer runs a `RESTART`
+    /// checkpoint, which waits for readers of old snapshots and makes the
+    /// next commit write from the WAL's beginning. The WAL file keeps its
+    /// length up to this size when it restarts (SQLite's
+    /// `journal_size_limit`) and is overwritten rather than regrown. Default
+    /// 16 MiB, which keeps the WAL well under 64 MiB.
     pub wal_checkpoint_bytes: u64,
     /// When the WAL passes this size after a commit, a background thread runs a
     /// PASSIVE checkpoint (which never blocks the writer or readers); the WAL
@@ -51,7 +55,9 @@ pub struct Config {
     pub wal_passive_bytes: u64,
     /// Admission by disk bandwidth: while the WAL holds more than this many
     /// bytes not yet copied into the database (as of the last checkpoint,
-    /// plus what was committed since), the writer serves only writes of at most
+    /// plus what was committed since), or more than this many since it last
+    /// restarted (commits arriving throughout keep a restart from
+    /// happening), the writer serves only writes of at most
     /// [`Config::small_write_bytes`] (in their fair order) and holds the
     /// larger ones, for up to [`Config::admit_wait`] at a time, so that a
     /// flood of large writes waits for the disk instead of making every

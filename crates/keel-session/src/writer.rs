@@ -15,7 +15,6 @@
 //! run yet go into the next batch.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -133,8 +132,14 @@ pub(crate) struct Counters {
     /// How far the WAL is behind: each PASSIVE checkpoint sets it to the
     /// bytes of frames it could not copy plus what was committed while it
     /// ran; the writer adds each commit (payload plus [`WRITE_OVERHEAD`] per
-    /// write); a TRUNCATE checkpoint zeroes it.
+    /// write); a RESTART checkpoint zeroes it.
     pub(crate) wal_debt: AtomicU64,
+    /// Bytes of frames the WAL holds since it last restarted from its
+    /// beginning, as SQLite's WAL hook reports after each commit (frames
+    /// of a page plus a 24-byte header). Unlike the file's size, this
+    /// falls when the WAL restarts: the file keeps its length (up to
+    /// `journal_size_limit`) and is overwritten.
+    pub(crate) wal_bytes: AtomicU64,
 }
 
 /// What a write adds to the WAL besides its payload (its row, index
@@ -148,7 +153,6 @@ pub(crate) struct Writer {
     rx: mpsc::Receiver<Msg>,
     config: Config,
     clock: Arc<dyn Clock>,
-    wal_path: PathBuf,
     counters: Arc<Counters>,
     /// Writes of a failed batch that never ran: first in the next batch.
     backlog: VecDeque<Queued>,
@@ -234,13 +238,24 @@ impl Checkpointer {
 
 impl Writer {
     pub(crate) fn new(
-        conn: Connection,
+        mut conn: Connection,
         rx: mpsc::Receiver<Msg>,
         config: Config,
-        wal_path: PathBuf,
         counters: Arc<Counters>,
         checkpointer: Option<Checkpointer>,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
+        // After `wal_autocheckpoint` (which replaces the hook): how much
+        // the WAL holds after each commit, which bounds it.
+        let frame = conn
+            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))?
+            .max(512) as u64
+            + 24;
+        let held = counters.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: i32| {
+            held.wal_bytes
+                .store(frames.max(0) as u64 * frame, Ordering::Release);
+            Ok(())
+        }))?;
         let clock = config.clock.clone();
         // Unreadable: assume there are (a second index probe, never a
         // missed duplicate).
@@ -252,13 +267,12 @@ impl Writer {
             )
             .optional()
             .map_or(true, |found| found.is_some());
-        Self {
+        Ok(Self {
             legacy_ids,
             conn,
             rx,
             config,
             clock,
-            wal_path,
             counters,
             backlog: VecDeque::new(),
             lanes: FairQueue::default(),
@@ -266,7 +280,7 @@ impl Writer {
             gone: false,
             checkpointer,
             held_since: None,
-        }
+        })
     }
 
     /// Runs until every `Store` handle is gone or `close` is requested
@@ -350,9 +364,11 @@ impl Writer {
     /// [`Config::wal_admit_bytes`] (never while closing: everything queued
     /// commits first).
     fn behind(&self) -> bool {
+        let admit = self.config.wal_admit_bytes;
         self.closing.is_none()
             && !self.gone
-            && self.counters.wal_debt.load(Ordering::Acquire) > self.config.wal_admit_bytes
+            && (self.counters.wal_debt.load(Ordering::Acquire) > admit
+                || self.counters.wal_bytes.load(Ordering::Acquire) > admit)
     }
 
     /// Holds the large writes while the checkpoint catches up: returns the
@@ -490,11 +506,9 @@ impl Writer {
         Step::Ran
     }
 
-    /// Keeps the WAL bounded: a `TRUNCATE` checkpoint once it passes the limit.
+    /// Keeps the WAL bounded: a `RESTART` checkpoint once it passes the limit.
     fn maybe_checkpoint(&mut self) {
-        let size = std::fs::metadata(&self.wal_path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let size = self.counters.wal_bytes.load(Ordering::Acquire);
         if size <= self.config.wal_checkpoint_bytes {
             let owed = self.counters.wal_debt.load(Ordering::Acquire);
             if (size > self.config.wal_passive_bytes || owed > self.config.wal_passive_bytes)
@@ -505,14 +519,18 @@ impl Writer {
             }
             return;
         }
-        // Past the hard bound (readers kept the passive checkpoints from
-        // finishing): a TRUNCATE checkpoint here, which waits for them.
+        // Past the hard bound (readers, or commits arriving throughout,
+        // kept the passive checkpoints from letting the WAL restart): a
+        // RESTART checkpoint here, which waits for them. Not TRUNCATE: the
+        // file keeps its pages for the next round.
         let started = Instant::now();
-        match checkpoint(&self.conn) {
+        match checkpoint(&self.conn, "RESTART") {
             Ok(busy) => {
                 if !busy {
-                    // Everything is in the database: nothing is owed.
+                    // Everything is in the database and the next commit
+                    // writes from the WAL's beginning: nothing is owed.
                     self.counters.wal_debt.store(0, Ordering::Release);
+                    self.counters.wal_bytes.store(0, Ordering::Release);
                 }
                 self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
@@ -538,7 +556,7 @@ impl Writer {
                 [],
             )?;
         }
-        checkpoint(&self.conn)?;
+        checkpoint(&self.conn, "TRUNCATE")?;
         Ok(())
     }
 }
@@ -552,9 +570,11 @@ enum Step {
     Fatal(usize, StoreError),
 }
 
-/// Runs a `TRUNCATE` checkpoint; returns whether it was blocked by a reader.
-fn checkpoint(conn: &Connection) -> Result<bool, StoreError> {
-    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+/// Runs a blocking checkpoint (`RESTART` or `TRUNCATE`); returns whether
+/// it was blocked by a reader.
+fn checkpoint(conn: &Connection, mode: &str) -> Result<bool, StoreError> {
+    let sql = format!("PRAGMA wal_checkpoint({mode})");
+    let busy: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
     Ok(busy != 0)
 }
 

@@ -330,6 +330,64 @@ async fn large_writes_wait_while_the_wal_is_behind() {
     }
 }
 
+/// A WAL that restarts from its beginning keeps its file (up to
+/// `wal_checkpoint_bytes`): the next round overwrites pages the kernel
+/// already holds instead of allocating new ones, which it zeroes before the
+/// WAL's unaligned frames partly cover them. The writer sees the restart
+/// through SQLite's WAL hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_restarts_in_place() {
+    let t = support::open_with(Config {
+        wal_passive_bytes: 512 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let wal = std::path::PathBuf::from(format!("{}-wal", t.path().display()));
+    t.store.append("c", "first", b"{}").await.unwrap();
+    // A snapshot held from outside the store keeps the WAL from restarting
+    // while it grows past SQLite's usual 4 MiB limit.
+    let pinned = rusqlite::Connection::open(t.path()).unwrap();
+    pinned
+        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
+        .unwrap();
+    let payload = vec![b'x'; 60 * 1024];
+    for i in 0..100 {
+        t.store
+            .append("c", &format!("m{i}"), &payload)
+            .await
+            .unwrap();
+    }
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    let held = t.store.writer_stats();
+    assert!(grown > 5 << 20, "the WAL grew to {grown} bytes");
+    assert!(held.wal_bytes > 5 << 20, "{held:?}");
+    pinned.execute_batch("COMMIT").unwrap();
+    drop(pinned);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for tick in 0.. {
+        // Each small commit asks for a checkpoint while the WAL is large;
+        // once one has copied everything, the next commit restarts it.
+        t.store
+            .append("c", &format!("tick{tick}"), b"{}")
+            .await
+            .unwrap();
+        let stats = t.store.writer_stats();
+        if stats.wal_bytes < 1 << 20 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the WAL never restarted: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = std::fs::metadata(&wal).unwrap().len();
+    assert!(
+        kept >= grown,
+        "the WAL file was cut from {grown} to {kept} bytes"
+    );
+}
+
 /// The database, its WAL and its shared-memory file are their owner's only
 /// (0600) whatever the umask, and a file left readable by others is
 /// narrowed when the store opens it.
