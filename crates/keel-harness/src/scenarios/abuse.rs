@@ -128,28 +128,86 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     let baseline = rss_mib(relay.pid());
     let t0 = ctx.recorder.now();
 
-    // The well-behaved client, measured throughout.
+    // The well-behaved client, measured throughout, runs on a runtime of
+    // its own (one thread), as a load generator keeps its measuring client
+    // apart from the load it makes: in one scheduler with the harness's
+    // 300 abusive tasks (each formatting and masking 1 MiB frames), its
+    // sends and reads would wait behind theirs, and the harness's own
+    // queueing would be charged to the relay. It still shares the
+    // machine's CPUs with the relay and the abusers, as any client does.
+    let calm_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("keel-harness-calm")
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "starting the calm client's runtime".into(),
+            source,
+        })?;
     let sink = LatencySink::default();
-    let (stop_calm, stop) = tokio::sync::watch::channel(false);
     let calm_rate = plan.num("calm_rate");
-    let calm_events = (calm_rate * secs) as u64;
-    let (calm_progress, calm_sub) = spawn_subscriber(
-        SubscriberSpec {
-            sub: 1,
-            url: relay.url(),
-            source: None,
-            channels: vec![("calm".into(), 1)],
-            read_delay: None,
-            resume: true,
-            payloads: PayloadCheck::Latency(sink.clone()),
-            stop_after: Some(calm_events),
-        },
-        ctx.recorder.clone(),
-        stop,
-        Duration::from_secs(2),
-    );
-    let calm_pub = Publisher::open(&relay.url(), 7_001, None, &ctx.recorder).await?;
     let calm = ctx.recorder.channel("calm");
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let calm_task = calm_rt.spawn({
+        let (url, recorder, sink) = (relay.url(), ctx.recorder.clone(), sink.clone());
+        async move {
+            let calm_events = (calm_rate * secs) as u64;
+            let (stop_calm, stop) = tokio::sync::watch::channel(false);
+            let (progress, sub) = spawn_subscriber(
+                SubscriberSpec {
+                    sub: 1,
+                    url: url.clone(),
+                    source: None,
+                    channels: vec![("calm".into(), 1)],
+                    read_delay: None,
+                    resume: true,
+                    payloads: PayloadCheck::Latency(sink),
+                    stop_after: Some(calm_events),
+                },
+                recorder.clone(),
+                stop,
+                Duration::from_secs(2),
+            );
+            let publisher = Publisher::open(&url, 7_001, None, &recorder).await;
+            let ok = publisher.is_ok();
+            let _ = ready_tx.send(publisher.as_ref().err().map(ToString::to_string));
+            if !ok || go_rx.await.is_err() {
+                let _ = stop_calm.send(true);
+                return None;
+            }
+            let publisher = publisher.ok()?;
+            let schedule = Schedule::constant(calm_rate, Duration::from_secs_f64(secs));
+            let intended = schedule.intended();
+            let start = tokio::time::Instant::now();
+            let stats = crate::load::run(&schedule, start, 1_000, Duration::from_millis(10), |i| {
+                let at = start + intended[i as usize];
+                let payload = format!(r#"{{"t":{}}}"#, recorder.micros(at.into_std()));
+                let p = &publisher;
+                async move {
+                    matches!(
+                        p.publish(calm, "calm", &payload, Some(at)).await,
+                        Answer::Published(_)
+                    )
+                }
+            })
+            .await;
+            // Everything it published acknowledged reaches it.
+            wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+                let done = progress.get() >= stats.ok;
+                async move { done }
+            })
+            .await;
+            let _ = stop_calm.send(true);
+            let _ = sub.await;
+            Some((stats, progress.get()))
+        }
+    });
+    match ready.await {
+        Ok(None) => {}
+        Ok(Some(e)) => return Err(Error::Client(format!("the calm publisher: {e}"))),
+        Err(_) => return Err(Error::Client("the calm client's runtime stopped".into())),
+    }
 
     ctx.phase("abusers connecting");
     let until = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
@@ -187,34 +245,17 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         )));
     }
     ctx.phase("abuse, and a calm client beside it");
-    let schedule = Schedule::constant(calm_rate, Duration::from_secs_f64(secs));
-    let intended = schedule.intended();
-    let start = tokio::time::Instant::now();
-    let recorder = ctx.recorder.clone();
-    let calm_stats = crate::load::run(&schedule, start, 1_000, Duration::from_millis(10), |i| {
-        let at = start + intended[i as usize];
-        let payload = format!(r#"{{"t":{}}}"#, recorder.micros(at.into_std()));
-        let p = &calm_pub;
-        async move {
-            matches!(
-                p.publish(calm, "calm", &payload, Some(at)).await,
-                Answer::Published(_)
-            )
-        }
-    })
-    .await;
+    let _ = go.send(());
     for a in abusers {
         let _ = a.await;
     }
     let t1 = ctx.recorder.now();
     ctx.phase("the calm client drains");
-    wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
-        let done = calm_progress.get() >= calm_stats.ok;
-        async move { done }
-    })
-    .await;
-    let _ = stop_calm.send(true);
-    let _ = calm_sub.await;
+    let calm_result = calm_task.await;
+    calm_rt.shutdown_background();
+    let Ok(Some((calm_stats, calm_delivered))) = calm_result else {
+        return Err(Error::Client("the calm client stopped early".into()));
+    };
     let peak = peak_rss_mib(&ctx.resources, t0 as f64 / 1e6, t1 as f64 / 1e6).max(baseline);
     let growth = peak - baseline;
     let latency = sink.snapshot();
@@ -233,7 +274,7 @@ async fn run_abuse(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
         .set("calm_ack_p99_ms", calm_stats.latency.ms(0.99))
         .set(
             "calm_delivered_ratio",
-            calm_progress.get() as f64 / calm_stats.ok.max(1) as f64,
+            calm_delivered as f64 / calm_stats.ok.max(1) as f64,
         )
         .set("byte_rate_waits", limit("publish_bytes"))
         .set("inbound_pauses", limit("inbound_bytes"))
