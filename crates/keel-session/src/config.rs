@@ -56,8 +56,9 @@ pub struct Config {
     /// Admission by disk bandwidth: while the WAL holds more than this many
     /// bytes not yet copied into the database (as of the last checkpoint,
     /// plus what was committed since), or more than this many since it last
-    /// restarted (commits arriving throughout keep a restart from
-    /// happening), the writer serves only writes of at most
+    /// restarted while the checkpoint has not caught up (commits arriving
+    /// throughout keep a restart from happening), the writer serves only
+    /// writes of at most
     /// [`Config::small_write_bytes`] (in their fair order) and holds the
     /// larger ones, for up to [`Config::admit_wait`] at a time, so that a
     /// flood of large writes waits for the disk instead of making every

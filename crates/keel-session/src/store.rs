@@ -441,8 +441,10 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // After a checkpoint resets the WAL, shrink the file back to this size
-    // only past the checkpoint bound: below it the file's pages stay
+    // When the WAL restarts (at the first commit after a checkpoint copied
+    // everything), SQLite cuts the file back to this size, or to that
+    // commit's end if larger: only past the checkpoint bound. Below it the
+    // file's pages stay
     // allocated and cached, so a WAL that restarts from its beginning
     // overwrites them. A file cut shorter at every restart made each commit
     // past the cut allocate new pages, which the kernel zeroes before the
@@ -454,6 +456,8 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
         i64::try_from(config.wal_checkpoint_bytes).unwrap_or(i64::MAX),
     )?;
     // Checkpoints run on the checkpoint thread, never inside a commit.
+    // This replaces any WAL hook: the writer registers its own after it
+    // (`Writer::new`), and nothing may set it again on this connection.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(64);
     stable_plans(conn)?;

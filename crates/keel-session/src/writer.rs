@@ -361,14 +361,18 @@ impl Writer {
     }
 
     /// Whether the WAL is behind its checkpoints by more than
-    /// [`Config::wal_admit_bytes`] (never while closing: everything queued
-    /// commits first).
+    /// [`Config::wal_admit_bytes`], or holds more than that since its last
+    /// restart while the checkpoint has not caught up (never while closing:
+    /// everything queued commits first). Once the checkpoint has copied
+    /// everything (no debt), the WAL restarts at the next commit, which a
+    /// hold would only keep from happening: it goes on.
     fn behind(&self) -> bool {
         let admit = self.config.wal_admit_bytes;
+        let debt = self.counters.wal_debt.load(Ordering::Acquire);
         self.closing.is_none()
             && !self.gone
-            && (self.counters.wal_debt.load(Ordering::Acquire) > admit
-                || self.counters.wal_bytes.load(Ordering::Acquire) > admit)
+            && (debt > admit
+                || (debt > 0 && self.counters.wal_bytes.load(Ordering::Acquire) > admit))
     }
 
     /// Holds the large writes while the checkpoint catches up: returns the

@@ -388,6 +388,63 @@ async fn the_wal_restarts_in_place() {
     );
 }
 
+/// Large writes alone are held only until the checkpoint has caught up,
+/// not for `admit_wait`: the WAL's size since its last restart counts only
+/// while the checkpoint is behind, because the restart happens at the next
+/// commit, which a longer hold would keep from happening (a flood of large
+/// writes alone would then pause for `admit_wait` each time the WAL grew
+/// past `wal_admit_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_alone_go_on_once_the_checkpoint_caught_up() {
+    let t = support::open_with(Config {
+        wal_admit_bytes: 256 * 1024,
+        wal_passive_bytes: 64 * 1024,
+        max_batch_bytes: 64 * 1024,
+        small_write_bytes: 16 * 1024,
+        admit_wait: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await;
+    t.store.append("c", "first", b"{}").await.unwrap();
+    let pinned = rusqlite::Connection::open(t.path()).unwrap();
+    pinned
+        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
+        .unwrap();
+    // Small writes (never held) put the WAL past `wal_admit_bytes`, and
+    // the snapshot keeps the checkpoint from copying them.
+    let small = vec![b's'; 15 * 1024];
+    for i in 0..30 {
+        t.store
+            .append("c", &format!("small{i}"), &small)
+            .await
+            .unwrap();
+    }
+    let large = vec![b'L'; 100 * 1024];
+    let mut pending = Vec::new();
+    for i in 0..8 {
+        pending.push(
+            t.store
+                .queue_append_in(1, "c", &format!("big{i}"), large.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = t.store.writer_stats();
+    assert!(held.admission_waits >= 1, "{held:?}");
+    // The reader lets go: the checkpoint catches up, and the large writes
+    // go on with it, long before `admit_wait`.
+    pinned.execute_batch("COMMIT").unwrap();
+    drop(pinned);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for p in pending {
+            p.await.unwrap();
+        }
+    })
+    .await
+    .expect("large writes held after the checkpoint caught up");
+}
+
 /// The database, its WAL and its shared-memory file are their owner's only
 /// (0600) whatever the umask, and a file left readable by others is
 /// narrowed when the store opens it.
