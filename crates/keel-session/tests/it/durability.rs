@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use keel_session::{
     Config, Durability, NewSession, OpenError, SCHEMA_VERSION, SessionError, SessionId, Store,
-    StoreError,
+    StoreError, WriterStats,
 };
 
 use crate::support;
@@ -254,6 +254,57 @@ async fn wal_stays_bounded_under_constant_reads() {
     );
 }
 
+/// One message, then a snapshot held from outside the store (a read
+/// transaction on a connection of its own): nothing committed after it can
+/// be checkpointed, and the WAL cannot restart, until it is committed.
+async fn pin_snapshot(t: &support::TestStore) -> rusqlite::Connection {
+    t.store.append("c", "first", b"{}").await.unwrap();
+    let pinned = rusqlite::Connection::open(t.path()).unwrap();
+    pinned
+        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
+        .unwrap();
+    pinned
+}
+
+/// Appends `n` copies of `payload` to channel `c`, one after another, with
+/// ids `{prefix}{i}`.
+async fn append_all(t: &support::TestStore, prefix: &str, n: usize, payload: &[u8]) {
+    for i in 0..n {
+        t.store
+            .append("c", &format!("{prefix}{i}"), payload)
+            .await
+            .unwrap();
+    }
+}
+
+/// Lets the snapshot go, then commits small messages (each asks for a
+/// checkpoint while the WAL is owed) until `done` holds, for at most 10 s.
+async fn release_until(
+    t: &support::TestStore,
+    pinned: rusqlite::Connection,
+    what: &str,
+    done: impl Fn(&WriterStats) -> bool,
+) {
+    pinned.execute_batch("COMMIT").unwrap();
+    drop(pinned);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for tick in 0.. {
+        t.store
+            .append("c", &format!("tick{tick}"), b"{}")
+            .await
+            .unwrap();
+        let stats = t.store.writer_stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what} within 10 s: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Admission by disk bandwidth: while the WAL is behind its checkpoints
 /// (a reader holds a snapshot, so the checkpoint cannot catch up), large
 /// writes are held, each for at most `admit_wait`, and still all commit;
@@ -271,22 +322,11 @@ async fn large_writes_wait_while_the_wal_is_behind() {
         ..Default::default()
     })
     .await;
-    t.store.append("c", "first", b"{}").await.unwrap();
-    // A snapshot held from outside the store: nothing committed after it
-    // can be checkpointed.
-    let pinned = rusqlite::Connection::open(t.path()).unwrap();
-    pinned
-        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
-        .unwrap();
+    let pinned = pin_snapshot(&t).await;
 
     let large = vec![7u8; 100 * 1024];
     // Behind first: 400 KiB committed after the snapshot, one at a time.
-    for i in 0..4 {
-        t.store
-            .append("c", &format!("before{i}"), &large)
-            .await
-            .unwrap();
-    }
+    append_all(&t, "before", 4, &large).await;
     let mut pending = Vec::new();
     for i in 0..12 {
         pending.push(
@@ -309,25 +349,10 @@ async fn large_writes_wait_while_the_wal_is_behind() {
     assert!(held.admission_waits >= 1, "{held:?}");
     assert!(held.wal_behind_bytes > 256 * 1024, "{held:?}");
 
-    pinned.execute_batch("COMMIT").unwrap();
-    drop(pinned);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for tick in 0.. {
-        // A small commit asks for a checkpoint when the WAL is owed.
-        t.store
-            .append("c", &format!("tick{tick}"), b"{}")
-            .await
-            .unwrap();
-        let stats = t.store.writer_stats();
-        if stats.wal_behind_bytes <= 256 * 1024 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the checkpoint never caught up: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    release_until(&t, pinned, "the checkpoint caught up", |stats| {
+        stats.wal_behind_bytes <= 256 * 1024
+    })
+    .await;
 }
 
 /// A WAL that restarts from its beginning keeps its file (up to
@@ -343,44 +368,19 @@ async fn the_wal_restarts_in_place() {
     })
     .await;
     let wal = std::path::PathBuf::from(format!("{}-wal", t.path().display()));
-    t.store.append("c", "first", b"{}").await.unwrap();
-    // A snapshot held from outside the store keeps the WAL from restarting
-    // while it grows past SQLite's usual 4 MiB limit.
-    let pinned = rusqlite::Connection::open(t.path()).unwrap();
-    pinned
-        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
-        .unwrap();
-    let payload = vec![b'x'; 60 * 1024];
-    for i in 0..100 {
-        t.store
-            .append("c", &format!("m{i}"), &payload)
-            .await
-            .unwrap();
-    }
+    // The snapshot keeps the WAL from restarting while it grows past
+    // SQLite's usual 4 MiB limit.
+    let pinned = pin_snapshot(&t).await;
+    append_all(&t, "m", 100, &[b'x'; 60 * 1024]).await;
     let grown = std::fs::metadata(&wal).unwrap().len();
     let held = t.store.writer_stats();
     assert!(grown > 5 << 20, "the WAL grew to {grown} bytes");
     assert!(held.wal_bytes > 5 << 20, "{held:?}");
-    pinned.execute_batch("COMMIT").unwrap();
-    drop(pinned);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for tick in 0.. {
-        // Each small commit asks for a checkpoint while the WAL is large;
-        // once one has copied everything, the next commit restarts it.
-        t.store
-            .append("c", &format!("tick{tick}"), b"{}")
-            .await
-            .unwrap();
-        let stats = t.store.writer_stats();
-        if stats.wal_bytes < 1 << 20 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the WAL never restarted: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Once a checkpoint has copied everything, the next commit restarts it.
+    release_until(&t, pinned, "the WAL restarted", |stats| {
+        stats.wal_bytes < 1 << 20
+    })
+    .await;
     let kept = std::fs::metadata(&wal).unwrap().len();
     assert!(
         kept >= grown,
@@ -405,20 +405,10 @@ async fn large_writes_alone_go_on_once_the_checkpoint_caught_up() {
         ..Default::default()
     })
     .await;
-    t.store.append("c", "first", b"{}").await.unwrap();
-    let pinned = rusqlite::Connection::open(t.path()).unwrap();
-    pinned
-        .execute_batch("BEGIN; SELECT COUNT(*) FROM messages;")
-        .unwrap();
+    let pinned = pin_snapshot(&t).await;
     // Small writes (never held) put the WAL past `wal_admit_bytes`, and
     // the snapshot keeps the checkpoint from copying them.
-    let small = vec![b's'; 15 * 1024];
-    for i in 0..30 {
-        t.store
-            .append("c", &format!("small{i}"), &small)
-            .await
-            .unwrap();
-    }
+    append_all(&t, "small", 30, &[b's'; 15 * 1024]).await;
     let large = vec![b'L'; 100 * 1024];
     let mut pending = Vec::new();
     for i in 0..8 {
