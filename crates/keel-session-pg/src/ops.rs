@@ -204,23 +204,28 @@ impl PgStore {
         let (Some(first), Some(last)): (Option<i64>, Option<i64>) = (row.get(0), row.get(1)) else {
             return Ok(None);
         };
+        // The most this call may remove ends here.
+        let bound = (first - 1).saturating_add(to_sql(max_delete));
         let mut cut = first - 1;
         if let Some(max) = policy.max_count {
             cut = cut.max(last.saturating_sub(to_sql(max)));
         }
         if let Some(age) = policy.max_age {
             let cutoff = now.saturating_sub(ms(age));
+            // Only the first `max_delete` messages are looked at: a log
+            // that has aged whole is not read whole.
             let young = client
                 .query_opt(
-                    "SELECT seq FROM messages WHERE channel = $1 AND at >= $2 ORDER BY seq LIMIT 1",
-                    &[&channel, &cutoff],
+                    "SELECT seq FROM messages WHERE channel = $1 AND seq <= $3 AND at >= $2
+                     ORDER BY seq LIMIT 1",
+                    &[&channel, &cutoff, &bound],
                 )
                 .await
                 .map_err(pg)?
                 .map(|r| r.get::<_, i64>(0));
-            cut = cut.max(young.map_or(last, |y| y - 1));
+            cut = cut.max(young.map_or(last.min(bound), |y| y - 1));
         }
-        cut = cut.min((first - 1).saturating_add(to_sql(max_delete)));
+        cut = cut.min(bound);
         Ok((cut >= first).then_some(cut))
     }
 }

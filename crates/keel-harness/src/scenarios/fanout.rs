@@ -398,7 +398,7 @@ pub(crate) const SOAK: Scenario = Scenario {
         test: "test_stress_24hour_sustained_10k_subscriptions",
         threshold: "10,000 subscriptions, 8.64 M events (24 h at 100/s, compressed): no leak, no degradation, all delivered",
     },
-    what: "10,000 subscriptions (1,000 sessions x 10 channels) under a steady open-model stream spread over the channels (6,000 events/s for 5 minutes: 1.8 M events): RSS fitted over time, p99 per window",
+    what: "10,000 subscriptions (1,000 sessions x 10 channels) under a steady open-model stream spread over the channels (6,000 events/s, for 5 minutes by default: 1.8 M events; --duration sets the length): RSS fitted over time, p99 per window",
     target: "all delivered, none dropped; RSS slope ~0 over the second half (fit reported); p99 flat (last third <= 2x first third)",
     needs_process: None,
     thresholds: |plan| {
