@@ -22,6 +22,7 @@
 
 mod accept;
 mod auth;
+mod bulk;
 mod bus;
 mod channels;
 pub mod cli;

@@ -543,6 +543,11 @@ pub fn nesting_depth(raw: &str, limit: usize) -> usize {
 /// told apart by a count the compiler vectorizes (a 1 MiB payload in tens
 /// of microseconds), without the byte-by-byte walk of [`nesting_depth`].
 pub fn nests_deeper_than(raw: &str, limit: usize) -> bool {
+    // A string, number or literal nests nothing (a 1 MiB string is common
+    // enough to skip the count below).
+    if !raw.trim_start().starts_with(['[', '{']) {
+        return false;
+    }
     let opening = raw
         .as_bytes()
         .iter()
@@ -583,15 +588,34 @@ pub(crate) fn json_str(s: &str) -> String {
 /// not valid JSON (written by something other than the relay) is delivered as
 /// a JSON string of its text.
 pub fn deliver_frame(channel: &str, offset: u64, id: &str, payload: &[u8]) -> String {
-    let payload_json = match std::str::from_utf8(payload) {
-        Ok(text) if serde_json::from_str::<&RawValue>(text).is_ok() => text.to_owned(),
-        _ => json_str(&String::from_utf8_lossy(payload)),
-    };
-    format!(
-        r#"{{"type":"deliver","channel":{},"offset":{offset},"id":{},"payload":{payload_json}}}"#,
-        json_str(channel),
-        json_str(id),
-    )
+    match std::str::from_utf8(payload) {
+        Ok(text) if serde_json::from_str::<&RawValue>(text).is_ok() => {
+            deliver_frame_json(channel, offset, id, text)
+        }
+        _ => deliver_frame_json(
+            channel,
+            offset,
+            id,
+            &json_str(&String::from_utf8_lossy(payload)),
+        ),
+    }
+}
+
+/// [`deliver_frame`] for a payload known to be valid JSON (one this
+/// process decoded from a frame): not parsed again, copied once.
+pub(crate) fn deliver_frame_json(channel: &str, offset: u64, id: &str, payload: &str) -> String {
+    let (channel, id) = (json_str(channel), json_str(id));
+    let mut f = String::with_capacity(payload.len() + channel.len() + id.len() + 64);
+    f.push_str(r#"{"type":"deliver","channel":"#);
+    f.push_str(&channel);
+    f.push_str(r#","offset":"#);
+    f.push_str(&offset.to_string());
+    f.push_str(r#","id":"#);
+    f.push_str(&id);
+    f.push_str(r#","payload":"#);
+    f.push_str(payload);
+    f.push('}');
+    f
 }
 
 /// `{"type":"error","code":..,"message":..,"ref":..}`.
@@ -693,6 +717,10 @@ mod tests {
         let f = deliver_frame("c", 1, "i", b"\xffnot json");
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert!(v["payload"].is_string());
+        assert_eq!(
+            deliver_frame_json("room:1", 7, "m\"1", r#"{"x":1}"#),
+            deliver_frame("room:1", 7, "m\"1", br#"{"x":1}"#)
+        );
     }
 
     #[test]
@@ -701,6 +729,7 @@ mod tests {
         assert!(!nests_deeper_than(&"[".repeat(64), 64));
         assert!(nests_deeper_than(&"[".repeat(65), 64));
         assert!(!nests_deeper_than(&format!("\"{}\"", "[".repeat(100)), 64));
+        assert!(nests_deeper_than(&format!("  {}", "[".repeat(65)), 64));
         assert_eq!(nesting_depth(r#"{"a":[1,{"b":2}]}"#, 64), 3);
         assert_eq!(nesting_depth(r#""[[[{{{\"[""#, 64), 0);
         assert_eq!(nesting_depth(r#"["\\",[]]"#, 64), 2);

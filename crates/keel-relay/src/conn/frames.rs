@@ -26,8 +26,10 @@ impl Conn {
     /// so that a publish waiting for room holds its payload only once.
     pub(super) async fn on_text(&mut self, text: Utf8Bytes) -> End {
         let limits = &self.ctx.config.limits;
-        let decoded = protocol::decode(&text, limits.max_frame_bytes);
-        drop(text);
+        // A large frame is decoded on a bulk thread, so that the runtime's
+        // workers stay free for small ones meanwhile.
+        let max = limits.max_frame_bytes;
+        let decoded = crate::bulk::run(text.len(), move || protocol::decode(&text, max)).await;
         let frame = match decoded {
             Ok(f) => f,
             Err(e) => return self.error(e.code, &e.message, e.reference.as_deref()).await,

@@ -109,7 +109,11 @@ pub(super) async fn publish_loop(
                     let reply = match result {
                         Ok(appended) => {
                             if !appended.duplicate {
-                                let deliver = protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload);
+                                // Decoded from the client's frame: valid JSON, not parsed again.
+                                let deliver = match std::str::from_utf8(&job.payload) {
+                                    Ok(json) => protocol::deliver_frame_json(&job.channel, appended.offset, &job.id, json),
+                                    Err(_) => protocol::deliver_frame(&job.channel, appended.offset, &job.id, &job.payload),
+                                };
                                 let frame = (appended.offset, Utf8Bytes::from(deliver));
                                 match runs.iter_mut().find(|(c, _)| *c == job.channel) {
                                     Some((_, run)) => run.push(frame),

@@ -344,18 +344,27 @@ async fn replay(
         }
         let got = page.len();
         let full = page.iter().map(|m| m.payload.len()).sum::<usize>() >= ctx.page_bytes;
-        for m in page {
-            if until.is_some_and(|u| m.offset >= u) {
-                break;
-            }
-            let frame = protocol::deliver_frame(channel, m.offset, &m.msg_id, &m.payload);
+        // A page of large messages is formatted on a bulk thread (each
+        // stored payload is checked to be JSON again: a millisecond a MiB).
+        let name = channel.to_owned();
+        let frames = crate::bulk::run(held, move || {
+            page.into_iter()
+                .take_while(|m| until.is_none_or(|u| m.offset < u))
+                .map(|m| {
+                    let frame = protocol::deliver_frame(&name, m.offset, &m.msg_id, &m.payload);
+                    (m.offset, frame)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        for (offset, frame) in frames {
             bounded(
                 ctx.deadline,
                 end,
                 sink.feed(Message::Text(Utf8Bytes::from(frame))),
             )
             .await?;
-            next = m.offset + 1;
+            next = offset + 1;
             written += 1;
         }
         // The page's frames are in the socket's buffer: flush before the
