@@ -94,16 +94,24 @@ fn to_sql(o: Offset) -> i64 {
     i64::try_from(o).unwrap_or(i64::MAX)
 }
 
-/// The offset the next append to `channel` gets.
+/// The offset the next append to `channel` gets: one past the newest
+/// message, or, when the log is empty, the floor retention left in
+/// `channels` (a log it emptied). A log that holds messages holds its
+/// newest (retention and purges remove prefixes or whole logs, and the floor
+/// is always set one past the newest there was), so its floor is never
+/// above the newest plus one: one seek in the common case.
 fn next_offset(conn: &rusqlite::Connection, channel: &str) -> Result<i64, StoreError> {
     let newest: Option<i64> = conn
         .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")?
         .query_row([channel], |r| r.get(0))?;
+    if let Some(n) = newest {
+        return Ok(n + 1);
+    }
     let floor: Option<i64> = conn
         .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")?
         .query_row([channel], |r| r.get(0))
         .optional()?;
-    Ok(newest.map_or(1, |n| n + 1).max(floor.unwrap_or(1)))
+    Ok(floor.unwrap_or(1).max(1))
 }
 
 /// Where retention cuts `channel`: `Some((cut, last))` when the messages at
@@ -157,15 +165,15 @@ fn retention_cut(
 /// The first offset a channel retains: one seek of the primary key.
 const FIRST_OFFSET: &str = "SELECT MIN(offset) FROM messages WHERE channel = ?1";
 
-/// An id in its scope: one probe of the (channel, id, publisher) index
-/// (the id before the publisher: time-ordered ids from many publishers
-/// still append at the index's end).
 /// A page of a channel's log from an offset on, its payloads inline or in
 /// `message_payloads` (schema 4).
 const READ_PAGE: &str = "SELECT m.offset, m.msg_id, m.at, coalesce(m.payload, p.payload)
      FROM messages m LEFT JOIN message_payloads p ON p.id = m.payload_id
      WHERE m.channel = ?1 AND m.offset >= ?2 ORDER BY m.offset LIMIT ?3";
 
+/// An id in its scope: one probe of the (channel, id, publisher) index
+/// (the id before the publisher: time-ordered ids from many publishers
+/// still append at the index's end).
 pub(crate) const FIND_ID: &str =
     "SELECT offset, at FROM messages WHERE channel = ?1 AND msg_id = ?3 AND publisher = ?2";
 
@@ -185,27 +193,34 @@ pub(crate) fn append_in(
     payload: &[u8],
 ) -> Result<Appended, StoreError> {
     let (conn, now) = (ctx.conn, ctx.now);
-    // The scope's own ids, and in a log migrated from schema 2 the ids
-    // written before ids were scoped (scope ''). Two statements joined by
-    // UNION ALL: an `IN` on the index's middle column makes the planner
-    // pick the primary key and scan the channel.
-    let sql = if ctx.legacy_ids && !scope.is_empty() {
-        FIND_ID_OR_LEGACY
-    } else {
-        FIND_ID
+    let find = |sql: &str| -> Result<Option<Appended>, StoreError> {
+        Ok(conn
+            .prepare_cached(sql)?
+            .query_row([channel, scope, msg_id], |r| {
+                Ok(Appended {
+                    offset: r.get::<_, i64>(0)? as Offset,
+                    at: r.get(1)?,
+                    duplicate: true,
+                })
+            })
+            .optional()?)
     };
-    let existing = conn
-        .prepare_cached(sql)?
-        .query_row([channel, scope, msg_id], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get(1)?))
-        })
-        .optional()?;
-    if let Some((offset, at)) = existing {
-        return Ok(Appended {
-            offset: offset as Offset,
-            at,
-            duplicate: true,
-        });
+    let large = payload.len() > INLINE_PAYLOAD_BYTES;
+    // The unique (channel, id, publisher) index holds the scope's own ids.
+    // In a log migrated from schema 2 the ids written before ids were
+    // scoped (scope '') count too, and a large payload should not be
+    // written only to be removed: both look first. (Two statements joined
+    // by UNION ALL: an `IN` on the index's middle column makes the planner
+    // pick the primary key and scan the channel.)
+    if large || (ctx.legacy_ids && !scope.is_empty()) {
+        let sql = if ctx.legacy_ids && !scope.is_empty() {
+            FIND_ID_OR_LEGACY
+        } else {
+            FIND_ID
+        };
+        if let Some(existing) = find(sql)? {
+            return Ok(existing);
+        }
     }
     // The next offset is one past the newest message, or past the
     // floor that retention leaves in `channels` when it empties a log.
@@ -213,10 +228,13 @@ pub(crate) fn append_in(
     // may abort half-way needs a statement journal, whose 64 KiB buffer
     // is allocated and freed per statement and dominated the write path.
     let offset = next_offset(conn, channel)?;
-    // The id was checked above and the offset is fresh, so IGNORE never
-    // fires. A large payload goes to its own table (see schema 4), so that
-    // the message b-tree's seeks never read it.
-    if payload.len() > INLINE_PAYLOAD_BYTES {
+    // INSERT OR IGNORE never aborts. A small message is inserted without
+    // looking for its id first: the unique index refuses a duplicate in
+    // the same descent that would have found it, so a new message (the
+    // common case) costs one probe of the index, not two. A large payload
+    // goes to its own table (see schema 4), so that the message b-tree's
+    // seeks never read it.
+    let inserted = if large {
         conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
             .execute(params![payload])?;
         let payload_id = conn.last_insert_rowid();
@@ -227,26 +245,32 @@ pub(crate) fn append_in(
             )?
             .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
         if inserted == 0 {
-            // Never expected (see above); if it happens, the payload row
-            // goes and the append fails: nothing is acknowledged unstored.
             conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")?
                 .execute([payload_id])?;
-            return Err(StoreError::Corrupt {
-                detail: format!("offset {offset} of channel {channel} is taken"),
-            });
         }
+        inserted
     } else {
         conn.prepare_cached(
             "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
              VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
         )?
-        .execute(params![channel, offset, scope, msg_id, now, payload])?;
+        .execute(params![channel, offset, scope, msg_id, now, payload])?
+    };
+    if inserted == 1 {
+        return Ok(Appended {
+            offset: offset as Offset,
+            at: now,
+            duplicate: false,
+        });
     }
-    Ok(Appended {
-        offset: offset as Offset,
-        at: now,
-        duplicate: false,
-    })
+    // Refused: the id is there (a retry), or, never expected, the offset is
+    // taken; then the append fails and nothing is acknowledged unstored.
+    match find(FIND_ID)? {
+        Some(existing) => Ok(existing),
+        None => Err(StoreError::Corrupt {
+            detail: format!("offset {offset} of channel {channel} is taken"),
+        }),
+    }
 }
 
 impl Store {
