@@ -253,7 +253,17 @@ pub(crate) struct Gated {
     gate: Arc<ReadGate>,
     /// Armed at the frame deadline while a started frame waits for data.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes read since the connection's task last gave its worker back.
+    since_yield: usize,
 }
+
+/// Bytes a connection reads before its task yields to the others on its
+/// runtime worker. The WebSocket layer reads a large frame 4 KiB at a
+/// time, and the runtime lets a task read up to 128 times before it must
+/// yield: half a megabyte and half a millisecond, during which a light
+/// connection woken on the same worker waits, behind every other
+/// connection in the middle of a large frame.
+pub(crate) const YIELD_BYTES: usize = 64 * 1024;
 
 impl Gated {
     pub(crate) fn new(inner: TcpStream, gate: Arc<ReadGate>) -> Gated {
@@ -261,12 +271,14 @@ impl Gated {
             inner,
             gate,
             timer: None,
+            since_yield: 0,
         }
     }
 
     /// The socket has no data: fails once a started frame is past its
     /// deadline, else makes sure the task wakes then.
     fn starved(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.since_yield = 0;
         self.gate.idle();
         let Some(deadline) = self.gate.frame_deadline() else {
             self.timer = None;
@@ -295,6 +307,11 @@ impl AsyncRead for Gated {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.since_yield >= YIELD_BYTES {
+            self.since_yield = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if self.gate.needs_room() && self.inner.poll_read_ready(cx)?.is_pending() {
             return self.starved(cx);
         }
@@ -306,6 +323,7 @@ impl AsyncRead for Gated {
             }
             let n = buf.filled().len() - before;
             self.gate.used(n);
+            self.since_yield += n;
             return Poll::Ready(Ok(()));
         }
         // Read no more than the room charged (through a small copy: the
@@ -322,6 +340,7 @@ impl AsyncRead for Gated {
         let n = part.filled().len();
         buf.put_slice(part.filled());
         self.gate.used(n);
+        self.since_yield += n;
         Poll::Ready(Ok(()))
     }
 }
@@ -409,6 +428,55 @@ mod tests {
         drop(kept);
         a.release();
         assert_eq!(budget.held(), 0);
+    }
+
+    /// A connection reading a large frame gives its worker back after
+    /// [`YIELD_BYTES`]: the read is pending, the task is woken at once to
+    /// go on, and it goes on where it stopped.
+    #[tokio::test]
+    async fn a_large_read_yields_its_worker_every_64_kib() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Count(AtomicUsize);
+        impl futures::task::ArcWake for Count {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let budget = Budget::new(1 << 20);
+        let gate = ReadGate::new(budget, Duration::from_secs(60));
+        gate.activate();
+        let (mut client, mut io) = pair(gate.clone()).await;
+        let sent = 3 * YIELD_BYTES;
+        client.write_all(&vec![7u8; sent]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let wakes = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut chunk = [0u8; 4096];
+        let (mut got, mut yields, mut waits) = (0, Vec::new(), 0);
+        while got < sent && waits < 100 {
+            let mut buf = ReadBuf::new(&mut chunk);
+            let before = wakes.0.load(Ordering::SeqCst);
+            match Pin::new(&mut io).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(r) => {
+                    r.unwrap();
+                    got += buf.filled().len();
+                }
+                // Woken before it returned: a yield, not a wait for data.
+                Poll::Pending if wakes.0.load(Ordering::SeqCst) > before => yields.push(got),
+                Poll::Pending => {
+                    waits += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        assert_eq!(got, sent, "every byte read, across the yields");
+        assert_eq!(
+            yields,
+            vec![YIELD_BYTES, 2 * YIELD_BYTES],
+            "pending once every {YIELD_BYTES} bytes, and woken at once"
+        );
+        gate.release();
     }
 
     /// A connection sending a small frame reads at once from the reserve
