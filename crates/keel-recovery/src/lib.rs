@@ -64,7 +64,7 @@ pub use crate::lock::{DirLock, LOCK_FILE, LockError};
 pub use crate::recover::{RecoveryReport, crash_notice, recover};
 pub use crate::session_child::{ChildEnded, crash_session_on_exit};
 pub use crate::shutdown::{
-    Shutdown, ShutdownReport, ShutdownToken, graceful_shutdown, wait_for_signal,
+    Shutdown, ShutdownReport, ShutdownToken, Signals, graceful_shutdown, wait_for_signal,
 };
 pub use crate::supervise::{
     Child, CommandSpec, Exit, ExitCause, Line, Stream, Supervisor, SupervisorConfig,

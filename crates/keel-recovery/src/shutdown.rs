@@ -65,15 +65,39 @@ impl ShutdownToken {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and returns its name.
+/// SIGTERM and SIGINT, caught from the moment [`Signals::catch`] returns:
+/// one that arrives before anyone waits is kept for [`Signals::recv`]
+/// instead of ending the process with the default action. A service
+/// catches them before it says it is up, so that a supervisor stopping it
+/// right after gets a clean shutdown.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching SIGTERM and SIGINT (inside a tokio runtime).
+    pub fn catch() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next one and returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and returns its name (caught from the first
+/// poll on: see [`Signals`] to catch them earlier).
 pub async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(Signals::catch()?.recv().await)
 }
 
 /// What [`graceful_shutdown`] did.

@@ -42,9 +42,11 @@ enum Command {
         /// can reach it may read and write every channel).
         #[arg(long)]
         insecure_open: bool,
-        /// Log format.
-        #[arg(long, value_enum, default_value = "human")]
-        log_format: LogFormat,
+        /// Log format on stderr: `human` (coloured), `plain` (the same
+        /// text without colour codes) or `json` (one object a line).
+        /// Default: `human` when stderr is a terminal, else `plain`.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Reports integrity, sessions per state, outbox states (DEAD listed) and
     /// quarantined files. Run it while the relay is stopped.
@@ -75,10 +77,23 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 enum LogFormat {
     Human,
+    Plain,
     Json,
+}
+
+impl LogFormat {
+    /// The format when none is asked for: colour only for a terminal, so a
+    /// log written to a file, a pipe or the journal carries no escape codes.
+    fn default_for(terminal: bool) -> LogFormat {
+        if terminal {
+            LogFormat::Human
+        } else {
+            LogFormat::Plain
+        }
+    }
 }
 
 /// Runs the `keel-relay` command line on `args` (the program name first).
@@ -111,7 +126,10 @@ where
                 insecure_open,
                 log_format,
             } => {
-                init_logs(log_format);
+                init_logs(log_format.unwrap_or_else(|| {
+                    use std::io::IsTerminal;
+                    LogFormat::default_for(std::io::stderr().is_terminal())
+                }));
                 let mut cfg = match &config {
                     Some(path) => Config::load(path)?,
                     None => Config::default(),
@@ -155,21 +173,23 @@ fn init_logs(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(true).init(),
+        LogFormat::Plain => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Caught before the relay says it is up: a SIGTERM right after the
+    // "listening" line shuts it down cleanly instead of killing it.
+    let mut signals = keel_recovery::Signals::catch().context("cannot catch signals")?;
     let exe = std::env::current_exe().context("cannot find this executable for the exec helper")?;
     let relay = Relay::start_with(config, Some((exe, vec!["__exec".into()])))
         .await
         .context("cannot start the relay")?;
     // Tests and scripts read this line to learn the port.
     println!("keel-relay listening on {}", relay.addr());
-    let signal = keel_recovery::wait_for_signal()
-        .await
-        .context("cannot wait for signals")?;
+    let signal = signals.recv().await;
     tracing::info!(signal, "shutting down");
     let report = relay.shutdown(&format!("{signal} received")).await?;
     println!(
@@ -189,4 +209,15 @@ async fn redrive(data: &std::path::Path) -> anyhow::Result<()> {
     let n = crate::doctor::redrive(data).await?;
     println!("re-queued {n} DEAD sends");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_for_a_terminal() {
+        assert_eq!(LogFormat::default_for(true), LogFormat::Human);
+        assert_eq!(LogFormat::default_for(false), LogFormat::Plain);
+    }
 }

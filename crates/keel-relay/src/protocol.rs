@@ -578,9 +578,10 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 200 && !id.chars().any(char::is_control)
 }
 
-/// A JSON string literal for `s`.
+/// A JSON string literal for `s` (serialised straight from `s`: no copy
+/// into a `Value` first; a string always serialises).
 pub(crate) fn json_str(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
 }
 
 /// `{"type":"deliver","channel":..,"offset":..,"id":..,"payload":..}`, built

@@ -6,6 +6,7 @@ mod cluster;
 mod conformance;
 mod doctor;
 mod exec;
+mod logs;
 mod protocol;
 mod resilience;
 mod spool;
