@@ -69,6 +69,16 @@ enum Command {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Reads, parses and validates a configuration file without starting
+    /// anything, then prints the configuration in effect (every default
+    /// filled in). Exit 0 when it is valid, 2 (with the file, the key and
+    /// the reason) when not.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Prints the default configuration as TOML (a file to start from).
+    PrintDefaultConfig,
     /// Internal: the exec helper for supervised children.
     #[command(name = "__exec", hide = true)]
     Exec {
@@ -106,15 +116,36 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
-    if let Command::Exec { args } = cli.command {
-        std::process::exit(keel_recovery::supervise::exec_helper_main(args));
-    }
+    let command = match cli.command {
+        Command::Exec { args } => {
+            std::process::exit(keel_recovery::supervise::exec_helper_main(args));
+        }
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(config) => {
+                print!("{}", effective_toml(&config)?);
+                return Ok(());
+            }
+            Err(e @ crate::config::ConfigError::Invalid(_)) => {
+                eprintln!("keel-relay: {}: {e}", file.display());
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("keel-relay: {e}");
+                std::process::exit(2);
+            }
+        },
+        Command::PrintDefaultConfig => {
+            print!("{}", effective_toml(&Config::default())?);
+            return Ok(());
+        }
+        other => other,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve {
                 data,
                 listen,
@@ -161,9 +192,16 @@ where
                 (None, None) => unreachable!("clap requires one"),
             },
             Command::Redrive { data } => redrive(&data).await,
-            Command::Exec { .. } => unreachable!("handled before the runtime starts"),
+            Command::Exec { .. } | Command::CheckConfig { .. } | Command::PrintDefaultConfig => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
+}
+
+/// `config` as TOML, every key written out.
+fn effective_toml(config: &Config) -> anyhow::Result<String> {
+    toml::to_string(config).context("cannot write the configuration as TOML")
 }
 
 fn init_logs(format: LogFormat) {

@@ -620,11 +620,14 @@ impl Config {
         if self.limits.outbound_queue == 0 || self.limits.max_in_flight == 0 {
             return bad("limits.outbound_queue and limits.max_in_flight must be positive");
         }
-        if self.limits.publish_rate == 0
-            || self.limits.publish_bytes_rate == 0
-            || self.sending.global_rate == 0
-        {
-            return bad("rates must be positive");
+        for (key, rate) in [
+            ("limits.publish_rate", self.limits.publish_rate),
+            ("limits.publish_bytes_rate", self.limits.publish_bytes_rate),
+            ("sending.global_rate", self.sending.global_rate),
+        ] {
+            if rate == 0 {
+                return bad(&format!("{key} must be positive"));
+            }
         }
         if self
             .limits

@@ -3,6 +3,7 @@
 mod abuse;
 mod bad_input;
 mod cluster;
+mod config;
 mod conformance;
 mod doctor;
 mod exec;
