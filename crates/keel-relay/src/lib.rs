@@ -24,6 +24,7 @@ mod accept;
 mod auth;
 mod bulk;
 mod bus;
+pub mod catalogue;
 mod channels;
 pub mod cli;
 pub mod client;

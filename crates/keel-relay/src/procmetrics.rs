@@ -10,40 +10,26 @@ use std::fmt::Write;
 /// where /proc cannot be read (not Linux).
 pub(crate) fn render() -> String {
     let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+    for metric in crate::catalogue::PROCESS {
+        let value = match metric.name {
+            "process_resident_memory_bytes" => resident_bytes(),
+            "process_open_fds" => open_fds(),
+            "process_max_fds" => {
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .ok()
+                    .map(|(soft, _)| soft as f64)
+            }
+            "process_cpu_seconds_total" => cpu_seconds(),
+            _ => None,
+        };
         if let Some(v) = value {
+            let (name, kind, help) = (metric.name, metric.kind.as_str(), metric.help);
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
-    };
-    put(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        resident_bytes(),
-    );
-    put(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        open_fds(),
-    );
-    put(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors (the soft limit).",
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .ok()
-            .map(|(soft, _)| soft as f64),
-    );
-    put(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        cpu_seconds(),
-    );
+    }
     out
 }
 

@@ -160,8 +160,19 @@ impl ErrorCode {
         ErrorCode::Unavailable,
     ];
 
+    /// Every code as it appears on the wire, in [`ErrorCode::ALL`]'s order.
+    pub const NAMES: [&'static str; 10] = {
+        let mut names = [""; 10];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = ErrorCode::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
     /// The code as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
             ErrorCode::UnknownType => "unknown_type",

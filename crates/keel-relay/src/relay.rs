@@ -68,54 +68,6 @@ fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Puts every metric docs/protocol.md lists on `/metrics` at zero, so that
-/// dashboards and alerts see them before their first event.
-fn register_metrics() {
-    for name in [
-        "keel_frames_in_total",
-        "keel_frames_out_total",
-        "keel_published_total",
-        "keel_slow_consumers_total",
-        "keel_sessions_opened_total",
-        "keel_sends_queued_total",
-        "keel_upstream_inbound_total",
-        "keel_upstream_garbage_total",
-        "keel_upstream_unknown_answers_total",
-        "keel_upstream_suspect_sends_total",
-        "keel_upstream_links_lost_alone_total",
-        "keel_connections_refused_total",
-    ] {
-        metrics::counter!(name).increment(0);
-    }
-    for code in crate::protocol::ErrorCode::ALL {
-        metrics::counter!("keel_errors_total", "code" => code.as_str()).increment(0);
-    }
-    for why in crate::auth::REFUSALS {
-        metrics::counter!("keel_auth_refused_total", "why" => why).increment(0);
-    }
-    for status in ["SENT", "DEAD"] {
-        metrics::counter!("keel_upstream_sends_total", "status" => status).increment(0);
-    }
-    for status in ["ok", "failed"] {
-        metrics::counter!("keel_spool_jobs_total", "status" => status).increment(0);
-    }
-    for limit in crate::limits::LIMITS {
-        metrics::counter!("keel_limit_hits_total", "limit" => limit).increment(0);
-    }
-    for kind in ["retention", "session_ttl"] {
-        metrics::counter!("keel_evictions_total", "kind" => kind).increment(0);
-    }
-    for direction in ["inbound", "outbound", "global"] {
-        metrics::gauge!("keel_buffered_bytes", "direction" => direction).set(0.0);
-    }
-    metrics::gauge!("keel_connections").increment(0.0);
-    metrics::gauge!("keel_channels_subscribed").set(0.0);
-    metrics::gauge!("keel_subscriptions").set(0.0);
-    // A histogram is rendered once it exists, with a count of 0.
-    let _ = metrics::histogram!("keel_spool_job_seconds");
-    let _ = metrics::histogram!("keel_publish_commit_seconds");
-}
-
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -200,7 +152,7 @@ impl Relay {
             None => None,
         };
         let metrics = prometheus();
-        register_metrics();
+        crate::catalogue::register();
         let options = StartOptions {
             data_dir: config.data.clone(),
             store: config.store_config(),
@@ -286,25 +238,6 @@ impl Relay {
         });
         let mut background = vec![tokio::spawn(crate::retention::run(background_ctx.clone()))];
         let clustered = background_ctx.channels.bus.is_some();
-        // Cluster mode's metrics, at zero on a single node too (every
-        // metric docs/protocol.md lists is there from the start).
-        {
-            for name in [
-                "keel_bus_publish_failures_total",
-                "keel_bus_garbage_total",
-                "keel_catch_up_messages_total",
-                "keel_nodes_recovered_total",
-                "keel_node_lease_lost_total",
-                "keel_stray_sessions_closed_total",
-            ] {
-                metrics::counter!(name).increment(0);
-            }
-            metrics::counter!("keel_bus_batches_total", "direction" => "in").increment(0);
-            for answer in ["closed", "none"] {
-                metrics::counter!("keel_takeovers_total", "answer" => answer).increment(0);
-            }
-            metrics::gauge!("keel_upstream_leader").set(0.0);
-        }
         if clustered {
             // One node at a time sends upstream: the lock's holder.
             background.extend(crate::cluster::start(

@@ -432,45 +432,156 @@ async fn resume_of_a_foreign_private_channel_is_forbidden() {
     assert_eq!(delivered, [json!("news")], "the rest of the hello stands");
 }
 
-/// Every metric docs/protocol.md lists is on `/metrics` of a fresh relay.
-#[tokio::test]
-async fn documented_metrics_exist_from_the_start() {
+/// `(name, type)` of every metric in docs/protocol.md's metrics table.
+fn documented_metrics() -> std::collections::BTreeMap<String, String> {
     let doc = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/protocol.md"
     ))
     .unwrap();
-    let section = doc
-        .split("`GET /metrics`")
+    let table = doc
+        .split("| metric | type | labels | meaning |")
         .nth(1)
-        .expect("docs/protocol.md describes GET /metrics");
-    let names: Vec<&str> = section
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|n| n.split('{').next().unwrap())
-        .filter(|n| n.starts_with("keel_") || n.starts_with("process_"))
+        .expect("docs/protocol.md has the metrics table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
+        })
+        .collect()
+}
+
+/// `(name, type)` of every metric a `/metrics` text declares, and the
+/// names that come without a HELP line.
+fn served_metrics(text: &str) -> (std::collections::BTreeMap<String, String>, Vec<String>) {
+    let mut types = std::collections::BTreeMap::new();
+    let mut helped = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split(' ');
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("#"), Some("TYPE"), Some(name), Some(kind)) => {
+                types.insert(name.to_owned(), kind.to_owned());
+            }
+            (Some("#"), Some("HELP"), Some(name), Some(help)) if !help.is_empty() => {
+                helped.insert(name.to_owned());
+            }
+            _ => {}
+        }
+    }
+    let unhelped = types
+        .keys()
+        .filter(|n| !helped.contains(*n))
+        .cloned()
         .collect();
-    assert!(names.len() >= 15, "{names:?}");
+    (types, unhelped)
+}
+
+/// docs/protocol.md's metrics table and a fresh relay's `/metrics` name
+/// the same metrics with the same types, both ways; every metric served
+/// has its HELP and TYPE lines and at least one series from the start.
+#[tokio::test]
+async fn the_metrics_table_is_what_metrics_serves() {
+    let documented = documented_metrics();
+    assert!(documented.len() >= 40, "{documented:?}");
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
     let text = http_get(&format!("http://{}/metrics", relay.addr)).await;
-    let missing: Vec<&&str> = names
+    let (served, unhelped) = served_metrics(&text);
+    assert!(unhelped.is_empty(), "no HELP line: {unhelped:?}");
+    let only_docs: Vec<_> = documented
         .iter()
-        .filter(|n| {
-            !text
-                .lines()
-                .any(|l| l.starts_with(&format!("{n}{{")) || l.starts_with(&format!("{n} ")))
-        })
+        .filter(|(n, t)| served.get(*n) != Some(t))
+        .collect();
+    let only_served: Vec<_> = served
+        .iter()
+        .filter(|(n, t)| documented.get(*n) != Some(t))
         .collect();
     assert!(
-        missing.is_empty(),
-        "missing on a fresh relay: {missing:?}\n{text}"
+        only_docs.is_empty() && only_served.is_empty(),
+        "documented but not served (or another type): {only_docs:?}\n\
+         served but not documented (or another type): {only_served:?}"
     );
+    for name in served.keys() {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "{name} has no series on a fresh relay"
+        );
+    }
     for code in ["bad_json", "unavailable", "rate_limited"] {
         assert!(
             text.contains(&format!("keel_errors_total{{code=\"{code}\"}} 0")),
             "{code}"
         );
     }
+    relay.terminate().await;
+
+    // The planted check: a metric served but missing from the table, and a
+    // type changed, are both caught by the comparison above.
+    let mut doc_less = documented.clone();
+    doc_less.remove("keel_published_total");
+    doc_less.insert("keel_connections".into(), "counter".into());
+    let caught = served
+        .iter()
+        .filter(|(n, t)| doc_less.get(*n) != Some(t))
+        .count();
+    assert_eq!(caught, 2);
+}
+
+/// Every expression of the Grafana dashboard names only metrics the relay
+/// exports (a summary's `_sum` and `_count` included), and names one.
+#[test]
+fn the_grafana_dashboard_uses_exported_names() {
+    let documented = documented_metrics();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../contrib/grafana/keel-relay.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exported = |name: &str| {
+        documented.contains_key(name)
+            || ["_sum", "_count"].iter().any(|s| {
+                name.strip_suffix(s)
+                    .is_some_and(|base| documented.get(base).is_some_and(|t| t == "summary"))
+            })
+    };
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    if k == "expr" || (k == "query" && v.as_str().is_some_and(|q| q.contains('(')))
+                    {
+                        out.push(v.as_str().unwrap().to_owned());
+                    } else {
+                        walk(v, out);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in &exprs {
+        let names: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("keel_") || w.starts_with("process_"))
+            .collect();
+        assert!(!names.is_empty(), "names no metric: {expr}");
+        for name in names {
+            assert!(exported(name), "{name} is not exported: {expr}");
+        }
+    }
+    assert!(
+        !exported("keel_published"),
+        "the planted check: a wrong name"
+    );
 }

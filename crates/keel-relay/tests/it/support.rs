@@ -274,7 +274,6 @@ impl RawWs {
     }
 }
 
-/// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
 /// The sum of a metric's series on the relay's `/metrics`.
 pub(crate) async fn metric(relay: &RelayProcess, name: &str) -> f64 {
     let text = http_get(&format!("http://{}/metrics", relay.addr)).await;
@@ -284,6 +283,7 @@ pub(crate) async fn metric(relay: &RelayProcess, name: &str) -> f64 {
         .sum()
 }
 
+/// A minimal HTTP/1.1 GET over a raw socket; returns the whole response.
 pub(crate) async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
