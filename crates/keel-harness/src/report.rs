@@ -44,7 +44,7 @@ impl Status {
             Status::Red => "red",
             Status::Violated => "VIOLATED",
             Status::Error => "error",
-            Status::NotApplicable => "n/a (--target)",
+            Status::NotApplicable => "n/a",
         }
     }
 }

@@ -164,6 +164,15 @@ pub fn utc_stamp() -> String {
 /// every child.
 pub async fn run(opts: RunOptions) -> Result<RunSummary, Error> {
     let scenarios = select(opts.suite, &opts.scenarios)?;
+    // The harness holds one descriptor per client connection (up to
+    // 19,000 at full scale): the soft limit goes up to the hard one.
+    match keel_recovery::raise_open_files() {
+        Ok(f) if f.now > f.before => {
+            eprintln!("open-file limit raised from {} to {}", f.before, f.now)
+        }
+        Ok(f) => eprintln!("open-file limit: {}", f.now),
+        Err(e) => eprintln!("cannot read or raise the open-file limit: {e}"),
+    }
     let started = utc_stamp();
     let dir = opts
         .report_root
@@ -282,6 +291,17 @@ async fn run_in(
                 ..base
             },
             Ok(Err(e @ Error::UnknownMetric(_))) => return Err(e),
+            // The machine lacks what the scenario needs (root for a tmpfs,
+            // say): said so, and left out of the exit code.
+            Ok(Err(Error::NotApplicable(why))) => ScenarioReport {
+                status: Status::NotApplicable,
+                notes: vec![format!("not applicable: {why}")],
+                seconds,
+                checks: Some(verdict),
+                history_lines,
+                series,
+                ..base
+            },
             Ok(Err(e)) => ScenarioReport {
                 status: errored(&verdict),
                 error: Some(e.to_string()),

@@ -40,8 +40,10 @@
 //! # }
 //! ```
 
+pub mod backup;
 pub mod disk;
 mod error;
+mod files;
 pub mod health;
 pub mod integrity;
 mod lock;
@@ -58,6 +60,7 @@ use keel_session::{SessionStore, Store};
 
 pub use crate::disk::{DiskThresholds, disk_status, watch_disk};
 pub use crate::error::StartError;
+pub use crate::files::{FileLimit, raise_open_files};
 pub use crate::health::{DiskStatus, Health, HealthError, HealthState, Inputs, Transition};
 pub use crate::integrity::Quarantine;
 pub use crate::lock::{DirLock, LOCK_FILE, LockError};

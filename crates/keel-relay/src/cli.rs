@@ -49,7 +49,10 @@ enum Command {
         log_format: Option<LogFormat>,
     },
     /// Reports integrity, sessions per state, outbox states (DEAD listed) and
-    /// quarantined files. Run it while the relay is stopped.
+    /// quarantined files. Run it while the relay is stopped (a PostgreSQL
+    /// store may be inspected beside live nodes). Exit 0: healthy; 1: findings
+    /// (listed on the last line); 2: cannot inspect (no data directory or
+    /// database, directory in use, store unreachable).
     Doctor {
         /// Data directory (the embedded SQLite store).
         #[arg(
@@ -63,9 +66,41 @@ enum Command {
         #[arg(long)]
         postgres: Option<String>,
     },
-    /// Re-queues every DEAD send. Run it while the relay is stopped.
+    /// Re-queues every DEAD send. Run it while the relay is stopped (a
+    /// PostgreSQL store: while its nodes run, the leader picks them up).
     Redrive {
+        /// Data directory (the embedded SQLite store).
+        #[arg(
+            long,
+            required_unless_present = "postgres",
+            conflicts_with = "postgres"
+        )]
+        data: Option<PathBuf>,
+        /// A PostgreSQL store's URL (cluster mode).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Copies the database to FILE while the relay runs (SQLite's online
+    /// backup API: one consistent view, writers never blocked), checked
+    /// with integrity_check and synced before it takes FILE's name. For a
+    /// PostgreSQL store use pg_dump.
+    Backup {
         /// Data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The backup file to write (replaced once the copy is checked).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Puts a backup in place as a data directory's database. Run it while
+    /// the relay is stopped; the files it replaces are moved aside. The
+    /// next start runs crash recovery, as after a kill at the backup's
+    /// moment.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Data directory (created if missing).
         #[arg(long)]
         data: PathBuf,
     },
@@ -138,6 +173,28 @@ where
             print!("{}", effective_toml(&Config::default())?);
             return Ok(());
         }
+        Command::Backup { data, to } => {
+            let r = keel_recovery::backup::backup(&data, &to)
+                .with_context(|| format!("backup of {} failed", data.display()))?;
+            println!(
+                "backed up {} to {}: {} bytes, {} pages, integrity_check ok, in {:.2?}",
+                data.display(),
+                r.path.display(),
+                r.bytes,
+                r.pages,
+                r.took
+            );
+            return Ok(());
+        }
+        Command::Restore { from, data } => {
+            let r = keel_recovery::backup::restore(&from, &data)
+                .with_context(|| format!("restore into {} failed", data.display()))?;
+            println!("restored {} as {}", from.display(), r.database.display());
+            for aside in &r.moved_aside {
+                println!("moved aside: {}", aside.display());
+            }
+            return Ok(());
+        }
         other => other,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -181,18 +238,35 @@ where
                     (cfg.tls.cert_file, cfg.tls.key_file) = (tls_cert, tls_key);
                 }
                 cfg.auth.insecure_open |= insecure_open;
+                raise_open_files(cfg.limits.max_connections);
                 serve(cfg).await
             }
-            Command::Doctor { data, postgres } => match (data, postgres) {
-                (_, Some(url)) => {
-                    print!("{}", crate::doctor::run_postgres(&url).await?);
-                    Ok(())
+            Command::Doctor { data, postgres } => {
+                let report = match (data, postgres) {
+                    (_, Some(url)) => crate::doctor::run_postgres(&url).await,
+                    (Some(data), None) => crate::doctor::run(&data).await,
+                    (None, None) => unreachable!("clap requires one"),
+                };
+                match report {
+                    Ok(report) => {
+                        print!("{}", report.text);
+                        if !report.findings.is_empty() {
+                            println!("findings: {}", report.findings.join("; "));
+                        }
+                        std::process::exit(report.exit_code());
+                    }
+                    Err(e) => {
+                        eprintln!("keel-relay doctor: cannot inspect: {e:#}");
+                        std::process::exit(2);
+                    }
                 }
-                (Some(data), None) => doctor(&data).await,
-                (None, None) => unreachable!("clap requires one"),
-            },
-            Command::Redrive { data } => redrive(&data).await,
-            Command::Exec { .. } | Command::CheckConfig { .. } | Command::PrintDefaultConfig => {
+            }
+            Command::Redrive { data, postgres } => redrive(data, postgres).await,
+            Command::Exec { .. }
+            | Command::CheckConfig { .. }
+            | Command::PrintDefaultConfig
+            | Command::Backup { .. }
+            | Command::Restore { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }
@@ -217,6 +291,37 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// Descriptors kept for everything but connections: the database and its
+/// WAL, logs, listeners, the spool, children's pipes.
+const RESERVED_FILES: u64 = 512;
+
+/// Raises the open-file limit to the hard limit and logs it; warns when
+/// `max_connections` asks for more than it leaves room for.
+fn raise_open_files(max_connections: usize) {
+    match keel_recovery::raise_open_files() {
+        Ok(files) => {
+            tracing::info!(
+                open_files = files.now,
+                was = files.before,
+                hard = files.hard,
+                "open-file limit"
+            );
+            let room = files.connections(RESERVED_FILES);
+            if max_connections as u64 > room {
+                tracing::warn!(
+                    max_connections,
+                    open_files = files.now,
+                    "limits.max_connections is above what the open-file limit leaves room for \
+                     ({room} after {RESERVED_FILES} kept for the store and the rest): connections \
+                     past that are refused for want of descriptors; raise the hard limit \
+                     (ulimit -Hn, systemd's LimitNOFILE=) or lower max_connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     // Caught before the relay says it is up: a SIGTERM right after the
     // "listening" line shuts it down cleanly instead of killing it.
@@ -237,14 +342,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn doctor(data: &std::path::Path) -> anyhow::Result<()> {
-    let report = crate::doctor::run(data).await?;
-    print!("{report}");
-    Ok(())
-}
-
-async fn redrive(data: &std::path::Path) -> anyhow::Result<()> {
-    let n = crate::doctor::redrive(data).await?;
+async fn redrive(data: Option<PathBuf>, postgres: Option<String>) -> anyhow::Result<()> {
+    let n = match (data, postgres) {
+        (_, Some(url)) => crate::doctor::redrive_postgres(&url).await?,
+        (Some(data), None) => crate::doctor::redrive(&data).await?,
+        (None, None) => unreachable!("clap requires one"),
+    };
     println!("re-queued {n} DEAD sends");
     Ok(())
 }

@@ -45,18 +45,51 @@ fn loose_modes(data: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The doctor's report as text.
-pub async fn run(data: &Path) -> anyhow::Result<String> {
-    let mut out = String::new();
+/// What the doctor found: its report, and the findings an operator must
+/// look at (each also in the report).
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The report as text.
+    pub text: String,
+    /// One line per finding: a damaged database, files others can read, an
+    /// unclean previous shutdown, DEAD sends, quarantined files, a broken
+    /// health log. Empty when the store is healthy.
+    pub findings: Vec<String>,
+}
+
+impl Report {
+    /// The exit code `keel-relay doctor` ends with: 0 healthy, 1 findings
+    /// (2, cannot inspect, is an error before any report).
+    pub fn exit_code(&self) -> i32 {
+        i32::from(!self.findings.is_empty())
+    }
+}
+
+/// The doctor's report on a data directory. An error means it could not
+/// inspect it (missing directory or database, directory in use, unreadable).
+pub async fn run(data: &Path) -> anyhow::Result<Report> {
+    let mut r = Report::default();
+    let out = &mut r.text;
+    if !data.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory (no data directory to inspect)",
+            data.display()
+        );
+    }
     writeln!(out, "keel-relay doctor: {}", data.display())?;
     let db = data.join(DB_FILE);
     let integrity = match check_everything(&db)? {
         Check::Missing => {
-            writeln!(out, "database: {} does not exist yet", db.display())?;
-            return Ok(out);
+            anyhow::bail!(
+                "{} does not exist: no relay has run on this directory",
+                db.display()
+            );
         }
         Check::Intact => "ok".to_owned(),
-        Check::Damaged(why) => format!("DAMAGED ({why}); the next start quarantines it"),
+        Check::Damaged(why) => {
+            r.findings.push(format!("database damaged: {why}"));
+            format!("DAMAGED ({why}); the next start quarantines it")
+        }
     };
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
     writeln!(
@@ -65,7 +98,7 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
         db.display()
     )?;
     if integrity != "ok" {
-        return Ok(out);
+        return Ok(r);
     }
     // Before opening: taking the lock and opening the store narrow them.
     let loose = loose_modes(data);
@@ -77,9 +110,15 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
             "permissions: WARNING readable or writable by others: {} (narrowed to owner only now; check who could read them)",
             loose.join(", ")
         )?;
+        r.findings
+            .push(format!("files others could read: {}", loose.join(", ")));
     }
     let (_lock, store) = open(data).await?;
-    report(&mut out, &store).await?;
+    if !store.startup().previous_clean_shutdown {
+        r.findings.push("previous shutdown unclean".to_owned());
+    }
+    report(&mut r, &store).await?;
+    let out = &mut r.text;
     let mut quarantined: Vec<String> = std::fs::read_dir(data)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.contains(".corrupt-"))
@@ -92,27 +131,23 @@ pub async fn run(data: &Path) -> anyhow::Result<String> {
             out,
             "quarantined files (inspect with `sqlite3 FILE .recover`):"
         )?;
-        for name in quarantined {
+        for name in &quarantined {
             writeln!(out, "  {}", data.join(name).display())?;
         }
+        r.findings
+            .push(format!("{} quarantined files", quarantined.len()));
     }
     close(store).await?;
-    Ok(out)
+    Ok(r)
 }
 
 /// The doctor's report on a PostgreSQL store (cluster mode): the nodes'
 /// leases and the same sections as for a data directory. It may run beside
 /// live nodes (it writes nothing but its own node's meta, as `doctor`).
-pub async fn run_postgres(url: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    let store = keel_session_pg::PgStore::open(keel_session_pg::PgConfig {
-        url: url.to_owned(),
-        node_id: "doctor".to_owned(),
-        pool_size: 2,
-        ..keel_session_pg::PgConfig::default()
-    })
-    .await
-    .context("cannot open the PostgreSQL store")?;
+pub async fn run_postgres(url: &str) -> anyhow::Result<Report> {
+    let mut r = Report::default();
+    let out = &mut r.text;
+    let store = open_postgres(url).await?;
     writeln!(
         out,
         "keel-relay doctor: postgres, schema version {}",
@@ -129,24 +164,40 @@ pub async fn run_postgres(url: &str) -> anyhow::Result<String> {
             .collect();
         writeln!(out, "nodes: {}", list.join(", "))?;
     }
-    report(&mut out, &store).await?;
+    report(&mut r, &store).await?;
     // The doctor's own meta says nothing about a node: clean either way.
     store.close().await?;
-    Ok(out)
+    Ok(r)
+}
+
+/// A PostgreSQL store opened as the node `doctor`: it writes nothing but
+/// that node's meta.
+async fn open_postgres(url: &str) -> anyhow::Result<keel_session_pg::PgStore> {
+    keel_session_pg::PgStore::open(keel_session_pg::PgConfig {
+        url: url.to_owned(),
+        node_id: "doctor".to_owned(),
+        pool_size: 2,
+        ..keel_session_pg::PgConfig::default()
+    })
+    .await
+    .context("cannot open the PostgreSQL store")
 }
 
 /// The sections common to both backends: sessions, outbox, dead sends,
 /// the health log and the largest channels.
-async fn report<S: SessionStore>(out: &mut String, store: &S) -> anyhow::Result<()> {
+async fn report<S: SessionStore>(r: &mut Report, store: &S) -> anyhow::Result<()> {
+    let out = &mut r.text;
+    let clean = store.startup().previous_clean_shutdown;
     writeln!(
         out,
         "previous shutdown: {}",
-        if store.startup().previous_clean_shutdown {
+        if clean {
             "clean"
         } else {
             "UNCLEAN (crash recovery runs on the next start)"
         }
     )?;
+
     let states = store.count_by_state().await?;
     let states: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
     writeln!(
@@ -164,6 +215,9 @@ async fn report<S: SessionStore>(out: &mut String, store: &S) -> anyhow::Result<
         "outbox: pending {}, claimed {}, sent {}, dead {}",
         c.pending, c.claimed, c.sent, c.dead
     )?;
+    if c.dead > 0 {
+        r.findings.push(format!("{} DEAD sends", c.dead));
+    }
     let dead = store.outbox_items(OutboxState::Dead, 100).await?;
     if !dead.is_empty() {
         writeln!(out, "dead sends (re-queue with `keel-relay redrive`):")?;
@@ -178,11 +232,11 @@ async fn report<S: SessionStore>(out: &mut String, store: &S) -> anyhow::Result<
             )?;
         }
     }
-    writeln!(
-        out,
-        "{}",
-        health_log_line(&store.health_transitions(100_000).await?)
-    )?;
+    let (line, broken) = health_log_line(&store.health_transitions(100_000).await?);
+    writeln!(out, "{line}")?;
+    if broken {
+        r.findings.push("health log chain broken".to_owned());
+    }
     let (channels, largest) = store.channel_stats(10).await?;
     writeln!(out, "channels with messages: {channels}")?;
     for c in &largest {
@@ -197,7 +251,8 @@ async fn report<S: SessionStore>(out: &mut String, store: &S) -> anyhow::Result<
 
 /// `health log: N transitions, ids unique, chain valid; last FROM -> TO (reason)`:
 /// every entry's `from` must be the previous entry's `to`, ids increasing.
-fn health_log_line(log: &[keel_session::HealthTransition]) -> String {
+/// True beside it when the chain is broken.
+fn health_log_line(log: &[keel_session::HealthTransition]) -> (String, bool) {
     let broken = log
         .windows(2)
         .find(|w| w[1].id <= w[0].id || w[1].from != w[0].to)
@@ -210,7 +265,10 @@ fn health_log_line(log: &[keel_session::HealthTransition]) -> String {
         .last()
         .map(|t| format!("; last {} -> {} ({})", t.from, t.to, t.reason))
         .unwrap_or_default();
-    format!("health log: {} transitions, {chain}{last}", log.len())
+    (
+        format!("health log: {} transitions, {chain}{last}", log.len()),
+        broken.is_some(),
+    )
 }
 
 /// Re-queues every DEAD send; returns how many.
@@ -218,5 +276,15 @@ pub async fn redrive(data: &Path) -> anyhow::Result<u64> {
     let (_lock, store) = open(data).await?;
     let n = store.redrive_all().await?;
     close(store).await?;
+    Ok(n)
+}
+
+/// Re-queues every DEAD send of a PostgreSQL store (cluster mode); returns
+/// how many. Safe beside live nodes: one statement moves DEAD to PENDING,
+/// and the leader's outbox loop claims them like any other.
+pub async fn redrive_postgres(url: &str) -> anyhow::Result<u64> {
+    let store = open_postgres(url).await?;
+    let n = store.redrive_all().await?;
+    store.close().await?;
     Ok(n)
 }

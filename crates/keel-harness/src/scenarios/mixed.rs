@@ -319,7 +319,8 @@ async fn run_flap(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     relay.terminate().await?;
     let report = keel_relay::doctor::run(&relay.data_dir())
         .await
-        .map_err(|e| setup("keel-relay doctor", e))?;
+        .map_err(|e| setup("keel-relay doctor", e))?
+        .text;
     let line = |prefix: &str| {
         report
             .lines()

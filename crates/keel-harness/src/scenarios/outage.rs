@@ -498,7 +498,8 @@ async fn run_upstream_fault(ctx: &Ctx, plan: &Plan, fault: UpFault) -> Result<Me
             relay.terminate().await?;
             let report = keel_relay::doctor::run(&relay.data_dir())
                 .await
-                .map_err(|e| setup("keel-relay doctor", e))?;
+                .map_err(|e| setup("keel-relay doctor", e))?
+                .text;
             let line = report
                 .lines()
                 .find(|l| l.starts_with("outbox:"))

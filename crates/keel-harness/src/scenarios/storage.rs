@@ -79,12 +79,15 @@ async fn run_disk_full(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
 pub(super) const DISK_CONFIG: &str =
     "\n[disk]\nlow_bytes = 2097152\nfull_bytes = 262144\ncheck_interval_ms = 100\n";
 
-/// A tmpfs of `size` bytes in the scenario's directory; an error (not a
-/// pass) where mounting is not permitted.
+/// A tmpfs of `size` bytes in the scenario's directory; where mounting is
+/// not permitted (not root), the scenario is not applicable here (never a
+/// pass: the report and the verdict table say "n/a" and why).
 pub(super) fn small_tmpfs(ctx: &Ctx, size: u64) -> Result<keel_faults::disk::Tmpfs, Error> {
     match keel_faults::disk::Tmpfs::mount(&ctx.dir.join("tmpfs"), size) {
         keel_faults::disk::TmpfsMount::Mounted(fs) => Ok(fs),
-        keel_faults::disk::TmpfsMount::Skipped { why } => Err(setup("tmpfs", why)),
+        keel_faults::disk::TmpfsMount::Skipped { why } => Err(Error::NotApplicable(format!(
+            "needs a tmpfs mount, which needs root (or CAP_SYS_ADMIN): {why}"
+        ))),
     }
 }
 

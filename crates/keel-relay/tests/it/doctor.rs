@@ -8,7 +8,8 @@ use serde_json::json;
 
 use crate::support::*;
 
-fn run(args: &[&str]) -> (bool, String) {
+/// Runs `keel-relay ARGS`: its exit code and its output (stdout, stderr).
+pub(crate) fn run_code(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel-relay"))
         .args(args)
         .output()
@@ -18,7 +19,32 @@ fn run(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.success(), text)
+    (out.status.code().expect("exited, not signalled"), text)
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let (code, text) = run_code(args);
+    (code == 0, text)
+}
+
+/// Exit 2 when there is nothing to inspect: no directory, or a directory
+/// no relay has run on; never 0 with "does not exist yet".
+#[test]
+fn doctor_exits_2_when_it_cannot_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexistent");
+    let (code, text) = run_code(&["doctor", "--data", missing.to_str().unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("cannot inspect") && text.contains("not a directory"),
+        "{text}"
+    );
+    let (code, text) = run_code(&["doctor", "--data", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("keel.db does not exist"), "{text}");
+    let (code, text) = run_code(&["doctor", "--postgres", "postgres://nobody@127.0.0.1:1/none"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("cannot open the PostgreSQL store"), "{text}");
 }
 
 #[tokio::test]
@@ -54,8 +80,11 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
         }
     }
     let data_arg = data.to_str().unwrap();
-    let (ok, text) = run(&["doctor", "--data", data_arg]);
-    assert!(!ok, "refused while the relay holds the directory");
+    let (code, text) = run_code(&["doctor", "--data", data_arg]);
+    assert_eq!(
+        code, 2,
+        "refused while the relay holds the directory: {text}"
+    );
     assert!(text.contains(&format!("pid {}", relay.pid())), "{text}");
     c.close().await;
     relay.terminate().await;
@@ -66,14 +95,16 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
         let loose = std::fs::Permissions::from_mode(0o644);
         std::fs::set_permissions(data.join("keel.db"), loose).unwrap();
     }
-    let (ok, text) = run(&["doctor", "--data", data_arg]);
-    assert!(ok, "{text}");
+    let (code, text) = run_code(&["doctor", "--data", data_arg]);
+    assert_eq!(code, 1, "findings: {text}");
     assert!(
         text.contains("permissions: WARNING") && text.contains("keel.db (644)"),
         "{text}"
     );
-    let (ok, text) = run(&["doctor", "--data", data_arg]);
-    assert!(ok, "{text}");
+    assert!(text.contains("findings: files others could read"), "{text}");
+    let (code, text) = run_code(&["doctor", "--data", data_arg]);
+    assert_eq!(code, 1, "the DEAD send is still a finding: {text}");
+    assert!(text.contains("findings: 1 DEAD sends"), "{text}");
     assert!(text.contains("permissions: owner only"), "{text}");
     assert!(text.contains("quick_check: ok"), "{text}");
     assert!(text.contains("previous shutdown: clean"), "{text}");
@@ -93,7 +124,9 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
 
     let (ok, text) = run(&["redrive", "--data", data_arg]);
     assert!(ok && text.contains("re-queued 1"), "{text}");
-    let (_, text) = run(&["doctor", "--data", data_arg]);
+    let (code, text) = run_code(&["doctor", "--data", data_arg]);
+    assert_eq!(code, 0, "healthy once re-queued: {text}");
+    assert!(!text.contains("findings:"), "{text}");
     assert!(
         text.contains("pending 1") && text.contains("dead 0"),
         "{text}"

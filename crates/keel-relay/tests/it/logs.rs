@@ -9,9 +9,24 @@ use tokio::process::Command;
 /// Starts `keel-relay serve` with its stderr in a file, stops it with
 /// SIGTERM, and returns the file's bytes.
 async fn log_of(extra: &[&str]) -> Vec<u8> {
+    log_under(&[], extra).await
+}
+
+/// [`log_of`] with the relay started through `wrapper` (a command that
+/// execs its arguments, e.g. `prlimit --nofile=…`).
+async fn log_under(wrapper: &[&str], extra: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-relay"))
+    let relay = env!("CARGO_BIN_EXE_keel-relay");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(relay);
+            c
+        }
+        None => Command::new(relay),
+    };
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("data"))
         .args(extra)
@@ -69,4 +84,40 @@ async fn json_logs_are_one_object_a_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
     assert!(text.contains("shutting down"), "{text}");
+}
+
+/// Started with a soft open-file limit of 1,024 (util-linux's `prlimit`),
+/// the relay raises it to
+/// the hard limit and logs both; asked for more connections than the
+/// limit leaves room for, it says so.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_and_logged() {
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    // 1,024 as most distributions start a process, or less where the hard
+    // limit is that low: always something to raise.
+    let low = 1024.min(hard / 2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    let want = hard.min(1 << 20);
+    std::fs::write(
+        &config,
+        format!("[limits]\nmax_connections = {}\n", want + 1),
+    )
+    .unwrap();
+    let nofile = format!("--nofile={low}:{hard}");
+    let log = log_under(
+        &["prlimit", &nofile, "--"],
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&log);
+    assert!(
+        text.contains(&format!("open_files={want} was={low} hard={hard}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("max_connections is above what the open-file limit leaves room for"),
+        "{text}"
+    );
 }

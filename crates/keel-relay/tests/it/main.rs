@@ -1,6 +1,7 @@
 //! keel-relay as a real process on 127.0.0.1, with real clients.
 
 mod abuse;
+mod backup;
 mod bad_input;
 mod cluster;
 mod config;
