@@ -1,8 +1,8 @@
 //! The HTML report in a real browser: headless Chromium loads a report made
 //! by a real (small) run; every section and every chart must be there, with
-//! its SVG drawn. Needs Debian's `chromium` (`.ci/run` installs it and sets
-//! `KEEL_REQUIRE_BROWSER=1`, so CI can never skip this); elsewhere a missing
-//! browser skips the test and says so.
+//! its SVG drawn. Needs Debian's `chromium`: ignored unless asked for
+//! (`cargo test -- --include-ignored`; `.ci/run` installs chromium and runs
+//! it); asked for, a missing browser fails it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,16 +61,10 @@ fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::process::Output {
 }
 
 #[test]
+#[ignore = "needs chromium (apt-get install -y chromium): cargo test -- --include-ignored"]
 fn report_renders_in_a_real_browser() {
     let Some(browser) = chromium() else {
-        assert!(
-            std::env::var("KEEL_REQUIRE_BROWSER").is_err(),
-            "KEEL_REQUIRE_BROWSER is set but no chromium was found: apt-get install -y chromium"
-        );
-        println!(
-            "SKIPPED report_renders_in_a_real_browser: no chromium on PATH (apt-get install -y chromium; CI installs it)"
-        );
-        return;
+        panic!("no chromium on PATH: apt-get install -y chromium");
     };
     let scenarios = ["queue_overflow", "concurrent_sessions", "burn_in"];
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,10 +2,12 @@
 //! rule for machines without PostgreSQL.
 //!
 //! Tests find the server at `KEEL_PG_URL` (default
-//! [`DEFAULT_PG_URL`]). When it cannot be reached, [`TestDatabase::create`]
-//! prints why and what to start and returns `None` (the test is skipped),
-//! unless `KEEL_REQUIRE_ENGINES=1`, under which it panics: CI sets it so
-//! that these tests always run there.
+//! [`DEFAULT_PG_URL`]). Tests that need PostgreSQL or NATS are marked
+//! `#[ignore = "needs PostgreSQL ..."]`, so the test runner reports them as
+//! ignored where nobody asked for them; run with `--include-ignored` (as CI
+//! does), they need the engines: [`TestDatabase::create`] and
+//! [`nats_available`] then fail the test with what to start, never pass it
+//! silently.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -21,12 +23,6 @@ pub fn admin_url() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-/// Whether an unreachable engine fails the test (`KEEL_REQUIRE_ENGINES=1`)
-/// instead of skipping it.
-pub fn engines_required() -> bool {
-    std::env::var("KEEL_REQUIRE_ENGINES").is_ok_and(|v| v == "1")
 }
 
 /// `url` naming database `db` instead of its own (URL form only).
@@ -58,19 +54,15 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates an empty database on the server at [`admin_url`]. `None`
-    /// when the server cannot be reached and engines are not required
-    /// (the reason is printed); panics when they are.
+    /// Creates an empty database on the server at [`admin_url`]; panics,
+    /// saying what to start, when the server cannot be reached (the tests
+    /// calling it are ignored unless asked for: a missing engine is then a
+    /// failure, not a pass). Always `Some`: the `Option` keeps callers'
+    /// `let Some(db) = ... else` shape.
     pub async fn create() -> Option<TestDatabase> {
         match TestDatabase::create_at(&admin_url()).await {
             Ok(db) => Some(db),
-            Err(why) => {
-                if engines_required() {
-                    panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
-                }
-                eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
-                None
-            }
+            Err(why) => panic!("{why} (this test needs PostgreSQL)"),
         }
     }
 
@@ -190,18 +182,12 @@ pub fn nats_url() -> String {
 }
 
 /// Whether a NATS server answers at [`nats_url`] (it greets a new
-/// connection with `INFO`). When it does not: prints why and what to start
-/// and returns false (skip), or panics under `KEEL_REQUIRE_ENGINES=1`.
+/// connection with `INFO`); panics, saying what to start, when it does
+/// not (see [`TestDatabase::create`]).
 pub async fn nats_available() -> bool {
     match nats_check(&nats_url()).await {
         Ok(()) => true,
-        Err(why) => {
-            if engines_required() {
-                panic!("{why}; KEEL_REQUIRE_ENGINES=1 makes this a failure");
-            }
-            eprintln!("skipped: {why}; set KEEL_REQUIRE_ENGINES=1 to fail instead");
-            false
-        }
+        Err(why) => panic!("{why} (this test needs NATS)"),
     }
 }
 

@@ -34,6 +34,7 @@ fn notice() -> CrashNotice {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn an_older_schema_is_migrated_and_a_newer_one_refused() {
     let Some(db) = TestDatabase::create().await else {
         return;
@@ -78,6 +79,7 @@ async fn an_older_schema_is_migrated_and_a_newer_one_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn a_dead_node_is_recovered_once_by_one_survivor() {
     let Some(db) = TestDatabase::create().await else {
         return;
@@ -153,6 +155,7 @@ async fn a_dead_node_is_recovered_once_by_one_survivor() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn a_session_moves_between_nodes_and_only_its_holder_detaches_it() {
     let Some(db) = TestDatabase::create().await else {
         return;
@@ -200,6 +203,7 @@ async fn a_session_moves_between_nodes_and_only_its_holder_detaches_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn two_nodes_appending_to_one_channel_share_dense_offsets() {
     let Some(db) = TestDatabase::create().await else {
         return;
@@ -241,6 +245,7 @@ async fn two_nodes_appending_to_one_channel_share_dense_offsets() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn one_node_holds_the_leader_lock_until_it_lets_go() {
     let Some(db) = TestDatabase::create().await else {
         return;
@@ -272,6 +277,7 @@ async fn one_node_holds_the_leader_lock_until_it_lets_go() {
 /// every later append still commits. (A connection returned inside its
 /// failed transaction refused everything after it: 25P02.)
 #[tokio::test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
 async fn a_failed_batch_leaves_its_connection_usable() {
     let Some(db) = TestDatabase::create().await else {
         return;

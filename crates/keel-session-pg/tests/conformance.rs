@@ -61,4 +61,7 @@ async fn open() -> Option<Pg> {
     })
 }
 
-keel_session::conformance_suite!(open);
+keel_session::conformance_suite!(
+    #[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
+    open
+);

@@ -54,7 +54,10 @@ pub trait Harness: Send + Sync + 'static {
 #[macro_export]
 macro_rules! conformance_suite {
     ($open:path) => {
-        $crate::conformance_suite!(@cases $open;
+        $crate::conformance_suite!(#[doc = ""] $open);
+    };
+    (#[$attr:meta] $open:path) => {
+        $crate::conformance_suite!(@cases #[$attr] $open;
             sessions_are_created_once,
             transitions_follow_the_state_machine,
             transitions_stamp_their_times,
@@ -84,9 +87,10 @@ macro_rules! conformance_suite {
             writes_after_close_are_refused
         );
     };
-    (@cases $open:path; $($case:ident),* $(,)?) => {
+    (@cases #[$attr:meta] $open:path; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[$attr]
             async fn $case() {
                 if let Some(harness) = $open().await {
                     $crate::testkit::$case(harness).await;

@@ -1,7 +1,7 @@
 //! Cluster mode with real engines: relay nodes as processes on one
 //! PostgreSQL database (fresh per test, dropped after) and the NATS server.
-//! Skipped, with the reason, where the engines are not running; required
-//! under `KEEL_REQUIRE_ENGINES=1` (CI).
+//! Ignored unless asked for (`cargo test -- --include-ignored`, as CI
+//! does); asked for, a missing engine fails them.
 
 use std::time::Duration;
 
@@ -74,6 +74,7 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 /// A publish on one node reaches a subscriber on another, in order, each
 /// message once; the subscriber's node reads gaps from the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL and NATS on 127.0.0.1: cargo test -- --include-ignored"]
 async fn a_publish_on_one_node_reaches_a_subscriber_on_another() {
     let Some(db) = engines().await else {
         return;
@@ -102,6 +103,7 @@ async fn a_publish_on_one_node_reaches_a_subscriber_on_another() {
 /// (4001) and moves it; killing a node with a connected session gets that
 /// session CRASHED once, with one notice, by the survivor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL and NATS on 127.0.0.1: cargo test -- --include-ignored"]
 async fn sessions_move_between_nodes_and_a_dead_nodes_sessions_crash_once() {
     let Some(db) = engines().await else {
         return;
@@ -171,4 +173,67 @@ async fn sessions_move_between_nodes_and_a_dead_nodes_sessions_crash_once() {
         .collect();
     assert_eq!(notices, vec!["crash-notice-1".to_string()]);
     let _ = b.terminate().await;
+}
+
+/// `doctor --postgres` lists a DEAD send of the shared store and exits 1;
+/// `redrive --postgres` re-queues it; the doctor is then healthy (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL and NATS on 127.0.0.1: cargo test -- --include-ignored"]
+async fn redrive_requeues_dead_sends_in_postgres() {
+    use keel_faults::{MockUpstream, UpstreamConfig, UpstreamMode};
+    let Some(db) = engines().await else {
+        return;
+    };
+    let up = MockUpstream::start(UpstreamConfig::default())
+        .await
+        .unwrap();
+    up.set_mode(UpstreamMode::Garbage);
+    let dir = tempfile::tempdir().unwrap();
+    let a = RelayProcess::start(
+        &dir.path().join("a"),
+        Opts {
+            upstream: Some(up.url()),
+            config: Some(format!(
+                "{}[sending]\nmax_attempts = 1\nanswer_timeout_ms = 300\n",
+                node_config(&db, "a")
+            )),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut c = Client::connect(ClientConfig::new(&a.url())).await.unwrap();
+    c.send("doomed-pg", "bob", &serde_json::json!("hello"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = tokio::time::timeout_at(deadline, c.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Event::Deliver { payload, .. } = e
+            && payload["type"] == "send_result"
+        {
+            assert_eq!(payload["status"], "DEAD");
+            break;
+        }
+    }
+    c.close().await;
+    a.terminate().await;
+
+    let (code, text) = crate::doctor::run_code(&["doctor", "--postgres", &db.url]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("key=doomed-pg") && text.contains("dead 1"),
+        "{text}"
+    );
+    let (code, text) = crate::doctor::run_code(&["redrive", "--postgres", &db.url]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("re-queued 1 DEAD sends"), "{text}");
+    let (code, text) = crate::doctor::run_code(&["doctor", "--postgres", &db.url]);
+    assert!(
+        text.contains("pending 1") && text.contains("dead 0"),
+        "{text}"
+    );
+    assert_eq!(code, 0, "{text}");
 }
