@@ -1,4 +1,4 @@
-//! A mock upstream messaging API over WebSocket (design §4), with a real rate
+//! A mock upstream messaging API over WebSocket (docs/protocol.md, "Sending to the upstream"), with a real rate
 //! limit, switchable failure modes, inbound pushes, and a record of everything
 //! it accepted.
 //!

@@ -1,4 +1,4 @@
-//! What cluster scenarios run against (design §9): N relay processes on one
+//! What cluster scenarios run against (docs/cluster.md): N relay processes on one
 //! machine, on a fresh PostgreSQL database and a NATS server.
 //!
 //! The engines come from `KEEL_PG_URL` and `KEEL_NATS_URL` (defaults: the

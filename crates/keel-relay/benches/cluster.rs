@@ -1,4 +1,4 @@
-//! keel-relay in cluster mode (design §9) beside the single node and beside
+//! keel-relay in cluster mode (docs/cluster.md) beside the single node and beside
 //! NATS JetStream, all measured in the same run.
 //!
 //! `cargo bench -p keel-relay --bench cluster` (or `cargo xtask bench

@@ -1,4 +1,4 @@
-//! Cluster mode's bus between relay nodes, on NATS core (design §9).
+//! Cluster mode's bus between relay nodes, on NATS core (docs/cluster.md).
 //!
 //! After a commit, a node publishes the committed batch of a channel on
 //! `keel.ch.<channel>`: offsets and the deliver frames, as its own hub got

@@ -49,7 +49,7 @@ pub struct ClientConfig {
     pub reconnect: keel_reconnect::Config,
     /// How long `connect` waits for the first `welcome`. Default 10 s.
     pub connect_timeout: Duration,
-    /// More relays of the same cluster (design §9): each reconnect attempt
+    /// More relays of the same cluster (docs/cluster.md): each reconnect attempt
     /// goes to the next URL of `url` and these, in turn, so a client whose
     /// node died resumes its session on another. Default none.
     pub fallback_urls: Vec<String>,

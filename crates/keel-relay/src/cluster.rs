@@ -1,4 +1,4 @@
-//! Cluster mode (design §9): this node among several on one PostgreSQL
+//! Cluster mode (docs/cluster.md): this node among several on one PostgreSQL
 //! store and a NATS bus. The loops here keep the node's lease, recover dead
 //! nodes' sessions, keep one connection per session across nodes, deliver
 //! what the bus did not bring, and elect the one node that sends upstream.

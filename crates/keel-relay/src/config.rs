@@ -321,7 +321,7 @@ impl Default for StoreBackend {
     }
 }
 
-/// `[cluster]`: this node among several (design §9).
+/// `[cluster]`: this node among several (docs/cluster.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cluster {

@@ -1,5 +1,5 @@
 //! Planted bugs that prove the harness's checker catches what it claims to
-//! (design §7: "a checker is trusted only after it has caught a bug planted
+//! (keel's rule, docs/report-format.md: "a checker is trusted only after it has caught a bug planted
 //! on purpose"). Compiled only with the `failpoints` cargo feature, which is
 //! off by default: the release binary `cargo xtask` builds never has it.
 //! With the feature, nothing changes unless `KEEL_FAILPOINTS` names a

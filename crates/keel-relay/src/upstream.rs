@@ -1,4 +1,4 @@
-//! Sending the outbox to the upstream messaging API (design §4), and routing
+//! Sending the outbox to the upstream messaging API (docs/protocol.md, "Sending to the upstream"), and routing
 //! what the upstream pushes into sessions' private channels.
 //!
 //! outbox (PENDING) -> claim with a lease -> keel-ratelimit SendQueue (global

@@ -1,6 +1,6 @@
 //! keel-session's store API ([`keel_session::SessionStore`]) on PostgreSQL,
 //! for running several keel-relay nodes on one store of record
-//! (design §9).
+//! (docs/cluster.md).
 //!
 //! - **Group commit.** Appends go through one writer task per node that
 //!   commits whatever is queued in one transaction, pipelined on one

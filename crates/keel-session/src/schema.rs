@@ -6,7 +6,7 @@ use crate::error::StoreError;
 
 /// Each entry migrates from version `index` to `index + 1`.
 const MIGRATIONS: &[&str] = &[
-    // 0 -> 1: the initial schema (design §2).
+    // 0 -> 1: the initial schema (docs/protocol.md, "Sessions").
     r#"
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,

@@ -39,7 +39,7 @@ impl From<&str> for SessionId {
     }
 }
 
-/// The lifecycle state of a session (design §2).
+/// The lifecycle state of a session (docs/protocol.md, "Sessions").
 ///
 /// ```text
 /// CREATED -> ACTIVE <-> DETACHED

@@ -1,4 +1,4 @@
-//! The cluster suite (`cargo xtask chaos --cluster`, design §9): three relay
+//! The cluster suite (`cargo xtask chaos --cluster`, docs/cluster.md): three relay
 //! nodes on one PostgreSQL database and NATS, under publish/subscribe load
 //! from SDK clients spread over the nodes (each failing over to the others),
 //! while a node is killed or PostgreSQL restarted. Every publish and

@@ -1,4 +1,4 @@
-//! The scenario catalogue (design §8) and what scenarios share.
+//! The scenario catalogue (docs/failure-modes.md) and what scenarios share.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
