@@ -54,31 +54,14 @@ enum Command {
     /// (listed on the last line); 2: cannot inspect (no data directory or
     /// database, directory in use, store unreachable).
     Doctor {
-        /// Data directory (the embedded SQLite store).
-        #[arg(
-            long,
-            required_unless_present = "postgres",
-            conflicts_with = "postgres"
-        )]
-        data: Option<PathBuf>,
-        /// A PostgreSQL store's URL (cluster mode), e.g.
-        /// postgres://keel@127.0.0.1:5432/keel.
-        #[arg(long)]
-        postgres: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
     },
     /// Re-queues every DEAD send. Run it while the relay is stopped (a
     /// PostgreSQL store: while its nodes run, the leader picks them up).
     Redrive {
-        /// Data directory (the embedded SQLite store).
-        #[arg(
-            long,
-            required_unless_present = "postgres",
-            conflicts_with = "postgres"
-        )]
-        data: Option<PathBuf>,
-        /// A PostgreSQL store's URL (cluster mode).
-        #[arg(long)]
-        postgres: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
     },
     /// Copies the database to FILE while the relay runs (SQLite's online
     /// backup API: one consistent view, writers never blocked), checked
@@ -120,6 +103,23 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+/// The store `doctor` and `redrive` work on: a data directory or a
+/// PostgreSQL URL, one of the two.
+#[derive(clap::Args)]
+struct StoreArg {
+    /// Data directory (the embedded SQLite store).
+    #[arg(
+        long,
+        required_unless_present = "postgres",
+        conflicts_with = "postgres"
+    )]
+    data: Option<PathBuf>,
+    /// A PostgreSQL store's URL (cluster mode), e.g.
+    /// postgres://keel@127.0.0.1:5432/keel.
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -241,7 +241,9 @@ where
                 raise_open_files(cfg.limits.max_connections);
                 serve(cfg).await
             }
-            Command::Doctor { data, postgres } => {
+            Command::Doctor {
+                store: StoreArg { data, postgres },
+            } => {
                 let report = match (data, postgres) {
                     (_, Some(url)) => crate::doctor::run_postgres(&url).await,
                     (Some(data), None) => crate::doctor::run(&data).await,
@@ -261,7 +263,9 @@ where
                     }
                 }
             }
-            Command::Redrive { data, postgres } => redrive(data, postgres).await,
+            Command::Redrive {
+                store: StoreArg { data, postgres },
+            } => redrive(data, postgres).await,
             Command::Exec { .. }
             | Command::CheckConfig { .. }
             | Command::PrintDefaultConfig

@@ -77,13 +77,16 @@ async fn a_backup_under_publish_load_restores_everything_acknowledged_before_it(
     relay.terminate().await;
 
     let fresh = dir.path().join("fresh");
-    let (code, text) = run_code(&[
-        "restore",
-        "--from",
-        backup.to_str().unwrap(),
-        "--data",
-        fresh.to_str().unwrap(),
-    ]);
+    let restore = || {
+        run_code(&[
+            "restore",
+            "--from",
+            backup.to_str().unwrap(),
+            "--data",
+            fresh.to_str().unwrap(),
+        ])
+    };
+    let (code, text) = restore();
     assert_eq!(code, 0, "{text}");
     // Taken from a live relay: like a crash at that moment, recovered at
     // the next start. Intact.
@@ -93,13 +96,7 @@ async fn a_backup_under_publish_load_restores_everything_acknowledged_before_it(
     assert_eq!(code, 1, "{text}");
     // Restore refuses beside a live relay.
     let restored = RelayProcess::start(&fresh, Opts::default()).await;
-    let (code, text) = run_code(&[
-        "restore",
-        "--from",
-        backup.to_str().unwrap(),
-        "--data",
-        fresh.to_str().unwrap(),
-    ]);
+    let (code, text) = restore();
     assert_ne!(code, 0, "restore beside a live relay: {text}");
     assert!(text.contains("in use") || text.contains("pid"), "{text}");
 

@@ -9,7 +9,7 @@ use keel_relay::client::{Client, ClientConfig, Event};
 use keel_session_pg::testing::{TestDatabase, nats_available, nats_url};
 use tokio_postgres::NoTls;
 
-use crate::support::{Opts, RelayProcess, collect};
+use crate::support::{Opts, RelayProcess, collect, send_result};
 
 fn node_config(db: &TestDatabase, node: &str) -> String {
     format!(
@@ -205,19 +205,7 @@ async fn redrive_requeues_dead_sends_in_postgres() {
     c.send("doomed-pg", "bob", &serde_json::json!("hello"))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let e = tokio::time::timeout_at(deadline, c.next_event())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Event::Deliver { payload, .. } = e
-            && payload["type"] == "send_result"
-        {
-            assert_eq!(payload["status"], "DEAD");
-            break;
-        }
-    }
+    assert_eq!(send_result(&mut c).await, "DEAD");
     c.close().await;
     a.terminate().await;
 

@@ -1,9 +1,6 @@
 //! `keel-relay doctor` and `redrive` on a real data directory.
 
-use std::time::Duration;
-
 use keel_faults::{MockUpstream, UpstreamConfig, UpstreamMode};
-use keel_relay::client::Event;
 use serde_json::json;
 
 use crate::support::*;
@@ -66,19 +63,7 @@ async fn doctor_lists_dead_sends_and_redrive_requeues_them() {
     .await;
     let mut c = client(&relay.url()).await;
     c.send("doomed-1", "bob", &json!("hello")).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let e = tokio::time::timeout_at(deadline, c.next_event())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Event::Deliver { payload, .. } = e
-            && payload["type"] == "send_result"
-        {
-            assert_eq!(payload["status"], "DEAD");
-            break;
-        }
-    }
+    assert_eq!(send_result(&mut c).await, "DEAD");
     let data_arg = data.to_str().unwrap();
     let (code, text) = run_code(&["doctor", "--data", data_arg]);
     assert_eq!(

@@ -298,3 +298,19 @@ pub(crate) async fn http_get(url: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// The status of the next `send_result` the client receives (within 20 s).
+pub(crate) async fn send_result(client: &mut Client) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .expect("a send_result within 20 s")
+            .expect("the connection open");
+        if let Event::Deliver { payload, .. } = e
+            && payload["type"] == "send_result"
+        {
+            return payload["status"].as_str().unwrap_or_default().to_owned();
+        }
+    }
+}
