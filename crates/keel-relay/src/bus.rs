@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upgrade::Utf8Bytes;
 use async_nats::{HeaderMap, HeaderValue};
-use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 
 /// Header naming the node that published a batch (a node skips its own).

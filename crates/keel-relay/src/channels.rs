@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::upgrade::Utf8Bytes;
 use keel_recovery::{Health, ShutdownToken};
 use keel_session::{Offset, SessionStore};
 

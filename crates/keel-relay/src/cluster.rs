@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::upgrade::Utf8Bytes;
 use keel_session::{SessionId, SessionState, SessionStore};
 use keel_session_pg::{Lease, PgStore};
 use tokio::task::JoinHandle;

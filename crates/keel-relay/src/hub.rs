@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use axum::extract::ws::Utf8Bytes;
+use crate::upgrade::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use crate::limits::{Buffered, hit};

@@ -44,6 +44,7 @@ mod retention;
 pub mod spool;
 pub mod store;
 mod tls;
+mod upgrade;
 mod upstream;
 
 pub use crate::config::Config;

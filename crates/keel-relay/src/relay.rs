@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::extract::{Extension, State, WebSocketUpgrade};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -370,7 +370,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 async fn ws_handler(
-    ws: WebSocketUpgrade,
+    ws: crate::upgrade::Upgrade,
     headers: axum::http::HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(admitted): Extension<Admitted>,
@@ -398,14 +398,15 @@ async fn ws_handler(
         return (StatusCode::SERVICE_UNAVAILABLE, "not serving").into_response();
     }
     let hard_cap = conns.config.limits.max_frame_bytes.saturating_mul(4);
-    let upgrade = ws
-        .protocols([SUBPROTOCOL])
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .max_message_size(hard_cap)
-        .max_frame_size(hard_cap);
+        .max_message_size(Some(hard_cap))
+        .max_frame_size(Some(hard_cap));
     let conns = conns.clone();
-    upgrade.on_upgrade(move |socket| crate::conn::serve(conns, socket, peer.ip(), admitted))
+    ws.on_upgrade(SUBPROTOCOL, config, move |socket| {
+        crate::conn::serve(conns, socket, peer.ip(), admitted)
+    })
 }
 
 /// Runs startup recovery on the configured store: the data directory's

@@ -367,7 +367,7 @@ async fn handle(ctx: &BackgroundCtx, dir: &Path, stem: &str) {
                                 &channel,
                                 std::sync::Arc::from(vec![(
                                     a.offset,
-                                    axum::extract::ws::Utf8Bytes::from(frame),
+                                    crate::upgrade::Utf8Bytes::from(frame),
                                 )]),
                             )
                             .await;

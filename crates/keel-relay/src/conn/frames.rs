@@ -5,7 +5,7 @@ use keel_session::SessionStore;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::upgrade::Utf8Bytes;
 use bytes::Bytes;
 use keel_session::{NewSend, NewSession, OutboxError, SessionError, SessionId, SessionState};
 use tokio::sync::{Notify, mpsc};
@@ -689,15 +689,14 @@ impl Conn {
 /// The close for a connection whose WebSocket stream failed: 1007 for a
 /// text frame that is not UTF-8, 1009 for a message over the hard cap (four
 /// times the frame limit, whole or fragmented); a broken link gets none.
-pub(super) fn read_error_close(e: axum::Error, max_frame: usize) -> End {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let inner = e.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Utf8(_)) => Some((
+pub(super) fn read_error_close(e: crate::upgrade::WsError, max_frame: usize) -> End {
+    use crate::upgrade::WsError;
+    match e {
+        WsError::Utf8(_) => Some((
             close::INVALID_DATA,
             "text frame is not valid UTF-8".to_owned(),
         )),
-        Some(WsError::Capacity(_)) => Some((
+        WsError::Capacity(_) => Some((
             close::TOO_BIG,
             format!("message over {} bytes", max_frame.saturating_mul(4)),
         )),

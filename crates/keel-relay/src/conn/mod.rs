@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use crate::upgrade::{Message, Utf8Bytes, WebSocket};
 use futures::StreamExt;
 use keel_ratelimit::{Limiter, Quota};
 use keel_recovery::{ShutdownToken, Supervisor};
@@ -459,7 +459,7 @@ impl Conn {
                             self.error(ErrorCode::BadJson, "binary frames are not part of keel.v1; send JSON text", None).await
                         }
                         Message::Close(_) => return None,
-                        Message::Ping(_) | Message::Pong(_) => None,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                     };
                     // The frame is handled: what reading it was charged
                     // goes back (a publish took its payload's share).

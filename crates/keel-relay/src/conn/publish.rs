@@ -5,7 +5,7 @@
 use keel_session::SessionStore;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::upgrade::Utf8Bytes;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use crate::upgrade::{CloseFrame, FRAGMENT_BYTES, Message, Utf8Bytes, WebSocket, WsError};
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use keel_session::SessionStore;
@@ -45,13 +45,31 @@ type Sink = SplitSink<WebSocket, Message>;
 /// dropped without it (it resumes from the log all the same).
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// One text message into the sink, [`bounded`]: whole when it is short,
+/// else as fragments of the same shared bytes, so that tungstenite's write
+/// buffer holds at most one fragment of it (see `crate::upgrade`).
+async fn feed_text(
+    sink: &mut Sink,
+    deadline: Duration,
+    end: &EndFlag,
+    text: Utf8Bytes,
+) -> Result<(), Failed> {
+    if text.len() <= FRAGMENT_BYTES {
+        return bounded(deadline, end, sink.feed(Message::Text(text))).await;
+    }
+    for fragment in crate::upgrade::fragments(text) {
+        bounded(deadline, end, sink.feed(fragment)).await?;
+    }
+    Ok(())
+}
+
 /// One write, bounded by the deadline (a write that times out marks the
 /// connection stuck) and abandoned as soon as the connection must end for
 /// any reason, so that a writer blocked on a reader that does not read lets
 /// go of its queue at once.
 async fn bounded<F>(deadline: Duration, end: &EndFlag, write: F) -> Result<(), Failed>
 where
-    F: std::future::Future<Output = Result<(), axum::Error>>,
+    F: std::future::Future<Output = Result<(), WsError>>,
 {
     tokio::select! {
         biased;
@@ -148,7 +166,7 @@ async fn write_queue(
             let done = match item {
                 Outbound::Frame(f) => {
                     written += 1;
-                    bounded(ctx.deadline, end, sink.feed(Message::Text(f))).await
+                    feed_text(sink, ctx.deadline, end, f).await
                 }
                 Outbound::Live { channel, batch } => {
                     let Some(expected) = next.get(&channel).copied() else {
@@ -245,19 +263,19 @@ async fn live(
             }
             Delivery::Corrupt => {
                 let bad = crate::failpoints::corrupted(frame.as_str());
-                bounded(ctx.deadline, end, sink.feed(Message::Text(bad.into()))).await?;
+                feed_text(sink, ctx.deadline, end, bad.into()).await?;
                 0
             }
         };
         for _ in 0..copies {
-            bounded(ctx.deadline, end, sink.feed(Message::Text(frame.clone()))).await?;
+            feed_text(sink, ctx.deadline, end, frame.clone()).await?;
         }
         if let Some(late) = held.take() {
-            bounded(ctx.deadline, end, sink.feed(Message::Text(late))).await?;
+            feed_text(sink, ctx.deadline, end, late).await?;
         }
     }
     if let Some(late) = held.take() {
-        bounded(ctx.deadline, end, sink.feed(Message::Text(late))).await?;
+        feed_text(sink, ctx.deadline, end, late).await?;
     }
     Ok((expected, written))
 }
@@ -333,12 +351,7 @@ async fn replay(
                     r#"{{"type":"truncated","channel":{},"from":{next},"first":{first}}}"#,
                     json_str(channel)
                 );
-                bounded(
-                    ctx.deadline,
-                    end,
-                    sink.feed(Message::Text(Utf8Bytes::from(notice))),
-                )
-                .await?;
+                feed_text(sink, ctx.deadline, end, Utf8Bytes::from(notice)).await?;
                 next = first;
             }
         }
@@ -358,12 +371,7 @@ async fn replay(
         })
         .await;
         for (offset, frame) in frames {
-            bounded(
-                ctx.deadline,
-                end,
-                sink.feed(Message::Text(Utf8Bytes::from(frame))),
-            )
-            .await?;
+            feed_text(sink, ctx.deadline, end, Utf8Bytes::from(frame)).await?;
             next = offset + 1;
             written += 1;
         }
@@ -383,7 +391,7 @@ async fn replay(
 
 fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(reason.to_owned()),
     }))
 }

@@ -242,3 +242,123 @@ async fn resuming_a_channel_subscribes_to_it() {
         "still subscribed: {welcome}"
     );
 }
+
+/// One WebSocket frame as it is on the wire: FIN, opcode, payload (server
+/// frames are not masked).
+async fn raw_frame(s: &mut tokio::net::TcpStream) -> (bool, u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[1] & 0x80, 0, "a server frame is never masked");
+    let len = match head[1] & 0x7f {
+        126 => u64::from(s.read_u16().await.unwrap()),
+        127 => s.read_u64().await.unwrap(),
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    (head[0] & 0x80 != 0, head[0] & 0x0f, payload)
+}
+
+/// A masked client text frame.
+fn client_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x81];
+    let len = text.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// The upgrade answers as RFC 6455 says (the accept key of its example,
+/// keel.v1 chosen), and a delivery larger than 64 KiB goes out as a text
+/// frame and continuation frames of 64 KiB, the last one final, which
+/// together are the whole deliver frame, its payload byte for byte.
+#[tokio::test]
+async fn large_deliveries_go_out_in_64_kib_fragments() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: other, keel.v1\r\n\r\n",
+            relay.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = String::new();
+    {
+        let mut reader = tokio::io::BufReader::new(&mut s);
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line.to_ascii_lowercase());
+        }
+        assert!(reader.buffer().is_empty(), "no frame before the hello");
+    }
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(head.contains("sec-websocket-protocol: keel.v1"), "{head}");
+
+    s.write_all(&client_frame(r#"{"type":"hello"}"#))
+        .await
+        .unwrap();
+    s.write_all(&client_frame(
+        r#"{"type":"subscribe","channel":"big","from":1}"#,
+    ))
+    .await
+    .unwrap();
+    let body = "z".repeat(200_000);
+    let publisher = client(&relay.url()).await;
+    publisher
+        .publish("big", &new_message_id(), &json!(body))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (fin, opcode, payload) = tokio::time::timeout_at(deadline, raw_frame(&mut s))
+            .await
+            .expect("a deliver within 20 s");
+        assert_eq!(opcode, 1, "a text frame starts each message");
+        if fin {
+            // welcome, subscribed, ...: short, whole.
+            assert!(payload.len() <= 64 * 1024);
+            continue;
+        }
+        assert_eq!(payload.len(), 64 * 1024, "first fragment");
+        let mut message = payload;
+        let mut fragments = 1;
+        loop {
+            let (fin, opcode, payload) = raw_frame(&mut s).await;
+            assert_eq!(opcode, 0, "continuation frames, nothing between");
+            fragments += 1;
+            message.extend_from_slice(&payload);
+            if fin {
+                break;
+            }
+            assert_eq!(payload.len(), 64 * 1024);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&message).unwrap();
+        assert_eq!(v["type"], "deliver");
+        assert_eq!(v["payload"].as_str(), Some(body.as_str()));
+        assert_eq!(fragments, message.len().div_ceil(64 * 1024));
+        break;
+    }
+}
