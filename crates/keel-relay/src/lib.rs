@@ -27,7 +27,9 @@ mod bus;
 pub mod catalogue;
 mod channels;
 pub mod cli;
-pub mod client;
+/// The client SDK, [keel-client](keel_client): re-exported, so that
+/// `keel_relay::client` names the same types.
+pub use keel_client as client;
 mod cluster;
 pub mod config;
 mod conn;

@@ -1,26 +1,4 @@
-//! The client SDK: a keel.v1 session over keel-reconnect.
-//!
-//! The client opens or resumes its session on every new link (`hello` with
-//! its token and the last offset it saw per channel), drops deliveries it has
-//! already seen (by offset), re-sends unanswered publishes and sends (they
-//! are idempotent by id) and retries a publish the relay refused for rate or
-//! storage until it is `published`.
-//!
-//! ```no_run
-//! use keel_relay::client::{Client, ClientConfig, Event, new_message_id};
-//!
-//! # async fn run() -> Result<(), keel_relay::client::ClientError> {
-//! let mut client = Client::connect(ClientConfig::new("ws://127.0.0.1:7700/ws")).await?;
-//! client.subscribe("room:1", Some(1)).await?;
-//! let offset = client.publish("room:1", &new_message_id(), &serde_json::json!({"text": "hi"})).await?;
-//! while let Some(event) = client.next_event().await {
-//!     if let Event::Deliver { offset: o, .. } = event {
-//!         if o == offset { break; }
-//!     }
-//! }
-//! # Ok(())
-//! # }
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
