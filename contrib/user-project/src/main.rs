@@ -25,10 +25,18 @@ impl Sink<String, serde_json::Value> for Relay {
 
 #[tokio::main]
 async fn main() {
-    let url = std::env::args().nth(1).expect("usage: keel-user-project WS_URL");
-    let mut reader = Client::connect(ClientConfig::new(&url)).await.expect("connect");
+    let url = std::env::args()
+        .nth(1)
+        .expect("usage: keel-user-project WS_URL");
+    let mut reader = Client::connect(ClientConfig::new(&url))
+        .await
+        .expect("connect");
     reader.subscribe("paced", Some(1)).await.expect("subscribe");
-    let writer = Arc::new(Client::connect(ClientConfig::new(&url)).await.expect("connect"));
+    let writer = Arc::new(
+        Client::connect(ClientConfig::new(&url))
+            .await
+            .expect("connect"),
+    );
     let config = Config {
         global: vec![Quota::per_second(NonZeroU32::new(10).unwrap())],
         ..Config::default()
@@ -43,7 +51,10 @@ async fn main() {
         receipts.push(receipt);
     }
     for r in receipts {
-        assert!(matches!(r.await, Delivery::Sent { .. }), "every publish sent");
+        assert!(
+            matches!(r.await, Delivery::Sent { .. }),
+            "every publish sent"
+        );
     }
     let mut seen = Vec::new();
     while seen.len() < 20 {

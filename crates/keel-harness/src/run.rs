@@ -137,27 +137,10 @@ pub fn select(suite: Suite, names: &[String]) -> Result<Vec<Scenario>, Error> {
         .collect()
 }
 
-/// `YYYYMMDDTHHMMSSZ` now.
+/// `YYYYMMDDTHHMMSSZ` now: keel-recovery's stamp, whole seconds.
 pub fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let stamp = keel_recovery::utc_stamp(std::time::SystemTime::now());
+    format!("{}Z", &stamp[..15])
 }
 
 /// Runs the suite. Ctrl-C ends it with [`Error::Interrupted`] after killing
@@ -653,4 +636,23 @@ pub fn table(report: &RunReport) -> String {
         out.push_str(&c.to_string());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// Run directories sort by time: `YYYYMMDDTHHMMSSZ`, digits elsewhere.
+    #[test]
+    fn run_stamps_are_whole_utc_seconds() {
+        let s = super::utc_stamp();
+        assert_eq!(s.len(), 16, "{s}");
+        assert_eq!((&s[8..9], &s[15..]), ("T", "Z"), "{s}");
+        assert!(
+            s[..8]
+                .bytes()
+                .chain(s[9..15].bytes())
+                .all(|b| b.is_ascii_digit()),
+            "{s}"
+        );
+        assert!(s.as_str() >= "20260101T000000Z", "{s}");
+    }
 }

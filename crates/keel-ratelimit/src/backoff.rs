@@ -1,32 +1,15 @@
-//! Exponential backoff delays from backon, with full jitter from a seeded RNG.
+//! Exponential backoff delays with full jitter from a seeded RNG (keel-backoff).
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use rand::Rng;
 use rand::rngs::StdRng;
 
 use crate::config::Backoff;
 
-/// The delay before retry number `attempt` (1 for the first retry).
-///
-/// backon gives the exponential sequence (base, doubling, capped); its own
-/// jitter adds up to one delay on top and cannot be drawn from our RNG, so
-/// full jitter (uniform in `[0, delay]`) is applied here.
+/// The delay before retry number `attempt` (1 for the first retry):
+/// keel-backoff's, the one keel-reconnect uses too.
 pub(crate) fn delay(policy: &Backoff, attempt: u32, rng: &mut StdRng) -> Duration {
-    let exponential = ExponentialBuilder::default()
-        .with_min_delay(policy.base)
-        .with_max_delay(policy.cap)
-        .with_factor(2.0)
-        .without_max_times()
-        .build()
-        .nth(attempt.saturating_sub(1) as usize)
-        .unwrap_or(policy.cap);
-    if !policy.jitter {
-        return exponential;
-    }
-    let nanos = u64::try_from(exponential.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rng.random_range(0..=nanos))
+    keel_backoff::delay(policy.base, policy.cap, attempt, policy.jitter, rng)
 }
 
 #[cfg(test)]

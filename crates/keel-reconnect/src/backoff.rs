@@ -1,9 +1,7 @@
-//! Reconnect delays: exponential from backon, full jitter from a seeded RNG.
+//! Reconnect delays: exponential, full jitter from a seeded RNG (keel-backoff).
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use rand::Rng;
 use rand::rngs::SmallRng;
 
 /// Reconnect backoff.
@@ -34,24 +32,9 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before attempt `attempt` (1 for the first retry).
+    /// The delay before attempt `attempt` (1 for the first retry):
+    /// keel-backoff's, the one keel-ratelimit uses too.
     pub fn delay(&self, attempt: u32, rng: &mut SmallRng) -> Duration {
-        let exponential = ExponentialBuilder::default()
-            .with_min_delay(self.base)
-            .with_max_delay(self.cap)
-            .with_factor(2.0)
-            .without_max_times()
-            .build()
-            .nth(attempt.saturating_sub(1) as usize)
-            .unwrap_or(self.cap);
-        // backon multiplies in floating point; whole microseconds keep the
-        // delays exact (50 ms doubles to 100 ms, not 100.000001 ms).
-        let exponential =
-            Duration::from_micros((exponential.as_nanos() as f64 / 1e3).round() as u64);
-        if !self.jitter {
-            return exponential;
-        }
-        let nanos = u64::try_from(exponential.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(0..=nanos))
+        keel_backoff::delay(self.base, self.cap, attempt, self.jitter, rng)
     }
 }

@@ -269,8 +269,9 @@ pub async fn open_checked(
     Ok((store, quarantined))
 }
 
-/// `YYYYMMDDTHHMMSS.mmmZ` for `t` in UTC.
-pub(crate) fn utc_stamp(t: SystemTime) -> String {
+/// `YYYYMMDDTHHMMSS.mmmZ` for `t` in UTC (quarantined files' suffix; the
+/// harness's run directories use it without the milliseconds).
+pub fn utc_stamp(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

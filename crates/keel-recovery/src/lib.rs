@@ -63,6 +63,7 @@ pub use crate::error::StartError;
 pub use crate::files::{FileLimit, raise_open_files};
 pub use crate::health::{DiskStatus, Health, HealthError, HealthState, Inputs, Transition};
 pub use crate::integrity::Quarantine;
+pub use crate::integrity::utc_stamp;
 pub use crate::lock::{DirLock, LOCK_FILE, LockError};
 pub use crate::recover::{RecoveryReport, crash_notice, recover};
 pub use crate::session_child::{ChildEnded, crash_session_on_exit};
