@@ -62,6 +62,7 @@
 //! # }
 //! ```
 
+#[cfg(feature = "proxy-api")]
 pub mod api;
 pub mod corrupt;
 pub mod disk;
@@ -69,6 +70,7 @@ mod inject;
 mod monitor;
 pub mod process;
 mod proxy;
+#[cfg(feature = "tls")]
 pub mod tls;
 mod upstream;
 
