@@ -391,10 +391,10 @@ where
 
 impl<K, M> Drop for SendQueue<K, M> {
     fn drop(&mut self) {
-        if let Ok(mut task) = self.task.lock() {
-            if let Some(task) = task.take() {
-                task.abort();
-            }
+        if let Ok(mut task) = self.task.lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
         }
     }
 }

@@ -273,11 +273,11 @@ impl Buffer {
                 if let Some(w) = p.written.take() {
                     let _ = w.send(Ok(()));
                 }
-                if p.ack_key.is_none() {
-                    if let Some(p) = inner.queue.remove(i) {
-                        inner.bytes -= p.size;
-                        done.push(p);
-                    }
+                if p.ack_key.is_none()
+                    && let Some(p) = inner.queue.remove(i)
+                {
+                    inner.bytes -= p.size;
+                    done.push(p);
                 }
             }
         }

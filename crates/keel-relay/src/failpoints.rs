@@ -122,7 +122,7 @@ mod imp {
             return Delivery::Write;
         }
         let n = p.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
-        let hit = |every: u64| every > 0 && n % every == 0;
+        let hit = |every: u64| every > 0 && n.is_multiple_of(every);
         if hit(p.drop) {
             Delivery::Drop
         } else if hit(p.duplicate) {
@@ -138,7 +138,7 @@ mod imp {
 
     pub(crate) fn reverse_batch() -> bool {
         let p = points();
-        p.reverse > 0 && (p.batches.fetch_add(1, Ordering::Relaxed) + 1) % p.reverse == 0
+        p.reverse > 0 && (p.batches.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(p.reverse)
     }
 
     pub(crate) fn hide_crash() -> bool {

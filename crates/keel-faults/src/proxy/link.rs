@@ -71,10 +71,10 @@ impl Link<'_> {
 
     /// Whether data on `stream` must be held now (blackhole or partition).
     fn held(&self, stream: Stream) -> Option<Option<Instant>> {
-        if let Some(p) = *self.shared.partition.borrow() {
-            if p.until > Instant::now() {
-                return Some(Some(p.until));
-            }
+        if let Some(p) = *self.shared.partition.borrow()
+            && p.until > Instant::now()
+        {
+            return Some(Some(p.until));
         }
         self.active(Some(stream))
             .iter()

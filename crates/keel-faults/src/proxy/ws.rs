@@ -312,10 +312,11 @@ impl WsLayer {
         self.release_orphans(cx);
         self.expire(cx, now);
         self.pass_on_early_close(cx, now);
-        if self.stream == Stream::Downstream && matches!(self.answer, Answer::None) {
-            if let Some(answer) = cx.answer.borrow().clone() {
-                self.answer = Answer::Pending(answer);
-            }
+        if self.stream == Stream::Downstream
+            && matches!(self.answer, Answer::None)
+            && let Some(answer) = cx.answer.borrow().clone()
+        {
+            self.answer = Answer::Pending(answer);
         }
         loop {
             match self.phase {
@@ -496,10 +497,10 @@ impl WsLayer {
                     asm.raw.extend_from_slice(&bytes);
                     asm.frames += 1;
                 }
-                if h.fin {
-                    if let Some(asm) = self.assembly.take() {
-                        self.inspect(cx, asm, now);
-                    }
+                if h.fin
+                    && let Some(asm) = self.assembly.take()
+                {
+                    self.inspect(cx, asm, now);
                 }
                 continue;
             }
@@ -568,10 +569,10 @@ impl WsLayer {
             {
                 continue;
             }
-            if let ToxicKind::WsCorrupt { field, .. } = &t.kind {
-                if !object.is_some_and(|o| o.contains_key(field)) {
-                    continue;
-                }
+            if let ToxicKind::WsCorrupt { field, .. } = &t.kind
+                && !object.is_some_and(|o| o.contains_key(field))
+            {
+                continue;
             }
             if !self.chosen(cx, t) {
                 continue;

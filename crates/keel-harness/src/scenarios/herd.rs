@@ -345,7 +345,7 @@ async fn run_herd(ctx: &Ctx, plan: &Plan, herd: Herd) -> Result<Measured, Error>
     let channel = |i: usize| format!("{}:{}", plan.scenario, i % channels);
     let proxied = |i: usize| match herd {
         Herd::Kill => false,
-        Herd::CutHalf => i % 2 == 0,
+        Herd::CutHalf => i.is_multiple_of(2),
         Herd::RandomDrops => true,
     };
 
