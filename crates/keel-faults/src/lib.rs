@@ -81,3 +81,8 @@ pub use crate::proxy::{
     Stream, TamperAction, Tampering, Toxic, ToxicKind,
 };
 pub use crate::upstream::{Accepted, EarlySend, MockUpstream, UpstreamConfig, UpstreamMode};
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

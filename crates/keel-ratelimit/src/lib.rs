@@ -56,3 +56,8 @@ pub use crate::queue::{
 };
 pub use crate::sink::{Scope, SendOutcome, Sink};
 pub use governor::Quota;
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

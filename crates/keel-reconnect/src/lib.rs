@@ -57,3 +57,8 @@ pub use crate::state::{InvalidTransition, State, StateCell};
 #[cfg(feature = "tls")]
 pub use rustls;
 pub use tokio_tungstenite::tungstenite::Message;
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -51,3 +51,8 @@ mod upstream;
 
 pub use crate::config::Config;
 pub use crate::relay::{Relay, RelayError};
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

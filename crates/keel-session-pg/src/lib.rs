@@ -441,3 +441,8 @@ mod tests {
         assert_eq!(super::redacted("host=db user=x"), "host=db user=x");
     }
 }
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

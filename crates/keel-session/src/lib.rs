@@ -77,3 +77,8 @@ pub use crate::store::{Committing, StartupInfo, Store, WriterStats};
 
 /// The schema version this build of keel-session writes.
 pub const SCHEMA_VERSION: u32 = schema::LATEST;
+
+/// The README's examples, compiled and run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
