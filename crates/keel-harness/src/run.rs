@@ -183,6 +183,7 @@ async fn run_in(
     started: &str,
 ) -> Result<RunSummary, Error> {
     let mut reports = Vec::new();
+    let commit = git_commit();
     let live = opts.verbose && std::io::stderr().is_terminal();
     for s in scenarios {
         let input = PlanInput {
@@ -356,7 +357,7 @@ async fn run_in(
         started: started.to_owned(),
         command: opts.command.clone(),
         machine: Machine::here(),
-        commit: git_commit(),
+        commit,
         seed: opts.seed,
         scale: opts.scale.label(),
         target: match &opts.target {
@@ -433,14 +434,23 @@ fn write_resources_csv(dir: &Path, s: &Series) -> Result<(), Error> {
     std::fs::write(dir.join("resources.csv"), csv).map_err(|e| Error::io("write resources.csv", e))
 }
 
+/// The commit the run starts on, `+dirty` when tracked files differ from
+/// it. Read before the first scenario: a commit made while a long run
+/// goes on is not what the run measured.
 fn git_commit() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    if !out.status.success() {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let clean = std::process::Command::new("git")
+        .args(["diff", "--quiet", "HEAD", "--"])
+        .status()
+        .is_ok_and(|s| s.success());
+    Some(if clean { head } else { format!("{head}+dirty") })
 }
 
 /// Live progress: an indicatif spinner per scenario on a terminal, a plain
