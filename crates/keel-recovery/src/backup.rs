@@ -192,15 +192,11 @@ pub fn restore(from: &Path, data: &Path) -> Result<RestoreReport, BackupError> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut moved_aside = Vec::new();
-    for suffix in ["", "-wal", "-shm"] {
-        let file = with_suffix(&db, suffix);
-        if file.exists() {
-            let aside = with_suffix(&file, &format!(".before-restore-{stamp}"));
-            std::fs::rename(&file, &aside).map_err(io(&file))?;
-            moved_aside.push(aside);
-        }
-    }
+    let moved_aside = crate::integrity::move_aside(&db, &format!("before-restore-{stamp}"))
+        .map_err(|(path, source)| BackupError::Io { path, source })?
+        .into_iter()
+        .map(|(_, aside)| aside)
+        .collect();
     let incoming = with_suffix(&db, ".restoring");
     std::fs::copy(from, &incoming).map_err(io(&incoming))?;
     restrict_and_sync(&incoming)?;
@@ -214,16 +210,8 @@ pub fn restore(from: &Path, data: &Path) -> Result<RestoreReport, BackupError> {
 
 /// `PRAGMA integrity_check`'s problems, the first five joined (empty: ok).
 fn integrity_problems(conn: &Connection) -> rusqlite::Result<String> {
-    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
-    let rows = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows
-        .into_iter()
-        .filter(|r| r != "ok")
-        .take(5)
-        .collect::<Vec<_>>()
-        .join("; "))
+    let problems = crate::integrity::problems(conn, "PRAGMA integrity_check")?;
+    Ok(problems.into_iter().take(5).collect::<Vec<_>>().join("; "))
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

@@ -99,13 +99,7 @@ fn run_check(path: &Path, everything: bool) -> Result<Check, StartError> {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let quick_check = |sql: &str| -> rusqlite::Result<Vec<String>> {
-            let mut stmt = conn.prepare(sql)?;
-            let rows = stmt
-                .query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows.into_iter().filter(|r| r != "ok").collect())
-        };
+        let quick_check = |sql: &str| problems(&conn, sql);
         let flagged = || -> rusqlite::Result<bool> {
             let has_meta = conn
                 .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta'")?
@@ -202,19 +196,41 @@ pub async fn full_check<S: keel_session::SessionStore>(
     check
 }
 
-/// Renames `path` and its `-wal` and `-shm` files to `*.corrupt-<timestamp>`.
-pub fn quarantine(path: &Path, reason: &str) -> Result<Quarantine, StartError> {
-    let stamp = utc_stamp(SystemTime::now());
+/// Renames those of the database `path`, its `-wal` and its `-shm` files
+/// that exist to `<name>.<tag>`; returns each (from, to), or the file that
+/// could not be renamed and why.
+pub(crate) fn move_aside(
+    path: &Path,
+    tag: &str,
+) -> Result<Vec<(PathBuf, PathBuf)>, (PathBuf, std::io::Error)> {
     let mut moved = Vec::new();
     for suffix in ["", "-wal", "-shm"] {
         let from = PathBuf::from(format!("{}{suffix}", path.display()));
         if !from.exists() {
             continue;
         }
-        let to = PathBuf::from(format!("{}.corrupt-{stamp}", from.display()));
-        std::fs::rename(&from, &to).map_err(|e| StartError::io(&from, e))?;
+        let to = PathBuf::from(format!("{}.{tag}", from.display()));
+        std::fs::rename(&from, &to).map_err(|e| (from.clone(), e))?;
         moved.push((from, to));
     }
+    Ok(moved)
+}
+
+/// The rows of a check pragma (`quick_check`, `integrity_check`) other
+/// than `ok`: the problems it found.
+pub(crate) fn problems(conn: &Connection, pragma: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(pragma)?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows.into_iter().filter(|r| r != "ok").collect())
+}
+
+/// Renames `path` and its `-wal` and `-shm` files to `*.corrupt-<timestamp>`.
+pub fn quarantine(path: &Path, reason: &str) -> Result<Quarantine, StartError> {
+    let stamp = utc_stamp(SystemTime::now());
+    let moved = move_aside(path, &format!("corrupt-{stamp}"))
+        .map_err(|(from, e)| StartError::io(&from, e))?;
     if let Some(dir) = path.parent() {
         // Make the renames durable before a fresh file takes the old name.
         if let Ok(d) = std::fs::File::open(dir) {
