@@ -362,3 +362,18 @@ async fn large_deliveries_go_out_in_64_kib_fragments() {
         break;
     }
 }
+
+/// What is not a WebSocket upgrade gets a clear HTTP answer from `/ws`, and
+/// the relay goes on serving.
+#[tokio::test]
+async fn a_plain_request_to_ws_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("data"), Opts::default()).await;
+    let answer = http_get(&format!("http://{}/ws", relay.addr)).await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(answer.contains("did not include 'upgrade'"), "{answer}");
+    let c = client(&relay.url()).await;
+    c.publish("after", &new_message_id(), &json!(1))
+        .await
+        .unwrap();
+}
