@@ -119,6 +119,16 @@ pub const METRICS: &[Metric] = &[
         "Subscriptions that started with a replay from the store.",
     ),
     m(
+        "keel_replay_cache_hits_total",
+        Counter,
+        "Deliveries replayed from the replay cache's shared frames instead of the store.",
+    ),
+    m(
+        "keel_replay_cache_bytes",
+        Gauge,
+        "Bytes of delivery frames the replay cache holds (limits.replay_cache_bytes).",
+    ),
+    m(
         "keel_sends_queued_total",
         Counter,
         "Sends to the upstream accepted into the outbox.",

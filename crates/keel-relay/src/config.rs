@@ -125,6 +125,14 @@ pub struct Limits {
     /// Bytes of the log read per page when replaying to a connection.
     /// Default 1 MiB (at least one message per page).
     pub replay_page_bytes: usize,
+    /// Bytes of the newest delivery frames kept, over every channel with
+    /// subscribers, for replays: a connection resuming what it missed (a
+    /// slow consumer back after 1013, a reconnect) writes the frames the
+    /// others were sent instead of reading its own copy from the store.
+    /// At least twice `max_outbound_bytes` is useful (a slow consumer is
+    /// that far behind when it is closed). 0 keeps none; cluster mode
+    /// keeps none. Default 32 MiB.
+    pub replay_cache_bytes: usize,
     /// `send`s per second per session. Default 20.
     pub send_rate: u32,
     /// `send`s at once per session. Default 100.
@@ -195,6 +203,7 @@ impl Default for Limits {
             max_outbound_bytes: 16 << 20,
             global_buffer_bytes: 512 << 20,
             replay_page_bytes: 1 << 20,
+            replay_cache_bytes: 32 << 20,
             send_rate: 20,
             send_burst: 100,
             max_pending_sends: 1_000,

@@ -12,6 +12,7 @@ use crate::upgrade::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use crate::limits::{Buffered, hit};
+use crate::tail::Tail;
 
 /// What a connection's writer receives.
 #[derive(Debug)]
@@ -136,8 +137,12 @@ struct Registry {
 struct Stats {
     /// Bytes its queue and its writer hold now.
     bytes: AtomicUsize,
-    /// Of those, bytes counted in the relay's budget.
+    /// Of those, its own bytes counted in the relay's budget (replay
+    /// pages).
     global: AtomicUsize,
+    /// Bytes of the live batches it queues, whole: what it keeps alive
+    /// (a reader far behind the others keeps its batches alone).
+    shared: AtomicUsize,
     evicted: AtomicBool,
     end: Arc<EndFlag>,
 }
@@ -167,6 +172,7 @@ impl OutBudget {
         let stats = Arc::new(Stats {
             bytes: AtomicUsize::new(0),
             global: AtomicUsize::new(0),
+            shared: AtomicUsize::new(0),
             evicted: AtomicBool::new(false),
             end,
         });
@@ -187,19 +193,22 @@ impl OutBudget {
         }
         let mut registry = self.registry();
         loop {
-            let freeing: usize = registry
-                .evicted
-                .values()
-                .map(|s| s.global.load(Ordering::Acquire))
-                .sum();
+            // What closing them frees: their own bytes and the whole of
+            // the batches they queue (more than it frees when others hold
+            // the same batches too; the next overdraft, once their queues
+            // are gone, judges again, instead of closing readers that hold
+            // nothing on an estimate that came short).
+            let freeing: usize = registry.evicted.values().map(|s| s.holds()).sum();
             if self.held().saturating_sub(freeing) <= self.0.limit {
                 return;
             }
             let largest = registry
                 .open
                 .iter()
-                .max_by_key(|(_, s)| s.global.load(Ordering::Acquire))
-                .map(|(id, _)| *id);
+                .map(|(id, s)| (*id, s.holds()))
+                .filter(|(_, holds)| *holds > 0)
+                .max_by_key(|(_, holds)| *holds)
+                .map(|(id, _)| id);
             let Some(id) = largest else { return };
             let Some(stats) = registry.open.remove(&id) else {
                 return;
@@ -209,6 +218,53 @@ impl OutBudget {
             stats.end.raise(Ending::Slow);
             registry.evicted.insert(id, stats);
         }
+    }
+}
+
+impl Stats {
+    /// What it keeps alive in the budget: its own bytes there and the
+    /// whole of the live batches it queues.
+    fn holds(&self) -> usize {
+        self.global.load(Ordering::Acquire) + self.shared.load(Ordering::Acquire)
+    }
+}
+
+/// A live batch's bytes in the relay's budget: counted once, however many
+/// subscribers queue the batch (they share its frames), until the last
+/// lets go. Counting it once per subscriber made a hundred readers of the
+/// same 500 KB messages look like 50 MB each, and the budget closed
+/// readers that were keeping up.
+pub(crate) struct SharedHold {
+    budget: OutBudget,
+    bytes: usize,
+    _total: Buffered,
+}
+
+impl OutBudget {
+    /// Counts a live batch of `bytes` once; overdrawing the budget closes
+    /// the largest holders.
+    pub(crate) fn share(&self, bytes: usize) -> Arc<SharedHold> {
+        self.0.held.fetch_add(bytes, Ordering::AcqRel);
+        self.evict();
+        Arc::new(SharedHold {
+            budget: self.clone(),
+            bytes,
+            _total: Buffered::outbound(bytes),
+        })
+    }
+}
+
+impl std::fmt::Debug for SharedHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedHold")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Drop for SharedHold {
+    fn drop(&mut self) {
+        self.budget.0.held.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -233,9 +289,32 @@ impl Account {
         Held {
             account: self.clone(),
             bytes,
-            global,
-            _total: Buffered::outbound(bytes),
+            charge: if global {
+                Charge::Budget
+            } else {
+                Charge::Local
+            },
+            _total: Some(Buffered::outbound(bytes)),
         }
+    }
+
+    /// Counts a live batch of `bytes` queued by this connection, whose
+    /// budget bytes `shared` holds for all its subscribers.
+    pub(crate) fn hold_shared(self: &Arc<Self>, bytes: usize, shared: Arc<SharedHold>) -> Held {
+        self.stats.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.stats.shared.fetch_add(bytes, Ordering::AcqRel);
+        Held {
+            account: self.clone(),
+            bytes,
+            charge: Charge::Shared(shared),
+            // Counted once, by the batch.
+            _total: None,
+        }
+    }
+
+    /// The budget this account is in.
+    pub(crate) fn budget(&self) -> &OutBudget {
+        &self.budget
     }
 
     /// Bytes held now.
@@ -260,8 +339,20 @@ impl Drop for Account {
 pub(crate) struct Held {
     account: Arc<Account>,
     bytes: usize,
-    global: bool,
-    _total: Buffered,
+    charge: Charge,
+    _total: Option<Buffered>,
+}
+
+/// How a [`Held`] counts in the relay's budget.
+#[derive(Debug)]
+enum Charge {
+    /// Not at all (replies, errors).
+    Local,
+    /// With its own bytes (a replay page).
+    Budget,
+    /// Through a batch counted once for all its subscribers (held for
+    /// its drop).
+    Shared(#[allow(dead_code)] Arc<SharedHold>),
 }
 
 impl std::fmt::Debug for Account {
@@ -277,13 +368,19 @@ impl Drop for Held {
     fn drop(&mut self) {
         let stats = &self.account.stats;
         stats.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
-        if self.global {
-            stats.global.fetch_sub(self.bytes, Ordering::AcqRel);
-            self.account
-                .budget
-                .0
-                .held
-                .fetch_sub(self.bytes, Ordering::AcqRel);
+        match &self.charge {
+            Charge::Local => {}
+            Charge::Budget => {
+                stats.global.fetch_sub(self.bytes, Ordering::AcqRel);
+                self.account
+                    .budget
+                    .0
+                    .held
+                    .fetch_sub(self.bytes, Ordering::AcqRel);
+            }
+            Charge::Shared(_) => {
+                stats.shared.fetch_sub(self.bytes, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -346,7 +443,9 @@ impl OutQueue {
     /// budget, or whose queue is full, is flagged slow instead (closed with
     /// 1013; it resumes from the log), as are the largest holders when the
     /// relay's outbound budget is overdrawn. Returns whether it was queued.
-    pub(crate) fn offer(&self, item: Outbound, bytes: usize) -> bool {
+    /// The batch's bytes count once in the relay's budget, through
+    /// `shared`, for all its subscribers.
+    pub(crate) fn offer(&self, item: Outbound, bytes: usize, shared: &Arc<SharedHold>) -> bool {
         if self.end.get().is_some() {
             return false;
         }
@@ -355,7 +454,7 @@ impl OutQueue {
             self.end.raise(Ending::Slow);
             return false;
         }
-        let held = self.account.hold(bytes, true);
+        let held = self.account.hold_shared(bytes, shared.clone());
         if self.end.get().is_some() {
             return false; // it was the largest holder
         }
@@ -384,14 +483,25 @@ struct Entry {
 }
 
 /// Channel name -> the connections listening to it.
-#[derive(Default)]
 pub(crate) struct Hub {
     channels: RwLock<HashMap<Arc<str>, Entry>>,
     /// Connection-channel pairs registered, over every channel.
     subscriptions: AtomicUsize,
+    /// The newest frames handed out, for replays (see [`Tail`]).
+    pub(crate) tail: Tail,
 }
 
 impl Hub {
+    /// A hub whose replay cache keeps up to `replay_cache_bytes` of frames,
+    /// for replays reading store pages of `replay_page_bytes`.
+    pub(crate) fn new(replay_cache_bytes: usize, replay_page_bytes: usize) -> Hub {
+        Hub {
+            channels: RwLock::default(),
+            subscriptions: AtomicUsize::new(0),
+            tail: Tail::new(replay_cache_bytes, replay_page_bytes),
+        }
+    }
+
     /// Adds `conn` to `channel`, which it reads from offset `from` on;
     /// returns the shared name.
     pub(crate) fn subscribe(
@@ -437,8 +547,13 @@ impl Hub {
     /// Hands committed messages of one channel, in offset order, to every
     /// subscriber without waiting: one queue item per subscriber for the
     /// whole batch, counted at the batch's bytes against each subscriber's
-    /// budgets (see [`OutQueue::offer`]). Returns how many got it.
+    /// budgets (see [`OutQueue::offer`]), and keeps the frames for replays.
+    /// Returns how many got it.
     pub(crate) fn publish_batch(&self, channel: &str, batch: Arc<[(u64, Utf8Bytes)]>) -> usize {
+        // Kept whether anyone listens now or not: subscribers closed as
+        // slow consumers all at once (a hundred readers behind the same
+        // burst) are all away while the burst goes on, and come back for it.
+        self.tail.keep(channel, &batch);
         let map = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some((name, entry)) = map.get_key_value(channel) else {
             return 0;
@@ -448,13 +563,17 @@ impl Hub {
         }
         let subs = &entry.subs;
         let bytes: usize = batch.iter().map(|(_, f)| f.len()).sum();
+        let Some(first) = subs.first() else {
+            return 0;
+        };
+        let shared = first.queue.account.budget().share(bytes);
         let mut delivered = 0;
         for s in subs {
             let item = Outbound::Live {
                 channel: name.clone(),
                 batch: batch.clone(),
             };
-            if s.queue.offer(item, bytes) {
+            if s.queue.offer(item, bytes, &shared) {
                 delivered += 1;
             }
         }
@@ -525,6 +644,37 @@ mod tests {
         assert_eq!(registry.open.len(), 1, "a dropped account unregisters");
         assert!(registry.evicted.is_empty(), "an evicted one too");
     }
+    /// A live batch queued by many subscribers counts once in the budget;
+    /// each still counts all of it against its own bound. When the budget
+    /// is overdrawn, the reader keeping batches alone (the others wrote
+    /// them) is the one closed.
+    #[test]
+    fn a_shared_batch_counts_once() {
+        let budget = OutBudget::new(100);
+        let ends: Vec<Arc<EndFlag>> = (0..10).map(|_| Arc::new(EndFlag::default())).collect();
+        let accounts: Vec<Arc<Account>> = ends.iter().map(|e| budget.open(e.clone())).collect();
+        let first = budget.share(60);
+        let mut held: Vec<Held> = accounts
+            .iter()
+            .map(|a| a.hold_shared(60, first.clone()))
+            .collect();
+        drop(first);
+        assert_eq!(budget.held(), 60, "once, not ten times");
+        assert!(ends.iter().all(|e| e.get().is_none()));
+        assert_eq!(accounts[3].bytes(), 60);
+        // Nine readers wrote it; the first keeps it alone.
+        held.truncate(1);
+        assert_eq!(budget.held(), 60);
+        // The next batch overdraws the budget: the lagging reader goes.
+        let second = budget.share(60);
+        assert_eq!(ends[0].get(), Some(Ending::Slow));
+        assert!(ends[1..].iter().all(|e| e.get().is_none()));
+        drop(held);
+        assert_eq!(budget.held(), 60);
+        drop(second);
+        assert_eq!(budget.held(), 0);
+    }
+
     /// What evicted connections still hold is known exactly: their replies
     /// (outside the budget) are not mistaken for budget bytes being freed,
     /// and a page charged after the eviction is counted as freeing too; once

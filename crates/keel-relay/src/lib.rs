@@ -45,6 +45,7 @@ mod relay;
 mod retention;
 pub mod spool;
 pub mod store;
+mod tail;
 mod tls;
 mod upgrade;
 mod upstream;

@@ -188,7 +188,16 @@ impl Relay {
         let intake = Shutdown::new();
         let channels = Channels {
             store: started.store.clone(),
-            hub: Arc::new(Hub::default()),
+            // No replay cache in cluster mode: another node's retention
+            // cuts would not reach it.
+            hub: Arc::new(Hub::new(
+                if bus.is_some() {
+                    0
+                } else {
+                    config.limits.replay_cache_bytes
+                },
+                config.limits.replay_page_bytes,
+            )),
             health: started.health.clone(),
             bus,
         };

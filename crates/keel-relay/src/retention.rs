@@ -67,6 +67,10 @@ async fn pass(ctx: &BackgroundCtx) -> u64 {
             loop {
                 match store.apply_retention_to(channel, policy, CHUNK).await {
                     Ok(n) => {
+                        if n > 0 {
+                            // Replays must not hand out what is cut.
+                            ctx.channels.hub.tail.forget(channel);
+                        }
                         removed += n;
                         metrics::counter!("keel_evictions_total", "kind" => "retention")
                             .increment(n);
@@ -98,6 +102,10 @@ async fn purge(ctx: &BackgroundCtx) -> u64 {
     loop {
         match ctx.channels.store.purge_idle_sessions(ttl, SESSIONS).await {
             Ok(ids) => {
+                if !ids.is_empty() {
+                    // Their private channels went with them.
+                    ctx.channels.hub.tail.clear();
+                }
                 purged += ids.len() as u64;
                 metrics::counter!("keel_evictions_total", "kind" => "session_ttl")
                     .increment(ids.len() as u64);

@@ -320,6 +320,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, socket: WebSocket, ip: IpAddr, admi
         rx,
         write::WriteCtx {
             store: ctx.channels.store.clone(),
+            hub: ctx.channels.hub.clone(),
             account: out.account(),
             page_bytes: limits.replay_page_bytes,
             deadline: limits.write_deadline(),

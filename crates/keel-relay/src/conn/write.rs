@@ -29,6 +29,8 @@ const REPLAY_ROWS: usize = 256;
 /// What the writer needs besides its socket and queue.
 pub(super) struct WriteCtx {
     pub(super) store: RelayStore,
+    /// The hub, whose replay cache holds the newest frames handed out.
+    pub(super) hub: Arc<crate::hub::Hub>,
     /// The connection's outbound account (replay pages are charged to it).
     pub(super) account: Arc<Account>,
     pub(super) page_bytes: usize,
@@ -283,9 +285,12 @@ async fn live(
 /// Writes `channel` from `from` up to (not including) `until`, or to the end
 /// of the log, a page at a time: each page at most `page_bytes` (at least
 /// one message), its bytes counted in the relay's budget while held.
-/// Offsets retention removed are announced with a `truncated` notice
-/// naming the first offset the log still holds, then skipped. Returns the
-/// next offset to expect and how many deliveries were written.
+/// A page whose first offset the hub's replay cache holds is the cache's
+/// frames, shared with every other connection (nothing read, nothing
+/// formatted, nothing more held). Offsets retention removed are announced
+/// with a `truncated` notice naming the first offset the log still holds,
+/// then skipped. Returns the next offset to expect and how many
+/// deliveries were written.
 async fn replay(
     sink: &mut Sink,
     ctx: &WriteCtx,
@@ -306,6 +311,33 @@ async fn replay(
         if end.get().is_some() {
             return Err(Failed);
         }
+        // A cached offset is in the log (retention forgets what it cuts):
+        // no `truncated` notice can be due before it. The cache is asked
+        // again once this connection's turn to read the store comes: a
+        // reader ahead of it may have read the page meanwhile.
+        let tail = &ctx.hub.tail;
+        let mut cached = tail.read(channel, next, until, want, ctx.page_bytes);
+        let mut turn = None;
+        if cached.is_empty() {
+            turn = tail.turn().await;
+            cached = tail.read(channel, next, until, want, ctx.page_bytes);
+        }
+        if !cached.is_empty() {
+            drop(turn);
+            first_page = false;
+            metrics::counter!("keel_replay_cache_hits_total").increment(cached.len() as u64);
+            for (offset, frame) in cached {
+                feed_text(sink, ctx.deadline, end, frame).await?;
+                next = offset + 1;
+                written += 1;
+            }
+            bounded(ctx.deadline, end, sink.flush()).await?;
+            continue;
+        }
+        if end.get().is_some() {
+            return Err(Failed);
+        }
+        let epoch = tail.epoch();
         let page = ctx
             .store
             .read_channel_bounded(channel, next, want, ctx.page_bytes)
@@ -370,8 +402,15 @@ async fn replay(
                 .collect::<Vec<_>>()
         })
         .await;
+        let frames: Vec<(u64, Utf8Bytes)> = frames
+            .into_iter()
+            .map(|(offset, frame)| (offset, Utf8Bytes::from(frame)))
+            .collect();
+        // Kept for the readers behind this one, then the turn is over.
+        tail.keep_read(channel, &frames, epoch);
+        drop(turn);
         for (offset, frame) in frames {
-            feed_text(sink, ctx.deadline, end, Utf8Bytes::from(frame)).await?;
+            feed_text(sink, ctx.deadline, end, frame).await?;
             next = offset + 1;
             written += 1;
         }
