@@ -131,8 +131,9 @@ pub struct Limits {
     /// others were sent instead of reading its own copy from the store.
     /// At least twice `max_outbound_bytes` is useful (a slow consumer is
     /// that far behind when it is closed). 0 keeps none; cluster mode
-    /// keeps none. Default 32 MiB.
-    pub replay_cache_bytes: usize,
+    /// keeps none. Default: a sixteenth of `global_buffer_bytes` (32 MiB
+    /// at its default), so that a relay given less memory keeps less.
+    pub replay_cache_bytes: Option<usize>,
     /// `send`s per second per session. Default 20.
     pub send_rate: u32,
     /// `send`s at once per session. Default 100.
@@ -178,6 +179,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The replay cache's bound: `replay_cache_bytes`, or a sixteenth of
+    /// `global_buffer_bytes`.
+    pub fn replay_cache(&self) -> usize {
+        self.replay_cache_bytes
+            .unwrap_or(self.global_buffer_bytes / 16)
+    }
+
     /// The publish byte bucket's size: `publish_bytes_burst`, or one
     /// maximum-size payload.
     pub fn bytes_burst(&self) -> u32 {
@@ -203,7 +211,7 @@ impl Default for Limits {
             max_outbound_bytes: 16 << 20,
             global_buffer_bytes: 512 << 20,
             replay_page_bytes: 1 << 20,
-            replay_cache_bytes: 32 << 20,
+            replay_cache_bytes: None,
             send_rate: 20,
             send_burst: 100,
             max_pending_sends: 1_000,

@@ -194,7 +194,7 @@ impl Relay {
                 if bus.is_some() {
                     0
                 } else {
-                    config.limits.replay_cache_bytes
+                    config.limits.replay_cache()
                 },
                 config.limits.replay_page_bytes,
             )),

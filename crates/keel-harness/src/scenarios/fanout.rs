@@ -312,7 +312,7 @@ async fn run_large(ctx: &Ctx, plan: &Plan) -> Result<Measured, Error> {
     );
     // Warm-up, not judged: a relay that has run a while has its writer's
     // page cache (64 MiB, what large payloads fill first) and its replay
-    // cache (32 MiB) full, and its bulk threads started; a fresh one fills
+    // cache (32 MiB by default) full, and its bulk threads started; a fresh one fills
     // them with the first sizes' payloads, once in its life and not in
     // proportion to them, and that would be counted against the first
     // size. Nobody subscribes: no connection's buffers are warmed.

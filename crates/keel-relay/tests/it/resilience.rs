@@ -301,7 +301,7 @@ async fn readers_closed_together_replay_the_burst_from_shared_frames() {
         &dir.path().join("data"),
         Opts {
             config: Some(
-                "[limits]\nglobal_buffer_bytes = 8388608\nmax_outbound_bytes = 2097152\nmax_inbound_bytes = 2097152\npublish_bytes_rate = 1073741824\npublish_bytes_burst = 1073741824\n"
+                "[limits]\nglobal_buffer_bytes = 8388608\nmax_outbound_bytes = 2097152\nmax_inbound_bytes = 2097152\nreplay_cache_bytes = 33554432\npublish_bytes_rate = 1073741824\npublish_bytes_burst = 1073741824\n"
                     .into(),
             ),
             ..Default::default()
