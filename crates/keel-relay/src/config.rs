@@ -125,8 +125,8 @@ pub struct Limits {
     /// Bytes of the log read per page when replaying to a connection.
     /// Default 1 MiB (at least one message per page).
     pub replay_page_bytes: usize,
-    /// Bytes of the newest delivery frames kept, over every channel with
-    /// subscribers, for replays: a connection resuming what it missed (a
+    /// Bytes of the newest delivery frames kept, over every channel, for
+    /// replays: a connection resuming what it missed (a
     /// slow consumer back after 1013, a reconnect) writes the frames the
     /// others were sent instead of reading its own copy from the store.
     /// At least twice `max_outbound_bytes` is useful (a slow consumer is

@@ -68,8 +68,14 @@ async fn pass(ctx: &BackgroundCtx) -> u64 {
                 match store.apply_retention_to(channel, policy, CHUNK).await {
                     Ok(n) => {
                         if n > 0 {
-                            // Replays must not hand out what is cut.
-                            ctx.channels.hub.tail.forget(channel);
+                            // Replays must not hand out what is cut: the
+                            // cache drops what is before the log's first
+                            // offset now (all of it if that is unknown).
+                            let first = match store.channel_bounds(channel).await {
+                                Ok(b) => b.first.unwrap_or(b.next),
+                                Err(_) => u64::MAX,
+                            };
+                            ctx.channels.hub.tail.forget(channel, first);
                         }
                         removed += n;
                         metrics::counter!("keel_evictions_total", "kind" => "retention")
@@ -102,9 +108,12 @@ async fn purge(ctx: &BackgroundCtx) -> u64 {
     loop {
         match ctx.channels.store.purge_idle_sessions(ttl, SESSIONS).await {
             Ok(ids) => {
-                if !ids.is_empty() {
+                for id in &ids {
                     // Their private channels went with them.
-                    ctx.channels.hub.tail.clear();
+                    ctx.channels
+                        .hub
+                        .tail
+                        .forget(&id.private_channel(), u64::MAX);
                 }
                 purged += ids.len() as u64;
                 metrics::counter!("keel_evictions_total", "kind" => "session_ttl")

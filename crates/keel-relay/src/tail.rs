@@ -1,6 +1,6 @@
-//! The newest deliveries of channels with subscribers, kept as the frames
-//! the hub handed out, so that a connection replaying what it missed (a
-//! slow consumer closed with 1013 and back, a reconnect storm) writes the
+//! The newest deliveries of every channel, kept as the frames the hub
+//! handed out, so that a connection replaying what it missed (a slow
+//! consumer closed with 1013 and back, a reconnect storm) writes the
 //! frames every other subscriber already holds instead of reading its own
 //! copy of each payload from the store and formatting it again. A hundred
 //! subscribers resuming the same 500 KB messages hold them once.
@@ -15,12 +15,17 @@
 //! Bounded by `limits.replay_cache_bytes` over every channel, oldest first
 //! out, whether the channel has subscribers at the time or not (readers
 //! closed together as slow consumers come back together for what was
-//! published while they were away). Only frames the hub was handed after
-//! their commit are kept, so a
-//! cached frame is what the log holds at its offset; retention forgets a
-//! channel's frames when it cuts the channel, and a purge of sessions
-//! forgets everything, so that a replay never hands out what the log no
-//! longer holds. In cluster mode there is no cache (retention runs on
+//! published while they were away). Frames evicted while a replay is
+//! writing them stay alive until it has (at most a page per replaying
+//! connection). Only frames the hub was handed after their commit, or a
+//! replay read from the log, are kept, so a cached frame is what the log
+//! holds at its offset. Retention drops a channel's frames below the first
+//! offset it keeps when it cuts the channel, and a purge drops the purged
+//! sessions' private channels; a page read from the store before either
+//! is not kept. One window is left: a batch committed before a cut and
+//! handed to the hub after it (microseconds) is kept, and a replay from
+//! its offset would then get it instead of a `truncated` notice until it
+//! is evicted. In cluster mode there is no cache (retention runs on
 //! whichever node is due, and the others would not hear of its cuts).
 
 use std::collections::{HashMap, VecDeque};
@@ -30,21 +35,54 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::upgrade::Utf8Bytes;
 
+/// One kept frame: its offset, the number it was kept under (so that an
+/// entry of `order` matches only the frame it was made for, not one kept
+/// again at the same offset after a forget), the frame.
+type Kept = (u64, u64, Utf8Bytes);
+
 /// Frames of the cache, by channel, in offset order.
 #[derive(Default)]
 struct Inner {
-    channels: HashMap<Arc<str>, VecDeque<(u64, Utf8Bytes)>>,
-    /// Every kept frame in the order it came (channel, offset, bytes):
-    /// what goes first when the cache is full. Entries of frames already
-    /// forgotten stay until they reach the front or are swept.
-    order: VecDeque<(Arc<str>, u64, usize)>,
+    channels: HashMap<Arc<str>, VecDeque<Kept>>,
+    /// Every kept frame in the order it came (channel, offset, number,
+    /// bytes): what goes first when the cache is full. Entries of frames
+    /// already forgotten stay until they reach the front or are swept.
+    order: VecDeque<(Arc<str>, u64, u64, usize)>,
     /// Bytes of the frames in `channels`.
     bytes: usize,
     /// Frames in `channels`.
     frames: usize,
-    /// Forgets and clears so far: a page read from the store before one
-    /// of them is not kept (it may hold what retention cut).
+    /// Numbers given to kept frames so far.
+    kept: u64,
+    /// Forgets so far: a page read from the store before one of them is
+    /// not kept (it may hold what retention cut).
     epoch: u64,
+}
+
+impl Inner {
+    /// Whether `order`'s entry (channel, offset, number) is a frame kept now.
+    fn holds(&self, name: &str, offset: u64, number: u64) -> Option<usize> {
+        let queue = self.channels.get(name)?;
+        let at = queue.binary_search_by_key(&offset, |(o, _, _)| *o).ok()?;
+        (queue[at].1 == number).then_some(at)
+    }
+
+    /// Removes frames of `name` for which `gone` holds.
+    fn drop_where(&mut self, name: &str, gone: impl Fn(u64) -> bool) {
+        if let Some(queue) = self.channels.get_mut(name) {
+            let before = (
+                queue.len(),
+                queue.iter().map(|(_, _, f)| f.len()).sum::<usize>(),
+            );
+            queue.retain(|(o, _, _)| !gone(*o));
+            let after = queue.iter().map(|(_, _, f)| f.len()).sum::<usize>();
+            self.frames -= before.0 - queue.len();
+            self.bytes -= before.1 - after;
+            if queue.is_empty() {
+                self.channels.remove(name);
+            }
+        }
+    }
 }
 
 /// Store pages read for replays at once, relay-wide (the store's readers).
@@ -74,7 +112,8 @@ impl Tail {
 
     /// A replay's turn to read a store page and format it: at most
     /// [`PAGES_AT_ONCE`] pages are held this way relay-wide. Held until
-    /// the page's frames are made (and kept, see [`Tail::keep_read`]).
+    /// the page's frames are made (and kept, see [`Tail::keep_read`]),
+    /// never across a write to a socket.
     pub(crate) async fn turn(&self) -> Option<SemaphorePermit<'_>> {
         self.turns.acquire_many(self.page_bytes as u32).await.ok()
     }
@@ -87,9 +126,7 @@ impl Tail {
     /// Keeps frames a replay read from the store, unless a forget came
     /// since `epoch` (the page may hold what retention cut).
     pub(crate) fn keep_read(&self, channel: &str, frames: &[(u64, Utf8Bytes)], epoch: u64) {
-        if self.epoch() == epoch {
-            self.keep(channel, frames);
-        }
+        self.keep_if(channel, frames, Some(epoch));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -102,11 +139,18 @@ impl Tail {
     /// One already kept is skipped, and so is one larger than a quarter of
     /// the cache.
     pub(crate) fn keep(&self, channel: &str, batch: &[(u64, Utf8Bytes)]) {
+        self.keep_if(channel, batch, None);
+    }
+
+    fn keep_if(&self, channel: &str, batch: &[(u64, Utf8Bytes)], epoch: Option<u64>) {
         if self.max_bytes == 0 || batch.is_empty() {
             return;
         }
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if epoch.is_some_and(|e| e != inner.epoch) {
+            return;
+        }
         let name: Arc<str> = match inner.channels.get_key_value(channel) {
             Some((name, _)) => name.clone(),
             None => Arc::from(channel),
@@ -116,15 +160,19 @@ impl Tail {
             if frame.len() > self.max_bytes / 4 {
                 continue;
             }
-            if queue.back().is_none_or(|(o, _)| o < offset) {
-                queue.push_back((*offset, frame.clone()));
+            let number = inner.kept;
+            if queue.back().is_none_or(|(o, _, _)| o < offset) {
+                queue.push_back((*offset, number, frame.clone()));
             } else {
-                match queue.binary_search_by_key(offset, |(o, _)| *o) {
+                match queue.binary_search_by_key(offset, |(o, _, _)| *o) {
                     Ok(_) => continue,
-                    Err(at) => queue.insert(at, (*offset, frame.clone())),
+                    Err(at) => queue.insert(at, (*offset, number, frame.clone())),
                 }
             }
-            inner.order.push_back((name.clone(), *offset, frame.len()));
+            inner.kept += 1;
+            inner
+                .order
+                .push_back((name.clone(), *offset, number, frame.len()));
             inner.bytes += frame.len();
             inner.frames += 1;
         }
@@ -132,11 +180,11 @@ impl Tail {
             inner.channels.remove(&name);
         }
         while inner.bytes > self.max_bytes {
-            let Some((name, offset, len)) = inner.order.pop_front() else {
+            let Some((name, offset, number, len)) = inner.order.pop_front() else {
                 break;
             };
-            if let Some(queue) = inner.channels.get_mut(&name)
-                && let Ok(at) = queue.binary_search_by_key(&offset, |(o, _)| *o)
+            if let Some(at) = inner.holds(&name, offset, number)
+                && let Some(queue) = inner.channels.get_mut(&name)
             {
                 queue.remove(at);
                 inner.bytes -= len;
@@ -147,14 +195,12 @@ impl Tail {
             }
         }
         // Entries of forgotten frames are swept once they outnumber the
-        // kept ones, so the order is bounded by twice the frames kept.
+        // kept ones: every entry names one frame, so the order is bounded
+        // by twice the frames kept, plus 1,024.
         if inner.order.len() > 2 * inner.frames + 1024 {
-            let channels = &inner.channels;
-            inner.order.retain(|(name, offset, _)| {
-                channels
-                    .get(name)
-                    .is_some_and(|q| q.binary_search_by_key(offset, |(o, _)| *o).is_ok())
-            });
+            let mut order = std::mem::take(&mut inner.order);
+            order.retain(|(name, offset, number, _)| inner.holds(name, *offset, *number).is_some());
+            inner.order = order;
         }
         metrics::gauge!("keel_replay_cache_bytes").set(inner.bytes as f64);
     }
@@ -175,12 +221,12 @@ impl Tail {
         let Some(queue) = inner.channels.get(channel) else {
             return Vec::new();
         };
-        let Ok(start) = queue.binary_search_by_key(&from, |(o, _)| *o) else {
+        let Ok(start) = queue.binary_search_by_key(&from, |(o, _, _)| *o) else {
             return Vec::new();
         };
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (offset, frame) in queue.range(start..) {
+        for (offset, _, frame) in queue.range(start..) {
             let expected = from + out.len() as u64;
             if *offset != expected
                 || until.is_some_and(|u| *offset >= u)
@@ -195,27 +241,13 @@ impl Tail {
         out
     }
 
-    /// Forgets `channel`'s frames (retention cut it).
-    pub(crate) fn forget(&self, channel: &str) {
+    /// Forgets `channel`'s frames before `first`, the first offset its log
+    /// still holds (retention cut it; `u64::MAX`: all of them).
+    pub(crate) fn forget(&self, channel: &str, first: u64) {
         let mut inner = self.lock();
         inner.epoch += 1;
-        if let Some(queue) = inner.channels.remove(channel) {
-            inner.bytes -= queue.iter().map(|(_, f)| f.len()).sum::<usize>();
-            inner.frames -= queue.len();
-            metrics::gauge!("keel_replay_cache_bytes").set(inner.bytes as f64);
-        }
-    }
-
-    /// Forgets every frame (sessions, and their private channels, were
-    /// purged).
-    pub(crate) fn clear(&self) {
-        let mut inner = self.lock();
-        let epoch = inner.epoch + 1;
-        *inner = Inner {
-            epoch,
-            ..Inner::default()
-        };
-        metrics::gauge!("keel_replay_cache_bytes").set(0.0);
+        inner.drop_where(channel, |o| o < first);
+        metrics::gauge!("keel_replay_cache_bytes").set(inner.bytes as f64);
     }
 
     /// Bytes of frames kept.
@@ -312,21 +344,55 @@ mod tests {
         let a: Arc<str> = Arc::from("a");
         for round in 0..100u64 {
             tail.keep(&a, &frames(round * 100 + 1, 100, 1));
-            tail.forget("a");
+            tail.forget("a", u64::MAX);
         }
         assert!(tail.read("a", 9_901, None, 100, 1 << 20).is_empty());
         assert_eq!(tail.bytes(), 0);
-        assert!(
-            tail.lock().order.len() <= 1024 + 100,
-            "{}",
-            tail.lock().order.len()
+        let len = tail.lock().order.len();
+        assert!(len <= 1024 + 100, "{len}");
+        // Cut below 20,002: what is before goes, the rest stays.
+        tail.keep(&a, &frames(20_000, 4, 7));
+        tail.forget("a", 20_002);
+        assert!(tail.read("a", 20_001, None, 100, 1 << 20).is_empty());
+        assert_eq!(
+            offsets(&tail.read("a", 20_002, None, 100, 1 << 20)),
+            vec![20_002, 20_003]
         );
-        tail.keep(&a, &frames(20_000, 3, 1));
-        tail.clear();
-        assert!(tail.read("a", 20_000, None, 100, 1 << 20).is_empty());
-        // Kept again after a clear, and the sizes add up.
-        tail.keep(&a, &frames(30_000, 3, 7));
-        assert_eq!(tail.bytes(), 21);
+        assert_eq!(tail.bytes(), 14);
+    }
+
+    /// Kept again at the same offsets after a forget, over and over: the
+    /// old entries of the order match nothing, so they are swept and
+    /// never evict the frames kept since.
+    #[test]
+    fn a_frame_kept_again_after_a_forget_is_not_its_old_entry() {
+        let tail = Tail::new(1 << 20, 1 << 20);
+        let a: Arc<str> = Arc::from("a");
+        for _ in 0..3_000 {
+            tail.keep(&a, &frames(1, 1, 1));
+            tail.forget("a", u64::MAX);
+        }
+        tail.keep(&a, &frames(1, 1, 1));
+        let len = tail.lock().order.len();
+        assert!(len <= 1024 + 3, "{len}");
+        let small = Tail::new(40, 1 << 20);
+        small.keep(&a, &frames(1, 1, 10));
+        small.forget("a", u64::MAX);
+        small.keep(&a, &frames(1, 1, 10)); // kept again: a new entry
+        small.keep(&a, &frames(2, 3, 10)); // 40 bytes, nothing evicted
+        assert_eq!(
+            offsets(&small.read("a", 1, None, 100, 1 << 20)),
+            vec![1, 2, 3, 4]
+        );
+        // 50 bytes: the old entry comes first and matches nothing, then
+        // offset 1 goes, and only it.
+        small.keep(&a, &frames(5, 1, 10));
+        assert_eq!(
+            offsets(&small.read("a", 2, None, 100, 1 << 20)),
+            vec![2, 3, 4, 5]
+        );
+        assert!(small.read("a", 1, None, 100, 1 << 20).is_empty());
+        assert_eq!(small.bytes(), 40);
     }
 
     #[test]
@@ -336,13 +402,9 @@ mod tests {
         tail.keep_read("a", &frames(1, 2, 1), epoch);
         assert_eq!(offsets(&tail.read("a", 1, None, 100, 1 << 20)), vec![1, 2]);
         let epoch = tail.epoch();
-        tail.forget("b");
+        tail.forget("b", 10);
         tail.keep_read("a", &frames(3, 2, 1), epoch);
         assert!(tail.read("a", 3, None, 100, 1 << 20).is_empty());
-        let epoch = tail.epoch();
-        tail.clear();
-        tail.keep_read("a", &frames(5, 1, 1), epoch);
-        assert!(tail.read("a", 5, None, 100, 1 << 20).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -319,7 +319,12 @@ async fn replay(
         let mut cached = tail.read(channel, next, until, want, ctx.page_bytes);
         let mut turn = None;
         if cached.is_empty() {
-            turn = tail.turn().await;
+            // A connection that must end meanwhile stops waiting (and lets
+            // go of its queue at once).
+            turn = tokio::select! {
+                t = tail.turn() => t,
+                _ = end.wait() => return Err(Failed),
+            };
             cached = tail.read(channel, next, until, want, ctx.page_bytes);
         }
         if !cached.is_empty() {
@@ -357,6 +362,9 @@ async fn replay(
         if end.get().is_some() {
             return Err(Failed);
         }
+        // Written after the turn is over: a turn is never held across a
+        // write a reader that does not read could keep waiting.
+        let mut notice = None;
         if first_page {
             first_page = false;
             // Offsets are contiguous: a page that starts after `from` means
@@ -379,11 +387,10 @@ async fn replay(
                 _ => None,
             };
             if let Some(first) = first {
-                let notice = format!(
+                notice = Some(format!(
                     r#"{{"type":"truncated","channel":{},"from":{next},"first":{first}}}"#,
                     json_str(channel)
-                );
-                feed_text(sink, ctx.deadline, end, Utf8Bytes::from(notice)).await?;
+                ));
                 next = first;
             }
         }
@@ -409,6 +416,9 @@ async fn replay(
         // Kept for the readers behind this one, then the turn is over.
         tail.keep_read(channel, &frames, epoch);
         drop(turn);
+        if let Some(notice) = notice {
+            feed_text(sink, ctx.deadline, end, Utf8Bytes::from(notice)).await?;
+        }
         for (offset, frame) in frames {
             feed_text(sink, ctx.deadline, end, frame).await?;
             next = offset + 1;
