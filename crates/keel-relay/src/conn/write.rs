@@ -331,12 +331,7 @@ async fn replay(
             drop(turn);
             first_page = false;
             metrics::counter!("keel_replay_cache_hits_total").increment(cached.len() as u64);
-            for (offset, frame) in cached {
-                feed_text(sink, ctx.deadline, end, frame).await?;
-                next = offset + 1;
-                written += 1;
-            }
-            bounded(ctx.deadline, end, sink.flush()).await?;
+            write_page(sink, ctx, end, cached, &mut next, &mut written).await?;
             continue;
         }
         if end.get().is_some() {
@@ -404,30 +399,18 @@ async fn replay(
                 .take_while(|m| until.is_none_or(|u| m.offset < u))
                 .map(|m| {
                     let frame = protocol::deliver_frame(&name, m.offset, &m.msg_id, &m.payload);
-                    (m.offset, frame)
+                    (m.offset, Utf8Bytes::from(frame))
                 })
                 .collect::<Vec<_>>()
         })
         .await;
-        let frames: Vec<(u64, Utf8Bytes)> = frames
-            .into_iter()
-            .map(|(offset, frame)| (offset, Utf8Bytes::from(frame)))
-            .collect();
         // Kept for the readers behind this one, then the turn is over.
         tail.keep_read(channel, &frames, epoch);
         drop(turn);
         if let Some(notice) = notice {
             feed_text(sink, ctx.deadline, end, Utf8Bytes::from(notice)).await?;
         }
-        for (offset, frame) in frames {
-            feed_text(sink, ctx.deadline, end, frame).await?;
-            next = offset + 1;
-            written += 1;
-        }
-        // The page's frames are in the socket's buffer: flush before the
-        // next page, so that a reader that does not read meets the write
-        // deadline here instead of letting pages pile up.
-        bounded(ctx.deadline, end, sink.flush()).await?;
+        write_page(sink, ctx, end, frames, &mut next, &mut written).await?;
         drop(permit);
         // A short page that was not cut by its byte bound is the log's end.
         if got == 0 || (got < want && !full) {
@@ -436,6 +419,27 @@ async fn replay(
     }
     // Offsets retention removed (or never written, at the end) are skipped.
     Ok((until.map_or(next, |u| u.max(next)), written))
+}
+
+/// Writes a page of frames in offset order, then flushes: the socket's
+/// buffer holds the page before the next one is read, so that a reader
+/// that does not read meets the write deadline here instead of letting
+/// pages pile up. `next` becomes the offset after the last frame written,
+/// and `written` counts them.
+async fn write_page(
+    sink: &mut Sink,
+    ctx: &WriteCtx,
+    end: &EndFlag,
+    frames: Vec<(u64, Utf8Bytes)>,
+    next: &mut u64,
+    written: &mut u64,
+) -> Result<(), Failed> {
+    for (offset, frame) in frames {
+        feed_text(sink, ctx.deadline, end, frame).await?;
+        *next = offset + 1;
+        *written += 1;
+    }
+    bounded(ctx.deadline, end, sink.flush()).await
 }
 
 fn close_message(code: u16, reason: &str) -> Message {
