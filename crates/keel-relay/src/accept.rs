@@ -41,6 +41,9 @@ pub(crate) struct Serving {
     pub(crate) frame_timeout: Duration,
     /// TLS, when the relay terminates it (`--tls-cert`, `--tls-key`).
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `SO_SNDBUF` of each accepted socket; 0 leaves the kernel's autotuning
+    /// (see `limits.socket_send_buffer_bytes`).
+    pub(crate) send_buffer_bytes: usize,
 }
 
 /// Accepts until `stop`, serving each connection with `app`.
@@ -65,6 +68,9 @@ pub(crate) async fn run(
             _ = stop.stopped() => return,
         };
         let _ = stream.set_nodelay(true);
+        if serving.send_buffer_bytes > 0 {
+            set_send_buffer(&stream, serving.send_buffer_bytes);
+        }
         let slot = match serving.caps.admit(peer.ip()) {
             Ok(slot) => Arc::new(slot),
             Err(why) => {
@@ -180,4 +186,36 @@ fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
         })
         .await;
     });
+}
+
+/// Bounds what the kernel keeps unsent for one client (`SO_SNDBUF`): a
+/// subscriber that stops reading holds this much kernel memory, not
+/// `net.ipv4.tcp_wmem`'s maximum. A failure leaves the kernel's default.
+fn set_send_buffer(stream: &tokio::net::TcpStream, bytes: usize) {
+    let bytes = bytes.min(i32::MAX as usize / 2);
+    if let Err(e) = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::SndBuf, &bytes)
+    {
+        tracing::debug!(error = %e, "cannot set the socket's send buffer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound reaches the socket: Linux reports twice what was set (its
+    /// own overhead), far under the 4 MiB its autotuning may grow to.
+    #[tokio::test]
+    async fn the_send_buffer_is_bounded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let before: usize =
+            nix::sys::socket::getsockopt(&server, nix::sys::socket::sockopt::SndBuf).unwrap();
+        set_send_buffer(&server, 64 * 1024);
+        let after: usize =
+            nix::sys::socket::getsockopt(&server, nix::sys::socket::sockopt::SndBuf).unwrap();
+        assert_eq!(after, 128 * 1024, "set to 64 KiB (was {before})");
+    }
 }

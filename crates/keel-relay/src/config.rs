@@ -118,6 +118,14 @@ pub struct Limits {
     /// is a slow consumer, closed with 1013 (it resumes from the log).
     /// Default 16 MiB.
     pub max_outbound_bytes: usize,
+    /// The kernel's send buffer of each client socket (`SO_SNDBUF`; Linux
+    /// accounts twice this, its own overhead included). The kernel holds
+    /// what a client has not read yet here, outside the relay's byte
+    /// budgets: left to its autotuning it grows to `net.ipv4.tcp_wmem`'s
+    /// maximum (4 MiB by default) for every subscriber that stops reading.
+    /// 0 leaves it to the kernel. Default 256 KiB (on a 20 ms round trip,
+    /// about 25 MB/s to one subscriber).
+    pub socket_send_buffer_bytes: usize,
     /// Payload bytes held by the whole relay (publishes in flight and frames
     /// queued for writing); past it reads pause, fairly, for everyone, and
     /// subscribers that cannot queue are closed with 1013. Default 512 MiB.
@@ -209,6 +217,7 @@ impl Default for Limits {
             frame_timeout_ms: 30_000,
             max_inbound_bytes: 2 << 20,
             max_outbound_bytes: 16 << 20,
+            socket_send_buffer_bytes: 256 << 10,
             global_buffer_bytes: 512 << 20,
             replay_page_bytes: 1 << 20,
             replay_cache_bytes: None,
@@ -668,6 +677,9 @@ impl Config {
             return bad(
                 "limits.max_inbound_bytes must hold a payload and limits.max_outbound_bytes a frame",
             );
+        }
+        if l.socket_send_buffer_bytes > i32::MAX as usize / 2 {
+            return bad("limits.socket_send_buffer_bytes must be under 1 GiB");
         }
         if l.global_buffer_bytes / 2 < l.max_outbound_bytes.max(l.max_inbound_bytes) {
             return bad(

@@ -236,6 +236,7 @@ impl Relay {
                 inbound: budgets.inbound.clone(),
                 frame_timeout: Duration::from_millis(limits.frame_timeout_ms.max(1)),
                 tls,
+                send_buffer_bytes: limits.socket_send_buffer_bytes,
             },
             intake.token(),
         ));
