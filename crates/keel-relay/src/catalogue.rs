@@ -126,7 +126,7 @@ pub const METRICS: &[Metric] = &[
     m(
         "keel_replay_cache_bytes",
         Gauge,
-        "Bytes of delivery frames the replay cache holds (limits.replay_cache_bytes).",
+        "Bytes the replay cache holds: its frames and their entries (limits.replay_cache_bytes).",
     ),
     m(
         "keel_sends_queued_total",

@@ -81,17 +81,28 @@ pub(crate) struct ReadGate {
 /// Room a publish keeps until it is answered: taken from its frame's
 /// charge (the budget's part, the reserve's, or both) and, for what the
 /// charge did not cover, from the budget.
+/// A publish takes at most three parts (its frame's charge, the reserve's
+/// part of it, what the budget adds): they are held inline, without an
+/// allocation per publish.
 #[derive(Default)]
-pub(crate) struct Room(Vec<OwnedSemaphorePermit>);
+pub(crate) struct Room([Option<OwnedSemaphorePermit>; 3], Vec<OwnedSemaphorePermit>);
 
 impl Room {
     /// Bytes it holds.
     pub(crate) fn bytes(&self) -> usize {
-        self.0.iter().map(|p| p.num_permits()).sum()
+        self.0
+            .iter()
+            .flatten()
+            .chain(&self.1)
+            .map(|p| p.num_permits())
+            .sum()
     }
 
     pub(crate) fn add(&mut self, p: OwnedSemaphorePermit) {
-        self.0.push(p);
+        match self.0.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(p),
+            None => self.1.push(p),
+        }
     }
 }
 

@@ -40,15 +40,26 @@ use crate::upgrade::Utf8Bytes;
 /// again at the same offset after a forget), the frame.
 type Kept = (u64, u64, Utf8Bytes);
 
+/// What keeping a frame costs besides the frame: its entry in its
+/// channel's queue and in `order` (the frame's bytes are shared).
+const ENTRY_BYTES: usize =
+    std::mem::size_of::<Kept>() + std::mem::size_of::<(Arc<str>, u64, u64, usize)>();
+
+/// What a kept frame counts against the bound: its bytes and its entries
+/// (a cache of 60-byte frames would otherwise hold twice its bound).
+fn cost(frame: &Utf8Bytes) -> usize {
+    frame.len() + ENTRY_BYTES
+}
+
 /// Frames of the cache, by channel, in offset order.
 #[derive(Default)]
 struct Inner {
     channels: HashMap<Arc<str>, VecDeque<Kept>>,
     /// Every kept frame in the order it came (channel, offset, number,
-    /// bytes): what goes first when the cache is full. Entries of frames
+    /// cost): what goes first when the cache is full. Entries of frames
     /// already forgotten stay until they reach the front or are swept.
     order: VecDeque<(Arc<str>, u64, u64, usize)>,
-    /// Bytes of the frames in `channels`.
+    /// What the frames in `channels` cost (see [`cost`]).
     bytes: usize,
     /// Frames in `channels`.
     frames: usize,
@@ -63,7 +74,11 @@ impl Inner {
     /// Whether `order`'s entry (channel, offset, number) is a frame kept now.
     fn holds(&self, name: &str, offset: u64, number: u64) -> Option<usize> {
         let queue = self.channels.get(name)?;
-        let at = queue.binary_search_by_key(&offset, |(o, _, _)| *o).ok()?;
+        // Frames go oldest first: the one asked for is usually the front.
+        let at = match queue.front() {
+            Some((o, _, _)) if *o == offset => 0,
+            _ => queue.binary_search_by_key(&offset, |(o, _, _)| *o).ok()?,
+        };
         (queue[at].1 == number).then_some(at)
     }
 
@@ -72,10 +87,10 @@ impl Inner {
         if let Some(queue) = self.channels.get_mut(name) {
             let before = (
                 queue.len(),
-                queue.iter().map(|(_, _, f)| f.len()).sum::<usize>(),
+                queue.iter().map(|(_, _, f)| cost(f)).sum::<usize>(),
             );
             queue.retain(|(o, _, _)| !gone(*o));
-            let after = queue.iter().map(|(_, _, f)| f.len()).sum::<usize>();
+            let after = queue.iter().map(|(_, _, f)| cost(f)).sum::<usize>();
             self.frames -= before.0 - queue.len();
             self.bytes -= before.1 - after;
             if queue.is_empty() {
@@ -172,8 +187,8 @@ impl Tail {
             inner.kept += 1;
             inner
                 .order
-                .push_back((name.clone(), *offset, number, frame.len()));
-            inner.bytes += frame.len();
+                .push_back((name.clone(), *offset, number, cost(frame)));
+            inner.bytes += cost(frame);
             inner.frames += 1;
         }
         if queue.is_empty() {
@@ -250,7 +265,7 @@ impl Tail {
         metrics::gauge!("keel_replay_cache_bytes").set(inner.bytes as f64);
     }
 
-    /// Bytes of frames kept.
+    /// What the frames kept cost (see [`cost`]).
     #[cfg(test)]
     fn bytes(&self) -> usize {
         self.lock().bytes
@@ -260,6 +275,11 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a frame of `len` bytes counts against the bound.
+    const fn costs(len: usize) -> usize {
+        len + ENTRY_BYTES
+    }
 
     fn frames(from: u64, n: u64, len: usize) -> Vec<(u64, Utf8Bytes)> {
         (from..from + n)
@@ -307,25 +327,25 @@ mod tests {
             offsets(&tail.read("a", 3, None, 100, 1 << 20)),
             vec![3, 4, 5, 6]
         );
-        assert_eq!(tail.bytes(), 40);
+        assert_eq!(tail.bytes(), 4 * costs(10));
         // Eviction goes by arrival: 5 and 6 came first.
-        let small = Tail::new(40, 1 << 20);
+        let small = Tail::new(4 * costs(10), 1 << 20);
         small.keep(&ch, &frames(5, 2, 10));
         small.keep(&ch, &frames(3, 2, 10));
         small.keep(&ch, &frames(7, 1, 10));
         assert_eq!(offsets(&small.read("a", 3, None, 100, 1 << 20)), vec![3, 4]);
         assert_eq!(offsets(&small.read("a", 6, None, 100, 1 << 20)), vec![6, 7]);
-        assert_eq!(small.bytes(), 40);
+        assert_eq!(small.bytes(), 4 * costs(10));
     }
 
     #[test]
     fn the_oldest_frames_go_first_over_every_channel() {
-        let tail = Tail::new(100, 1 << 20);
+        let tail = Tail::new(10 * costs(10), 1 << 20);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         tail.keep(&a, &frames(1, 5, 10));
         tail.keep(&b, &frames(1, 5, 10));
-        tail.keep(&a, &frames(6, 2, 10)); // 120 bytes: a's 1 and 2 go
-        assert_eq!(tail.bytes(), 100);
+        tail.keep(&a, &frames(6, 2, 10)); // 12 frames: a's 1 and 2 go
+        assert_eq!(tail.bytes(), 10 * costs(10));
         assert!(tail.read("a", 2, None, 100, 1 << 20).is_empty());
         assert_eq!(
             offsets(&tail.read("a", 3, None, 100, 1 << 20)),
@@ -333,9 +353,9 @@ mod tests {
         );
         assert_eq!(offsets(&tail.read("b", 1, None, 100, 1 << 20)).len(), 5);
         // Larger than a quarter of the cache: not kept, nothing evicted.
-        tail.keep(&a, &frames(8, 1, 26));
+        tail.keep(&a, &frames(8, 1, 10 * costs(10) / 4 + 1));
         assert!(tail.read("a", 8, None, 100, 1 << 20).is_empty());
-        assert_eq!(tail.bytes(), 100);
+        assert_eq!(tail.bytes(), 10 * costs(10));
     }
 
     #[test]
@@ -358,7 +378,7 @@ mod tests {
             offsets(&tail.read("a", 20_002, None, 100, 1 << 20)),
             vec![20_002, 20_003]
         );
-        assert_eq!(tail.bytes(), 14);
+        assert_eq!(tail.bytes(), 2 * costs(7));
     }
 
     /// Kept again at the same offsets after a forget, over and over: the
@@ -375,16 +395,16 @@ mod tests {
         tail.keep(&a, &frames(1, 1, 1));
         let len = tail.lock().order.len();
         assert!(len <= 1024 + 3, "{len}");
-        let small = Tail::new(40, 1 << 20);
+        let small = Tail::new(4 * costs(10), 1 << 20);
         small.keep(&a, &frames(1, 1, 10));
         small.forget("a", u64::MAX);
         small.keep(&a, &frames(1, 1, 10)); // kept again: a new entry
-        small.keep(&a, &frames(2, 3, 10)); // 40 bytes, nothing evicted
+        small.keep(&a, &frames(2, 3, 10)); // four frames, nothing evicted
         assert_eq!(
             offsets(&small.read("a", 1, None, 100, 1 << 20)),
             vec![1, 2, 3, 4]
         );
-        // 50 bytes: the old entry comes first and matches nothing, then
+        // Five: the old entry comes first and matches nothing, then
         // offset 1 goes, and only it.
         small.keep(&a, &frames(5, 1, 10));
         assert_eq!(
@@ -392,7 +412,7 @@ mod tests {
             vec![2, 3, 4, 5]
         );
         assert!(small.read("a", 1, None, 100, 1 << 20).is_empty());
-        assert_eq!(small.bytes(), 40);
+        assert_eq!(small.bytes(), 4 * costs(10));
     }
 
     #[test]

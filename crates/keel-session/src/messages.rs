@@ -223,40 +223,60 @@ pub(crate) fn append_in(
         }
     }
     // The next offset is one past the newest message, or past the
-    // floor that retention leaves in `channels` when it empties a log.
-    // Reads only: no upsert and no RETURNING, because a statement that
-    // may abort half-way needs a statement journal, whose 64 KiB buffer
-    // is allocated and freed per statement and dominated the write path.
-    let offset = next_offset(conn, channel)?;
+    // floor that retention leaves in `channels` when it empties a log;
+    // the writer remembers it for channels appended to lately (see
+    // `NextOffsets`). Reads only: no upsert and no RETURNING, because a
+    // statement that may abort half-way needs a statement journal, whose
+    // 64 KiB buffer is allocated and freed per statement and dominated the
+    // write path.
+    let remembered = ctx.offsets.get(channel);
+    let mut offset = match remembered {
+        Some(next) => next,
+        None => next_offset(conn, channel)?,
+    };
     // INSERT OR IGNORE never aborts. A small message is inserted without
     // looking for its id first: the unique index refuses a duplicate in
     // the same descent that would have found it, so a new message (the
     // common case) costs one probe of the index, not two. A large payload
     // goes to its own table (see schema 4), so that the message b-tree's
     // seeks never read it.
-    let inserted = if large {
-        conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
-            .execute(params![payload])?;
-        let payload_id = conn.last_insert_rowid();
-        let inserted = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
-        if inserted == 0 {
-            conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")?
-                .execute([payload_id])?;
+    let insert = |offset: i64| -> Result<usize, StoreError> {
+        if large {
+            conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
+                .execute(params![payload])?;
+            let payload_id = conn.last_insert_rowid();
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
+            if inserted == 0 {
+                conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")?
+                    .execute([payload_id])?;
+            }
+            Ok(inserted)
+        } else {
+            Ok(conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![channel, offset, scope, msg_id, now, payload])?)
         }
-        inserted
-    } else {
-        conn.prepare_cached(
-            "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![channel, offset, scope, msg_id, now, payload])?
     };
+    let mut inserted = insert(offset)?;
+    if inserted == 0 && remembered.is_some() {
+        if let Some(existing) = find(FIND_ID)? {
+            return Ok(existing);
+        }
+        // Never expected: the remembered offset is taken. Read it again.
+        ctx.offsets.forget(channel);
+        offset = next_offset(conn, channel)?;
+        inserted = insert(offset)?;
+    }
     if inserted == 1 {
+        ctx.offsets.set(channel, offset + 1);
         return Ok(Appended {
             offset: offset as Offset,
             at: now,
@@ -828,5 +848,72 @@ mod tests {
             planted > long_steps + 100,
             "planted scan: {planted}00 steps"
         );
+    }
+}
+
+#[cfg(test)]
+mod next_offsets {
+    use crate::{Config, Store, StoreError};
+
+    async fn open() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("o.db"), Config::default())
+            .await
+            .expect("open");
+        (store, dir)
+    }
+
+    /// An append undone with its batch is forgotten with it: the next
+    /// append takes the same offset, no hole.
+    #[tokio::test]
+    async fn an_append_rolled_back_leaves_no_hole() {
+        let (store, _dir) = open().await;
+        let first = store.append("c", "m1", b"{}").await.expect("m1");
+        assert_eq!(first.offset, 1);
+        let failed = store
+            .write(|ctx| {
+                super::append_in(ctx, "c", "", "undone", b"{}")?;
+                ctx.conn
+                    .execute("INSERT INTO meta(key, value) VALUES('x', 'y')", [])?;
+                Err::<(), _>(StoreError::Sqlite {
+                    code: -1,
+                    message: "refused after changing rows".into(),
+                })
+            })
+            .await;
+        assert!(failed.is_err());
+        let next = store.append("c", "m2", b"{}").await.expect("m2");
+        assert_eq!(next.offset, 2, "the undone append's offset is taken again");
+        let ids: Vec<String> = store
+            .read_channel("c", 1, 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|m| m.msg_id)
+            .collect();
+        assert_eq!(ids, ["m1", "m2"]);
+    }
+
+    /// A remembered offset found taken (written by something other than an
+    /// append) is read again, not refused as corruption.
+    #[tokio::test]
+    async fn a_taken_offset_is_read_again() {
+        let (store, _dir) = open().await;
+        store.append("c", "m1", b"{}").await.expect("m1");
+        store
+            .write(|ctx| {
+                ctx.conn.execute(
+                    "INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
+                     VALUES('c', 2, '', 'beside', 0, x'7b7d')",
+                    [],
+                )?;
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .expect("raw insert");
+        let next = store.append("c", "m3", b"{}").await.expect("m3");
+        assert_eq!(next.offset, 3);
+        let again = store.append("c", "m3", b"{}").await.expect("m3 again");
+        assert!(again.duplicate && again.offset == 3, "{again:?}");
     }
 }

@@ -541,6 +541,7 @@ impl Store {
                 ctx.conn
                     .prepare_cached("DELETE FROM channels WHERE name = ?1")?
                     .execute([&channel])?;
+                ctx.offsets.forget(&channel);
                 ctx.conn
                     .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
                     .execute([id.as_str()])?;

@@ -14,7 +14,8 @@
 //! whole batch and fails every write that ran in it; the writes that had not
 //! run yet go into the next batch.
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -36,6 +37,53 @@ pub(crate) struct Ctx<'a> {
     /// The log holds ids written before ids were scoped (schema 3): every
     /// scope's lookup consults them too.
     pub(crate) legacy_ids: bool,
+    /// The next offset of channels appended to lately (see [`NextOffsets`]).
+    pub(crate) offsets: &'a NextOffsets,
+}
+
+/// The offset the next append to a channel gets, for the channels appended
+/// to since the writer last cleared it: an append then skips the seek for
+/// its channel's newest message (a seventh of the writer's time under many
+/// small publishes). Only appends add to the log, and they keep this up to
+/// date; a write that removes a whole log (a session purge) forgets its
+/// channel; retention only removes prefixes and leaves the newest message,
+/// or a floor one past it, so the next offset stands. Everything is
+/// forgotten when a batch rolls back (its appends are undone), and when it
+/// holds [`NextOffsets::MAX_CHANNELS`] channels (a bound on its memory). An
+/// offset found taken all the same is forgotten and read again (see
+/// `messages::append_in`): a stale entry costs a retry, never a refusal.
+#[derive(Default)]
+pub(crate) struct NextOffsets(RefCell<HashMap<Box<str>, i64>>);
+
+impl NextOffsets {
+    /// Channels remembered at most (about 100 bytes each).
+    pub(crate) const MAX_CHANNELS: usize = 65_536;
+
+    pub(crate) fn get(&self, channel: &str) -> Option<i64> {
+        self.0.borrow().get(channel).copied()
+    }
+
+    /// `channel`'s next append gets `next`.
+    pub(crate) fn set(&self, channel: &str, next: i64) {
+        let mut map = self.0.borrow_mut();
+        if let Some(n) = map.get_mut(channel) {
+            *n = next;
+            return;
+        }
+        if map.len() >= Self::MAX_CHANNELS {
+            map.clear();
+        }
+        map.insert(channel.into(), next);
+    }
+
+    /// `channel`'s log changed other than by an append.
+    pub(crate) fn forget(&self, channel: &str) {
+        self.0.borrow_mut().remove(channel);
+    }
+
+    fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
 }
 
 pub(crate) enum Outcome {
@@ -164,6 +212,7 @@ pub(crate) struct Writer {
     /// Since when large writes have been held for the WAL to catch up (see
     /// [`Writer::admit`]); `None` while none is held.
     held_since: Option<Instant>,
+    offsets: NextOffsets,
 }
 
 /// A thread with its own connection that runs PASSIVE checkpoints when the
@@ -280,6 +329,7 @@ impl Writer {
             gone: false,
             checkpointer,
             held_since: None,
+            offsets: NextOffsets::default(),
         })
     }
 
@@ -452,6 +502,7 @@ impl Writer {
                 Step::Ran => break self.conn.execute_batch("COMMIT").map_err(StoreError::from),
                 Step::Poisoned(i) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
+                    self.offsets.clear();
                     failed.push(jobs.remove(i));
                 }
                 Step::Fatal(i, e) => {
@@ -477,6 +528,7 @@ impl Writer {
                 // SQLite may already have rolled back on its own (SQLITE_FULL can);
                 // then ROLLBACK reports "no transaction is active", which is fine.
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.offsets.clear();
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, writes = jobs.len(), "batch rolled back");
             }
@@ -498,6 +550,7 @@ impl Writer {
                 now: self.clock.now_millis(),
                 activity_limit: self.config.activity_limit,
                 legacy_ids: self.legacy_ids,
+                offsets: &self.offsets,
             };
             let before = self.conn.total_changes();
             match job.run(&ctx) {
