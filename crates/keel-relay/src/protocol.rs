@@ -1,6 +1,7 @@
 //! Wire protocol v1 (`keel.v1`): JSON text frames with a `type` field.
 //! The full description with examples is in `docs/protocol.md`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -218,19 +219,21 @@ pub const MAX_OFFSET: u64 = i64::MAX as u64;
 /// other field is skipped without being built, so a large payload costs no
 /// allocation here, and a field of the wrong type is left for the second,
 /// typed pass to report as `bad_request`.
+/// Its strings borrow from the frame unless they hold escapes: a
+/// well-formed frame costs no allocation in this pass.
 #[derive(Default)]
-struct Envelope {
-    kind: Option<Result<String, ()>>,
-    id: Option<Option<String>>,
-    channel: Option<Option<String>>,
+struct Envelope<'de> {
+    kind: Option<Result<Cow<'de, str>, ()>>,
+    id: Option<Option<Cow<'de, str>>>,
+    channel: Option<Option<Cow<'de, str>>>,
     duplicate: Option<&'static str>,
 }
 
-impl<'de> Deserialize<'de> for Envelope {
+impl<'de> Deserialize<'de> for Envelope<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Envelope;
+            type Value = Envelope<'de>;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
@@ -239,7 +242,7 @@ impl<'de> Deserialize<'de> for Envelope {
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<Envelope, A::Error> {
+            ) -> Result<Envelope<'de>, A::Error> {
                 let mut env = Envelope::default();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     let (slot, name) = match key.as_ref() {
@@ -269,47 +272,52 @@ impl<'de> Deserialize<'de> for Envelope {
     }
 }
 
-/// A JSON value kept only when it is a string.
-struct MaybeString(Option<String>);
+/// A JSON value kept only when it is a string (borrowed from the frame
+/// when it holds no escapes).
+struct MaybeString<'de>(Option<Cow<'de, str>>);
 
-impl<'de> Deserialize<'de> for MaybeString {
+impl<'de> Deserialize<'de> for MaybeString<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = MaybeString;
+            type Value = MaybeString<'de>;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("any JSON value")
             }
 
-            fn visit_str<E>(self, v: &str) -> Result<MaybeString, E> {
-                Ok(MaybeString(Some(v.to_owned())))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<MaybeString<'de>, E> {
+                Ok(MaybeString(Some(Cow::Borrowed(v))))
             }
 
-            fn visit_bool<E>(self, _: bool) -> Result<MaybeString, E> {
+            fn visit_str<E>(self, v: &str) -> Result<MaybeString<'de>, E> {
+                Ok(MaybeString(Some(Cow::Owned(v.to_owned()))))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<MaybeString<'de>, E> {
                 Ok(MaybeString(None))
             }
 
-            fn visit_i64<E>(self, _: i64) -> Result<MaybeString, E> {
+            fn visit_i64<E>(self, _: i64) -> Result<MaybeString<'de>, E> {
                 Ok(MaybeString(None))
             }
 
-            fn visit_u64<E>(self, _: u64) -> Result<MaybeString, E> {
+            fn visit_u64<E>(self, _: u64) -> Result<MaybeString<'de>, E> {
                 Ok(MaybeString(None))
             }
 
-            fn visit_f64<E>(self, _: f64) -> Result<MaybeString, E> {
+            fn visit_f64<E>(self, _: f64) -> Result<MaybeString<'de>, E> {
                 Ok(MaybeString(None))
             }
 
-            fn visit_unit<E>(self) -> Result<MaybeString, E> {
+            fn visit_unit<E>(self) -> Result<MaybeString<'de>, E> {
                 Ok(MaybeString(None))
             }
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<MaybeString, A::Error> {
+            ) -> Result<MaybeString<'de>, A::Error> {
                 while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(MaybeString(None))
             }
@@ -317,7 +325,7 @@ impl<'de> Deserialize<'de> for MaybeString {
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<MaybeString, A::Error> {
+            ) -> Result<MaybeString<'de>, A::Error> {
                 while map
                     .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
                     .is_some()
@@ -361,7 +369,7 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
     let request = |message: String| DecodeError {
         code: ErrorCode::BadRequest,
         message,
-        reference: reference.clone(),
+        reference: reference.as_deref().map(str::to_owned),
     };
     if let Some(field) = envelope.duplicate {
         return Err(request(format!("\"{field}\" appears more than once")));
@@ -371,17 +379,17 @@ pub fn decode(text: &str, max_frame: usize) -> Result<ClientFrame, DecodeError> 
         Some(Err(())) => return Err(request("\"type\" must be a string".to_owned())),
         Some(Ok(kind)) => kind,
     };
-    if !KNOWN.contains(&kind.as_str()) {
+    if !KNOWN.contains(&kind.as_ref()) {
         return Err(DecodeError {
             code: ErrorCode::UnknownType,
             message: format!("unknown type {:?}", truncate(&kind, 64)),
-            reference,
+            reference: reference.map(Cow::into_owned),
         });
     }
     let bad = |e: serde_json::Error| request(format!("invalid {kind}: {e}"));
     // One struct per type: serde's internally tagged enums buffer their
     // content, which loses a RawValue payload.
-    Ok(match kind.as_str() {
+    Ok(match kind.as_ref() {
         "hello" => {
             let f: wire::Hello = serde_json::from_str(text).map_err(bad)?;
             if let Some((channel, _)) = f.resume.iter().flatten().find(|(_, o)| **o > MAX_OFFSET) {
@@ -595,6 +603,31 @@ pub(crate) fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
 }
 
+/// Appends `s` as a JSON string, as [`json_str`] writes it, without an
+/// allocation when it needs no escape (serde_json escapes only `"`, `\\`
+/// and control characters).
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&json_str(s));
+    }
+}
+
+/// `{"type":"published","id":..,"channel":..,"offset":..}`: one allocation.
+pub(crate) fn published_frame(id: &str, channel: &str, offset: u64) -> String {
+    use std::fmt::Write;
+    let mut f = String::with_capacity(id.len() + channel.len() + 64);
+    f.push_str(r#"{"type":"published","id":"#);
+    push_json_str(&mut f, id);
+    f.push_str(r#","channel":"#);
+    push_json_str(&mut f, channel);
+    let _ = write!(f, r#","offset":{offset}}}"#);
+    f
+}
+
 /// `{"type":"deliver","channel":..,"offset":..,"id":..,"payload":..}`, built
 /// once per message and shared by every subscriber. A stored payload that is
 /// not valid JSON (written by something other than the relay) is delivered as
@@ -616,14 +649,13 @@ pub fn deliver_frame(channel: &str, offset: u64, id: &str, payload: &[u8]) -> St
 /// [`deliver_frame`] for a payload known to be valid JSON (one this
 /// process decoded from a frame): not parsed again, copied once.
 pub(crate) fn deliver_frame_json(channel: &str, offset: u64, id: &str, payload: &str) -> String {
-    let (channel, id) = (json_str(channel), json_str(id));
-    let mut f = String::with_capacity(payload.len() + channel.len() + id.len() + 64);
+    use std::fmt::Write;
+    let mut f = String::with_capacity(payload.len() + channel.len() + id.len() + 72);
     f.push_str(r#"{"type":"deliver","channel":"#);
-    f.push_str(&channel);
-    f.push_str(r#","offset":"#);
-    f.push_str(&offset.to_string());
+    push_json_str(&mut f, channel);
+    let _ = write!(f, r#","offset":{offset}"#);
     f.push_str(r#","id":"#);
-    f.push_str(&id);
+    push_json_str(&mut f, id);
     f.push_str(r#","payload":"#);
     f.push_str(payload);
     f.push('}');
@@ -642,6 +674,37 @@ pub fn error_frame(code: ErrorCode, message: &str, reference: Option<&str>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The allocation-free path writes exactly what serde_json writes.
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "",
+            "plain",
+            "with \"quotes\"",
+            "back\\slash",
+            "tab\there",
+            "nul\u{0}",
+            "\u{1f}",
+            "\u{7f}",
+            "é and \u{2028} and 😀",
+            "/slash/",
+        ] {
+            let mut out = String::from("x");
+            push_json_str(&mut out, s);
+            assert_eq!(
+                out,
+                format!("x{}", serde_json::to_string(s).unwrap()),
+                "{s:?}"
+            );
+        }
+        let f = published_frame("a\"b", "ch", 7);
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "published", "id": "a\"b", "channel": "ch", "offset": 7})
+        );
+    }
 
     #[test]
     fn decodes_every_type() {

@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::channels::Channels;
 use crate::hub::{OutQueue, Outbound};
-use crate::protocol::{self, ErrorCode, error_frame, json_str};
+use crate::protocol::{self, ErrorCode, error_frame};
 
 /// One accepted publish on its way to the log.
 pub(crate) struct PublishJob {
@@ -125,12 +125,7 @@ pub(super) async fn publish_loop(
                                     let _ = stdin.send(job.payload.to_vec()).await;
                                 }
                             }
-                            format!(
-                                r#"{{"type":"published","id":{},"channel":{},"offset":{}}}"#,
-                                json_str(&job.id),
-                                json_str(&job.channel),
-                                appended.offset
-                            )
+                            protocol::published_frame(&job.id, &job.channel, appended.offset)
                         }
                         Err(e) => {
                             channels.health.observe_store_error(&e).await;
