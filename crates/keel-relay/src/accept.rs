@@ -69,7 +69,7 @@ pub(crate) async fn run(
         };
         let _ = stream.set_nodelay(true);
         if serving.send_buffer_bytes > 0 {
-            set_send_buffer(&stream, serving.send_buffer_bytes);
+            let _ = set_send_buffer(&stream, serving.send_buffer_bytes);
         }
         let slot = match serving.caps.admit(peer.ip()) {
             Ok(slot) => Arc::new(slot),
@@ -191,12 +191,27 @@ fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
 /// Bounds what the kernel keeps unsent for one client (`SO_SNDBUF`): a
 /// subscriber that stops reading holds this much kernel memory, not
 /// `net.ipv4.tcp_wmem`'s maximum. A failure leaves the kernel's default.
-fn set_send_buffer(stream: &tokio::net::TcpStream, bytes: usize) {
+/// Linux silently caps the value at `net.core.wmem_max` (and reports
+/// twice what it keeps): a cap is said once, with the sysctl to raise.
+/// Returns the size the kernel reports.
+fn set_send_buffer(stream: &tokio::net::TcpStream, bytes: usize) -> Option<usize> {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::SndBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CAPPED: AtomicBool = AtomicBool::new(false);
     let bytes = bytes.min(i32::MAX as usize / 2);
-    if let Err(e) = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::SndBuf, &bytes)
-    {
+    if let Err(e) = setsockopt(stream, SndBuf, &bytes) {
         tracing::debug!(error = %e, "cannot set the socket's send buffer");
+        return None;
     }
+    let got = getsockopt(stream, SndBuf).ok()?;
+    if got < bytes.saturating_mul(2) && !CAPPED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            requested = bytes,
+            kept = got / 2,
+            "limits.socket_send_buffer_bytes is over the kernel's net.core.wmem_max: each socket gets that cap instead (raise the sysctl, or set a value under it)"
+        );
+    }
+    Some(got)
 }
 
 #[cfg(test)]
@@ -213,9 +228,18 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         let before: usize =
             nix::sys::socket::getsockopt(&server, nix::sys::socket::sockopt::SndBuf).unwrap();
-        set_send_buffer(&server, 64 * 1024);
+        let reported = set_send_buffer(&server, 64 * 1024);
         let after: usize =
             nix::sys::socket::getsockopt(&server, nix::sys::socket::sockopt::SndBuf).unwrap();
         assert_eq!(after, 128 * 1024, "set to 64 KiB (was {before})");
+        assert_eq!(reported, Some(after));
+        // Over net.core.wmem_max the kernel keeps its cap, and says so
+        // only through what it reports.
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(212_992);
+        let capped = set_send_buffer(&server, max + 4096);
+        assert_eq!(capped, Some(2 * max), "capped at net.core.wmem_max");
     }
 }

@@ -123,8 +123,10 @@ pub struct Limits {
     /// what a client has not read yet here, outside the relay's byte
     /// budgets: left to its autotuning it grows to `net.ipv4.tcp_wmem`'s
     /// maximum (4 MiB by default) for every subscriber that stops reading.
-    /// 0 leaves it to the kernel. Default 256 KiB (on a 20 ms round trip,
-    /// about 25 MB/s to one subscriber).
+    /// 0 leaves it to the kernel. Linux caps it at `net.core.wmem_max`
+    /// without an error (the relay warns once when it does). Default
+    /// 212,992 bytes (208 KiB, the largest a stock kernel's `wmem_max`
+    /// allows; on a 20 ms round trip about 20 MB/s to one subscriber).
     pub socket_send_buffer_bytes: usize,
     /// Payload bytes held by the whole relay (publishes in flight and frames
     /// queued for writing); past it reads pause, fairly, for everyone, and
@@ -217,7 +219,7 @@ impl Default for Limits {
             frame_timeout_ms: 30_000,
             max_inbound_bytes: 2 << 20,
             max_outbound_bytes: 16 << 20,
-            socket_send_buffer_bytes: 256 << 10,
+            socket_send_buffer_bytes: 212_992,
             global_buffer_bytes: 512 << 20,
             replay_page_bytes: 1 << 20,
             replay_cache_bytes: None,
