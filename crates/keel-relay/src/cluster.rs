@@ -31,7 +31,7 @@ const CATCH_UP_ROWS: usize = 256;
 /// The store when this relay is a cluster node (PostgreSQL and a bus).
 pub(crate) fn node_store(channels: &Channels) -> Option<&PgStore> {
     channels.bus.as_ref()?;
-    channels.store.postgres()
+    crate::store::RelayStoreExt::postgres(&channels.store)
 }
 
 /// Before a resume binds its session here: if another node holds it, asks

@@ -17,7 +17,7 @@ use keel_recovery::{
 };
 use keel_session::SessionStore;
 
-use crate::store::RelayStore;
+use crate::store::{RelayStore, RelayStoreExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -436,7 +436,7 @@ async fn open_store(
             };
             keel_recovery::start_on(options, async move |_: &std::path::Path| {
                 let store = keel_session_pg::PgStore::open(pg).await?;
-                Ok((RelayStore::Postgres(store), None))
+                Ok((RelayStore::Right(store), None))
             })
             .await
         }
@@ -445,7 +445,7 @@ async fn open_store(
             keel_recovery::start_on(options, async move |_: &std::path::Path| {
                 let (store, quarantine) =
                     keel_recovery::integrity::open_checked(&path, store_config).await?;
-                Ok((RelayStore::Sqlite(store), quarantine))
+                Ok((RelayStore::Left(store), quarantine))
             })
             .await
         }

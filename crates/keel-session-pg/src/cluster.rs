@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use keel_session::{
+use keel_store::{
     CrashMarked, CrashNotice, CrashedSession, Offset, Session, SessionError, SessionId,
     SessionState, StoreError, UnixMillis,
 };
@@ -310,14 +310,11 @@ impl PgStore {
         // never hold two (many takeovers at once would wait on each other
         // until the pool's timeout).
         drop(conn);
-        let session = keel_session::SessionStore::session(self, id)
+        let session = keel_store::SessionStore::session(self, id)
             .await
             .map_err(|e| match e {
                 SessionError::Store(e) => e,
-                other => StoreError::Postgres {
-                    sqlstate: "client".into(),
-                    message: other.to_string(),
-                },
+                other => crate::error::backend("client", other.to_string()),
             })?;
         Ok(notices.into_iter().next().map(|n| (session, n)))
     }

@@ -1,6 +1,6 @@
 //! PostgreSQL errors mapped onto keel-session's typed errors, by `SQLSTATE`.
 
-use keel_session::{OutboxError, SessionError, StoreError};
+use keel_store::{OutboxError, SessionError, StoreError};
 
 /// Maps a driver error onto [`StoreError`]:
 ///
@@ -10,12 +10,15 @@ use keel_session::{OutboxError, SessionError, StoreError};
 /// | `XX001`, `XX002` | data or index corrupted | [`StoreError::Corrupt`] |
 /// | `08***`, `57P01`–`57P03`, `53300`, `53200` | connection lost or refused, server shutting down or starting, too many connections, out of memory | [`StoreError::Unavailable`] |
 /// | `58***` | system (I/O) error | [`StoreError::Io`] |
-/// | anything else | | [`StoreError::Postgres`] with the code |
+/// | anything else | | [`StoreError::Backend`] with `backend = "postgres"` and the code |
 ///
 /// An error with no SQLSTATE is [`StoreError::Unavailable`] when the
 /// connection is closed or its socket failed, and otherwise (a value that
-/// cannot be encoded, an unexpected message) [`StoreError::Postgres`] with
+/// cannot be encoded, an unexpected message) [`StoreError::Backend`] with
 /// the code `client`.
+/// The backend name keel-session-pg's errors carry in [`StoreError::Backend`].
+pub(crate) const BACKEND: &str = "postgres";
+
 pub(crate) fn pg(err: tokio_postgres::Error) -> StoreError {
     let Some(code) = err.code() else {
         let io = std::error::Error::source(&err).is_some_and(|s| s.is::<std::io::Error>());
@@ -24,8 +27,9 @@ pub(crate) fn pg(err: tokio_postgres::Error) -> StoreError {
                 detail: err.to_string(),
             };
         }
-        return StoreError::Postgres {
-            sqlstate: "client".into(),
+        return StoreError::Backend {
+            backend: BACKEND,
+            code: "client".into(),
             message: match std::error::Error::source(&err) {
                 Some(cause) => format!("{err}: {cause}"),
                 None => err.to_string(),
@@ -43,8 +47,9 @@ pub(crate) fn pg(err: tokio_postgres::Error) -> StoreError {
         s if s.starts_with("08") => StoreError::Unavailable { detail },
         "57P01" | "57P02" | "57P03" | "53300" | "53200" => StoreError::Unavailable { detail },
         s if s.starts_with("58") => StoreError::Io { detail },
-        _ => StoreError::Postgres {
-            sqlstate: sqlstate.to_owned(),
+        _ => StoreError::Backend {
+            backend: BACKEND,
+            code: sqlstate.to_owned(),
             message: detail,
         },
     }
@@ -96,11 +101,27 @@ impl AsStore for OutboxError {
 /// from a concurrent writer of the same key, whose row the next attempt
 /// will find.
 pub(crate) fn retryable<E: AsStore>(err: &E) -> bool {
-    matches!(
-        err.as_store(),
-        Some(StoreError::Postgres { sqlstate, .. })
-            if matches!(sqlstate.as_str(), "40001" | "40P01" | "23505")
-    )
+    err.as_store()
+        .and_then(sqlstate)
+        .is_some_and(|code| matches!(code, "40001" | "40P01" | "23505"))
+}
+
+/// [`StoreError::Backend`] of this backend with the SQLSTATE `code`
+/// (`client` for an error of the driver or of this crate).
+pub(crate) fn backend(code: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Backend {
+        backend: BACKEND,
+        code: code.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The SQLSTATE of an error this backend reported as [`StoreError::Backend`].
+pub(crate) fn sqlstate(err: &StoreError) -> Option<&str> {
+    match err {
+        StoreError::Backend { backend, code, .. } if *backend == BACKEND => Some(code),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -109,14 +130,17 @@ mod tests {
 
     #[test]
     fn only_transient_conflicts_are_retried() {
-        let pgerr = |s: &str| StoreError::Postgres {
-            sqlstate: s.into(),
-            message: String::new(),
-        };
+        let pgerr = |s: &str| backend(s, "");
         assert!(retryable(&pgerr("40001")));
         assert!(retryable(&pgerr("40P01")));
         assert!(retryable(&SessionError::Store(pgerr("23505"))));
         assert!(!retryable(&pgerr("23503")));
+        // The same code from another backend is not a PostgreSQL conflict.
+        assert!(!retryable(&StoreError::Backend {
+            backend: "sqlite",
+            code: "40001".into(),
+            message: String::new(),
+        }));
         assert!(!retryable(&StoreError::DiskFull {
             detail: String::new()
         }));

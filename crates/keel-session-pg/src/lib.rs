@@ -1,4 +1,4 @@
-//! keel-session's store API ([`keel_session::SessionStore`]) on PostgreSQL,
+//! keel-store's store contract ([`keel_store::SessionStore`]) on PostgreSQL,
 //! for running several keel-relay nodes on one store of record
 //! (docs/cluster.md).
 //!
@@ -21,7 +21,7 @@
 //! - **Node-scoped state**: sessions record the node that holds them, crash
 //!   recovery on a node marks only its own sessions, and meta (the clean
 //!   shutdown flag, run counts) is kept per node.
-//! - **Errors** keep keel-session's types: `SQLSTATE`s map onto
+//! - **Errors** are keel-store's types, no PostgreSQL type in them: `SQLSTATE`s map onto
 //!   [`StoreError`] (disk full, corrupt, unavailable; see the table on
 //!   [`StoreError`]'s mapping in the crate README).
 //! - **Migrations** are versioned and forward-only, run under an advisory
@@ -29,7 +29,7 @@
 //!   refused with [`OpenError::NewerSchema`].
 //!
 //! ```no_run
-//! use keel_session::{SessionStore, NewSession};
+//! use keel_store::{SessionStore, NewSession};
 //! use keel_session_pg::{PgConfig, PgStore};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use keel_session::{Clock, OpenError, StartupInfo, StoreError, SystemClock, UnixMillis};
+use keel_store::{Clock, OpenError, StartupInfo, StoreError, SystemClock, UnixMillis};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 

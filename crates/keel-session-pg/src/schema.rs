@@ -7,7 +7,7 @@
 
 use tokio_postgres::Client;
 
-use keel_session::StoreError;
+use keel_store::StoreError;
 
 use crate::error::pg;
 

@@ -1,7 +1,7 @@
 //! Group commit of appends: one task per node commits whatever is queued
 //! in one transaction, pipelined on one pooled connection. Appends wait in
 //! lanes (a caller's, e.g. a client connection's) taken in weighted fair
-//! order ([`keel_session::fair::FairQueue`]), as the SQLite writer's do: a
+//! order ([`keel_store::fair::FairQueue`]), as the SQLite writer's do: a
 //! flood of large appends from one lane delays another lane's append by
 //! about one commit, not by its whole backlog.
 
@@ -9,8 +9,8 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::{GenericClient, Pool};
-use keel_session::fair::FairQueue;
-use keel_session::{Appended, Offset, StoreError, UnixMillis};
+use keel_store::fair::FairQueue;
+use keel_store::{Appended, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -160,10 +160,10 @@ pub(crate) async fn append_batch<C: GenericClient>(
     if locked != names.len() as u64 {
         // A session purge removed a channel's row between the two
         // statements: a conflict, run again (the row is created afresh).
-        return Err(StoreError::Postgres {
-            sqlstate: "40001".into(),
-            message: "a channel's row was removed while the batch locked it (session purge)".into(),
-        });
+        return Err(crate::error::backend(
+            "40001",
+            "a channel's row was removed while the batch locked it (session purge)",
+        ));
     }
     let mut done: Vec<Option<Appended>> = vec![None; items.len()];
     for row in found {
@@ -444,7 +444,9 @@ impl Drop for InTransaction {
 /// alone would wait the timeout once per append.
 fn whole_batch(e: &StoreError) -> bool {
     match e {
-        StoreError::Postgres { sqlstate, .. } => matches!(sqlstate.as_str(), "55P03" | "57014"),
+        StoreError::Backend { .. } => {
+            matches!(crate::error::sqlstate(e), Some("55P03" | "57014"))
+        }
         _ => matches!(
             e,
             StoreError::Unavailable { .. }

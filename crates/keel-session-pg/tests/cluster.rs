@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_session::{CrashNotice, NewSession, OpenError, SessionState, SessionStore};
 use keel_session_pg::testing::{TestDatabase, migration_ddl};
 use keel_session_pg::{Held, Lease, PgConfig, PgStore};
+use keel_store::{CrashNotice, NewSession, OpenError, SessionState, SessionStore};
 use tokio_postgres::NoTls;
 
 async fn node(db: &TestDatabase, id: &str) -> PgStore {

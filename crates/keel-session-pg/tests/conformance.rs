@@ -1,12 +1,12 @@
-//! The store conformance suite (`keel_session::testkit`) on PostgreSQL: one
+//! The store conformance suite (`keel_store::testkit`) on PostgreSQL: one
 //! fresh database per test, dropped after it.
 
 use std::sync::Arc;
 
-use keel_session::testkit::{ACTIVITY_LIMIT, Harness, T0};
-use keel_session::{ManualClock, SessionStore};
 use keel_session_pg::testing::TestDatabase;
 use keel_session_pg::{PgConfig, PgStore};
+use keel_store::testkit::{ACTIVITY_LIMIT, Harness, T0};
+use keel_store::{ManualClock, SessionStore};
 
 struct Pg {
     store: PgStore,
@@ -61,7 +61,7 @@ async fn open() -> Option<Pg> {
     })
 }
 
-keel_session::conformance_suite!(
+keel_store::conformance_suite!(
     #[ignore = "needs PostgreSQL on 127.0.0.1: cargo test -- --include-ignored"]
     open
 );

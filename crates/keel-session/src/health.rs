@@ -2,28 +2,14 @@
 
 use rusqlite::params;
 
-use crate::clock::UnixMillis;
+use crate::error::Db;
 use crate::error::StoreError;
 use crate::store::Store;
 
-/// One recorded health transition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthTransition {
-    /// Unique and increasing; never reused, even after rows are deleted.
-    pub id: i64,
-    /// When it was recorded.
-    pub at: UnixMillis,
-    /// The state before.
-    pub from: String,
-    /// The state after.
-    pub to: String,
-    /// Why.
-    pub reason: String,
-}
+pub(crate) use keel_store::HealthTransition;
 
 impl Store {
-    /// Appends a health transition. The states are opaque text here; their
-    /// machine lives in keel-recovery.
+    /// [`SessionStore::record_health_transition`] on SQLite: the contract is documented there.
     pub async fn record_health_transition(
         &self,
         from: &str,
@@ -37,8 +23,10 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO transitions(at, from_state, to_state, reason)
                      VALUES(?1, ?2, ?3, ?4) RETURNING id",
-                )?
-                .query_row(params![ctx.now, from, to, reason], |r| r.get(0))?;
+                )
+                .db()?
+                .query_row(params![ctx.now, from, to, reason], |r| r.get(0))
+                .db()?;
             Ok(HealthTransition {
                 id,
                 at: ctx.now,
@@ -50,7 +38,7 @@ impl Store {
         .await
     }
 
-    /// The newest `limit` health transitions, oldest first.
+    /// [`SessionStore::health_transitions`] on SQLite: the contract is documented there.
     pub async fn health_transitions(
         &self,
         limit: usize,
@@ -60,7 +48,8 @@ impl Store {
                 .prepare_cached(
                     "SELECT id, at, from_state, to_state, reason FROM transitions
                      ORDER BY id DESC LIMIT ?1",
-                )?
+                )
+                .db()?
                 .query_map([limit as i64], |r| {
                     Ok(HealthTransition {
                         id: r.get(0)?,
@@ -69,8 +58,10 @@ impl Store {
                         to: r.get(3)?,
                         reason: r.get(4)?,
                     })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                })
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             rows.reverse();
             Ok(rows)
         })

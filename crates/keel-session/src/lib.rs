@@ -45,7 +45,6 @@ mod api;
 mod clock;
 mod config;
 mod error;
-pub mod fair;
 mod health;
 mod messages;
 mod outbox;
@@ -54,26 +53,25 @@ mod sessions;
 mod store;
 mod writer;
 
+/// The store contract's conformance suite (feature `testkit`), re-exported
+/// from keel-store.
 #[cfg(feature = "testkit")]
-pub mod testkit;
+pub use keel_store::{conformance_suite, testkit};
 
-pub use crate::api::SessionStore;
-pub use crate::clock::{Clock, ManualClock, SystemClock, UnixMillis};
+/// Weighted fair order of queued writes by lane (keel-store's).
+pub use keel_store::fair;
+// The store contract (keel-store), re-exported so that a user of the
+// SQLite store needs only this crate.
+pub use keel_store::{
+    Activity, Appended, ChannelBounds, ChannelStats, Clock, Committing, CrashMarked, CrashNotice,
+    CrashedSession, Either, Enqueued, HealthTransition, ManualClock, Message, NewSend, NewSession,
+    Offset, OpenError, OutboxCounts, OutboxError, OutboxId, OutboxItem, OutboxState, Retention,
+    Retry, SHARED_SCOPE, SYSTEM_SCOPE, Session, SessionError, SessionId, SessionState,
+    SessionStore, StartupInfo, StoreError, Subscription, SystemClock, UnixMillis,
+};
+
 pub use crate::config::{Config, Durability};
-pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};
-pub use crate::health::HealthTransition;
-pub use crate::messages::{
-    Appended, ChannelBounds, ChannelStats, Message, Offset, Retention, SHARED_SCOPE, SYSTEM_SCOPE,
-    Subscription,
-};
-pub use crate::outbox::{
-    Enqueued, NewSend, OutboxCounts, OutboxId, OutboxItem, OutboxState, Retry,
-};
-pub use crate::sessions::{
-    Activity, CrashMarked, CrashNotice, CrashedSession, NewSession, Session, SessionId,
-    SessionState,
-};
-pub use crate::store::{Committing, StartupInfo, Store, WriterStats};
+pub use crate::store::{Store, WriterStats};
 
 /// The schema version this build of keel-session writes.
 pub const SCHEMA_VERSION: u32 = schema::LATEST;

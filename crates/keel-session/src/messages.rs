@@ -1,94 +1,18 @@
 //! Per-channel append-only message logs, retention, and subscription cursors.
 
-use std::time::Duration;
-
 use rusqlite::{OptionalExtension, params};
 
 use crate::clock::{UnixMillis, millis};
+use crate::error::Db;
 use crate::error::{SessionError, StoreError};
 use crate::schema::INLINE_PAYLOAD_BYTES;
 use crate::sessions::SessionId;
 use crate::store::{Committing, Store};
 
-/// The scope of message ids that name no publisher ([`Store::append`]);
-/// ids written before ids were scoped (schema 3) are in it too.
-pub const SHARED_SCOPE: &str = "";
-
-/// The scope of messages the store writes itself (crash notices).
-pub const SYSTEM_SCOPE: &str = "system";
-
-/// A position in a channel's log. The first message of a channel has offset 1;
-/// offsets are never reused, even after retention removes messages.
-pub type Offset = u64;
-
-/// A message read back from a channel log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// The channel.
-    pub channel: String,
-    /// Its offset in the channel.
-    pub offset: Offset,
-    /// The publisher's id for it (unique per channel and publisher scope).
-    pub msg_id: String,
-    /// When it was appended.
-    pub at: UnixMillis,
-    /// The payload bytes.
-    pub payload: Vec<u8>,
-}
-
-/// The result of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
-    /// The message's offset.
-    pub offset: Offset,
-    /// When it was first appended.
-    pub at: UnixMillis,
-    /// True when the `msg_id` was already in the channel: nothing new was written
-    /// and `offset` is the original one.
-    pub duplicate: bool,
-}
-
-/// Which offsets a channel holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ChannelBounds {
-    /// The oldest retained offset, if any message is retained.
-    pub first: Option<Offset>,
-    /// The offset the next append will get.
-    pub next: Offset,
-}
-
-/// How much of each channel log to keep. `None` keeps everything on that axis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Retention {
-    /// Keep at most this many newest messages per channel.
-    pub max_count: Option<u64>,
-    /// Drop messages older than this.
-    pub max_age: Option<Duration>,
-}
-
-/// The size of one channel's log (see [`Store::channel_stats`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelStats {
-    /// The channel.
-    pub channel: String,
-    /// Messages retained.
-    pub messages: u64,
-    /// The oldest retained offset.
-    pub first: Offset,
-    /// The newest offset.
-    pub last: Offset,
-    /// Payload bytes retained.
-    pub payload_bytes: u64,
-}
-
-/// A session's subscription to a channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
-    /// The channel.
-    pub channel: String,
-    /// The last offset delivered and acknowledged (0 for none).
-    pub cursor: Offset,
-}
+pub(crate) use keel_store::{
+    Appended, ChannelBounds, ChannelStats, Message, Offset, Retention, SHARED_SCOPE, SYSTEM_SCOPE,
+    Subscription,
+};
 
 fn to_sql(o: Offset) -> i64 {
     i64::try_from(o).unwrap_or(i64::MAX)
@@ -102,15 +26,19 @@ fn to_sql(o: Offset) -> i64 {
 /// above the newest plus one: one seek in the common case.
 fn next_offset(conn: &rusqlite::Connection, channel: &str) -> Result<i64, StoreError> {
     let newest: Option<i64> = conn
-        .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")?
-        .query_row([channel], |r| r.get(0))?;
+        .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")
+        .db()?
+        .query_row([channel], |r| r.get(0))
+        .db()?;
     if let Some(n) = newest {
         return Ok(n + 1);
     }
     let floor: Option<i64> = conn
-        .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")?
+        .prepare_cached("SELECT next_offset FROM channels WHERE name = ?1")
+        .db()?
         .query_row([channel], |r| r.get(0))
-        .optional()?;
+        .optional()
+        .db()?;
     Ok(floor.unwrap_or(1).max(1))
 }
 
@@ -130,14 +58,18 @@ fn retention_cut(
     // a pass over 10,000 channels take seconds an hour into a soak, and the
     // read's snapshot held the WAL from restarting all that time).
     let first: Option<i64> = c
-        .prepare_cached(FIRST_OFFSET)?
-        .query_row([channel], |r| r.get(0))?;
+        .prepare_cached(FIRST_OFFSET)
+        .db()?
+        .query_row([channel], |r| r.get(0))
+        .db()?;
     let Some(first) = first else {
         return Ok(None);
     };
     let last: i64 = c
-        .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")?
-        .query_row([channel], |r| r.get(0))?;
+        .prepare_cached("SELECT MAX(offset) FROM messages WHERE channel = ?1")
+        .db()?
+        .query_row([channel], |r| r.get(0))
+        .db()?;
     // The most this call may remove ends here.
     let bound = (first - 1).saturating_add(to_sql(max_delete));
     let mut cut = first - 1;
@@ -153,9 +85,11 @@ fn retention_cut(
             .prepare_cached(
                 "SELECT offset FROM messages WHERE channel = ?1 AND offset <= ?3 AND at >= ?2
                  ORDER BY offset LIMIT 1",
-            )?
+            )
+            .db()?
             .query_row(params![channel, cutoff, bound], |r| r.get(0))
-            .optional()?;
+            .optional()
+            .db()?;
         cut = cut.max(young.map_or(last.min(bound), |y| y - 1));
     }
     cut = cut.min(bound);
@@ -194,8 +128,8 @@ pub(crate) fn append_in(
 ) -> Result<Appended, StoreError> {
     let (conn, now) = (ctx.conn, ctx.now);
     let find = |sql: &str| -> Result<Option<Appended>, StoreError> {
-        Ok(conn
-            .prepare_cached(sql)?
+        conn.prepare_cached(sql)
+            .db()?
             .query_row([channel, scope, msg_id], |r| {
                 Ok(Appended {
                     offset: r.get::<_, i64>(0)? as Offset,
@@ -203,7 +137,8 @@ pub(crate) fn append_in(
                     duplicate: true,
                 })
             })
-            .optional()?)
+            .optional()
+            .db()
     };
     let large = payload.len() > INLINE_PAYLOAD_BYTES;
     // The unique (channel, id, publisher) index holds the scope's own ids.
@@ -242,18 +177,22 @@ pub(crate) fn append_in(
     // seeks never read it.
     let insert = |offset: i64| -> Result<usize, StoreError> {
         if large {
-            conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")?
-                .execute(params![payload])?;
+            conn.prepare_cached("INSERT INTO message_payloads(payload) VALUES(?1)")
+                .db()?
+                .execute(params![payload])
+                .db()?;
             let payload_id = conn.last_insert_rowid();
             let inserted = conn
                 .prepare_cached(
                     "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload_id)
                      VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![channel, offset, scope, msg_id, now, payload_id])?;
+                ).db()?
+                .execute(params![channel, offset, scope, msg_id, now, payload_id]).db()?;
             if inserted == 0 {
-                conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")?
-                    .execute([payload_id])?;
+                conn.prepare_cached("DELETE FROM message_payloads WHERE id = ?1")
+                    .db()?
+                    .execute([payload_id])
+                    .db()?;
             }
             Ok(inserted)
         } else {
@@ -261,8 +200,8 @@ pub(crate) fn append_in(
                 .prepare_cached(
                     "INSERT OR IGNORE INTO messages(channel, offset, publisher, msg_id, at, payload)
                      VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![channel, offset, scope, msg_id, now, payload])?)
+                ).db()?
+                .execute(params![channel, offset, scope, msg_id, now, payload]).db()?)
         }
     };
     let mut inserted = insert(offset)?;
@@ -294,10 +233,7 @@ pub(crate) fn append_in(
 }
 
 impl Store {
-    /// Appends a message to `channel` in the shared scope (see
-    /// [`Store::append_scoped`]). If `msg_id` is already in the channel's
-    /// shared scope (and still retained) this writes nothing and returns
-    /// the original offset with `duplicate: true`.
+    /// [`SessionStore::append`] on SQLite: the contract is documented there.
     pub async fn append(
         &self,
         channel: &str,
@@ -308,12 +244,7 @@ impl Store {
             .await
     }
 
-    /// Appends a message to `channel` with `msg_id` unique per (channel,
-    /// `scope`): the scope is who publishes (a user, a session), so that
-    /// one publisher's id can never answer another's. An id is a duplicate
-    /// when it is in the channel under `scope`, or was written before ids
-    /// were scoped (a database from before schema 3: those count for every
-    /// scope).
+    /// [`SessionStore::append_scoped`] on SQLite: the contract is documented there.
     pub async fn append_scoped(
         &self,
         scope: &str,
@@ -326,13 +257,7 @@ impl Store {
             .await
     }
 
-    /// Queues an append and returns once it is in the writer's queue, with a
-    /// future that resolves when it has committed. Appends queued one after
-    /// another (each `queue_append` awaited before the next starts) run in
-    /// that order, so they get offsets in that order even when they share a
-    /// commit: this is how a pipelining publisher keeps its send order.
-    /// `payload` is shared, not copied. Queued in lane 0, with every write
-    /// that names no lane (see [`Store::queue_append_in`]).
+    /// [`SessionStore::queue_append`] on SQLite: the contract is documented there.
     pub async fn queue_append<P>(
         &self,
         channel: &str,
@@ -345,12 +270,7 @@ impl Store {
         self.queue_append_in(0, channel, msg_id, payload).await
     }
 
-    /// [`Store::queue_append`] in `lane` (e.g. one per client connection).
-    /// The writer serves lanes in fair order by bytes written (a lane that
-    /// writes little goes before lanes that write much), with at most
-    /// `max_batch_bytes` of payload per commit: a lane that queues many
-    /// large appends delays another lane's append by about one commit, not
-    /// by its whole backlog. Order is kept within a lane, not across lanes.
+    /// [`SessionStore::queue_append_in`] on SQLite: the contract is documented there.
     pub async fn queue_append_in<P>(
         &self,
         lane: u64,
@@ -365,8 +285,7 @@ impl Store {
             .await
     }
 
-    /// [`Store::queue_append_in`] with ids scoped to `scope` (see
-    /// [`Store::append_scoped`]).
+    /// [`SessionStore::queue_append_scoped`] on SQLite: the contract is documented there.
     pub async fn queue_append_scoped<P>(
         &self,
         lane: u64,
@@ -386,7 +305,7 @@ impl Store {
         .await
     }
 
-    /// Reads up to `limit` messages of `channel` with offset ≥ `from`, in order.
+    /// [`SessionStore::read_channel`] on SQLite: the contract is documented there.
     pub async fn read_channel(
         &self,
         channel: &str,
@@ -396,7 +315,8 @@ impl Store {
         let channel = channel.to_owned();
         self.read(move |conn| {
             let rows = conn
-                .prepare_cached(READ_PAGE)?
+                .prepare_cached(READ_PAGE)
+                .db()?
                 .query_map(params![channel, to_sql(from), limit as i64], |r| {
                     Ok(Message {
                         channel: channel.clone(),
@@ -405,17 +325,16 @@ impl Store {
                         at: r.get(2)?,
                         payload: r.get(3)?,
                     })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                })
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             Ok(rows)
         })
         .await
     }
 
-    /// [`Store::read_channel`] bounded in bytes too: stops after the message
-    /// that brings the page's payload bytes to `max_bytes` (a page always
-    /// holds at least one message, whatever its size). A reader that holds
-    /// a page while it writes it out holds at most about `max_bytes`.
+    /// [`SessionStore::read_channel_bounded`] on SQLite: the contract is documented there.
     pub async fn read_channel_bounded(
         &self,
         channel: &str,
@@ -425,17 +344,19 @@ impl Store {
     ) -> Result<Vec<Message>, StoreError> {
         let channel = channel.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(READ_PAGE)?;
-            let mut rows = stmt.query(params![channel, to_sql(from), limit as i64])?;
+            let mut stmt = conn.prepare_cached(READ_PAGE).db()?;
+            let mut rows = stmt
+                .query(params![channel, to_sql(from), limit as i64])
+                .db()?;
             let (mut page, mut bytes) = (Vec::new(), 0usize);
-            while let Some(r) = rows.next()? {
-                let payload: Vec<u8> = r.get(3)?;
+            while let Some(r) = rows.next().db()? {
+                let payload: Vec<u8> = r.get(3).db()?;
                 bytes += payload.len();
                 page.push(Message {
                     channel: channel.clone(),
-                    offset: r.get::<_, i64>(0)? as Offset,
-                    msg_id: r.get(1)?,
-                    at: r.get(2)?,
+                    offset: r.get::<_, i64>(0).db()? as Offset,
+                    msg_id: r.get(1).db()?,
+                    at: r.get(2).db()?,
                     payload,
                 });
                 if bytes >= max_bytes {
@@ -447,9 +368,7 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` channel names that hold messages, in name order, after
-    /// `after` (from the first with `None`): one index seek each, so a
-    /// caller can walk every channel in pages without scanning the log.
+    /// [`SessionStore::channels_after`] on SQLite: the contract is documented there.
     pub async fn channels_after(
         &self,
         after: Option<&str>,
@@ -457,14 +376,17 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let mut cursor = after.map(str::to_owned);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT channel FROM messages WHERE channel > ?1 ORDER BY channel LIMIT 1",
-            )?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT channel FROM messages WHERE channel > ?1 ORDER BY channel LIMIT 1",
+                )
+                .db()?;
             let mut out = Vec::new();
             while out.len() < limit {
                 let next: Option<String> = stmt
                     .query_row([cursor.as_deref().unwrap_or("")], |r| r.get(0))
-                    .optional()?;
+                    .optional()
+                    .db()?;
                 let Some(name) = next else { break };
                 cursor = Some(name.clone());
                 out.push(name);
@@ -474,9 +396,7 @@ impl Store {
         .await
     }
 
-    /// Of `channels`, each with its policy, those retention would cut now:
-    /// one read for the lot (a pass over thousands of channels, most with
-    /// nothing to remove, costs a read per page instead of one per channel).
+    /// [`SessionStore::retention_due`] on SQLite: the contract is documented there.
     pub async fn retention_due(
         &self,
         channels: Vec<(String, Retention)>,
@@ -494,12 +414,7 @@ impl Store {
         .await
     }
 
-    /// Applies `policy` to one channel; returns how many messages were
-    /// removed. Deletes a prefix of the log by offset range (an index range,
-    /// not a scan of the table), and first records where the log ends so
-    /// that offsets are never reused even if this empties it. At most
-    /// `max_delete` messages go per call, so that one call never holds the
-    /// writer long; call again while it returns `max_delete`.
+    /// [`SessionStore::apply_retention_to`] on SQLite: the contract is documented there.
     pub async fn apply_retention_to(
         &self,
         channel: &str,
@@ -527,34 +442,36 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO channels(name, next_offset) VALUES(?1, ?2)
                      ON CONFLICT(name) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-                )?
-                .execute(params![channel, last + 1])?;
+                ).db()?
+                .execute(params![channel, last + 1]).db()?;
             let removed = ctx
                 .conn
-                .prepare_cached("DELETE FROM messages WHERE channel = ?1 AND offset <= ?2")?
-                .execute(params![channel, cut])?;
+                .prepare_cached("DELETE FROM messages WHERE channel = ?1 AND offset <= ?2").db()?
+                .execute(params![channel, cut]).db()?;
             Ok(removed as u64)
         })
         .await
     }
 
-    /// The `limit` channels holding the most messages, with their sizes
-    /// (for `doctor`: reads the whole log).
+    /// [`SessionStore::channel_stats`] on SQLite: the contract is documented there.
     pub async fn channel_stats(
         &self,
         limit: usize,
     ) -> Result<(u64, Vec<ChannelStats>), StoreError> {
         self.read(move |conn| {
             let total: i64 = conn
-                .prepare_cached("SELECT COUNT(DISTINCT channel) FROM messages")?
-                .query_row([], |r| r.get(0))?;
+                .prepare_cached("SELECT COUNT(DISTINCT channel) FROM messages")
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
             let rows = conn
                 .prepare_cached(
                     "SELECT m.channel, COUNT(*), MIN(m.offset), MAX(m.offset),
                             SUM(coalesce(length(m.payload), length(p.payload)))
                      FROM messages m LEFT JOIN message_payloads p ON p.id = m.payload_id
                      GROUP BY m.channel ORDER BY COUNT(*) DESC, m.channel LIMIT ?1",
-                )?
+                )
+                .db()?
                 .query_map([limit as i64], |r| {
                     Ok(ChannelStats {
                         channel: r.get(0)?,
@@ -563,20 +480,24 @@ impl Store {
                         last: r.get::<_, i64>(3)? as Offset,
                         payload_bytes: r.get::<_, i64>(4)? as u64,
                     })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                })
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             Ok((total as u64, rows))
         })
         .await
     }
 
-    /// The retained range of `channel` and its next offset.
+    /// [`SessionStore::channel_bounds`] on SQLite: the contract is documented there.
     pub async fn channel_bounds(&self, channel: &str) -> Result<ChannelBounds, StoreError> {
         let channel = channel.to_owned();
         self.read(move |conn| {
             let first: Option<i64> = conn
-                .prepare_cached(FIRST_OFFSET)?
-                .query_row([&channel], |r| r.get(0))?;
+                .prepare_cached(FIRST_OFFSET)
+                .db()?
+                .query_row([&channel], |r| r.get(0))
+                .db()?;
             Ok(ChannelBounds {
                 first: first.map(|f| f as Offset),
                 next: next_offset(conn, &channel)? as Offset,
@@ -585,11 +506,7 @@ impl Store {
         .await
     }
 
-    /// Applies `policy` to every channel; returns how many messages were removed.
-    ///
-    /// Retention always removes a prefix of a log: by count, everything but the
-    /// newest `max_count`; by age, everything up to the newest message older than
-    /// the cutoff. Offsets are never reused afterwards.
+    /// [`SessionStore::apply_retention`] on SQLite: the contract is documented there.
     pub async fn apply_retention(&self, policy: Retention) -> Result<u64, StoreError> {
         self.write(move |ctx| {
             // Remember where every log ends, so that offsets are never reused
@@ -598,8 +515,10 @@ impl Store {
                 .prepare_cached(
                     "INSERT OR REPLACE INTO channels(name, next_offset)
                      SELECT m.channel, MAX(m.offset) + 1 FROM messages m GROUP BY m.channel",
-                )?
-                .execute([])?;
+                )
+                .db()?
+                .execute([])
+                .db()?;
             let mut removed = 0;
             if let Some(max) = policy.max_count {
                 removed += ctx
@@ -608,8 +527,10 @@ impl Store {
                         "DELETE FROM messages WHERE offset <= (
                            SELECT c.next_offset - 1 - ?1 FROM channels c
                            WHERE c.name = messages.channel)",
-                    )?
-                    .execute([to_sql(max)])? as u64;
+                    )
+                    .db()?
+                    .execute([to_sql(max)])
+                    .db()? as u64;
             }
             if let Some(age) = policy.max_age {
                 let cutoff = ctx.now.saturating_sub(millis(age));
@@ -619,16 +540,17 @@ impl Store {
                         "DELETE FROM messages WHERE offset <= (
                            SELECT MAX(m.offset) FROM messages m
                            WHERE m.channel = messages.channel AND m.at < ?1)",
-                    )?
-                    .execute([cutoff])? as u64;
+                    )
+                    .db()?
+                    .execute([cutoff])
+                    .db()? as u64;
             }
             Ok(removed)
         })
         .await
     }
 
-    /// Subscribes a session to a channel with its cursor at `cursor` (the last
-    /// offset it has seen; 0 for none). Re-subscribing keeps the larger cursor.
+    /// [`SessionStore::subscribe`] on SQLite: the contract is documented there.
     pub async fn subscribe(
         &self,
         session: &SessionId,
@@ -639,8 +561,8 @@ impl Store {
         self.write(move |ctx| {
             let exists = ctx
                 .conn
-                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
-                .exists([session.as_str()])?;
+                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1").db()?
+                .exists([session.as_str()]).db()?;
             if !exists {
                 return Err(SessionError::NotFound(session.clone()));
             }
@@ -650,8 +572,8 @@ impl Store {
                     "INSERT INTO subscriptions(session_id, channel, cursor) VALUES(?1, ?2, ?3)
                      ON CONFLICT(session_id, channel) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)
                      RETURNING cursor",
-                )?
-                .query_row(params![session.as_str(), channel, to_sql(cursor)], |r| r.get(0))?;
+                ).db()?
+                .query_row(params![session.as_str(), channel, to_sql(cursor)], |r| r.get(0)).db()?;
             Ok(Subscription {
                 channel: channel.clone(),
                 cursor: cursor as Offset,
@@ -660,11 +582,7 @@ impl Store {
         .await
     }
 
-    /// Moves a subscription's cursor forward to `offset` (never backward);
-    /// returns the cursor now stored. An offset beyond the channel's last
-    /// offset is refused ([`SessionError::BeyondHead`]): an acknowledgement
-    /// can only confirm what exists, and one beyond the head would make a
-    /// later resume skip messages published after it.
+    /// [`SessionStore::ack`] on SQLite: the contract is documented there.
     pub async fn ack(
         &self,
         session: &SessionId,
@@ -677,8 +595,10 @@ impl Store {
                 .conn
                 .prepare_cached(
                     "SELECT 1 FROM subscriptions WHERE session_id = ?1 AND channel = ?2",
-                )?
-                .exists(params![session.as_str(), channel])?;
+                )
+                .db()?
+                .exists(params![session.as_str(), channel])
+                .db()?;
             if !subscribed {
                 return Err(SessionError::NotSubscribed {
                     session: session.clone(),
@@ -698,16 +618,18 @@ impl Store {
                 .prepare_cached(
                     "UPDATE subscriptions SET cursor = MAX(cursor, ?3)
                      WHERE session_id = ?1 AND channel = ?2 RETURNING cursor",
-                )?
+                )
+                .db()?
                 .query_row(params![session.as_str(), channel, to_sql(offset)], |r| {
                     r.get(0)
-                })?;
+                })
+                .db()?;
             Ok(cursor as Offset)
         })
         .await
     }
 
-    /// Removes a subscription; returns whether there was one.
+    /// [`SessionStore::unsubscribe`] on SQLite: the contract is documented there.
     pub async fn unsubscribe(
         &self,
         session: &SessionId,
@@ -717,14 +639,16 @@ impl Store {
         self.write(move |ctx| {
             let n = ctx
                 .conn
-                .prepare_cached("DELETE FROM subscriptions WHERE session_id = ?1 AND channel = ?2")?
-                .execute(params![session.as_str(), channel])?;
+                .prepare_cached("DELETE FROM subscriptions WHERE session_id = ?1 AND channel = ?2")
+                .db()?
+                .execute(params![session.as_str(), channel])
+                .db()?;
             Ok(n > 0)
         })
         .await
     }
 
-    /// A session's subscriptions, ordered by channel.
+    /// [`SessionStore::subscriptions`] on SQLite: the contract is documented there.
     pub async fn subscriptions(
         &self,
         session: &SessionId,
@@ -734,14 +658,14 @@ impl Store {
             let rows = conn
                 .prepare_cached(
                     "SELECT channel, cursor FROM subscriptions WHERE session_id = ?1 ORDER BY channel",
-                )?
+                ).db()?
                 .query_map([session.as_str()], |r| {
                     Ok(Subscription {
                         channel: r.get(0)?,
                         cursor: r.get::<_, i64>(1)? as Offset,
                     })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                }).db()?
+                .collect::<Result<Vec<_>, _>>().db()?;
             Ok(rows)
         })
         .await
@@ -853,6 +777,7 @@ mod tests {
 
 #[cfg(test)]
 mod next_offsets {
+    use crate::error::Db;
     use crate::{Config, Store, StoreError};
 
     async fn open() -> (Store, tempfile::TempDir) {
@@ -874,11 +799,9 @@ mod next_offsets {
             .write(|ctx| {
                 super::append_in(ctx, "c", "", "undone", b"{}")?;
                 ctx.conn
-                    .execute("INSERT INTO meta(key, value) VALUES('x', 'y')", [])?;
-                Err::<(), _>(StoreError::Sqlite {
-                    code: -1,
-                    message: "refused after changing rows".into(),
-                })
+                    .execute("INSERT INTO meta(key, value) VALUES('x', 'y')", [])
+                    .db()?;
+                Err::<(), _>(crate::error::backend(-1, "refused after changing rows"))
             })
             .await;
         assert!(failed.is_err());
@@ -902,11 +825,13 @@ mod next_offsets {
         store.append("c", "m1", b"{}").await.expect("m1");
         store
             .write(|ctx| {
-                ctx.conn.execute(
-                    "INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
+                ctx.conn
+                    .execute(
+                        "INSERT INTO messages(channel, offset, publisher, msg_id, at, payload)
                      VALUES('c', 2, '', 'beside', 0, x'7b7d')",
-                    [],
-                )?;
+                        [],
+                    )
+                    .db()?;
                 Ok::<(), StoreError>(())
             })
             .await

@@ -2,6 +2,7 @@
 
 use rusqlite::Connection;
 
+use crate::error::Db;
 use crate::error::StoreError;
 
 /// Each entry migrates from version `index` to `index + 1`.
@@ -197,7 +198,8 @@ pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// Reads the schema version of an open database.
 pub(crate) fn version(conn: &Connection) -> Result<u32, StoreError> {
-    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))?)
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))
+        .db()
 }
 
 /// Applies every migration after `from`, each in its own transaction.
@@ -213,10 +215,13 @@ fn migrate_until(conn: &mut Connection, from: u32, to: u32) -> Result<(), StoreE
         .take(to as usize)
         .skip(from as usize)
     {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
-        tx.commit()?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .db()?;
+        tx.execute_batch(sql).db()?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)
+            .db()?;
+        tx.commit().db()?;
         tracing::info!(version = i + 1, "applied schema migration");
     }
     Ok(())
@@ -407,12 +412,13 @@ mod tests {
             async move {
                 store
                     .read(|conn| -> Result<(i64, i64), StoreError> {
-                        Ok(conn.query_row(
+                        conn.query_row(
                             "SELECT (SELECT COUNT(*) FROM message_payloads),
                                     (SELECT COUNT(*) FROM messages WHERE payload_id IS NOT NULL)",
                             [],
                             |r| Ok((r.get(0)?, r.get(1)?)),
-                        )?)
+                        )
+                        .db()
                     })
                     .await
                     .unwrap()

@@ -1,203 +1,17 @@
 //! Sessions, their state machine, and the bounded per-session activity log.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rand::Rng;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::clock::UnixMillis;
+use crate::error::Db;
 use crate::error::{SessionError, StoreError};
 use crate::messages::append_in;
 use crate::store::Store;
 
-/// A session's id: opaque text, random unless the creator chose one.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionId(pub String);
-
-impl SessionId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The private channel only this session may read: `session:<id>`.
-    pub fn private_channel(&self) -> String {
-        format!("session:{}", self.0)
-    }
-}
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for SessionId {
-    fn from(s: &str) -> Self {
-        SessionId(s.to_owned())
-    }
-}
-
-/// The lifecycle state of a session (docs/protocol.md, "Sessions").
-///
-/// ```text
-/// CREATED -> ACTIVE <-> DETACHED
-/// ACTIVE|DETACHED -> PAUSED -> ACTIVE
-/// ACTIVE|DETACHED|PAUSED -> CRASHED
-/// CRASHED -> ACTIVE
-/// any but CLOSED -> CLOSED
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SessionState {
-    /// Created, never connected.
-    Created,
-    /// A client is connected.
-    Active,
-    /// The client is gone; the session can be resumed.
-    Detached,
-    /// Paused by the user or the service.
-    Paused,
-    /// Found running after a crash, or its process died; resumable.
-    Crashed,
-    /// Terminal.
-    Closed,
-}
-
-impl SessionState {
-    /// Every state, in declaration order.
-    pub const ALL: [SessionState; 6] = [
-        SessionState::Created,
-        SessionState::Active,
-        SessionState::Detached,
-        SessionState::Paused,
-        SessionState::Crashed,
-        SessionState::Closed,
-    ];
-
-    /// The stored spelling, e.g. `"ACTIVE"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionState::Created => "CREATED",
-            SessionState::Active => "ACTIVE",
-            SessionState::Detached => "DETACHED",
-            SessionState::Paused => "PAUSED",
-            SessionState::Crashed => "CRASHED",
-            SessionState::Closed => "CLOSED",
-        }
-    }
-
-    /// Whether the state machine allows moving from `self` to `to`.
-    pub fn can_transition_to(self, to: SessionState) -> bool {
-        use SessionState::*;
-        matches!(
-            (self, to),
-            (Created, Active)
-                | (Active, Detached)
-                | (Detached, Active)
-                | (Active | Detached, Paused)
-                | (Paused, Active)
-                | (Active | Detached | Paused, Crashed)
-                | (Crashed, Active)
-                | (Created | Active | Detached | Paused | Crashed, Closed)
-        )
-    }
-}
-
-impl fmt::Display for SessionState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SessionState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SessionState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| s.to_owned())
-    }
-}
-
-/// A stored session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    /// Its id.
-    pub id: SessionId,
-    /// Hash of its bearer token (the store never sees the token itself).
-    pub token_hash: Vec<u8>,
-    /// Current state.
-    pub state: SessionState,
-    /// When it was created.
-    pub created_at: UnixMillis,
-    /// When its row last changed.
-    pub updated_at: UnixMillis,
-    /// When its client was last seen, if ever.
-    pub last_seen_at: Option<UnixMillis>,
-    /// When it was last marked CRASHED.
-    pub recovered_at: Option<UnixMillis>,
-    /// How many times it was marked CRASHED.
-    pub crash_count: u32,
-    /// Opaque application data.
-    pub meta: String,
-}
-
-/// What [`Store::create_session`] needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewSession {
-    /// The id to use; a random 128-bit hex id when `None`.
-    pub id: Option<SessionId>,
-    /// Hash of the session's bearer token.
-    pub token_hash: Vec<u8>,
-    /// Opaque application data.
-    pub meta: String,
-    /// Its first connection is already open: store it ACTIVE (the
-    /// CREATED -> ACTIVE transition in the same write). The returned
-    /// session's state is still CREATED: the state it was created in.
-    pub connected: bool,
-}
-
-/// One entry of a session's activity log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Activity {
-    /// When it happened.
-    pub at: UnixMillis,
-    /// A short kind, e.g. `"command"`.
-    pub kind: String,
-    /// Free text.
-    pub detail: String,
-}
-
-/// What [`Store::mark_crashed`] changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CrashMarked {
-    /// Sessions that were ACTIVE and are now CRASHED.
-    pub crashed: Vec<SessionId>,
-    /// Sessions whose stored state was not a known state, with that value; they
-    /// are now CRASHED too.
-    pub unknown: Vec<(SessionId, String)>,
-    /// How many crash notices were appended (zero for [`Store::mark_crashed`]).
-    pub notified: u64,
-}
-
-/// One session that crash recovery marked CRASHED, as a notice builder sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CrashedSession {
-    /// The session.
-    pub id: SessionId,
-    /// Its stored state before: `ACTIVE`, or the unknown value found.
-    pub previous_state: String,
-    /// Its crash count after this crash (1 for the first).
-    pub crash_count: u32,
-    /// The `recovered_at` time written.
-    pub recovered_at: UnixMillis,
-}
-
-/// Builds the payload of the notice appended to a crashed session's private
-/// channel (see [`Store::mark_crashed_and_notify`]).
-pub type CrashNotice = std::sync::Arc<dyn Fn(&CrashedSession) -> Vec<u8> + Send + Sync>;
+pub(crate) use keel_store::{
+    Activity, CrashMarked, CrashNotice, CrashedSession, NewSession, Session, SessionId,
+    SessionState,
+};
 
 const SESSION_COLUMNS: &str = "id, token_hash, state, created_at, updated_at, last_seen_at, \
                                recovered_at, crash_count, meta";
@@ -231,14 +45,16 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Session, SessionEr
 
 pub(crate) fn load_session(conn: &Connection, id: &SessionId) -> Result<Session, SessionError> {
     let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
-    conn.prepare_cached(&sql)?
+    conn.prepare_cached(&sql)
+        .db()?
         .query_row([id.as_str()], session_from_row)
-        .optional()?
+        .optional()
+        .db()?
         .ok_or_else(|| SessionError::NotFound(id.clone()))?
 }
 
 impl Store {
-    /// Creates a session in state CREATED (ACTIVE with [`NewSession::connected`]).
+    /// [`SessionStore::create_session`] on SQLite: the contract is documented there.
     pub async fn create_session(&self, new: NewSession) -> Result<Session, SessionError> {
         let id = new.id.clone().unwrap_or_else(|| SessionId(random_hex(16)));
         let stored = if new.connected {
@@ -252,14 +68,16 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO sessions(id, token_hash, state, created_at, updated_at, meta)
                      VALUES(?1, ?2, ?5, ?3, ?3, ?4) ON CONFLICT(id) DO NOTHING",
-                )?
+                )
+                .db()?
                 .execute(params![
                     id.as_str(),
                     new.token_hash,
                     ctx.now,
                     new.meta,
                     stored.as_str()
-                ])?;
+                ])
+                .db()?;
             if inserted == 0 {
                 return Err(SessionError::AlreadyExists(id.clone()));
             }
@@ -278,16 +96,13 @@ impl Store {
         .await
     }
 
-    /// Reads one session.
+    /// [`SessionStore::session`] on SQLite: the contract is documented there.
     pub async fn session(&self, id: &SessionId) -> Result<Session, SessionError> {
         let id = id.clone();
         self.read(move |conn| load_session(conn, &id)).await
     }
 
-    /// Lists sessions, optionally only those in `state`, ordered by id.
-    ///
-    /// Rows with an unknown stored state are skipped here; [`Store::mark_crashed`]
-    /// and [`Store::count_by_state`] report them.
+    /// [`SessionStore::sessions`] on SQLite: the contract is documented there.
     pub async fn sessions(&self, state: Option<SessionState>) -> Result<Vec<Session>, StoreError> {
         self.read(move |conn| {
             let (sql, arg) = match state {
@@ -300,41 +115,45 @@ impl Store {
                     None,
                 ),
             };
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(&sql).db()?;
             let rows = match arg {
                 Some(a) => stmt
-                    .query_map([a], session_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
+                    .query_map([a], session_from_row)
+                    .db()?
+                    .collect::<Result<Vec<_>, _>>()
+                    .db()?,
                 None => stmt
-                    .query_map([], session_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
+                    .query_map([], session_from_row)
+                    .db()?
+                    .collect::<Result<Vec<_>, _>>()
+                    .db()?,
             };
             Ok(rows.into_iter().filter_map(Result::ok).collect())
         })
         .await
     }
 
-    /// Counts sessions per stored state, unknown states included verbatim.
+    /// [`SessionStore::count_by_state`] on SQLite: the contract is documented there.
     pub async fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT state, COUNT(*) FROM sessions GROUP BY state ORDER BY state",
-            )?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT state, COUNT(*) FROM sessions GROUP BY state ORDER BY state",
+                )
+                .db()?;
             let rows = stmt
                 .query_map([], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                })
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             Ok(rows)
         })
         .await
     }
 
-    /// Moves a session to `to` if the state machine allows it; otherwise returns
-    /// [`SessionError::InvalidTransition`] and writes nothing.
-    ///
-    /// Moving to ACTIVE also records `last_seen_at`; moving to CRASHED sets
-    /// `recovered_at` and increments `crash_count`.
+    /// [`SessionStore::transition`] on SQLite: the contract is documented there.
     pub async fn transition(
         &self,
         id: &SessionId,
@@ -363,7 +182,8 @@ impl Store {
                 .prepare_cached(
                     "UPDATE sessions SET state = ?2, updated_at = ?3, last_seen_at = ?4,
                      recovered_at = ?5, crash_count = ?6 WHERE id = ?1",
-                )?
+                )
+                .db()?
                 .execute(params![
                     id.as_str(),
                     to.as_str(),
@@ -371,20 +191,23 @@ impl Store {
                     session.last_seen_at,
                     session.recovered_at,
                     session.crash_count
-                ])?;
+                ])
+                .db()?;
             Ok(session)
         })
         .await
     }
 
-    /// Records that the session's client was seen now.
+    /// [`SessionStore::touch`] on SQLite: the contract is documented there.
     pub async fn touch(&self, id: &SessionId) -> Result<(), SessionError> {
         let id = id.clone();
         self.write(move |ctx| {
             let n = ctx
                 .conn
-                .prepare_cached("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")?
-                .execute(params![id.as_str(), ctx.now])?;
+                .prepare_cached("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")
+                .db()?
+                .execute(params![id.as_str(), ctx.now])
+                .db()?;
             if n == 0 {
                 return Err(SessionError::NotFound(id.clone()));
             }
@@ -393,14 +216,16 @@ impl Store {
         .await
     }
 
-    /// Replaces a session's opaque meta text.
+    /// [`SessionStore::set_session_meta`] on SQLite: the contract is documented there.
     pub async fn set_session_meta(&self, id: &SessionId, meta: &str) -> Result<(), SessionError> {
         let (id, meta) = (id.clone(), meta.to_owned());
         self.write(move |ctx| {
             let n = ctx
                 .conn
-                .prepare_cached("UPDATE sessions SET meta = ?2, updated_at = ?3 WHERE id = ?1")?
-                .execute(params![id.as_str(), meta, ctx.now])?;
+                .prepare_cached("UPDATE sessions SET meta = ?2, updated_at = ?3 WHERE id = ?1")
+                .db()?
+                .execute(params![id.as_str(), meta, ctx.now])
+                .db()?;
             if n == 0 {
                 return Err(SessionError::NotFound(id.clone()));
             }
@@ -409,25 +234,12 @@ impl Store {
         .await
     }
 
-    /// Crash recovery's scan: every ACTIVE session (connected when the
-    /// process died) and every session whose stored state is unknown becomes
-    /// CRASHED with `recovered_at = now` and `crash_count + 1`, in one
-    /// transaction. DETACHED, PAUSED, CREATED and CLOSED sessions were not
-    /// connected and are left as they are (no false-positive recovery).
-    /// `crashed` lists the former ACTIVE sessions.
-    ///
-    /// Running it again right away changes nothing.
+    /// [`SessionStore::mark_crashed`] on SQLite: the contract is documented there.
     pub async fn mark_crashed(&self) -> Result<CrashMarked, StoreError> {
         self.mark_crashed_inner(None).await
     }
 
-    /// [`Store::mark_crashed`], and in the same transaction appends the
-    /// payload `notice` builds to each crashed session's private channel
-    /// (`session:<id>`), with message id `crash-notice-<crash_count>`.
-    ///
-    /// Because marking and notices commit together, a crash during recovery
-    /// leaves either both or neither; and because the message id names the
-    /// crash count, a notice is never appended twice for the same crash.
+    /// [`SessionStore::mark_crashed_and_notify`] on SQLite: the contract is documented there.
     pub async fn mark_crashed_and_notify(
         &self,
         notice: CrashNotice,
@@ -450,23 +262,29 @@ impl Store {
             );
             let unknown = ctx
                 .conn
-                .prepare_cached(&unknown_sql)?
-                .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, String>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
+                .prepare_cached(&unknown_sql)
+                .db()?
+                .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, String>(1)?)))
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             let mut marked: Vec<CrashedSession> = Vec::new();
             {
                 let previous = SessionState::Active.as_str();
-                let mut stmt = ctx.conn.prepare_cached(
-                    "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
+                let mut stmt = ctx
+                    .conn
+                    .prepare_cached(
+                        "UPDATE sessions SET state = 'CRASHED', recovered_at = ?1, updated_at = ?1,
                      crash_count = crash_count + 1
                      WHERE state = ?2 RETURNING id, crash_count",
-                )?;
-                let mut rows = stmt.query(params![ctx.now, previous])?;
-                while let Some(row) = rows.next()? {
+                    )
+                    .db()?;
+                let mut rows = stmt.query(params![ctx.now, previous]).db()?;
+                while let Some(row) = rows.next().db()? {
                     marked.push(CrashedSession {
-                        id: SessionId(row.get(0)?),
+                        id: SessionId(row.get(0).db()?),
                         previous_state: previous.to_owned(),
-                        crash_count: row.get(1)?,
+                        crash_count: row.get(1).db()?,
                         recovered_at: ctx.now,
                     });
                 }
@@ -478,8 +296,10 @@ impl Store {
                     .prepare_cached(
                         "UPDATE sessions SET state = 'CRASHED', recovered_at = ?2, updated_at = ?2,
                          crash_count = crash_count + 1 WHERE id = ?1 RETURNING crash_count",
-                    )?
-                    .query_row(params![id.as_str(), ctx.now], |r| r.get(0))?;
+                    )
+                    .db()?
+                    .query_row(params![id.as_str(), ctx.now], |r| r.get(0))
+                    .db()?;
                 marked.push(CrashedSession {
                     id: id.clone(),
                     previous_state: state.clone(),
@@ -513,11 +333,7 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `limit` sessions that have had no connection for
-    /// `idle_for` (any state but ACTIVE, last changed before then), with
-    /// their subscriptions, activity and private channel; returns their
-    /// ids. Their outbox items stay (their session becomes none). A session
-    /// deleted this way is gone: its token no longer opens anything.
+    /// [`SessionStore::purge_idle_sessions`] on SQLite: the contract is documented there.
     pub async fn purge_idle_sessions(
         &self,
         idle_for: std::time::Duration,
@@ -530,29 +346,37 @@ impl Store {
                 .prepare_cached(
                     "SELECT id FROM sessions WHERE state <> 'ACTIVE' AND updated_at < ?1
                      ORDER BY updated_at LIMIT ?2",
-                )?
-                .query_map(params![cutoff, limit as i64], |r| Ok(SessionId(r.get(0)?)))?
-                .collect::<Result<_, _>>()?;
+                )
+                .db()?
+                .query_map(params![cutoff, limit as i64], |r| Ok(SessionId(r.get(0)?)))
+                .db()?
+                .collect::<Result<_, _>>()
+                .db()?;
             for id in &ids {
                 let channel = id.private_channel();
                 ctx.conn
-                    .prepare_cached("DELETE FROM messages WHERE channel = ?1")?
-                    .execute([&channel])?;
+                    .prepare_cached("DELETE FROM messages WHERE channel = ?1")
+                    .db()?
+                    .execute([&channel])
+                    .db()?;
                 ctx.conn
-                    .prepare_cached("DELETE FROM channels WHERE name = ?1")?
-                    .execute([&channel])?;
+                    .prepare_cached("DELETE FROM channels WHERE name = ?1")
+                    .db()?
+                    .execute([&channel])
+                    .db()?;
                 ctx.offsets.forget(&channel);
                 ctx.conn
-                    .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
-                    .execute([id.as_str()])?;
+                    .prepare_cached("DELETE FROM sessions WHERE id = ?1")
+                    .db()?
+                    .execute([id.as_str()])
+                    .db()?;
             }
             Ok(ids)
         })
         .await
     }
 
-    /// Appends to a session's activity log, keeping only the newest
-    /// [`Config::activity_limit`](crate::Config::activity_limit) entries.
+    /// [`SessionStore::record_activity`] on SQLite: the contract is documented there.
     pub async fn record_activity(
         &self,
         id: &SessionId,
@@ -563,44 +387,53 @@ impl Store {
         self.write(move |ctx| {
             let exists = ctx
                 .conn
-                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
-                .exists([id.as_str()])?;
+                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")
+                .db()?
+                .exists([id.as_str()])
+                .db()?;
             if !exists {
                 return Err(SessionError::NotFound(id.clone()));
             }
             ctx.conn
                 .prepare_cached(
                     "INSERT INTO activity(session_id, at, kind, detail) VALUES(?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![id.as_str(), ctx.now, kind, detail])?;
+                )
+                .db()?
+                .execute(params![id.as_str(), ctx.now, kind, detail])
+                .db()?;
             ctx.conn
                 .prepare_cached(
                     "DELETE FROM activity WHERE session_id = ?1 AND id <= (
                        SELECT id FROM activity WHERE session_id = ?1
                        ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                )?
-                .execute(params![id.as_str(), ctx.activity_limit as i64])?;
+                )
+                .db()?
+                .execute(params![id.as_str(), ctx.activity_limit as i64])
+                .db()?;
             Ok(())
         })
         .await
     }
 
-    /// A session's activity log, oldest first.
+    /// [`SessionStore::activity`] on SQLite: the contract is documented there.
     pub async fn activity(&self, id: &SessionId) -> Result<Vec<Activity>, SessionError> {
         let id = id.clone();
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
                     "SELECT at, kind, detail FROM activity WHERE session_id = ?1 ORDER BY id",
-                )?
+                )
+                .db()?
                 .query_map([id.as_str()], |r| {
                     Ok(Activity {
                         at: r.get(0)?,
                         kind: r.get(1)?,
                         detail: r.get(2)?,
                     })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+                })
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
             Ok(rows)
         })
         .await

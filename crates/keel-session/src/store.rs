@@ -10,28 +10,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::clock::UnixMillis;
 use crate::config::{Config, Durability};
+use crate::error::Db;
 use crate::error::{OpError, OpenError, StoreError};
 use crate::schema;
 use crate::writer::{Checkpointer, Counters, Ctx, Msg, Op, Queued, Writer};
 
-/// What [`Store::open`] found in the database before it started.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StartupInfo {
-    /// The database file did not exist (or was empty) and was created.
-    pub created: bool,
-    /// The previous process that opened this database closed it with
-    /// [`Store::close`]. When false, crash recovery should run.
-    pub previous_clean_shutdown: bool,
-    /// The schema version found before migrating (0 for a new file).
-    pub migrated_from: u32,
-    /// The schema version now in the file.
-    pub schema_version: u32,
-    /// A random id fixed when the database was created.
-    pub instance_id: String,
-    /// How many times the database has been opened, this open included (1 for
-    /// a new file): tells one run of a service from the next.
-    pub run: u64,
-}
+pub(crate) use keel_store::{Committing, StartupInfo};
 
 /// Counters from the writer thread, for observing group commit at work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,38 +46,6 @@ pub struct WriterStats {
     /// itself keeps its length, up to `wal_checkpoint_bytes`, and is
     /// overwritten from its start.
     pub wal_bytes: u64,
-}
-
-/// A write in the writer's queue; resolves to its result once the
-/// transaction holding it has committed (or failed).
-#[derive(Debug)]
-#[must_use = "a queued write is answered through this future"]
-pub struct Committing<T, E = StoreError> {
-    rx: oneshot::Receiver<Result<T, E>>,
-}
-
-impl<T, E> Committing<T, E> {
-    /// A queued write answered through `rx` (for other [`SessionStore`]
-    /// backends: the sender is dropped unanswered when the store stops,
-    /// which resolves the future to [`StoreError::Closed`]).
-    ///
-    /// [`SessionStore`]: crate::SessionStore
-    pub fn new(rx: oneshot::Receiver<Result<T, E>>) -> Self {
-        Committing { rx }
-    }
-}
-
-impl<T, E: From<StoreError>> std::future::Future for Committing<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or_else(|_| Err(E::from(StoreError::Closed))))
-    }
 }
 
 /// A durable session store over one SQLite database in WAL mode.
@@ -140,10 +92,7 @@ impl Store {
             .map_err(|e| {
                 OpenError::from_store(
                     path,
-                    StoreError::Sqlite {
-                        code: -1,
-                        message: format!("open task failed: {e}"),
-                    },
+                    crate::error::backend(-1, format!("open task failed: {e}")),
                 )
             })?
     }
@@ -164,7 +113,7 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| fail(e.into()))?;
+        .map_err(|e| fail(crate::error::sqlite(e)))?;
         configure_writer(&conn, &config).map_err(fail)?;
 
         let found = schema::version(&conn).map_err(fail)?;
@@ -226,7 +175,7 @@ impl Store {
         &self.inner.path
     }
 
-    /// What the store found when it opened the database.
+    /// [`SessionStore::startup`] on SQLite: the contract is documented there.
     pub fn startup(&self) -> &StartupInfo {
         &self.inner.startup
     }
@@ -253,21 +202,17 @@ impl Store {
         }
     }
 
-    /// The current time according to the store's clock.
+    /// [`SessionStore::now`] on SQLite: the contract is documented there.
     pub fn now(&self) -> UnixMillis {
         self.inner.config.clock.now_millis()
     }
 
-    /// Finishes every queued write, records a clean shutdown, checkpoints the WAL
-    /// and stops the writer. Later writes on any clone fail with
-    /// [`StoreError::Closed`]; reads keep working.
+    /// [`SessionStore::close`] on SQLite: the contract is documented there.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.close_inner(true).await
     }
 
-    /// Like [`Store::close`] (finishes queued writes, checkpoints, stops the
-    /// writer) but leaves `clean_shutdown` false, so the next open runs crash
-    /// recovery: for a shutdown that could not finish its work.
+    /// [`SessionStore::close_unclean`] on SQLite: the contract is documented there.
     pub async fn close_unclean(&self) -> Result<(), StoreError> {
         self.close_inner(false).await
     }
@@ -342,7 +287,7 @@ impl Store {
             }))
             .await
             .map_err(|_| E::from(StoreError::Closed))?;
-        Ok(Committing { rx })
+        Ok(Committing::new(rx))
     }
 
     /// Runs `f` on a pooled read-only connection.
@@ -355,20 +300,22 @@ impl Store {
         self.inner.readers.run(f).await
     }
 
-    /// Reads a `meta` value.
+    /// [`SessionStore::meta`] on SQLite: the contract is documented there.
     pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_owned();
         self.read(move |conn| {
             let v = conn
-                .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+                .db()?
                 .query_row([&key], |r| r.get(0))
-                .optional()?;
+                .optional()
+                .db()?;
             Ok(v)
         })
         .await
     }
 
-    /// Writes a `meta` value.
+    /// [`SessionStore::set_meta`] on SQLite: the contract is documented there.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let (key, value) = (key.to_owned(), value.to_owned());
         self.write(move |ctx| {
@@ -378,14 +325,12 @@ impl Store {
         .await
     }
 
-    /// Whether the database is currently marked as cleanly shut down. While a
-    /// store is open this is false unless something set it explicitly.
+    /// [`SessionStore::clean_shutdown`] on SQLite: the contract is documented there.
     pub async fn clean_shutdown(&self) -> Result<bool, StoreError> {
         Ok(self.meta("clean_shutdown").await?.as_deref() == Some("1"))
     }
 
-    /// Sets the `clean_shutdown` flag without closing (for shutdown helpers that
-    /// flush in stages). [`Store::close`] sets it as its last write.
+    /// [`SessionStore::set_clean_shutdown`] on SQLite: the contract is documented there.
     pub async fn set_clean_shutdown(&self, clean: bool) -> Result<(), StoreError> {
         self.set_meta("clean_shutdown", if clean { "1" } else { "0" })
             .await
@@ -404,10 +349,12 @@ impl Store {
 }
 
 fn check(conn: &Connection, sql: &str) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn.prepare(sql)?;
+    let mut stmt = conn.prepare(sql).db()?;
     let rows: Vec<String> = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<_, _>>()?;
+        .query_map([], |r| r.get::<_, String>(0))
+        .db()?
+        .collect::<Result<_, _>>()
+        .db()?;
     Ok(rows.into_iter().filter(|r| r != "ok").collect())
 }
 
@@ -422,25 +369,28 @@ pub(crate) fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
-    )?;
+    )
+    .db()?;
     Ok(())
 }
 
 fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError> {
-    conn.busy_timeout(config.busy_timeout)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.busy_timeout(config.busy_timeout).db()?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .db()?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Sqlite {
-            code: -1,
-            message: format!("cannot enable WAL mode (journal_mode is {mode})"),
-        });
+        return Err(crate::error::backend(
+            -1,
+            format!("cannot enable WAL mode (journal_mode is {mode})"),
+        ));
     }
     let sync = match config.durability {
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
-    conn.pragma_update(None, "synchronous", sync)?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", sync).db()?;
+    conn.pragma_update(None, "foreign_keys", "ON").db()?;
     // When the WAL restarts (at the first commit after a checkpoint copied
     // everything), SQLite cuts the file back to this size, or to that
     // commit's end if larger: only past the checkpoint bound. Below it the
@@ -454,22 +404,26 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
         None,
         "journal_size_limit",
         i64::try_from(config.wal_checkpoint_bytes).unwrap_or(i64::MAX),
-    )?;
+    )
+    .db()?;
     // Checkpoints run on the checkpoint thread, never inside a commit.
     // This replaces any WAL hook: the writer registers its own after it
     // (`Writer::new`), and nothing may set it again on this connection.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0).db()?;
     conn.set_prepared_statement_cache_capacity(64);
     stable_plans(conn)?;
     // A negative cache_size is in KiB.
     let cache_kib = (config.writer_cache_bytes / 1024).max(64);
-    conn.pragma_update(None, "cache_size", format!("-{cache_kib}"))?;
+    conn.pragma_update(None, "cache_size", format!("-{cache_kib}"))
+        .db()?;
     if let Some(bytes) = config.max_db_bytes {
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).db()?;
         let pages = (bytes / page.max(512) as u64).max(1);
-        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
-            r.get(0)
-        })?;
+        let _: i64 = conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .db()?;
     }
     Ok(())
 }
@@ -477,9 +431,9 @@ fn configure_writer(conn: &Connection, config: &Config) -> Result<(), StoreError
 /// Reads the previous `clean_shutdown` flag, then clears it and counts this run.
 fn mark_running(conn: &Connection) -> Result<(bool, String, u64), StoreError> {
     let get = |key: &str| -> Result<Option<String>, StoreError> {
-        Ok(conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?)
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .db()
     };
     let clean = get("clean_shutdown")?.is_none_or(|v| v == "1");
     let instance_id = match get("instance_id")? {
@@ -503,8 +457,10 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError>
     conn.prepare_cached(
         "INSERT INTO meta(key, value) VALUES(?1, ?2)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute([key, value])?;
+    )
+    .db()?
+    .execute([key, value])
+    .db()?;
     Ok(())
 }
 
@@ -552,8 +508,9 @@ impl ReadPool {
             let conn = Connection::open_with_flags(
                 path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            conn.busy_timeout(config.busy_timeout)?;
+            )
+            .db()?;
+            conn.busy_timeout(config.busy_timeout).db()?;
             conn.set_prepared_statement_cache_capacity(64);
             stable_plans(&conn)?;
             conns.push(conn);
@@ -592,19 +549,15 @@ impl ReadPool {
             // One read transaction: every statement of `f` sees the same
             // snapshot (two statements in autocommit mode may straddle a
             // commit). Dropped at the end, it rolls back: nothing to undo.
-            let tx = conn.unchecked_transaction().map_err(StoreError::from)?;
+            let tx = conn.unchecked_transaction().db()?;
             let out = f(&tx);
             drop(tx);
             drop(guard);
             drop(permit);
             out
         });
-        task.await.map_err(|e| {
-            E::from(StoreError::Sqlite {
-                code: -1,
-                message: format!("read task failed: {e}"),
-            })
-        })?
+        task.await
+            .map_err(|e| E::from(crate::error::backend(-1, format!("read task failed: {e}"))))?
     }
 }
 

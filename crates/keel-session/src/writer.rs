@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, UnixMillis};
 use crate::config::Config;
+use crate::error::Db;
 use crate::error::{OpError, StoreError};
 use crate::fair::FairQueue;
 
@@ -233,9 +234,10 @@ impl Checkpointer {
         let conn = Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(config.busy_timeout)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        )
+        .db()?;
+        conn.busy_timeout(config.busy_timeout).db()?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0).db()?;
         let (signal, rx) = std::sync::mpsc::sync_channel::<()>(1);
         let thread = std::thread::Builder::new()
             .name("keel-session-checkpoint".into())
@@ -296,7 +298,8 @@ impl Writer {
         // After `wal_autocheckpoint` (which replaces the hook): how much
         // the WAL holds after each commit, which bounds it.
         let frame = conn
-            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))?
+            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+            .db()?
             .max(512) as u64
             + 24;
         let held = counters.clone();
@@ -304,7 +307,8 @@ impl Writer {
             held.wal_bytes
                 .store(frames.max(0) as u64 * frame, Ordering::Release);
             Ok(())
-        }))?;
+        }))
+        .db()?;
         let clock = config.clock.clone();
         // Unreadable: assume there are (a second index probe, never a
         // missed duplicate).
@@ -496,10 +500,10 @@ impl Writer {
         let mut failed: Vec<Queued> = Vec::new();
         let result = loop {
             if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-                break Err(StoreError::from(e));
+                break Err(crate::error::sqlite(e));
             }
             match self.run_all(&mut jobs) {
-                Step::Ran => break self.conn.execute_batch("COMMIT").map_err(StoreError::from),
+                Step::Ran => break self.conn.execute_batch("COMMIT").db(),
                 Step::Poisoned(i) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
                     self.offsets.clear();
@@ -607,11 +611,13 @@ impl Writer {
             c.stop();
         }
         if clean {
-            self.conn.execute(
-                "INSERT INTO meta(key, value) VALUES('clean_shutdown', '1')
+            self.conn
+                .execute(
+                    "INSERT INTO meta(key, value) VALUES('clean_shutdown', '1')
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [],
-            )?;
+                    [],
+                )
+                .db()?;
         }
         checkpoint(&self.conn, "TRUNCATE")?;
         Ok(())
@@ -631,7 +637,7 @@ enum Step {
 /// it was blocked by a reader.
 fn checkpoint(conn: &Connection, mode: &str) -> Result<bool, StoreError> {
     let sql = format!("PRAGMA wal_checkpoint({mode})");
-    let busy: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
+    let busy: i64 = conn.query_row(&sql, [], |r| r.get(0)).db()?;
     Ok(busy != 0)
 }
 
@@ -641,6 +647,7 @@ mod tests {
 
     use futures::future::join_all;
 
+    use crate::error::Db;
     use crate::{Config, StoreError};
 
     async fn open(config: Config) -> (crate::Store, tempfile::TempDir) {
@@ -661,15 +668,14 @@ mod tests {
             async move {
                 store
                     .write(move |ctx| {
-                        ctx.conn.execute(
-                            "INSERT INTO meta(key, value) VALUES(?1, 'x')",
-                            [format!("k{i}")],
-                        )?;
+                        ctx.conn
+                            .execute(
+                                "INSERT INTO meta(key, value) VALUES(?1, 'x')",
+                                [format!("k{i}")],
+                            )
+                            .db()?;
                         if i % 7 == 3 {
-                            return Err(StoreError::Sqlite {
-                                code: -1,
-                                message: format!("refused {i}"),
-                            });
+                            return Err(crate::error::backend(-1, format!("refused {i}")));
                         }
                         Ok(i)
                     })

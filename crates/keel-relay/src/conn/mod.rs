@@ -108,7 +108,7 @@ impl SessionMap {
         let held = self.held(session);
         // On PostgreSQL the session also records its node: holding takes
         // it from another node, and only its holder detaches it.
-        if let Some(pg) = store.postgres() {
+        if let Some(pg) = crate::store::RelayStoreExt::postgres(store) {
             if !held {
                 let _ = pg.release_session(session).await;
                 return;

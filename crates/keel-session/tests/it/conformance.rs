@@ -1,4 +1,6 @@
-//! The store conformance suite (`keel_session::testkit`) on the SQLite store.
+//! The store conformance suite (keel-store's `testkit`, re-exported as
+//! `keel_session::testkit`) on the SQLite store, directly and through
+//! keel-store's `Either`.
 
 use std::sync::Arc;
 
@@ -59,3 +61,42 @@ async fn open() -> Option<Sqlite> {
 }
 
 keel_session::conformance_suite!(open);
+
+/// The same suite through keel-store's [`Either`](keel_session::Either), the
+/// store type keel-relay runs on, with the SQLite store on its right: every
+/// method, those with a default body included, must reach the backend
+/// unchanged.
+mod through_either {
+    use keel_session::testkit::Harness;
+    use keel_session::{Either, ManualClock, Store};
+
+    pub(super) struct Through {
+        inner: super::Sqlite,
+        store: Either<Store, Store>,
+    }
+
+    impl Harness for Through {
+        type Store = Either<Store, Store>;
+
+        fn store(&self) -> &Self::Store {
+            &self.store
+        }
+
+        fn clock(&self) -> &ManualClock {
+            self.inner.clock()
+        }
+
+        async fn reopen(&mut self, clean: bool) {
+            self.inner.reopen(clean).await;
+            self.store = Either::Right(self.inner.store.clone());
+        }
+    }
+
+    async fn open() -> Option<Through> {
+        let inner = super::open().await?;
+        let store = Either::Right(inner.store.clone());
+        Some(Through { inner, store })
+    }
+
+    keel_session::conformance_suite!(open);
+}

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use crate::{
     CrashNotice, ManualClock, NewSend, NewSession, OutboxError, OutboxId, OutboxState, Retention,
-    Retry, SessionError, SessionId, SessionState, SessionStore, StoreError, UnixMillis,
+    Retry, SHARED_SCOPE, SessionError, SessionId, SessionState, SessionStore, StoreError,
+    UnixMillis,
 };
 
 /// The time a harness's clock reads when the store opens.
@@ -409,6 +410,19 @@ pub async fn appends_are_idempotent_per_scope<H: Harness>(h: H) {
         .await
         .unwrap();
     assert_eq!((alice2.offset, alice2.duplicate), (2, true));
+    // A plain append is an append in the shared scope, queued or not.
+    let shared = store
+        .append_scoped(SHARED_SCOPE, "room", "m1", b"s")
+        .await
+        .unwrap();
+    assert_eq!((shared.offset, shared.duplicate), (1, true));
+    let queued = store
+        .queue_append("room", "m1", b"q".to_vec())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!((queued.offset, queued.duplicate), (1, true));
     let other = store.append("other", "m1", b"x").await.unwrap();
     assert_eq!(other.offset, 1, "offsets are per channel");
     let log = store.read_channel("room", 1, 10).await.unwrap();
