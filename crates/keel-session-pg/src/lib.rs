@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use keel_store::{Clock, OpenError, StartupInfo, StoreError, SystemClock, UnixMillis};
+use keel_store::{Clock, OpenError, StartupInfo, SteadyClock, StoreError, UnixMillis};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
@@ -100,7 +100,9 @@ pub struct PgConfig {
     /// The server aborts any statement running longer than this (it is set
     /// as the connections' `statement_timeout`). Default 30 s.
     pub statement_timeout: Duration,
-    /// Source of timestamps. Default [`SystemClock`].
+    /// Source of timestamps. Default [`SteadyClock`] (steps of the wall
+    /// clock made up at 1%; leases between nodes are judged on the
+    /// server's clock regardless).
     pub clock: Arc<dyn Clock>,
 }
 
@@ -117,7 +119,7 @@ impl Default for PgConfig {
             connect_timeout: Duration::from_secs(5),
             pool_wait: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SteadyClock::new()),
         }
     }
 }

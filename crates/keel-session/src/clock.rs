@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-pub(crate) use keel_store::{Clock, SystemClock, UnixMillis};
+pub(crate) use keel_store::{Clock, SteadyClock, UnixMillis};
 
 /// A duration in whole milliseconds, saturating.
 pub(crate) fn millis(d: Duration) -> i64 {

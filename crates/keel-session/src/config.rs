@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SteadyClock};
 
 /// How hard a commit tries to survive failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,7 +84,9 @@ pub struct Config {
     /// fail with [`StoreError::DiskFull`](crate::StoreError::DiskFull) exactly as on
     /// a full disk. Default `None` (no cap).
     pub max_db_bytes: Option<u64>,
-    /// Source of timestamps. Default [`SystemClock`].
+    /// Source of timestamps. Default [`SteadyClock`]: the wall clock with
+    /// its steps made up at 1%, so that a step of the system's clock does not
+    /// purge sessions or drop messages early (`SystemClock` reads it as is).
     pub clock: Arc<dyn Clock>,
 }
 
@@ -106,7 +108,7 @@ impl Default for Config {
             writer_cache_bytes: 64 * 1024 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_db_bytes: None,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SteadyClock::new()),
         }
     }
 }

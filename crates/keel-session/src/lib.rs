@@ -67,7 +67,7 @@ pub use keel_store::{
     CrashedSession, Either, Enqueued, HealthTransition, ManualClock, Message, NewSend, NewSession,
     Offset, OpenError, OutboxCounts, OutboxError, OutboxId, OutboxItem, OutboxState, Retention,
     Retry, SHARED_SCOPE, SYSTEM_SCOPE, Session, SessionError, SessionId, SessionState,
-    SessionStore, StartupInfo, StoreError, Subscription, SystemClock, UnixMillis,
+    SessionStore, StartupInfo, SteadyClock, StoreError, Subscription, SystemClock, UnixMillis,
 };
 
 pub use crate::config::{Config, Durability};

@@ -15,7 +15,7 @@ mod sessions;
 pub mod testkit;
 
 pub use crate::api::SessionStore;
-pub use crate::clock::{Clock, ManualClock, SystemClock, UnixMillis};
+pub use crate::clock::{Clock, ManualClock, SteadyClock, SystemClock, UnixMillis};
 pub use crate::commit::{Committing, StartupInfo};
 pub use crate::either::Either;
 pub use crate::error::{OpenError, OutboxError, SessionError, StoreError};
