@@ -150,6 +150,19 @@ fn sqlite_corruption() {
     scenario("sqlite_corruption");
 }
 
+/// The relay runs under libfaketime: ignored unless asked for (`cargo test
+/// -- --include-ignored`, as CI does, which installs it); asked for, a
+/// missing library fails it.
+#[test]
+#[ignore = "needs libfaketime: cargo test -- --include-ignored"]
+fn clock_steps() {
+    assert!(
+        keel_faults::clock::ClockSteps::library().is_some(),
+        "clock_steps needs libfaketime (Debian: apt-get install libfaketime)"
+    );
+    scenario("clock_steps");
+}
+
 /// A cluster scenario (three nodes on PostgreSQL and NATS) at small scale.
 /// These tests are ignored unless asked for (`cargo test --
 /// --include-ignored`, as CI does); asked for, a missing engine fails them.

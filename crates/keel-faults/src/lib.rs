@@ -64,6 +64,7 @@
 
 #[cfg(feature = "proxy-api")]
 pub mod api;
+pub mod clock;
 pub mod corrupt;
 pub mod disk;
 mod inject;

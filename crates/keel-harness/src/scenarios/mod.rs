@@ -13,6 +13,7 @@ use crate::fixture::Resources;
 use crate::scenario::Scenario;
 
 mod abuse;
+mod clock;
 mod cluster;
 mod connections;
 mod exec;
@@ -74,6 +75,7 @@ pub fn catalogue() -> Vec<Scenario> {
         memory::MEMORY_PRESSURE,
         mixed::CONCURRENT_TRANSITIONS,
         mixed::COMBINED_STRESSORS,
+        clock::CLOCK_STEPS,
         mixed::CHAOS_MONKEY,
         // The cluster suite.
         cluster::NODE_KILL_SCENARIO,
