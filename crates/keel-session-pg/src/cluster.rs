@@ -10,15 +10,13 @@ use std::time::Duration;
 
 use keel_store::{
     CrashMarked, CrashNotice, CrashedSession, Offset, Session, SessionError, SessionId,
-    SessionState, StoreError, UnixMillis,
+    SessionState, StoreError, SystemClock, UnixMillis,
 };
 
 use crate::PgStore;
+use crate::clock::SERVER_NOW;
 use crate::error::pg;
 use crate::ops::{append_notices, crash_sessions};
-
-/// The server's time in Unix milliseconds, in SQL.
-const SERVER_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// One node's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,35 +102,51 @@ impl PgStore {
             *slot = Some(self.own_connection("lease").await?.0);
         }
         let conn = slot.as_ref().ok_or(StoreError::Closed)?;
+        let sent = SystemClock::now_micros();
         let result = Self::renew(conn, self.node_id()).await;
-        if result.is_err() {
-            *slot = None;
+        match &result {
+            Ok((_, server_ms)) => {
+                // The server's time in the answer: the store's clock
+                // follows it (a step of this node's clock, or of the
+                // server's, is made up at the clock's slew).
+                if let Some(clock) = self.server_clock() {
+                    clock.observe(*server_ms, sent, SystemClock::now_micros());
+                }
+            }
+            Err(_) => *slot = None,
         }
-        result
+        result.map(|(lease, _)| lease)
     }
 
-    async fn renew(conn: &tokio_postgres::Client, node: &str) -> Result<Lease, StoreError> {
+    /// Renews (or takes) `node`'s lease; the lease and the server's time
+    /// it was written at.
+    async fn renew(conn: &tokio_postgres::Client, node: &str) -> Result<(Lease, i64), StoreError> {
         let renewed = conn
-            .execute(
-                &format!("UPDATE keel_nodes SET heartbeat_at = {SERVER_NOW} WHERE id = $1"),
+            .query_opt(
+                &format!(
+                    "UPDATE keel_nodes SET heartbeat_at = {SERVER_NOW} WHERE id = $1 \
+                     RETURNING heartbeat_at"
+                ),
                 &[&node],
             )
             .await
             .map_err(pg)?;
-        if renewed == 1 {
-            return Ok(Lease::Renewed);
+        if let Some(row) = renewed {
+            return Ok((Lease::Renewed, row.get(0)));
         }
-        conn.execute(
-            &format!(
-                "INSERT INTO keel_nodes (id, started_at, heartbeat_at)
-                 VALUES ($1, {SERVER_NOW}, {SERVER_NOW})
-                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
-            ),
-            &[&node],
-        )
-        .await
-        .map_err(pg)?;
-        Ok(Lease::Taken)
+        let row = conn
+            .query_one(
+                &format!(
+                    "INSERT INTO keel_nodes (id, started_at, heartbeat_at)
+                     VALUES ($1, {SERVER_NOW}, {SERVER_NOW})
+                     ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
+                     RETURNING heartbeat_at"
+                ),
+                &[&node],
+            )
+            .await
+            .map_err(pg)?;
+        Ok((Lease::Taken, row.get(0)))
     }
 
     /// Gives up this node's lease (a clean stop: nothing to recover).

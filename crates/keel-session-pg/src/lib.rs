@@ -47,6 +47,7 @@
 //! # }
 //! ```
 
+mod clock;
 mod cluster;
 mod error;
 mod ops;
@@ -60,10 +61,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use keel_store::{Clock, OpenError, StartupInfo, SteadyClock, StoreError, UnixMillis};
+use keel_store::{Clock, OpenError, StartupInfo, StoreError, UnixMillis};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
+pub use crate::clock::ServerClock;
 pub use crate::cluster::{DeadNode, Held, LeaderLock, Lease, NodeLease};
 use crate::error::{pg, pool};
 use crate::writer::{Job, Writer};
@@ -100,10 +102,13 @@ pub struct PgConfig {
     /// The server aborts any statement running longer than this (it is set
     /// as the connections' `statement_timeout`). Default 30 s.
     pub statement_timeout: Duration,
-    /// Source of timestamps. Default [`SteadyClock`] (steps of the wall
-    /// clock made up at 1%; leases between nodes are judged on the
-    /// server's clock regardless).
-    pub clock: Arc<dyn Clock>,
+    /// Source of timestamps. Default `None`: the server's clock
+    /// ([`ServerClock`]: PostgreSQL's time read through this node's clocks,
+    /// so that nodes whose wall clocks disagree, or step, write and judge
+    /// one time; any change made up at 1%). `Some` for a clock of the
+    /// caller's, e.g. a `ManualClock` in tests. Node leases are judged on
+    /// the server's clock either way.
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 impl Default for PgConfig {
@@ -119,7 +124,7 @@ impl Default for PgConfig {
             connect_timeout: Duration::from_secs(5),
             pool_wait: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
-            clock: Arc::new(SteadyClock::new()),
+            clock: None,
         }
     }
 }
@@ -134,6 +139,11 @@ pub struct PgStore {
 struct Inner {
     pool: Pool,
     config: PgConfig,
+    /// The clock in use: `config.clock`, or the server's.
+    clock: Arc<dyn Clock>,
+    /// The server's clock, when that is the one in use (the heartbeat
+    /// measures its offset again).
+    server_clock: Option<Arc<ServerClock>>,
     startup: StartupInfo,
     closed: AtomicBool,
     writes: mpsc::Sender<Job>,
@@ -224,6 +234,14 @@ impl PgStore {
             },
             schema::MigrateError::Store(e) => fail(e),
         })?;
+        let (clock, server_clock): (Arc<dyn Clock>, _) = match &config.clock {
+            Some(c) => (c.clone(), None),
+            None => {
+                let offset = clock::measure(&client).await.map_err(|e| fail(pg(e)))?;
+                let server = Arc::new(ServerClock::at_offset(offset));
+                (server.clone(), Some(server))
+            }
+        };
         let startup = mark_running(&client, &config.node_id, migrated.from)
             .await
             .map_err(fail)?;
@@ -249,12 +267,14 @@ impl PgStore {
                 })
             })?;
         let (writes, rx) = mpsc::channel(config.write_queue.max(1));
-        let writer = Writer::new(pool.clone(), rx, config.clone());
+        let writer = Writer::new(pool.clone(), rx, config.clone(), clock.clone());
         let handle = tokio::spawn(writer.run());
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
                 config,
+                clock,
+                server_clock,
                 startup,
                 closed: AtomicBool::new(false),
                 writes,
@@ -283,7 +303,12 @@ impl PgStore {
     }
 
     pub(crate) fn now_millis(&self) -> UnixMillis {
-        self.inner.config.clock.now_millis()
+        self.inner.clock.now_millis()
+    }
+
+    /// The server's clock, when the store keeps time by it (the default).
+    pub fn server_clock(&self) -> Option<&ServerClock> {
+        self.inner.server_clock.as_deref()
     }
 
     pub(crate) fn check_open(&self) -> Result<(), StoreError> {

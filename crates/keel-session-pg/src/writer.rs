@@ -7,10 +7,11 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool};
 use keel_store::fair::FairQueue;
-use keel_store::{Appended, Offset, StoreError, UnixMillis};
+use keel_store::{Appended, Clock, Offset, StoreError, UnixMillis};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -262,6 +263,8 @@ pub(crate) struct Writer {
     pool: Pool,
     rx: mpsc::Receiver<Job>,
     config: PgConfig,
+    /// The store's clock.
+    clock: Arc<dyn Clock>,
     lanes: FairQueue<Append>,
     /// A close request: answered once everything queued before it committed.
     closing: Option<oneshot::Sender<()>>,
@@ -270,11 +273,17 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(pool: Pool, rx: mpsc::Receiver<Job>, config: PgConfig) -> Self {
+    pub(crate) fn new(
+        pool: Pool,
+        rx: mpsc::Receiver<Job>,
+        config: PgConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Writer {
             pool,
             rx,
             config,
+            clock,
             lanes: FairQueue::default(),
             closing: None,
             gone: false,
@@ -392,7 +401,7 @@ impl Writer {
     }
 
     async fn attempt(&self, jobs: &[Append]) -> Result<Vec<Appended>, StoreError> {
-        let now = self.config.clock.now_millis();
+        let now = self.clock.now_millis();
         let mut conn = InTransaction(Some(self.pool.get().await.map_err(pool)?));
         let items: Vec<Item<'_>> = jobs
             .iter()

@@ -320,3 +320,128 @@ async fn a_failed_batch_leaves_its_connection_usable() {
     }
     store.close().await.expect("close");
 }
+
+/// Set in the child process of [`a_node_an_hour_ahead_keeps_the_servers_time`]
+/// to the database's URL.
+const SKEWED_CHILD: &str = "KEEL_TEST_SKEWED_NODE";
+
+/// A node whose wall clock is an hour ahead of the server's (a child
+/// process under libfaketime) keeps the server's time: its store's clock
+/// reads the server's, and its purge does not take a session another node
+/// saw a moment ago for an hour idle.
+#[test]
+#[ignore = "needs PostgreSQL on 127.0.0.1 and libfaketime: cargo test -- --include-ignored"]
+fn a_node_an_hour_ahead_keeps_the_servers_time() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    if let Ok(url) = std::env::var(SKEWED_CHILD) {
+        return rt.block_on(skewed_node(&url));
+    }
+    rt.block_on(async {
+        let db = TestDatabase::create()
+            .await
+            .expect("PostgreSQL on 127.0.0.1");
+        let here = node(&db, "node-a").await;
+        let s = here.create_session(NewSession::default()).await.unwrap();
+        here.transition(&s.id, SessionState::Active).await.unwrap();
+        here.transition(&s.id, SessionState::Detached)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let steps = match keel_faults::clock::ClockSteps::prepare(dir.path()).expect("control file")
+        {
+            keel_faults::clock::Steps::Ready(s) => s,
+            keel_faults::clock::Steps::Unavailable { why } => panic!("{why}"),
+        };
+        steps.set_offset(3_600).expect("an hour ahead");
+        let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", "a_node_an_hour_ahead_keeps_the_servers_time"])
+            .args(["--ignored", "--nocapture", "--test-threads=1"])
+            .envs(steps.env())
+            .env(SKEWED_CHILD, &db.url)
+            .output()
+            .expect("the skewed node runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the skewed node failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The test harness prints the test's name on the same line.
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once("skewed node: ").map(|(_, report)| report))
+            .unwrap_or_else(|| panic!("no report from the skewed node: {stdout}"));
+        let fig = |key: &str| -> i64 {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{key} missing in {line}"))
+        };
+        let (local, store, after, purged) = (
+            fig("local_ms="),
+            fig("store_ms="),
+            fig("after_heartbeat_ms="),
+            fig("purged="),
+        );
+        assert!(
+            (local - 3_600_000).abs() < 5_000,
+            "the child's wall clock was not an hour ahead: {line}"
+        );
+        assert!(
+            store.abs() < 1_000,
+            "the skewed node's store is {store} ms off the server: {line}"
+        );
+        assert!(
+            after.abs() < 1_000,
+            "after a heartbeat, {after} ms off the server: {line}"
+        );
+        assert_eq!(
+            purged, 0,
+            "the skewed node purged a session seen a moment ago: {line}"
+        );
+        assert!(here.session(&s.id).await.is_ok());
+        here.close().await.unwrap();
+    });
+}
+
+/// The child: opens the store as node-b, reports its time against the
+/// server's before and after a heartbeat, and purges sessions ten minutes
+/// idle.
+async fn skewed_node(url: &str) {
+    let store = PgStore::open(PgConfig {
+        url: url.to_owned(),
+        node_id: "node-b".into(),
+        pool_size: 2,
+        ..PgConfig::default()
+    })
+    .await
+    .expect("open");
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let server = || async {
+        let row = client
+            .query_one(
+                "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let local_ms = keel_store::SystemClock::now_micros() / 1_000 - server().await;
+    let store_ms = store.now() - server().await;
+    store.heartbeat().await.expect("a heartbeat");
+    let after_heartbeat_ms = store.now() - server().await;
+    let purged = store
+        .purge_idle_sessions(Duration::from_secs(600), 100)
+        .await
+        .expect("purge")
+        .len();
+    println!(
+        "skewed node: local_ms={local_ms} store_ms={store_ms} after_heartbeat_ms={after_heartbeat_ms} purged={purged}"
+    );
+    store.close().await.unwrap();
+}

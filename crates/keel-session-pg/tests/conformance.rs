@@ -21,7 +21,7 @@ fn config(url: &str, clock: &Arc<ManualClock>) -> PgConfig {
         node_id: "node-a".into(),
         pool_size: 8,
         activity_limit: ACTIVITY_LIMIT,
-        clock: clock.clone(),
+        clock: Some(clock.clone()),
         ..PgConfig::default()
     }
 }

@@ -21,6 +21,13 @@ pub trait Clock: Send + Sync + fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
+impl SystemClock {
+    /// The wall clock now, in microseconds since the Unix epoch.
+    pub fn now_micros() -> i64 {
+        wall_micros()
+    }
+}
+
 impl Clock for SystemClock {
     fn now_millis(&self) -> UnixMillis {
         wall_micros() / 1_000
@@ -97,6 +104,14 @@ impl SteadyClock {
     pub fn with_slew(slew_ppm: u32) -> Self {
         let origin = Instant::now();
         Self::with_sources(slew_ppm, wall_micros, move || origin.elapsed())
+    }
+
+    /// A clock on the system's monotonic clock and another wall clock
+    /// (microseconds since the epoch), e.g. a server's time read through
+    /// an offset from this machine's: it starts at `wall`'s reading.
+    pub fn with_wall(slew_ppm: u32, wall: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        let origin = Instant::now();
+        Self::with_sources(slew_ppm, wall, move || origin.elapsed())
     }
 
     /// A clock on given sources, for tests: `wall` in microseconds since the
