@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
 use anyhow::{Context, Result};
-use comfy_table::{Cell, Color, Table};
+use comfy_table::{Cell, Color};
 
 use crate::load::workspace_root;
 
@@ -104,7 +104,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<i32> {
             failed.push(format!("{krate}/{bench}"));
         }
     }
-    let mut t = Table::new();
+    let mut t = keel_harness::run::fitted_table();
     t.set_header(vec![
         "bench",
         "figure",

@@ -159,30 +159,7 @@ pub(crate) fn build_relay_with(failpoints: bool) -> Result<PathBuf> {
 }
 
 pub(crate) fn list(suite: Suite) {
-    let mut t = comfy_table::Table::new();
-    t.set_header(vec![
-        "scenario",
-        "seed test",
-        "seed threshold",
-        "keel target",
-        "--target",
-    ]);
-    for s in keel_harness::catalogue()
-        .into_iter()
-        .filter(|s| s.suite == suite)
-    {
-        t.add_row(vec![
-            s.name.to_owned(),
-            format!("{} {}", s.seed.seed, s.seed.test),
-            s.seed.threshold.to_owned(),
-            s.target.to_owned(),
-            match s.needs_process {
-                Some(why) => format!("no: it {why}"),
-                None => "yes".into(),
-            },
-        ]);
-    }
-    println!("{t}");
+    println!("{}", keel_harness::run::catalogue_table(suite, None));
 }
 
 pub(crate) fn run(suite: Suite, args: SuiteArgs) -> Result<i32> {

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use comfy_table::{Cell, Color, Table};
+use comfy_table::{Cell, Color, ColumnConstraint, ContentArrangement, Table};
 
 use crate::Error;
 use crate::check::check;
@@ -560,9 +560,76 @@ fn noise_pct(s: &Series) -> f64 {
     var.sqrt() / mean * 100.0
 }
 
+/// Columns a table is fitted to when its output is not a terminal (a pipe,
+/// a log file, CI): what a reader's terminal shows without scrolling.
+pub const PIPE_COLUMNS: u16 = 100;
+
+/// A table that fits the terminal: on a terminal, its width (comfy-table
+/// reads it); otherwise `$COLUMNS` when set, else [`PIPE_COLUMNS`]. Long
+/// cells wrap inside their column instead of widening the table.
+pub fn fitted_table() -> Table {
+    fitted_table_in(None)
+}
+
+/// [`fitted_table`] `columns` wide when given (whatever the output is).
+pub fn fitted_table_in(columns: Option<u16>) -> Table {
+    let mut t = Table::new();
+    t.set_content_arrangement(ContentArrangement::Dynamic);
+    let columns = match columns {
+        Some(c) => Some(c),
+        None if t.is_tty() => None,
+        None => Some(
+            std::env::var("COLUMNS")
+                .ok()
+                .and_then(|c| c.trim().parse::<u16>().ok())
+                .filter(|c| *c >= 40)
+                .unwrap_or(PIPE_COLUMNS),
+        ),
+    };
+    if let Some(c) = columns {
+        t.force_no_tty().set_width(c);
+    }
+    t
+}
+
+/// `--list`: the suite's scenarios, what each comes from and is held to,
+/// and whether it runs against `--target` (fitted as [`fitted_table_in`]).
+pub fn catalogue_table(suite: Suite, columns: Option<u16>) -> String {
+    let mut t = fitted_table_in(columns);
+    t.set_header(vec![
+        "scenario",
+        "seed test",
+        "seed threshold",
+        "keel target",
+        "--target",
+    ]);
+    for s in crate::catalogue().into_iter().filter(|s| s.suite == suite) {
+        t.add_row(vec![
+            s.name.to_owned(),
+            format!("{} {}", s.seed.seed, s.seed.test),
+            s.seed.threshold.to_owned(),
+            s.target.to_owned(),
+            match s.needs_process {
+                Some(why) => format!("no: it {why}"),
+                None => "yes".into(),
+            },
+        ]);
+    }
+    keep_whole(&mut t, 0);
+    t.to_string()
+}
+
+/// Keeps column `i` as wide as its widest line (a scenario's name, a
+/// status, a time), so that wrapping happens in the prose columns.
+pub fn keep_whole(t: &mut Table, i: usize) {
+    if let Some(c) = t.column_mut(i) {
+        c.set_constraint(ColumnConstraint::ContentWidth);
+    }
+}
+
 /// The verdict table for the terminal.
 pub fn table(report: &RunReport) -> String {
-    let mut t = Table::new();
+    let mut t = fitted_table();
     t.set_header(vec![
         "scenario",
         "status",
@@ -619,9 +686,12 @@ pub fn table(report: &RunReport) -> String {
             Cell::new(format!("{:.1} s", s.seconds)),
         ]);
     }
+    for i in [0, 4] {
+        keep_whole(&mut t, i);
+    }
     let mut out = t.to_string();
     if let Some(rows) = &report.comparison {
-        let mut c = Table::new();
+        let mut c = fitted_table();
         c.set_header(vec![
             "scenario",
             "metric",
@@ -650,6 +720,27 @@ pub fn table(report: &RunReport) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// `--list` fits 100 columns (a pipe's default) and 80, and no
+    /// scenario's name is broken across lines.
+    #[test]
+    fn the_catalogue_fits_the_terminal() {
+        for suite in [crate::Suite::Load, crate::Suite::Chaos] {
+            for width in [100u16, 80] {
+                let text = super::catalogue_table(suite, Some(width));
+                let widest = text.lines().map(|l| l.chars().count()).max().unwrap();
+                assert!(widest <= width as usize, "{widest} > {width}:\n{text}");
+                for s in crate::catalogue().iter().filter(|s| s.suite == suite) {
+                    assert!(
+                        text.lines()
+                            .any(|l| l.starts_with(&format!("| {} ", s.name))),
+                        "{} broken at {width} columns:\n{text}",
+                        s.name
+                    );
+                }
+            }
+        }
+    }
+
     /// Run directories sort by time: `YYYYMMDDTHHMMSSZ`, digits elsewhere.
     #[test]
     fn run_stamps_are_whole_utc_seconds() {
