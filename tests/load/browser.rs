@@ -60,6 +60,13 @@ fn run_with_timeout(mut cmd: Command, limit: Duration) -> std::process::Output {
     out
 }
 
+/// The value of the first `name="…"` in `html`.
+fn attr<'a>(html: &'a str, name: &str) -> &'a str {
+    let key = format!("{name}=\"");
+    let at = html.find(&key).unwrap_or_else(|| panic!("no {name}")) + key.len();
+    &html[at..at + html[at..].find('"').unwrap()]
+}
+
 #[test]
 #[ignore = "needs chromium (apt-get install -y chromium): cargo test -- --include-ignored"]
 fn report_renders_in_a_real_browser() {
@@ -117,28 +124,48 @@ fn report_renders_in_a_real_browser() {
             let figure = &dom[at..at + dom[at..].find("</figure>").expect("figure closes")];
             assert!(figure.contains("<svg"), "chart {chart} of {s} has no SVG");
             assert!(
-                figure.contains("<polyline") || figure.contains("<path"),
-                "chart {chart} of {s} drew nothing"
-            );
-            assert!(
                 figure.contains("<text"),
                 "chart {chart} of {s} has no axis labels"
             );
+            assert!(
+                !figure.contains("chart failed"),
+                "chart {chart} of {s} failed to draw"
+            );
+            // Data, not only axes: the timeline draws each sampled operation
+            // as a circle (as many as its data-points says, and some), the
+            // resources chart a line per sampled resource.
+            if chart == "latency" {
+                let points: usize = attr(figure, "data-points").parse().unwrap();
+                assert!(points > 0, "the timeline of {s} drew no operation");
+                assert_eq!(
+                    figure.matches("<circle").count(),
+                    points,
+                    "the timeline of {s} lost points"
+                );
+            } else {
+                let samples: usize = attr(figure, "data-samples").parse().unwrap();
+                assert!(samples > 1, "no resource samples for {s}");
+                assert!(
+                    figure.matches("<polyline").count() >= 3,
+                    "the resources of {s} drew fewer than 3 lines"
+                );
+            }
         }
     }
     assert!(dom.matches("<svg").count() >= 2 * scenarios.len());
-    // burn_in's upstream outage is shaded on its charts.
+    // burn_in's upstream outage has its row in the fault lane, named.
     let burn = &dom[dom.find("id=\"scenario-burn_in\"").unwrap()..];
+    assert_ne!(attr(burn, "data-faults"), "0", "burn_in's outage recorded");
     assert!(
-        burn.contains("upstream_down"),
-        "the fault interval is labelled"
+        burn.contains("upstream_down ("),
+        "the fault lane names the kind"
     );
 
     // A screenshot to look at.
     let png = dir.join("report.png");
     let mut shot = headless(&browser, profile.path());
     shot.arg(format!("--screenshot={}", png.display()))
-        .arg("--window-size=1280,2600")
+        .arg("--window-size=1400,3000")
         .arg(format!("file://{}", html.display()));
     run_with_timeout(shot, Duration::from_secs(90));
     let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);

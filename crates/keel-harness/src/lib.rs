@@ -37,6 +37,7 @@
 //! println!("{}", verdict.get("corrupted").unwrap().witnesses[0].summary);
 //! ```
 
+pub mod chart;
 pub mod check;
 pub mod client;
 pub mod cluster;

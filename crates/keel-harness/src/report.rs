@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -60,6 +59,38 @@ pub struct Series {
     pub resources: Vec<(f64, f64, f64, f64)>,
     /// (start s, end s, kind): faults, shaded on the charts.
     pub faults: Vec<(f64, f64, String)>,
+    /// For each fault, when it was recovered from: the completion of the
+    /// first acknowledged operation invoked after its heal (s).
+    #[serde(default)]
+    pub recovered: Vec<Option<f64>>,
+    /// Operations drawn as points: (completed s, latency ms, outcome: 0
+    /// ok, 1 failed, 2 unknown); sampled (see `ok_stride`).
+    #[serde(default)]
+    pub ops: Vec<(f64, f64, u8)>,
+    /// One acknowledged operation in this many is drawn (of those no
+    /// slower than `tail_from_ms`).
+    #[serde(default)]
+    pub ok_stride: u64,
+    /// The run's p99 of acknowledged operations, ms: every one slower is
+    /// drawn, one in `tail_stride` (0 when none was slower).
+    #[serde(default)]
+    pub tail_from_ms: f64,
+    /// One in this many of the operations slower than `tail_from_ms`.
+    #[serde(default)]
+    pub tail_stride: u64,
+    /// Operations in the history: ok, failed, unknown.
+    #[serde(default)]
+    pub op_counts: [u64; 3],
+    /// (window start s, acknowledged/s, failed or unknown/s), windows of
+    /// `window_s`.
+    #[serde(default)]
+    pub rate: Vec<(f64, f64, f64)>,
+    /// (window middle s, p50 ms, p99 ms) of acknowledged operations.
+    #[serde(default)]
+    pub op_latency: Vec<(f64, f64, f64)>,
+    /// The window of `rate` and `op_latency`, s.
+    #[serde(default)]
+    pub window_s: f64,
 }
 
 /// One scenario's report.
@@ -217,10 +248,13 @@ impl RunReport {
         for s in &self.scenarios {
             let sdir = dir.join(&s.name);
             if std::fs::create_dir_all(&sdir).is_ok() {
-                std::fs::write(sdir.join("latency.svg"), latency_chart(&s.series))
+                std::fs::write(sdir.join("latency.svg"), crate::chart::timeline(&s.series))
                     .map_err(|e| Error::io("write latency.svg", e))?;
-                std::fs::write(sdir.join("resources.svg"), resources_chart(&s.series))
-                    .map_err(|e| Error::io("write resources.svg", e))?;
+                std::fs::write(
+                    sdir.join("resources.svg"),
+                    crate::chart::resources(&s.series),
+                )
+                .map_err(|e| Error::io("write resources.svg", e))?;
             }
         }
         Ok(())
@@ -472,10 +506,13 @@ impl RunReport {
             }
             let _ = write!(
                 out,
-                "<div class=\"charts\"><figure class=\"chart\" id=\"chart-latency-{0}\">{1}<figcaption>latency (p50, p99) and throughput over time; faults shaded</figcaption></figure><figure class=\"chart\" id=\"chart-resources-{0}\">{2}<figcaption>relay RSS and open fds over time; faults shaded</figcaption></figure></div>",
+                "<div class=\"charts\"><figure class=\"chart\" id=\"chart-latency-{0}\" data-points=\"{3}\" data-faults=\"{4}\">{1}<figcaption>every operation's latency (a point, coloured by outcome; log axis) with p50 and p99 per window, throughput below on the same time axis; faults in the lane above, one row per kind, a black tick where each was recovered from</figcaption></figure><figure class=\"chart\" id=\"chart-resources-{0}\" data-samples=\"{5}\">{2}<figcaption>relay RSS, CPU and open files over time; faults shaded</figcaption></figure></div>",
                 esc(&s.name),
-                latency_chart(&s.series),
-                resources_chart(&s.series)
+                crate::chart::timeline(&s.series),
+                crate::chart::resources(&s.series),
+                crate::chart::points(&s.series),
+                s.series.faults.len(),
+                s.series.resources.len()
             );
             if !s.notes.is_empty() {
                 out.push_str("<ul class=\"notes\">");
@@ -543,224 +580,9 @@ pub fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 .green{color:#176f2c;font-weight:600}.yellow{color:#9a6b00;font-weight:600}.red{color:#b3261e;font-weight:600}.na{color:#777}
 .meta{color:#555;font-size:90%}section{border-top:2px solid #ddd;margin-top:2em}
-.charts{display:flex;flex-wrap:wrap;gap:1em}figure.chart{margin:0}figcaption{font-size:85%;color:#555}
+.charts{display:flex;flex-direction:column;gap:1em}figure.chart{margin:0;width:100%}figure.chart svg{width:100%;height:auto}figcaption{font-size:85%;color:#555}
 pre{font-size:80%;white-space:pre-wrap}";
-
-const W: u32 = 560;
-const H: u32 = 300;
-const FAULT: RGBColor = RGBColor(230, 120, 40);
-
-/// Latency p50/p99 (ms, left axis) and throughput (ops/s, right axis).
-pub fn latency_chart(s: &Series) -> String {
-    let empty = s.latency.is_empty() && s.throughput.is_empty();
-    dual_chart(
-        s,
-        if empty {
-            "latency / throughput (no samples)"
-        } else {
-            "latency / throughput"
-        },
-        Axis {
-            desc: "ms",
-            lines: vec![
-                (
-                    "p50 ms",
-                    BLUE,
-                    s.latency.iter().map(|(t, p50, _)| (*t, *p50)).collect(),
-                ),
-                (
-                    "p99 ms",
-                    RED,
-                    s.latency.iter().map(|(t, _, p99)| (*t, *p99)).collect(),
-                ),
-            ],
-        },
-        Axis {
-            desc: "ops/s",
-            lines: vec![("ops/s", GREEN, s.throughput.clone())],
-        },
-    )
-}
-
-/// RSS (MiB, left axis) and open fds (right axis).
-pub fn resources_chart(s: &Series) -> String {
-    dual_chart(
-        s,
-        if s.resources.is_empty() {
-            "relay resources (no relay process sampled)"
-        } else {
-            "relay resources"
-        },
-        Axis {
-            desc: "RSS MiB",
-            lines: vec![(
-                "RSS MiB",
-                MAGENTA,
-                s.resources.iter().map(|r| (r.0, r.1)).collect(),
-            )],
-        },
-        Axis {
-            desc: "open fds",
-            lines: vec![(
-                "open fds",
-                CYAN,
-                s.resources.iter().map(|r| (r.0, r.2)).collect(),
-            )],
-        },
-    )
-}
-
-/// A labelled, coloured line of (x, y) points.
-type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
-
-/// One y axis of a chart and the lines drawn against it.
-struct Axis<'a> {
-    desc: &'a str,
-    lines: Vec<Line<'a>>,
-}
-
-impl Axis<'_> {
-    fn max(&self) -> f64 {
-        self.lines
-            .iter()
-            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
-            .fold(1.0, f64::max)
-            * 1.1
-    }
-}
-
-/// A chart over the scenario's time with two y axes, faults shaded.
-fn dual_chart(s: &Series, caption: &str, left: Axis<'_>, right: Axis<'_>) -> String {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
-        let _ = draw_dual(&root, s, caption, &left, &right);
-        let _ = root.present();
-    }
-    svg
-}
-
-fn x_end(s: &Series) -> f64 {
-    let mut end: f64 = 1.0;
-    for (t, ..) in &s.latency {
-        end = end.max(*t + 1.0);
-    }
-    for (t, _) in &s.throughput {
-        end = end.max(*t + 1.0);
-    }
-    for (t, ..) in &s.resources {
-        end = end.max(*t);
-    }
-    for (_, e, _) in &s.faults {
-        end = end.max(*e);
-    }
-    end
-}
-
-type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
-type Failed = Box<dyn std::error::Error>;
-
-fn draw_dual(
-    root: &Area<'_>,
-    s: &Series,
-    caption: &str,
-    left: &Axis<'_>,
-    right: &Axis<'_>,
-) -> Result<(), Failed> {
-    root.fill(&WHITE)?;
-    let end = x_end(s);
-    let (lmax, rmax) = (left.max(), right.max());
-    let mut chart = ChartBuilder::on(root)
-        .margin(8)
-        .x_label_area_size(28)
-        .y_label_area_size(48)
-        .right_y_label_area_size(56)
-        .caption(caption, ("sans-serif", 14))
-        .build_cartesian_2d(0f64..end, 0f64..lmax)?
-        .set_secondary_coord(0f64..end, 0f64..rmax);
-    chart
-        .configure_mesh()
-        .x_desc("s")
-        .y_desc(left.desc)
-        .light_line_style(WHITE)
-        .draw()?;
-    chart.configure_secondary_axes().y_desc(right.desc).draw()?;
-    shade_faults(&mut chart, s, lmax)?;
-    for (label, color, points) in &left.lines {
-        let color = *color;
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), color))?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color));
-        // Points too: a run of one window is one point, which a line hides.
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 2, color.filled())))?;
-    }
-    for (label, color, points) in &right.lines {
-        let color = *color;
-        chart
-            .draw_secondary_series(LineSeries::new(points.iter().copied(), color))?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
-}
-
-type Chart<'a, 'b> = ChartContext<
-    'a,
-    SVGBackend<'b>,
-    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
->;
-
-fn shade_faults(
-    chart: &mut plotters::chart::DualCoordChartContext<
-        '_,
-        SVGBackend<'_>,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
-    s: &Series,
-    ymax: f64,
-) -> Result<(), Failed> {
-    let palette = [
-        FAULT,
-        RGBColor(120, 90, 200),
-        RGBColor(200, 60, 120),
-        RGBColor(60, 150, 150),
-    ];
-    let mut kinds: Vec<&str> = Vec::new();
-    for (start, end, kind) in &s.faults {
-        let i = match kinds.iter().position(|k| k == kind) {
-            Some(i) => i,
-            None => {
-                kinds.push(kind);
-                kinds.len() - 1
-            }
-        };
-        let color = palette[i % palette.len()];
-        let end = if end - start < 0.05 {
-            start + 0.05
-        } else {
-            *end
-        };
-        let primary: &mut Chart<'_, '_> = chart;
-        primary.draw_series(std::iter::once(Rectangle::new(
-            [(*start, 0.0), (end, ymax)],
-            color.mix(0.18).filled(),
-        )))?;
-        primary.draw_series(std::iter::once(Text::new(
-            kind.clone(),
-            (*start, ymax * 0.97),
-            ("sans-serif", 11).into_font().color(&color),
-        )))?;
-    }
-    Ok(())
-}

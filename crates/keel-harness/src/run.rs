@@ -263,6 +263,7 @@ async fn run_in(
             resources: resources_series(&ctx),
             ..Default::default()
         };
+        crate::chart::fill(&mut series, &history);
         write_resources_csv(&sdir, &series)?;
         let report = match outcome {
             Err(_) => ScenarioReport {
