@@ -108,23 +108,25 @@ pub fn fill(s: &mut Series, h: &History) {
         .filter(|o| o.3 == 0)
         .map(|o| o.2 as f32)
         .collect();
-    let tail_from = if oks.is_empty() {
-        f64::MAX
+    // Compared as f32 on both sides: an operation exactly at the p99 is
+    // not "slower" than it.
+    let tail_from: f32 = if oks.is_empty() {
+        f32::MAX
     } else {
         let k = ((oks.len() - 1) as f64 * 0.99).round() as usize;
-        f64::from(*oks.select_nth_unstable_by(k, f32::total_cmp).1)
+        *oks.select_nth_unstable_by(k, f32::total_cmp).1
     };
     drop(oks);
-    let tail = operations(h)
-        .filter(|o| o.3 == 0 && o.2 > tail_from)
-        .count();
+    let slow = |ms: f64| ms as f32 > tail_from;
+    let tail = operations(h).filter(|o| o.3 == 0 && slow(o.2)).count();
     let tail_stride = tail.div_ceil(TAIL_POINTS).max(1) as u64;
     let ok_stride = (counts[0] as usize - tail).div_ceil(OK_POINTS).max(1) as u64;
     let bad = (counts[1] + counts[2]) as usize;
     let bad_stride = bad.div_ceil(BAD_POINTS).max(1) as u64;
     s.ok_stride = ok_stride;
-    s.tail_from_ms = if tail > 0 { tail_from } else { 0.0 };
+    s.tail_from_ms = if tail > 0 { f64::from(tail_from) } else { 0.0 };
     s.tail_stride = tail_stride;
+    s.bad_stride = bad_stride;
     let n = (span / window) as usize + 1;
     let mut ok_rate = vec![0u64; n];
     let mut bad_rate = vec![0u64; n];
@@ -137,7 +139,7 @@ pub fn fill(s: &mut Series, h: &History) {
             ok_rate[w] += 1;
             lat.push((w as u32, ms as f32));
             ok_invokes.push((invoke, done));
-            if ms > tail_from {
+            if slow(ms) {
                 if seen_tail % tail_stride == 0 {
                     s.ops.push((done, ms, o));
                 }
@@ -176,13 +178,16 @@ pub fn fill(s: &mut Series, h: &History) {
             .push(((w as f64 + 0.5) * window, at(0.5), at(0.99)));
         i = j;
     }
+    // Recovered: the earliest completion of an acknowledged operation
+    // invoked at or after the heal (a suffix minimum over invoke order).
     ok_invokes.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let mut earliest = vec![f64::INFINITY; ok_invokes.len() + 1];
+    for i in (0..ok_invokes.len()).rev() {
+        earliest[i] = earliest[i + 1].min(ok_invokes[i].1);
+    }
     for (k, (_, end, _)) in s.faults.iter().enumerate() {
         let from = ok_invokes.partition_point(|(invoke, _)| invoke < end);
-        s.recovered[k] = ok_invokes[from..]
-            .iter()
-            .map(|(_, done)| *done)
-            .reduce(f64::min);
+        s.recovered[k] = Some(earliest[from]).filter(|t| t.is_finite());
     }
 }
 
@@ -358,20 +363,21 @@ pub fn timeline(s: &Series) -> String {
         let mut keys: Vec<(String, RGBColor)> = Vec::new();
         if by_ops {
             let [ok, failed, unknown] = s.op_counts;
-            let drawn = match (s.ok_stride, s.tail_stride) {
-                (1, 1) => String::new(),
-                (k, 1) => format!(
-                    "; 1 in {k} drawn, all over {}",
-                    crate::threshold::num(s.tail_from_ms)
-                ),
-                (k, t) => format!(
-                    "; 1 in {k} drawn, 1 in {t} over {}",
-                    crate::threshold::num(s.tail_from_ms)
-                ),
+            let over = crate::threshold::num(s.tail_from_ms);
+            let drawn = match (s.ok_stride, s.tail_stride, s.tail_from_ms > 0.0) {
+                (1, 1, _) => String::new(),
+                (k, _, false) => format!("; 1 in {k} drawn"),
+                (k, 1, true) => format!("; 1 in {k} drawn, all over {over} ms"),
+                (k, t, true) => format!("; 1 in {k} drawn, 1 in {t} over {over} ms"),
             };
-            keys.push((format!("ok ({ok}{drawn} ms)"), OK));
-            keys.push((format!("failed ({failed})"), FAILED));
-            keys.push((format!("unknown ({unknown})"), UNKNOWN));
+            let bad = if s.bad_stride > 1 {
+                format!("; 1 in {} drawn", s.bad_stride)
+            } else {
+                String::new()
+            };
+            keys.push((format!("ok ({ok}{drawn})"), OK));
+            keys.push((format!("failed ({failed}{bad})"), FAILED));
+            keys.push((format!("unknown ({unknown}{bad})"), UNKNOWN));
             keys.push((format!("p50 per {:.1} s", s.window_s), P50));
             keys.push((format!("p99 per {:.1} s", s.window_s), P99));
             if !s.latency.is_empty() {
@@ -398,11 +404,15 @@ pub fn timeline(s: &Series) -> String {
 }
 
 fn latency_panel(area: &Area<'_>, s: &Series, end: f64) -> Result<(), Failed> {
-    let values: Vec<f64> = if s.ops.is_empty() {
-        s.latency.iter().flat_map(|x| [x.1, x.2]).collect()
-    } else {
-        s.ops.iter().map(|x| x.1).collect()
-    };
+    // Every line drawn on it, not only the points: the scenario's own p99
+    // (deliveries) may be slower than any sampled operation.
+    let values: Vec<f64> = s
+        .latency
+        .iter()
+        .flat_map(|x| [x.1, x.2])
+        .chain(s.ops.iter().map(|x| x.1))
+        .chain(s.op_latency.iter().flat_map(|x| [x.1, x.2]))
+        .collect();
     let positive = values.iter().copied().filter(|v| *v > 0.0);
     let lo = positive.clone().fold(f64::MAX, f64::min).clamp(0.01, 1.0) * 0.8;
     let hi = positive.fold(1.0, f64::max) * 1.5;
@@ -449,11 +459,16 @@ fn latency_panel(area: &Area<'_>, s: &Series, end: f64) -> Result<(), Failed> {
     } else {
         1.5 * s.window_s
     };
-    for run in runs(&p50, gap) {
-        chart.draw_series(LineSeries::new(run.iter().copied(), P50.stroke_width(1)))?;
-    }
-    for run in runs(&p99, gap) {
-        chart.draw_series(LineSeries::new(run.iter().copied(), P99.stroke_width(1)))?;
+    for (line, color) in [(&p50, P50), (&p99, P99)] {
+        for run in runs(line, gap) {
+            if let [lone] = run {
+                // A window between two empty ones: a tick, which a line of
+                // one point would not draw.
+                chart.draw_series(std::iter::once(Cross::new(*lone, 3, color)))?;
+            } else {
+                chart.draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(1)))?;
+            }
+        }
     }
     if !s.ops.is_empty() && !s.latency.is_empty() {
         // The scenario's own latency (deliveries, say), in its windows.
@@ -656,6 +671,8 @@ mod tests {
         let svg = timeline(&s);
         assert_eq!(svg.matches("<circle").count(), points(&s));
         assert!(svg.contains("kill9 (1)"), "the lane names the kind");
+        assert!(svg.contains("ok (2500)"), "nothing sampled, nothing said");
+        assert!(svg.contains("failed (500)"));
     }
 
     /// Millions of operations draw a bounded number of points.
@@ -670,6 +687,9 @@ mod tests {
         fill(&mut s, &h);
         assert!(points(&s) <= OK_POINTS + TAIL_POINTS, "{}", points(&s));
         assert_eq!(s.ok_stride, 80);
+        // All equally fast: no tail, and the key does not claim one.
+        assert_eq!(s.tail_from_ms, 0.0);
+        assert!(timeline(&s).contains("ok (200000; 1 in 80 drawn)"));
         assert!(s.rate.len() <= MAX_WINDOWS as usize + 1, "{}", s.rate.len());
     }
 

@@ -59,8 +59,8 @@ pub struct Series {
     pub resources: Vec<(f64, f64, f64, f64)>,
     /// (start s, end s, kind): faults, shaded on the charts.
     pub faults: Vec<(f64, f64, String)>,
-    /// For each fault, when it was recovered from: the completion of the
-    /// first acknowledged operation invoked after its heal (s).
+    /// For each fault, when it was recovered from: the earliest completion
+    /// of an acknowledged operation invoked at or after its heal (s).
     #[serde(default)]
     pub recovered: Vec<Option<f64>>,
     /// Operations drawn as points: (completed s, latency ms, outcome: 0
@@ -78,6 +78,9 @@ pub struct Series {
     /// One in this many of the operations slower than `tail_from_ms`.
     #[serde(default)]
     pub tail_stride: u64,
+    /// One in this many failed or unknown operations is drawn.
+    #[serde(default)]
+    pub bad_stride: u64,
     /// Operations in the history: ok, failed, unknown.
     #[serde(default)]
     pub op_counts: [u64; 3],
