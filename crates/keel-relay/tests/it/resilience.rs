@@ -187,7 +187,19 @@ async fn slow_consumer_closed_then_resumes() {
             Err(code) => break code,
         }
     };
-    assert_eq!(code, Some(1013), "closed as a slow consumer");
+    // docs/protocol.md (1013): the close frame is written behind what the
+    // socket already holds; a client that has not read for 2 s may not get
+    // it and sees an abnormal end instead. Either way the relay counts the
+    // connection as a slow consumer, and nothing is lost (below).
+    assert!(
+        matches!(code, Some(1013) | None),
+        "closed as a slow consumer, not {code:?}"
+    );
+    assert_eq!(
+        metric(&relay, "keel_slow_consumers_total").await,
+        1.0,
+        "the relay ended it as a slow consumer (close {code:?})"
+    );
     assert!((seen.len() as u64) < total, "it fell behind");
     assert!(
         seen.windows(2).all(|w| w[1] == w[0] + 1),
